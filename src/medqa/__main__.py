@@ -1,0 +1,5 @@
+import sys
+
+from medqa.cli import main
+
+sys.exit(main())

@@ -1,0 +1,100 @@
+"""Text cleaning for patient questions and doctor answers.
+
+Keeps case and punctuation (the original project lower-cased and stripped punctuation, which a tokenizer
+trained on real text then scores as noise). Normalises Unicode to NFC, strips HTML, removes the anonymiser's
+"Chat Doctor" artefacts and scrubs e-mail addresses, phone numbers and URLs.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import unicodedata
+
+# HTML tags: a `<` followed by a letter, `/` or `!` so that "BP < 120 and > 80" survives.
+_TAG = re.compile(r"<\s*[A-Za-z/!][^<>]{0,200}>")
+_WS = re.compile(r"\s+")
+
+# Personal data. URLs first (they can contain @ and digits), then e-mails, then phone numbers.
+_URL = re.compile(r"\b(?:https?://|ftp://|www\.)[^\s<>\"')\]]+", re.IGNORECASE)
+_EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b")
+# 10 to 15 digits with optional separators and a leading +: long enough to skip doses, dates, "120/80".
+_PHONE = re.compile(r"(?<![\w/])\+?(?:\d[\s().-]{0,2}){9,14}\d(?![\w/])")
+
+URL_TOKEN, EMAIL_TOKEN, PHONE_TOKEN = "[url]", "[email]", "[phone]"
+
+# The HealthCareMagic anonymiser replaced doctors' names, greetings and some ordinary words with
+# "Chat Doctor". Whole greeting and sign-off phrases go first; any remaining "Chat Doctor" is dropped
+# on its own, and the punctuation it leaves behind is tidied, so the rest of the sentence is untouched.
+_CD = r"chat\s*doctor"
+_ARTEFACTS = [
+    re.compile(p, re.IGNORECASE)
+    for p in (
+        rf"\b(?:and\s+)?welcome\s+(?:to|at|in)\s+(?:the\s+)?{_CD}(?:\s+(?:forum|virtual\s+clinic))?[\s.,!;:]*",
+        rf"\bthanks?(?:\s+you)?\s+(?:a\s+lot\s+)?for\s+(?:\w+\s+){{0,4}}?(?:at|in|on|to|with|from|using|choosing)"
+        rf"\s+(?:the\s+)?{_CD}(?:\s+(?:forum|virtual\s+clinic|\.com))?[\s.,!;:]*",
+        rf"\bthanks?(?:\s+you)?\s+for\s+(?:using|choosing|consulting|contacting)\s+{_CD}[\s.,!;:]*",
+    )
+]
+_CHAT_DOCTOR = re.compile(rf"\s*{_CD}\s*[:,]?", re.IGNORECASE)
+_SPACE_BEFORE_PUNCT = re.compile(r"\s+([.,;:!?])")
+_REPEATED_PUNCT = re.compile(r"[.,;:](?:\s*[.,;:])+")  # a run such as ": ." keeps its last mark
+_LEADING_PUNCT = re.compile(r"^[\s.,;:!?-]+")
+
+# Questions that are only a greeting carry no medical content ("Hello sir", "hi doctor").
+_GREETING_ONLY = re.compile(
+    r"^(?:hi+|hello+|hey|dear|good\s+(?:morning|evening|afternoon|day)|respected)?"
+    r"(?:\s*(?:sir|madam|mam|doctor|doc|dr\.?|there|all))*[\s.,!?]*$",
+    re.IGNORECASE,
+)
+
+
+def normalize_text(text: str) -> str:
+    """NFC, HTML tags and entities removed, white space collapsed. Case and punctuation are kept."""
+    text = unicodedata.normalize("NFC", text)
+    text = _TAG.sub(" ", text)
+    text = html.unescape(text)
+    text = unicodedata.normalize("NFC", text)  # entities can decode to combining sequences
+    text = text.replace("\u00a0", " ").replace("\u200b", "")
+    return _WS.sub(" ", text).strip()
+
+
+def scrub_personal_data(text: str) -> str:
+    """Replace URLs, e-mail addresses and phone numbers with placeholders."""
+    text = _URL.sub(URL_TOKEN, text)
+    text = _EMAIL.sub(EMAIL_TOKEN, text)
+    return _PHONE.sub(PHONE_TOKEN, text)
+
+
+def _collapse_punct(match: re.Match) -> str:
+    run = match.group(0)
+    if " " not in run and len(set(run)) == 1:  # "..." or "!!" as written by the author
+        return run
+    return run[-1]
+
+
+def remove_chat_doctor(text: str) -> str:
+    """Remove the anonymiser's "Chat Doctor" greetings, sign-offs and stray mentions."""
+    for pattern in _ARTEFACTS:
+        text = pattern.sub(" ", text)
+    text = _CHAT_DOCTOR.sub(" ", text)
+    text = _WS.sub(" ", text)
+    text = _SPACE_BEFORE_PUNCT.sub(r"\1", text)
+    text = _REPEATED_PUNCT.sub(_collapse_punct, text)
+    return _LEADING_PUNCT.sub("", text).strip()
+
+
+def clean_text(text: str) -> str:
+    """The full cleaning applied to questions and answers alike."""
+    return scrub_personal_data(remove_chat_doctor(normalize_text(text)))
+
+
+def is_greeting_only(question: str) -> bool:
+    return bool(_GREETING_ONLY.match(question))
+
+
+def normalize_key(text: str) -> str:
+    """The key for duplicate detection and split hashing: case-folded, punctuation and spaces removed."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    text = re.sub(r"[\W_]+", " ", text)
+    return text.strip()

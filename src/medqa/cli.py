@@ -1,0 +1,102 @@
+"""`medqa <stage> --config FILE [key=value ...]`: the command line over the stage entry functions.
+
+Each subcommand is one entry in `COMMANDS`, mapping to the same function the notebook calls. Dotted overrides
+change any config field: `medqa prepare --config configs/demo.yaml data.source=x.json workdir=/tmp/run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import textwrap
+from collections.abc import Callable
+
+from medqa.config import Config, describe_fields, load_config
+from medqa.errors import MedqaError
+
+log = logging.getLogger("medqa")
+
+
+def _prepare(cfg: Config, args: argparse.Namespace) -> None:
+    from medqa.data import prepare
+
+    result = prepare(cfg)
+    r = result.report
+    print(f"read {r['read']}  kept {r['kept']}  rejected {sum(r['rejected'].values())} {r['rejected']}  "
+          f"truncated {r['truncated']}")
+    print(f"wrote {result.data_dir}/{{train,val,test}}_data.json, rejected.jsonl, prepare_report.json and "
+          f"{result.tokenized_dir}/tokenized_{{train,val,test}}")
+
+
+def _make_tiny_model(cfg: Config, args: argparse.Namespace) -> None:
+    from medqa.data import clean_and_dedupe
+    from medqa.modeling import model_path
+    from medqa.sources import read_records
+    from medqa.tiny import build_tiny_model
+
+    cands, _ = clean_and_dedupe(read_records(cfg.data.source, cfg.data.hub_split), cfg)
+    texts = [cfg.prompt.template.format(question=c.question) + " " + c.answer for c in cands if c.split == "train"]
+    out = build_tiny_model(texts, cfg.model.tiny, model_path(cfg), seed=cfg.seed)
+    print(f"built the tiny model at {out}")
+
+
+# name -> (entry, one-line description). Later stages add their entry here.
+COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], None], str]] = {
+    "prepare": (_prepare, "load, clean, deduplicate, split and tokenize the data"),
+    "make-tiny-model": (_make_tiny_model, "build the tiny offline BioGPT (tokenizer learned from the train split) "
+                                          "at model.name_or_path"),
+}
+
+
+def _fields_help() -> str:
+    lines = ["config fields (override any with key=value):"]
+    for key, default, help_text in describe_fields(Config()):
+        lines.append(f"  {key} = {default}")
+        lines.extend(textwrap.wrap(help_text, 100, initial_indent="      ", subsequent_indent="      "))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medqa", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fine-tune BioGPT (or any causal LM) with LoRA on patient questions and doctor answers.",
+        epilog=_fields_help())
+    sub = parser.add_subparsers(dest="command", metavar="<stage>")
+    for name, (_, description) in COMMANDS.items():
+        p = sub.add_parser(name, help=description, description=description, epilog=_fields_help(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--config", help="YAML config file, e.g. configs/demo.yaml (default: built-in defaults)")
+        p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(json.dumps(cfg.to_dict(), indent=2))
+            return 0
+        log.info("config: %s", json.dumps(cfg.to_dict()))
+        COMMANDS[args.command][0](cfg, args)
+    except MedqaError as exc:
+        print(f"medqa {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"medqa {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""Configuration: one dataclass per concern, mirrored by the YAML files under `configs/`.
+
+Every field carries a `help` string; `medqa <stage> --help` prints them. A config is loaded from YAML, then
+dotted `key=value` overrides from the command line are applied, then `validate()` checks every section.
+Unknown keys and wrong types raise `ConfigError` with a one-paragraph message (and the closest valid key).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medqa.errors import ConfigError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a help text (shown by `--help`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class DataConfig:
+    """Where the records come from, how they are cleaned, split and cut to length."""
+
+    source: str = _f("data/sample/healthcaremagic_sample.json",
+                     "JSON list, JSONL, CSV, a `datasets` save_to_disk folder, or a Hub dataset id "
+                     "(e.g. lavita/ChatDoctor-HealthCareMagic-100k).")
+    hub_split: str = _f("train", "Split to read when `source` is a Hub dataset id or a DatasetDict folder.")
+    question_field: str = _f("input", "Record field holding the patient's question (not the fixed `instruction`).")
+    answer_field: str = _f("output", "Record field holding the doctor's answer.")
+    train_fraction: float = _f(0.8, "Share of questions assigned to the train split.")
+    val_fraction: float = _f(0.1, "Share of questions assigned to the validation split.")
+    test_fraction: float = _f(0.1, "Share of questions assigned to the test split.")
+    seed: int = _f(42, "Seed mixed into the question hash that assigns splits.")
+    min_question_chars: int = _f(20, "Questions shorter than this (after cleaning) are rejected.")
+    min_answer_chars: int = _f(60, "Answers shorter than this (after cleaning) are rejected.")
+    max_question_tokens: int = _f(1024, "Questions longer than this many tokens are rejected as junk.")
+    max_answer_tokens: int = _f(1024, "Answers longer than this many tokens are rejected as junk.")
+    max_length: int = _f(512, "Tokens per example (prompt + answer + EOS); longer ones are truncated, "
+                              "question first (from its start), then the answer's tail.")
+    max_records: int = _f(0, "Read at most this many records (0 = all); for smoke runs.")
+    num_proc: int = _f(1, "Processes for tokenization (datasets.map num_proc).")
+
+    def validate(self) -> None:
+        fracs = (self.train_fraction, self.val_fraction, self.test_fraction)
+        if any(f < 0 for f in fracs) or abs(sum(fracs) - 1.0) > 1e-6:
+            raise ConfigError(f"data.train_fraction + data.val_fraction + data.test_fraction must sum to 1 "
+                              f"and none may be negative; got {fracs} (sum {sum(fracs):.4f}). "
+                              "Fix the fractions, e.g. 0.8/0.1/0.1.")
+        for name in ("min_question_chars", "min_answer_chars", "max_records"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"data.{name} must be >= 0, got {getattr(self, name)}.")
+        for name in ("max_question_tokens", "max_answer_tokens", "max_length", "num_proc"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.max_length < 16:
+            raise ConfigError(f"data.max_length must be at least 16 tokens, got {self.max_length}.")
+
+
+@dataclass
+class PromptConfig:
+    """The one prompt template shared by tokenization, training, evaluation and generation."""
+
+    template: str = _f("### Question:\n{question}\n\n### Answer:\n",
+                       "Text before the answer; `{question}` is replaced by the cleaned question.")
+    min_question_tokens: int = _f(8, "When truncating, keep at least this many question tokens (its end).")
+
+    def validate(self) -> None:
+        if self.template.count("{question}") != 1:
+            raise ConfigError("prompt.template must contain `{question}` exactly once; got "
+                              f"{self.template!r}.")
+
+
+@dataclass
+class TinyModelConfig:
+    """The tiny BioGPT-architecture model built offline for the demo and the tests."""
+
+    enabled: bool = _f(False, "Build the tiny model when `model.name_or_path` equals `model.tiny.path` "
+                              "and that folder is missing.")
+    path: str = _f("${workdir}/models/tiny-biogpt", "Folder of the tiny model.")
+    vocab_size: int = _f(2000, "BPE vocabulary size learned from the train split (incl. 4 special tokens).")
+    tokenizer_files: str = _f("", "Folder with real BioGPT vocab.json/merges.txt to use instead of learning "
+                                  "a vocabulary (e.g. ../shared/biogpt-tokenizer/hf-format-derived).")
+    hidden_size: int = _f(64, "Hidden size.")
+    num_layers: int = _f(2, "Transformer layers.")
+    num_heads: int = _f(4, "Attention heads.")
+    intermediate_size: int = _f(128, "Feed-forward size.")
+    max_positions: int = _f(1024, "Maximum positions.")
+    initializer_range: float = _f(0.2, "Init std; a tiny random BioGPT learns under LoRA only with a large one.")
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"model.tiny.hidden_size ({self.hidden_size}) must be divisible by "
+                              f"model.tiny.num_heads ({self.num_heads}).")
+        if self.vocab_size < 64:
+            raise ConfigError(f"model.tiny.vocab_size must be >= 64, got {self.vocab_size}.")
+
+
+@dataclass
+class ModelConfig:
+    """Which causal LM and tokenizer to load, and how."""
+
+    name_or_path: str = _f("microsoft/biogpt", "Hub id or local folder of a causal LM.")
+    tokenizer: str = _f("", "Hub id or folder of the tokenizer; empty = same as `name_or_path`.")
+    revision: str = _f("main", "Hub revision (branch, tag or commit).")
+    trust_remote_code: bool = _f(False, "Run model code from the Hub. Off by default: it executes downloaded code.")
+    dtype: str = _f("auto", "auto (bf16 where supported, fp16 on older GPUs, fp32 on CPU), float32, bfloat16, float16.")
+    device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps.")
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig, metadata={"help": "Tiny offline model."})
+
+    def validate(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"model.dtype must be auto, float32, bfloat16 or float16; got {self.dtype!r}.")
+        self.tiny.validate()
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.name_or_path
+
+
+@dataclass
+class Config:
+    """The whole configuration of a run."""
+
+    workdir: str = _f(".", "Root under which data/, tokenized/, outputs/ (and the tiny model) are written.")
+    seed: int = _f(42, "Global seed for training and sampling.")
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Data loading and cleaning."})
+    prompt: PromptConfig = field(default_factory=PromptConfig, metadata={"help": "Prompt template."})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Model and tokenizer."})
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if hasattr(value, "validate"):
+                value.validate()
+        return self
+
+    # Paths derived from workdir: the artifacts each stage reads and writes.
+    @property
+    def root(self) -> Path:
+        return Path(self.workdir)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def tokenized_dir(self) -> Path:
+        return self.root / "tokenized"
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.root / "outputs"
+
+    def resolve(self, path: str) -> str:
+        """Expand `${workdir}` and `~` in a path field."""
+        return os.path.expanduser(path.replace("${workdir}", str(self.workdir)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotated type `tp`; accept ints for floats. Raise ConfigError otherwise."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"`{key}` has the wrong type: got {value!r}; expected {tp}.")
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"`{key}` must be a list, got {value!r}.")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, key) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"`{key}` must be a mapping, got {value!r}.")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"`{key}` must be of type {_type_name(tp)}, got {value!r} ({type(value).__name__}). "
+                          f"Fix the value in the YAML file or the `{key}=...` override.")
+    return value
+
+
+def _apply(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            valid = [f"{prefix}{n}" for n in names]
+            close = difflib.get_close_matches(full, valid, n=1, cutoff=0.5)
+            hint = f" Did you mean `{close[0]}`?" if close else ""
+            raise ConfigError(f"Unknown config key `{full}`.{hint} Valid keys here: {', '.join(valid)}. "
+                              "See `medqa --help` for every field.")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"`{full}` is a section; give a mapping or set `{full}.<field>=...`.")
+            _apply(current, value, f"{full}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full))
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    node = out
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> list[dict[str, Any]]:
+    """Turn `a.b=value` strings into nested dicts; values are parsed as YAML scalars (1e-4, true, [a, b])."""
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"Override {item!r} is not of the form key=value (e.g. data.seed=7).")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append(_nest(key.strip(), value))
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults), apply dotted overrides, validate, and return it."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {path} not found. Use one of the files under configs/, "
+                              "e.g. --config configs/demo.yaml.")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"Config file {path} is not valid YAML: {exc}. Fix the syntax.") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"Config file {path} must hold a mapping of sections, got {type(loaded).__name__}.")
+        _apply(cfg, loaded)
+    for nested in parse_overrides(overrides or []):
+        _apply(cfg, nested)
+    return cfg.validate()
+
+
+def describe_fields(obj: Any = None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every field, for `--help`."""
+    obj = obj if obj is not None else Config()
+    rows = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            rows.extend(describe_fields(value, f"{prefix}{f.name}."))
+        else:
+            rows.append((f"{prefix}{f.name}", repr(value), f.metadata.get("help", "")))
+    return rows

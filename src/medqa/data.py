@@ -1,0 +1,274 @@
+"""Stage 1, `prepare(cfg)`: load, clean, deduplicate, split without leakage, tokenize with the prompt masked.
+
+Reads `data.source`; writes under `workdir`:
+  data/{train,val,test}_data.json   kept records: id, index (in the source), question, answer
+  data/rejected.jsonl               every record not kept: index, reason, detail, the original record
+  data/prepare_report.json          {"read": N, "kept": {...}, "rejected": {...}}; read = kept + rejected
+  tokenized/tokenized_{split}       datasets.save_to_disk: id, input_ids, attention_mask, labels, length
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from medqa.artifacts import atomic_dir, write_json
+from medqa.cleaning import clean_text, is_greeting_only, normalize_key
+from medqa.config import Config
+from medqa.errors import DataError
+from medqa.modeling import load_tokenizer, tokenizer_path, wants_tiny
+from medqa.prompts import encode_example
+from medqa.sources import MalformedLine, read_records
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+TOKENIZED_COLUMNS = ["id", "input_ids", "attention_mask", "labels", "length"]
+
+
+@dataclass
+class Candidate:
+    index: int
+    question: str
+    answer: str
+    key: str  # normalised question: the dedup and split key
+    split: str = ""
+
+
+@dataclass
+class PrepareResult:
+    report: dict[str, Any]
+    data_dir: Path
+    tokenized_dir: Path
+    cached: bool = False
+    splits: dict[str, list[dict]] = field(default_factory=dict, repr=False)
+
+
+# ------------------------------------------------------------------------------------------ record checks
+
+
+def _check_record(rec: Any, cfg: Config) -> tuple[str, str] | tuple[None, str]:
+    """Return (question, answer) cleaned, or (None, reason)."""
+    d = cfg.data
+    if isinstance(rec, MalformedLine):
+        return None, "malformed_json"
+    if not isinstance(rec, dict):
+        return None, "not_an_object"
+    fields = {}
+    for role, name in (("question", d.question_field), ("answer", d.answer_field)):
+        value = rec.get(name)
+        if value is None:
+            return None, f"missing_{role}"
+        if not isinstance(value, str):
+            return None, f"{role}_not_a_string"
+        fields[role] = clean_text(value)
+    q, a = fields["question"], fields["answer"]
+    if not q:
+        return None, "empty_question"
+    if not a:
+        return None, "empty_answer"
+    if len(q) < d.min_question_chars or is_greeting_only(q):
+        return None, "question_too_short"
+    if len(a) < d.min_answer_chars:
+        return None, "answer_too_short"
+    return q, a
+
+
+def split_of(key: str, cfg: Config) -> str:
+    """Deterministic split from a hash of the normalised question: the same question always lands in the same
+    split, so no question is in two splits, and adding records never moves existing ones."""
+    digest = hashlib.sha256(f"{cfg.data.seed}\x00{key}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < cfg.data.train_fraction:
+        return "train"
+    return "val" if u < cfg.data.train_fraction + cfg.data.val_fraction else "test"
+
+
+def _check_fields_present(records: list[Any], cfg: Config) -> None:
+    objects = [r for r in records if isinstance(r, dict) and not isinstance(r, MalformedLine)]
+    if not objects:
+        return
+    for name, key in ((cfg.data.question_field, "data.question_field"), (cfg.data.answer_field, "data.answer_field")):
+        if not any(name in r for r in objects):
+            seen = sorted({k for r in objects[:1000] for k in r})
+            raise DataError(f"{cfg.data.source}: field {name!r} ({key}) appears in none of its {len(objects)} "
+                            f"records (first at index 0). Fields present: {', '.join(map(str, seen))}. "
+                            f"Set {key}=<field>, e.g. `{key}={seen[0] if seen else 'input'}`.")
+
+
+def clean_and_dedupe(records: list[Any], cfg: Config) -> tuple[list[Candidate], list[dict]]:
+    """Validate and clean every record; keep the first of each normalised question."""
+    kept: list[Candidate] = []
+    rejected: list[dict] = []
+    first_seen: dict[str, Candidate] = {}
+    for index, rec in enumerate(tqdm(records, desc="clean", disable=len(records) < 5000, leave=False)):
+        q, reason_or_a = _check_record(rec, cfg)
+        if q is None:
+            rejected.append({"index": index, "reason": reason_or_a, "record": rec})
+            continue
+        cand = Candidate(index, q, reason_or_a, normalize_key(q))
+        first = first_seen.get(cand.key)
+        if first is not None:
+            reason = "duplicate_exact" if (first.question, first.answer) == (q, cand.answer) else "duplicate_question"
+            rejected.append({"index": index, "reason": reason, "detail": f"same question as record {first.index}",
+                             "record": rec})
+            continue
+        first_seen[cand.key] = cand
+        cand.split = split_of(cand.key, cfg)
+        kept.append(cand)
+    return kept, rejected
+
+
+# ------------------------------------------------------------------------------------------ tokenization
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    h.update(json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]).encode())
+    return h.hexdigest()
+
+
+def _encode_batch(batch: dict[str, list], tokenizer, cfg: Config) -> dict[str, list]:
+    out: dict[str, list] = {k: [] for k in ("input_ids", "attention_mask", "labels", "length",
+                                            "question_tokens", "answer_tokens", "truncated")}
+    for q, a in zip(batch["question"], batch["answer"]):
+        enc = encode_example(tokenizer, cfg.prompt, q, a, cfg.data.max_length)
+        out["input_ids"].append(enc.input_ids)
+        out["attention_mask"].append([1] * len(enc.input_ids))
+        out["labels"].append(enc.labels)
+        out["length"].append(len(enc.input_ids))
+        out["question_tokens"].append(enc.question_tokens)
+        out["answer_tokens"].append(enc.answer_tokens)
+        out["truncated"].append(enc.truncated)
+    return out
+
+
+def tokenize(cands: list[Candidate], tokenizer, cfg: Config):
+    """Tokenize with datasets.map (batched, num_proc). The cache file is keyed on a hash of the texts, the
+    tokenizer's vocabulary and the prompt/length settings, so a re-run with the same inputs only reads it.
+    (datasets' own fingerprint hashes the pickled function, which for a slow tokenizer changes as its memo
+    fills, so it would miss.)"""
+    import datasets
+
+    ds = datasets.Dataset.from_dict({
+        "id": [f"q{hashlib.sha256(c.key.encode()).hexdigest()[:12]}" for c in cands],
+        "question": [c.question for c in cands],
+        "answer": [c.answer for c in cands],
+    })
+    h = hashlib.sha256(_tokenizer_fingerprint(tokenizer).encode())
+    h.update(json.dumps([cfg.prompt.template, cfg.prompt.min_question_tokens, cfg.data.max_length]).encode())
+    h.update(json.dumps([(c.question, c.answer) for c in cands]).encode())
+    fingerprint = h.hexdigest()[:32]
+    cache_dir = Path(cfg.workdir) / ".cache" / "prepare"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_file = cache_dir / f"tokenized-{fingerprint}.arrow"
+    num_proc = cfg.data.num_proc if len(cands) >= 200 * cfg.data.num_proc else 1
+    return ds.map(_encode_batch, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
+                  fn_kwargs={"tokenizer": tokenizer, "cfg": cfg}, cache_file_name=str(cache_file),
+                  new_fingerprint=fingerprint, load_from_cache_file=True, desc="tokenize")
+
+
+# ------------------------------------------------------------------------------------------ the stage
+
+
+def _ensure_tokenizer(cfg: Config, cands: list[Candidate]):
+    if wants_tiny(cfg):
+        from medqa.tiny import build_tiny_model
+
+        texts = [cfg.prompt.template.format(question=c.question) + " " + c.answer for c in cands if c.split == "train"]
+        log.info("Building the tiny demo model from %d training records.", len(texts))
+        build_tiny_model(texts, cfg.model.tiny, cfg.resolve(cfg.model.tiny.path), seed=cfg.seed)
+    return load_tokenizer(cfg)
+
+
+def prepare(cfg: Config) -> PrepareResult:
+    """Run the data-preparation stage and return its report."""
+    start = time.perf_counter()
+    log.info("prepare: source=%s tokenizer=%s workdir=%s", cfg.data.source, tokenizer_path(cfg), cfg.workdir)
+    records = read_records(cfg.data.source, cfg.data.hub_split)
+    if cfg.data.max_records:
+        records = records[: cfg.data.max_records]
+    _check_fields_present(records, cfg)
+    cands, rejected = clean_and_dedupe(records, cfg)
+    if not cands:
+        reasons = Counter(r["reason"] for r in rejected).most_common(3)
+        raise DataError(f"{cfg.data.source}: none of its {len(records)} records survived cleaning (top reasons: "
+                        f"{reasons}). Check data.question_field/data.answer_field and the min_*_chars limits; "
+                        "every record and its reason is listed in data/rejected.jsonl only when some are kept.")
+
+    tokenizer = _ensure_tokenizer(cfg, cands)
+    tokenized = tokenize(cands, tokenizer, cfg)
+    q_tokens, a_tokens = tokenized["question_tokens"], tokenized["answer_tokens"]
+    keep_rows: dict[str, list[int]] = {s: [] for s in SPLITS}
+    for row, cand in enumerate(cands):
+        if q_tokens[row] > cfg.data.max_question_tokens:
+            rejected.append({"index": cand.index, "reason": "question_too_long",
+                             "detail": f"{q_tokens[row]} tokens", "record": records[cand.index]})
+        elif a_tokens[row] > cfg.data.max_answer_tokens:
+            rejected.append({"index": cand.index, "reason": "answer_too_long",
+                             "detail": f"{a_tokens[row]} tokens", "record": records[cand.index]})
+        else:
+            keep_rows[cand.split].append(row)
+    rejected.sort(key=lambda r: r["index"])
+
+    splits = {s: [{"id": tokenized[r]["id"], "index": cands[r].index, "question": cands[r].question,
+                   "answer": cands[r].answer} for r in rows] for s, rows in keep_rows.items()}
+    truncated = sum(tokenized["truncated"][r] for rows in keep_rows.values() for r in rows)
+    report = {
+        "source": cfg.data.source,
+        "read": len(records),
+        "kept": {s: len(rows) for s, rows in keep_rows.items()},
+        "rejected": dict(sorted(Counter(r["reason"] for r in rejected).items())),
+        "truncated": truncated,
+        "tokenizer": tokenizer_path(cfg),
+        "max_length": cfg.data.max_length,
+    }
+    assert report["read"] == sum(report["kept"].values()) + sum(report["rejected"].values())
+    if not splits["train"]:
+        raise DataError(f"{cfg.data.source}: no records landed in the train split ({report['kept']}). Use more "
+                        "records or raise data.train_fraction.")
+
+    data_dir, tok_dir = Path(cfg.workdir) / "data", Path(cfg.workdir) / "tokenized"
+    _write_data(data_dir, splits, rejected, report)
+    with atomic_dir(tok_dir) as tmp:
+        for split, rows in keep_rows.items():
+            part = tokenized.select(rows).select_columns(TOKENIZED_COLUMNS)
+            part.save_to_disk(str(tmp / f"tokenized_{split}"))
+        write_json(tmp / "prepare_report.json", report)
+
+    secs = time.perf_counter() - start
+    log.info("prepare: read %d, kept %s, rejected %d (%s), truncated %d, in %.1fs", report["read"], report["kept"],
+             sum(report["rejected"].values()), report["rejected"], truncated, secs)
+    return PrepareResult(report=report, data_dir=data_dir, tokenized_dir=tok_dir, splits=splits)
+
+
+def _write_data(data_dir: Path, splits: dict[str, list[dict]], rejected: list[dict], report: dict) -> None:
+    """Write the split files into a temporary folder, then move each into place with os.replace. The report
+    goes last, so a crash leaves it describing the previous complete set."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tmp = data_dir / f".prepare.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for split, rows in splits.items():
+            (tmp / f"{split}_data.json").write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n",
+                                                    encoding="utf-8")
+        with open(tmp / "rejected.jsonl", "w", encoding="utf-8") as f:
+            for r in rejected:
+                f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+        write_json(tmp / "prepare_report.json", report)
+        for name in [f"{s}_data.json" for s in splits] + ["rejected.jsonl", "prepare_report.json"]:
+            os.replace(tmp / name, data_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

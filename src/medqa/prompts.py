@@ -1,0 +1,83 @@
+"""The prompt template and the one function that turns (question, answer) into training tokens.
+
+Training, evaluation and generation all build the prompt with `prompt_ids`, so the model sees exactly the same
+prompt tokens when it is scored as when it answers. Labels are `IGNORE_INDEX` on every prompt token: the loss is
+on the answer and its EOS only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from medqa.config import PromptConfig
+from medqa.errors import ConfigError
+
+IGNORE_INDEX = -100  # the label value that torch's cross-entropy skips
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    question_tokens: int  # before truncation
+    answer_tokens: int  # before truncation, without EOS
+    truncated: bool
+
+
+def _ids(tokenizer, text: str, special: bool) -> list[int]:
+    if not text:
+        return list(tokenizer(text, add_special_tokens=True)["input_ids"]) if special else []
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def eos_id(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"Tokenizer {tokenizer.name_or_path} has no EOS token; answers need one to end on.")
+    return int(tokenizer.eos_token_id)
+
+
+def prompt_parts(tokenizer, prompt: PromptConfig, question: str) -> tuple[list[int], list[int], list[int]]:
+    """Token ids of the text before the question (with the tokenizer's special start tokens, e.g. BioGPT's
+    `</s>`), of the question, and of the text after it."""
+    before, after = prompt.template.split("{question}")
+    return _ids(tokenizer, before, True), _ids(tokenizer, question, False), _ids(tokenizer, after, False)
+
+
+def prompt_ids(tokenizer, prompt: PromptConfig, question: str, max_length: int | None = None) -> list[int]:
+    """The prompt as the model sees it at generation time; the question is cut from its start if needed."""
+    before, q, after = prompt_parts(tokenizer, prompt, question)
+    if max_length is not None:
+        room = max(max_length - len(before) - len(after), prompt.min_question_tokens)
+        q = q[-room:] if len(q) > room else q
+    return before + q + after
+
+
+def encode_example(tokenizer, prompt: PromptConfig, question: str, answer: str, max_length: int) -> Encoded:
+    """Prompt + answer + EOS, with prompt labels masked.
+
+    Over `max_length`, the question is cut first (from its start, keeping at least `min_question_tokens` of its
+    end, which usually holds the actual question), then the answer's tail; EOS always ends the sequence.
+    """
+    before, q, after = prompt_parts(tokenizer, prompt, question)
+    a = _ids(tokenizer, answer, False)
+    n_q, n_a = len(q), len(a)
+    fixed = len(before) + len(after) + 1  # + EOS
+    if fixed + min(n_q, prompt.min_question_tokens) + 1 > max_length:
+        raise ConfigError(f"data.max_length={max_length} leaves no room for an answer after the prompt template "
+                          f"({fixed - 1} tokens). Raise data.max_length or shorten prompt.template.")
+    excess = fixed + n_q + n_a - max_length
+    if excess > 0:
+        cut_q = min(excess, max(n_q - prompt.min_question_tokens, 0))
+        q = q[cut_q:]
+        excess -= cut_q
+    if excess > 0:
+        a = a[: n_a - excess]
+    prompt_tokens = before + q + after
+    answer_tokens = a + [eos_id(tokenizer)]
+    return Encoded(
+        input_ids=prompt_tokens + answer_tokens,
+        labels=[IGNORE_INDEX] * len(prompt_tokens) + answer_tokens,
+        question_tokens=n_q,
+        answer_tokens=n_a,
+        truncated=len(q) < n_q or len(a) < n_a,
+    )

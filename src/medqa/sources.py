@@ -1,0 +1,130 @@
+"""Reading raw records from a JSON list, JSONL, CSV, a `datasets` folder or a Hub dataset id.
+
+Problems with the file as a whole (missing, not UTF-8, malformed JSON, Hub unreachable) raise `DataError`
+with one paragraph naming the file and the fix. Problems with one record are not raised here: the record is
+returned as it is and `prepare` rejects it with a reason, so that nothing is dropped without a count.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from medqa.errors import DataError
+
+log = logging.getLogger(__name__)
+
+# A Hub id looks like `owner/name` with no file extension; anything else is treated as a local path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+OFFLINE_HINT = ("To work offline, point data.source at a local copy (JSON list, JSONL, CSV or a datasets folder), "
+                "or run the embedded demo with `--config configs/demo.yaml`.")
+
+
+def _decode(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{path} is not UTF-8 text: byte {exc.start} (line {line}) is {raw[exc.start:exc.start + 1]!r}. "
+            f"Convert the file to UTF-8, e.g. `iconv -f latin1 -t utf-8 {path} > fixed.json`, and point "
+            "data.source at the result.") from None
+
+
+def _read_json(path: Path, text: str) -> list[Any]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}. Fix the file there "
+            "(a JSON list of objects), or save it as JSONL (one object per line, .jsonl) so that one bad "
+            "line is rejected instead of stopping the run.") from None
+    if isinstance(data, dict):
+        # Some exports wrap the list: {"data": [...]}. Accept a single list-valued key.
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) == 1:
+            return lists[0]
+        raise DataError(f"{path} holds a JSON object, not a list of records. Give a JSON list of "
+                        "{question, answer} objects, e.g. HealthCareMagic-100k.json's layout.")
+    if not isinstance(data, list):
+        raise DataError(f"{path} holds a JSON {type(data).__name__}, not a list of records.")
+    return data
+
+
+class MalformedLine(dict):
+    """A JSONL line that did not parse; `prepare` rejects it with reason `malformed_json`."""
+
+
+def _read_jsonl(path: Path, text: str) -> list[Any]:
+    records: list[Any] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            log.warning("%s line %d is not valid JSON (%s, column %d); rejected.", path, lineno, exc.msg, exc.colno)
+            records.append(MalformedLine(line=line, lineno=lineno, error=f"{exc.msg} at column {exc.colno}"))
+    return records
+
+
+def _read_csv(path: Path, text: str) -> list[Any]:
+    reader = csv.DictReader(io.StringIO(text))
+    if not reader.fieldnames:
+        raise DataError(f"{path} has no CSV header row. Add a header naming the columns (e.g. input,output).")
+    return [dict(row) for row in reader]
+
+
+def _read_datasets_folder(path: Path, split: str) -> list[Any]:
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{path} is a DatasetDict without split {split!r} (it has {list(ds)}). "
+                            f"Set data.hub_split to one of them.")
+        ds = ds[split]
+    return ds.to_list()
+
+
+def _read_hub(dataset_id: str, split: str) -> list[Any]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(dataset_id, split=split)
+    except Exception as exc:  # the Hub client raises many types; all mean "could not get it"
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+        why = "offline mode is on (HF_HUB_OFFLINE=1)" if offline else "the Hugging Face Hub could not be reached"
+        raise DataError(
+            f"Could not load the Hub dataset {dataset_id!r} (split {split!r}): {why}, and no cached copy was "
+            f"found ({type(exc).__name__}: {str(exc)[:200]}). {OFFLINE_HINT}") from None
+    return ds.to_list()
+
+
+def read_records(source: str, split: str = "train") -> list[Any]:
+    """Return the raw records of `source` as a list (items may be anything; `prepare` validates each)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _read_datasets_folder(path, split)
+    if path.is_file():
+        text = _decode(path)
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            return _read_jsonl(path, text)
+        if suffix == ".csv":
+            return _read_csv(path, text)
+        return _read_json(path, text)
+    if _HUB_ID.match(source) and not Path(source).suffix:
+        return _read_hub(source, split)
+    raise DataError(f"Data file {source} not found (looked in {Path.cwd()}). Check data.source: give a path to "
+                    "a JSON/JSONL/CSV file or a datasets folder, or a Hub id such as "
+                    "lavita/ChatDoctor-HealthCareMagic-100k. The embedded sample is "
+                    "data/sample/healthcaremagic_sample.json.")

@@ -1,0 +1,66 @@
+"""Shared fixtures: offline environment, the real records and tokenizer from ../shared, a tiny model."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MEDQA_SHARED", REPO.parent / "shared"))
+REAL_500 = SHARED / "data" / "healthcaremagic_test500_sachink1729.json"
+SYNTHETIC_5K = SHARED / "data" / "genmedgpt5k_SYNTHETIC_chatdoctor5k.json"
+BIOGPT_TOKENIZER = SHARED / "biogpt-tokenizer" / "hf-format-derived"
+SAMPLE = REPO / "data" / "sample" / "healthcaremagic_sample.json"
+
+# Tests never touch the network, and every cache goes to the repo's ignored .cache/.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("HF_HOME", str(REPO / ".cache" / "huggingface"))
+os.environ.setdefault("MPLCONFIGDIR", str(REPO / ".cache" / "matplotlib"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(REPO / "src"))
+
+from medqa.config import Config, load_config  # noqa: E402
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"needs {path} (the shared read-only data folder beside the repo, ../shared); "
+                    "set MEDQA_SHARED to its location")
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_500() -> Path:
+    return _need(REAL_500)
+
+
+@pytest.fixture(scope="session")
+def synthetic_5k() -> Path:
+    return _need(SYNTHETIC_5K)
+
+
+@pytest.fixture(scope="session")
+def biogpt_tokenizer_dir() -> Path:
+    return _need(BIOGPT_TOKENIZER)
+
+
+def demo_config(workdir: Path, *overrides: str) -> Config:
+    """The demo config, writing under `workdir`, reading the shipped sample by absolute path."""
+    return load_config(REPO / "configs" / "demo.yaml", [f"workdir={workdir}", f"data.source={SAMPLE}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny BioGPT whose tokenizer is learned from the sample's train split, built once per session."""
+    from medqa.data import clean_and_dedupe
+    from medqa.sources import read_records
+    from medqa.tiny import build_tiny_model
+
+    cfg = demo_config(tmp_path_factory.mktemp("tiny"))
+    cands, _ = clean_and_dedupe(read_records(str(SAMPLE)), cfg)
+    texts = [cfg.prompt.template.format(question=c.question) + " " + c.answer for c in cands if c.split == "train"]
+    return build_tiny_model(texts, cfg.model.tiny, cfg.resolve(cfg.model.tiny.path), seed=0)
