@@ -37,9 +37,16 @@ _ARTEFACTS = [
     )
 ]
 _CHAT_DOCTOR = re.compile(rf"\s*{_CD}\s*[:,]?", re.IGNORECASE)
-_SPACE_BEFORE_PUNCT = re.compile(r"\s+([.,;:!?])")
-_REPEATED_PUNCT = re.compile(r"[.,;:](?:\s*[.,;:])+")  # a run such as ": ." keeps its last mark
-_LEADING_PUNCT = re.compile(r"^[\s.,;:!?-]+")
+_MARK = "\x00"  # stands where an artefact was removed, so tidying touches nothing else
+
+
+def _tidy(text: str) -> str:
+    """Close the gap an artefact left: "Regards : <gap>." -> "Regards.", "Hi;<gap>The" -> "Hi; The"."""
+    text = re.sub(r"\s*\x00[\s\x00]*", _MARK, text)
+    text = re.sub(r"\s*[,;:]?\s*\x00([.,;:!?])", r"\1", text)
+    text = re.sub(r"^\x00[\s.,;:!?-]*", "", text)
+    return _WS.sub(" ", text.replace(_MARK, " ")).strip()
+
 
 # Questions that are only a greeting carry no medical content ("Hello sir", "hi doctor").
 _GREETING_ONLY = re.compile(
@@ -55,7 +62,7 @@ def normalize_text(text: str) -> str:
     text = _TAG.sub(" ", text)
     text = html.unescape(text)
     text = unicodedata.normalize("NFC", text)  # entities can decode to combining sequences
-    text = text.replace("\u00a0", " ").replace("\u200b", "")
+    text = text.replace("\u00a0", " ").replace("\u200b", "").replace("\x00", "")
     return _WS.sub(" ", text).strip()
 
 
@@ -66,22 +73,11 @@ def scrub_personal_data(text: str) -> str:
     return _PHONE.sub(PHONE_TOKEN, text)
 
 
-def _collapse_punct(match: re.Match) -> str:
-    run = match.group(0)
-    if " " not in run and len(set(run)) == 1:  # "..." or "!!" as written by the author
-        return run
-    return run[-1]
-
-
 def remove_chat_doctor(text: str) -> str:
     """Remove the anonymiser's "Chat Doctor" greetings, sign-offs and stray mentions."""
     for pattern in _ARTEFACTS:
-        text = pattern.sub(" ", text)
-    text = _CHAT_DOCTOR.sub(" ", text)
-    text = _WS.sub(" ", text)
-    text = _SPACE_BEFORE_PUNCT.sub(r"\1", text)
-    text = _REPEATED_PUNCT.sub(_collapse_punct, text)
-    return _LEADING_PUNCT.sub("", text).strip()
+        text = pattern.sub(_MARK, text)
+    return _tidy(_CHAT_DOCTOR.sub(_MARK, text))
 
 
 def clean_text(text: str) -> str:

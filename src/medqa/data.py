@@ -9,6 +9,7 @@ Reads `data.source`; writes under `workdir`:
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
@@ -98,12 +99,16 @@ def _check_fields_present(records: list[Any], cfg: Config) -> None:
     objects = [r for r in records if isinstance(r, dict) and not isinstance(r, MalformedLine)]
     if not objects:
         return
-    for name, key in ((cfg.data.question_field, "data.question_field"), (cfg.data.answer_field, "data.answer_field")):
+    fields = {"question": (cfg.data.question_field, "data.question_field"),
+              "answer": (cfg.data.answer_field, "data.answer_field")}
+    for role, (name, key) in fields.items():
         if not any(name in r for r in objects):
-            seen = sorted({k for r in objects[:1000] for k in r})
+            seen = sorted({str(k) for r in objects[:1000] for k in r})
+            others = [k for k in seen if k not in (cfg.data.question_field, cfg.data.answer_field)] or seen
+            guess = (difflib.get_close_matches(role, others, n=1, cutoff=0.3) or others)[0]
             raise DataError(f"{cfg.data.source}: field {name!r} ({key}) appears in none of its {len(objects)} "
-                            f"records (first at index 0). Fields present: {', '.join(map(str, seen))}. "
-                            f"Set {key}=<field>, e.g. `{key}={seen[0] if seen else 'input'}`.")
+                            f"records. Fields present: {', '.join(seen)}. Set {key} to the field that holds the "
+                            f"{role}, e.g. `{key}={guess}`.")
 
 
 def clean_and_dedupe(records: list[Any], cfg: Config) -> tuple[list[Candidate], list[dict]]:

@@ -1,15 +1,12 @@
 """The embedded demo dataset: a synthetic, HealthCareMagic-shaped sample of patient questions and answers.
 
-Nothing here is real patient data. Every question and answer is composed from the templates and sentence
-banks below with `random.Random(seed)`, so the same `n` and `seed` always give byte-identical JSON. Records
-have the layout of HealthCareMagic-100k.json: `{"instruction", "input", "output"}`, covering eleven specialties,
-varied ages, sexes, durations, medications and histories, some with urgency words ("severe", "emergency").
+No real patient data: questions and answers are composed from the templates and per-specialty sentence banks
+below with `random.Random(seed)`, so the same `n` and `seed` give byte-identical JSON in the layout of
+HealthCareMagic-100k.json (`instruction`, `input`, `output`). A fixed list of faulty records (`NOISE`:
+duplicates, "Chat Doctor" artefacts, empty answers, HTML, personal data, a missing key...) is planted at fixed
+positions (`planted_noise(n)`) so that the cleaning stage has work to do.
 
-So that the cleaning stage has work to do, a fixed list of faulty records (`NOISE`) is planted at fixed
-positions: duplicates, the anonymiser's "Chat Doctor" artefacts, empty or one-word answers, a greeting-only
-question, HTML, personal data, a missing key and a non-string question. `planted_noise(n)` lists them.
-
-Regenerate with `python -m medqa.sample` (writes data/sample/healthcaremagic_sample.json and README.md).
+Regenerate with `python -m medqa.sample` (writes data/sample/healthcaremagic_sample.json and its README.md).
 """
 
 from __future__ import annotations
@@ -42,7 +39,7 @@ SPECIALTIES: dict[str, dict[str, Any]] = {
         details="It is worse on exertion and settles with rest.|Home BP readings are around 150/95.",
         history="high blood pressure|high cholesterol|a mild heart attack in 2019", fears="a heart attack|a blockage",
         meds="amlodipine 5 mg|atorvastatin 10 mg|aspirin 75 mg", urgent="Last night the chest pain was severe.",
-        causes="The {noun} needs to be taken seriously, as it can come from reduced blood flow to the heart.|"
+        causes="The {noun} should be taken seriously, as the cause can be reduced blood flow to the heart.|"
                "Your {noun} may be related to uncontrolled blood pressure or a rhythm disturbance.",
         advice="Reduce salt, avoid smoking and walk 30 minutes a day once the heart is checked.|Do not stop your "
                "BP tablets on your own.", tests="I suggest an ECG, a 2D echo and a treadmill test.|A lipid "
@@ -53,8 +50,8 @@ SPECIALTIES: dict[str, dict[str, Any]] = {
         details="The itching is worse at night.|It spreads when scratched.", history="eczema|dandruff|a thyroid "
         "problem", fears="a fungal infection|psoriasis", meds="a steroid cream|cetirizine|an antifungal powder",
         urgent="Now there is severe swelling of the lips as well.",
-        causes="The {noun} looks like a form of dermatitis, which is common and treatable.|The {noun} could be a "
-               "fungal infection, which often recurs in humid weather.",
+        causes="The {noun} may be an inflammatory skin condition, which is treatable.|The {noun} could be linked "
+               "to hormones, an infection or an allergy.",
         advice="Avoid steroid creams without a prescription, they worsen fungal infections.|Keep the area dry and "
                "wear loose cotton clothes.", tests="A skin scraping (KOH mount) will show if it is fungal.|"
                "A blood count and thyroid tests may help find the cause."),
@@ -64,7 +61,7 @@ SPECIALTIES: dict[str, dict[str, Any]] = {
         details="It is worse after spicy food.|The appetite has gone down.", history="gastritis|piles|gall "
         "stones", fears="an ulcer|appendicitis", meds="pantoprazole 40 mg|an antacid syrup|domperidone",
         urgent="This morning there was bleeding with the stool.",
-        causes="The {noun} is most likely due to acid peptic disease or gastritis.|Your {noun} could be caused "
+        causes="The {noun} can most likely be explained by gastritis.|Your {noun} could be caused "
                "by an intestinal infection or irritable bowel syndrome.",
         advice="Eat small, frequent meals and do not lie down for two hours after food.|Avoid tea, coffee, "
                "alcohol and smoking for now.", tests="An ultrasound of the abdomen and a stool test should be "
@@ -75,7 +72,7 @@ SPECIALTIES: dict[str, dict[str, Any]] = {
         details="Bright light makes it worse.|Sleep has been poor lately.", history="migraine|type 2 diabetes|"
         "a head injury", fears="a brain tumour|a stroke", meds="paracetamol|pregabalin 75 mg|betahistine",
         urgent="Yesterday there was a sudden severe headache with vomiting.",
-        causes="The {noun} is suggestive of migraine or tension type headache.|Your {noun} can be caused by nerve "
+        causes="The {noun} could be migraine or a tension type headache.|Your {noun} can be caused by nerve "
                "involvement from diabetes or low vitamin B12.",
         advice="Keep regular sleep and do not skip meals.|Do not overuse painkillers, that itself causes daily "
                "headaches.", tests="An MRI of the brain may be needed if there is any weakness.|Please get "
@@ -86,18 +83,18 @@ SPECIALTIES: dict[str, dict[str, Any]] = {
         details="It is worst in the morning.|Sitting for long makes it worse.", history="osteoarthritis|a "
         "slipped disc|gout", fears="a fracture|arthritis", meds="diclofenac gel|aceclofenac 100 mg|calcium",
         urgent="After a fall there is severe pain and swelling.",
-        causes="The {noun} is most likely due to muscle spasm or early wear of the joint.|Your {noun} may come "
+        causes="The {noun} can come from muscle spasm or early wear of the joint.|Your {noun} may come "
                "from a nerve compressed in the spine.",
         advice="Physiotherapy and daily stretching will help a lot.|Avoid lifting heavy weights for a few "
                "weeks.", tests="An X-ray of the area is the first step.|If the pain persists, an MRI will "
                "show the discs and ligaments."),
-    "pediatrics": _bank("pediatrician", "", "1-12",
+    "pediatrics": _bank("pediatrician", "", "2-12",
         symptoms="fever and cough=fever|a running nose and poor feeding=cold|vomiting after every meal=vomiting|"
                  "a red rash all over the body=rash",
         details="The fever goes up to 101 F at night.|The child is playful in between.", history="wheezing|"
         "frequent throat infections|a milk allergy", fears="pneumonia|dengue", meds="paracetamol syrup|an "
         "antibiotic syrup|ORS", urgent="Today the child is very drowsy and the fever is high.",
-        causes="The {noun} in a child this age is most often viral and settles in a few days.|The {noun} "
+        causes="In a child this age the {noun} will most often be viral and settle in a few days.|The {noun} "
                "could be due to a throat or chest infection.",
         advice="Give plenty of fluids and light home-made food.|Give paracetamol by the child's weight, at most "
                "four times a day.", tests="A blood count and urine test will help if the fever lasts beyond "
@@ -108,7 +105,7 @@ SPECIALTIES: dict[str, dict[str, Any]] = {
         details="A home pregnancy test was negative.|The flow is heavier than before.", history="polycystic "
         "ovaries|fibroids|thyroid disease", fears="a pregnancy|PCOS", meds="mefenamic acid|a hormone pill|"
         "folic acid", urgent="Since yesterday there is heavy bleeding with clots.",
-        causes="The {noun} is commonly due to hormonal imbalance such as PCOS or thyroid problems.|Your {noun} "
+        causes="The {noun} can come from a hormonal imbalance such as PCOS or a thyroid problem.|Your {noun} "
                "could be due to an infection, which is easily treated.",
         advice="Keep a healthy weight with regular exercise.|Keep a record of your cycle dates.", tests="An "
                "ultrasound of the pelvis and a thyroid test are advised.|A serum beta hCG will rule out "
@@ -119,7 +116,7 @@ SPECIALTIES: dict[str, dict[str, Any]] = {
         details="It is affecting work.|There is a lot of stress at home.", history="depression|alcohol use|"
         "panic disorder", fears="depression|a mental illness", meds="escitalopram 10 mg|clonazepam|a sleeping "
         "tablet", urgent="The panic attack yesterday was so severe that we went to the emergency.",
-        causes="The {noun} is suggestive of an anxiety disorder, which is very treatable.|Your {noun} may be "
+        causes="The {noun} may point to an anxiety disorder, which is very treatable.|Your {noun} may be "
                "a sign of depression.",
         advice="Counselling along with medicines gives the best results.|Do not stop the medicines suddenly.",
         tests="Thyroid tests should be done to rule out physical causes.|An assessment with a psychologist "
@@ -130,7 +127,7 @@ SPECIALTIES: dict[str, dict[str, Any]] = {
         details="Dust and cold air trigger it.|It is worse early in the morning.", history="asthma|old "
         "tuberculosis|smoking", fears="tuberculosis|asthma", meds="an inhaler|montelukast|azithromycin",
         urgent="There was blood in the phlegm this morning.",
-        causes="The {noun} is suggestive of allergic bronchitis or asthma.|Your {noun} may be due to a chest "
+        causes="The {noun} may point to allergic bronchitis or asthma.|Your {noun} may be due to a chest "
                "infection.",
         advice="Avoid dust, smoke and cold drinks.|Please stop smoking completely.", tests="A chest X-ray and "
                "a lung function test are advised.|A sputum test for TB is needed if it lasts three weeks."),
@@ -140,7 +137,7 @@ SPECIALTIES: dict[str, dict[str, Any]] = {
         details="There is a discharge from the ear.|Hot drinks give some relief.", history="tonsillitis|"
         "sinusitis|a deviated septum", fears="a sinus infection|a hole in the eardrum", meds="amoxicillin|"
         "a nasal spray|ear drops", urgent="There is now bleeding from the nose that took long to stop.",
-        causes="The {noun} is most likely due to an infection of the middle ear or sinuses.|Your {noun} may "
+        causes="The {noun} can most likely be explained by an infection of the middle ear or sinuses.|Your {noun} may "
                "be due to allergy or a viral infection.",
         advice="Do warm saline gargles and steam inhalation.|Avoid putting anything into the ear.",
         tests="An ENT examination with an otoscope is needed.|An X-ray of the sinuses may help."),
@@ -150,54 +147,57 @@ SPECIALTIES: dict[str, dict[str, Any]] = {
         details="There is a feeling of incomplete emptying.|The pain comes in waves.", history="kidney stones|"
         "an enlarged prostate|diabetes", fears="a kidney stone|a prostate problem", meds="tamsulosin|"
         "nitrofurantoin|an alkaliser syrup", urgent="This morning there was blood in the urine.",
-        causes="The {noun} is suggestive of a urinary tract infection.|Your {noun} could be due to a stone in "
+        causes="The {noun} may point to a urinary tract infection.|Your {noun} could be due to a stone in "
                "the kidney or ureter.",
         advice="Drink at least three litres of water daily.|Reduce tea, coffee and alcohol in the evening.",
         tests="A urine routine and culture test is needed.|An ultrasound of the kidneys and bladder is advised."),
 }
-# Sentences any specialty may add to a question or an answer.
-GENERIC_DETAILS = ["It comes and goes.", "There is no fever.", "It started suddenly.", "It is getting worse."]
+# Sentences and phrases shared by all specialties.
+GENERIC_DETAILS = ["It comes and goes.", "There is no fever.", "It started suddenly.", "It is getting worse.",
+                   "There is no other medical problem.", "We live in a small town far from a hospital.",
+                   "No allergies to medicines.", "The weight has not changed."]
 GENERIC_ADVICE = ["Avoid self-medication and take the full course of any prescribed medicine.",
                   "Drink enough water, sleep well and avoid stress as far as possible."]
-
-OPENERS = ["Hi doctor, ", "Hello doctor, ", "Hi, ", "Hello, ", "Dear doctor, ", "Respected sir, ",
-           "Good evening doctor. ", "", "hi. ", "Sir, ", "Hello Dr, ", "Dear sir/madam, "]
+GENERIC_URGENT = ["Today it became severe and we are wondering whether to go to the emergency.",
+                  "It is so severe now, is this an emergency?"]
+OPENERS = ["Hi doctor, ", "Hello doctor, ", "Hi, ", "Hello, ", "Dear doctor, ", "Respected sir, ", "", "hi. ",
+           "Good evening doctor. ", "Sir, ", "Hello Dr, ", "Dear sir/madam, "]
 SELF_INTROS = ["I am a {age} year old {noun}", "I'm {age} years old ({adj})", "I am {age}yrs {adj}",
                "I am {adj}, {age} years of age", "{age} year old {noun} here"]
 SELF_SYMPTOM = ["{intro} and I have had {sym} for {dur}.", "{intro}. For the past {dur} I have been having {sym}.",
                 "{intro}. I have {sym} since {dur}.", "{intro} and I am suffering from {sym} for about {dur} now."]
 OTHER_SYMPTOM = ["My {rel} is {age} years old and has had {sym} for {dur}.",
+                 "My {rel} ({age} yrs) has {sym} for {dur} now.",
                  "I am writing about my {rel}, who is {age}. {S} has been having {sym} for the last {dur}.",
-                 "My {age} year old {rel} is suffering from {sym} since {dur}.",
-                 "My {rel} ({age} yrs) has {sym} for {dur} now."]
-DURATIONS = ["2 days", "3 days", "4 days", "a week", "10 days", "2 weeks", "three weeks", "a month",
-             "2 months", "3 months", "6 months", "a year", "two years"]
+                 "My {age} year old {rel} is suffering from {sym} since {dur}."]
+DURATIONS = ["2 days", "3 days", "4 days", "a week", "10 days", "2 weeks", "three weeks", "a month", "2 months",
+             "3 months", "6 months", "a year", "two years"]
 HISTORY = ["{S} {have} a history of {h}.", "{S} {be} a known case of {h}.", "Past history: {h}.",
            "There is a history of {h} as well."]
-MEDS = ["{S} {be} taking {m} but there is not much relief.", "The local doctor prescribed {m}.",
-        "{S} tried {m} for a few days.", "Currently on {m}.", "We took {m} from the chemist, it helped a little."]
-ASKS = ["What could be the cause?", "Is this something serious?", "What should be done?",
-        "Do we need any tests?", "Please advise.", "Should we see a specialist?", "Could this be {fear}?",
-        "Is it {fear}?", "I am scared it might be {fear}.", "What is the treatment for this?"]
-CLOSINGS = ["Thank you.", "Thanks in advance.", "Please help.", "", "thanks", "Kindly reply soon.",
-            "Waiting for your reply."]
-GENERIC_URGENT = ["Today it became severe and we are wondering whether to go to the emergency.",
-                  "It is so severe now, is this an emergency?"]
+MEDS = ["{S} {be} taking {m} but there is not much relief.", "The local doctor prescribed {m}.", "Currently on {m}.",
+        "{S} tried {m} for a few days.", "We took {m} from the chemist, it helped a little."]
+ASKS = ["What could be the cause?", "Is this something serious?", "What should be done?", "Do we need any tests?",
+        "Please advise.", "Should we see a specialist?", "Could this be {fear}?", "Is it {fear}?",
+        "I am scared it might be {fear}.", "What is the treatment for this?"]
+CLOSINGS = ["Thank you.", "Thanks in advance.", "Please help.", "", "thanks", "Kindly reply soon.", "Waiting."]
 GREETINGS = ["Hello, Thanks for your query.", "Hi, Thanks for writing in.", "Hello, I have gone through your query.",
              "Hi, Thank you for posting your query.", "Dear friend, thanks for the question.",
              "Hello, I understand your concern."]
-SIGNOFFS = ["Hope this helps. Take care.", "Wish you good health.", "Take care.",
-            "Hope I have answered your query. Let me know if I can assist you further.", "Regards."]
+SIGNOFFS = ["Hope this helps. Take care.", "Wish you good health.", "Take care.", "Regards.",
+            "Hope I have answered your query. Let me know if I can assist you further."]
 URGENT_ADVICE = "Since the symptoms are severe, please go to the nearest emergency department without delay."
 
-# Planted faults, in the order they are spread evenly through the file (see `planted_noise`).
-NOISE = ["artefact_welcome", "html_question", "exact_duplicate", "empty_answer", "near_duplicate",
-         "pii_question", "artefact_regards", "greeting_only", "exact_duplicate", "html_answer", "brief_answer",
-         "artefact_thanks", "missing_output", "near_duplicate", "url_answer", "numeric_input",
-         "artefact_forum", "exact_duplicate"]
-ARTEFACTS = {"artefact_welcome": "Hi, welcome to Chat Doctor. {}", "artefact_regards": "{} Regards : Chat Doctor.",
-             "artefact_thanks": "Thanks for asking at Chat Doctor. {}",
-             "artefact_forum": "Hello and welcome to Chat Doctor forum. {}"}
+# Planted faults, spread evenly through the file in this order (see `planted_noise`).
+NOISE = ["artefact_welcome", "html_question", "exact_duplicate", "empty_answer", "near_duplicate", "pii_question",
+         "artefact_regards", "greeting_only", "exact_duplicate", "html_answer", "brief_answer", "artefact_thanks",
+         "missing_output", "near_duplicate", "url_answer", "numeric_input", "artefact_forum", "exact_duplicate"]
+# The anonymiser's phrases; they replace the answer's own greeting (`body`) or follow the whole answer (`full`).
+ARTEFACTS = {"artefact_welcome": "Hi, welcome to Chat Doctor. {body}",
+             "artefact_regards": "{full} Regards : Chat Doctor.",
+             "artefact_thanks": "Thanks for asking at Chat Doctor. {body}",
+             "artefact_forum": "Hello and welcome to Chat Doctor forum. {body}"}
+GREETING_REPLY = ("Hello, Thanks for your query. Please describe your symptoms, how long you have had them and any "
+                  "medicines you take, so that I can guide you. Take care.")
 
 
 def dedup_key(text: str) -> str:
@@ -206,77 +206,63 @@ def dedup_key(text: str) -> str:
 
 
 def _person(rng: random.Random, spec: dict[str, Any]) -> dict[str, str]:
-    """Who is asking about whom: the patient's age, sex words, pronouns and, for a relative, the relation."""
+    """The patient: age, sex words, pronouns and, when someone asks for a relative or child, the relation."""
     lo, hi = spec["ages"]
     female = spec["sex"] == "F" or (spec["sex"] != "M" and rng.random() < 0.5)
     p = {"age": str(rng.randint(lo, hi)), "noun": rng.choice(["woman", "lady"] if female else ["man", "guy"]),
-         "adj": "female" if female else "male"}
+         "adj": "female" if female else "male", "rel": ""}
     if spec["specialist"] == "pediatrician":
-        rel = "daughter" if female else "son"
+        p["rel"] = "daughter" if female else "son"
     elif rng.random() < 0.25:
-        rel = rng.choice(["mother", "wife", "sister"] if female else ["father", "husband", "brother"])
+        p["rel"] = rng.choice(["mother", "wife", "sister"] if female else ["father", "husband", "brother"])
     else:
-        return {**p, "rel": "", "S": "I", "have": "have", "be": "am"}
-    return {**p, "rel": rel, "S": "She" if female else "He", "have": "has", "be": "is"}
+        return {**p, "S": "I", "have": "have", "be": "am"}
+    return {**p, "S": "She" if female else "He", "have": "has", "be": "is"}
 
 
 def _question(rng: random.Random, spec: dict[str, Any], urgent: bool) -> tuple[str, str]:
     """A patient's question and the symptom's short name (for the answer)."""
-    p = _person(rng, spec)
-    sym, noun = rng.choice(spec["symptoms"])
-    dur = rng.choice(DURATIONS)
+    p, (sym, noun), dur = _person(rng, spec), rng.choice(spec["symptoms"]), rng.choice(DURATIONS)
     if p["rel"]:
         first = rng.choice(OTHER_SYMPTOM).format(sym=sym, dur=dur, **p)
     else:
         first = rng.choice(SELF_SYMPTOM).format(intro=rng.choice(SELF_INTROS).format(**p), sym=sym, dur=dur)
-    parts = [rng.choice(OPENERS) + first]
-    parts += rng.sample(spec["details"] + GENERIC_DETAILS, rng.randint(0, 2))
+    parts = [rng.choice(OPENERS) + first, *rng.sample(spec["details"] + GENERIC_DETAILS, rng.randint(0, 3))]
     if rng.random() < 0.6:
         parts.append(rng.choice(HISTORY).format(h=rng.choice(spec["history"]), **p))
     if rng.random() < 0.6:
         parts.append(rng.choice(MEDS).format(m=rng.choice(spec["meds"]), **p))
     if urgent:
-        parts.append(rng.choice([*spec["urgent"], *GENERIC_URGENT]))
-    parts.append(rng.choice(ASKS).format(fear=rng.choice(spec["fears"])))
-    parts.append(rng.choice(CLOSINGS))
+        parts.append(rng.choice(spec["urgent"] + GENERIC_URGENT))
+    parts += [rng.choice(ASKS).format(fear=rng.choice(spec["fears"])), rng.choice(CLOSINGS)]
     text = " ".join(x for x in parts if x)
-    if rng.random() < 0.12:  # many real questions are typed all in lower case
-        text = text.lower()
-    return text, noun
+    return (text.lower() if rng.random() < 0.12 else text), noun  # many real questions are all lower case
 
 
 def _answer(rng: random.Random, spec: dict[str, Any], noun: str, urgent: bool) -> str:
     """A doctor's reply: greeting, likely cause, advice or tests, a referral and a sign-off."""
     body = [rng.choice(spec["causes"]).format(noun=noun)]
-    body += rng.sample(spec["advice"] + spec["tests"] + GENERIC_ADVICE, rng.randint(1, 2))
+    body += rng.sample(spec["advice"] + spec["tests"] + GENERIC_ADVICE, rng.randint(1, 3))
     if rng.random() < 0.5:
         body.append(f"Please consult a {spec['specialist']} if the symptoms persist.")
-    if urgent:
-        body.insert(0, URGENT_ADVICE)
-    parts = ([rng.choice(GREETINGS)] if rng.random() < 0.9 else []) + body + [rng.choice(SIGNOFFS)]
-    return " ".join(parts)
-
-
-def _sentences(text: str) -> int:
-    return len([s for s in re.split(r"(?<=[.!?])\s+", text) if s])
+    greeting = [rng.choice(GREETINGS)] if rng.random() < 0.9 else []
+    return " ".join(greeting + ([URGENT_ADVICE] if urgent else []) + body + [rng.choice(SIGNOFFS)])
 
 
 def _record(question: Any, answer: Any = None, with_output: bool = True) -> dict[str, Any]:
     rec = {"instruction": INSTRUCTION, "input": question}
-    if with_output:
-        rec["output"] = answer
-    return rec
+    return {**rec, "output": answer} if with_output else rec
 
 
 def _fresh(rng: random.Random, seen: set[str]) -> dict[str, Any]:
     """A new clean record whose question is distinct (by `dedup_key`) from every one made so far."""
     while True:
-        spec = SPECIALTIES[rng.choice(sorted(SPECIALTIES))]
-        urgent = rng.random() < 0.15
+        spec, urgent = SPECIALTIES[rng.choice(sorted(SPECIALTIES))], rng.random() < 0.15
         question, noun = _question(rng, spec, urgent)
         answer = _answer(rng, spec, noun, urgent)
-        ok = (80 <= len(question) <= 600 and 150 <= len(answer) <= 700 and 2 <= _sentences(answer) <= 6)
-        if ok and dedup_key(question) not in seen:
+        sentences = len(re.split(r"(?<=[.!?])\s+", answer))
+        if 80 <= len(question) <= 600 and 150 <= len(answer) <= 700 and 2 <= sentences <= 6 \
+                and dedup_key(question) not in seen:
             seen.add(dedup_key(question))
             return _record(question, answer)
 
@@ -285,35 +271,28 @@ def _noise(kind: str, rng: random.Random, seen: set[str], clean: list[dict[str, 
     """One planted faulty record; duplicates copy an earlier clean record."""
     if kind == "exact_duplicate":
         return dict(rng.choice(clean))
-    if kind == "near_duplicate":
+    if kind == "near_duplicate":  # same question up to case, punctuation and white space
         src = rng.choice(clean)
         q = re.sub(r"\s+", "  ", src["input"].upper() if src["input"].islower() else src["input"].lower())
         return _record(" " + q.rstrip(".!?") + " ??", src["output"])
     rec = _fresh(rng, seen)
     q, a = rec["input"], rec["output"]
-    if kind in ARTEFACTS:
-        return _record(q, ARTEFACTS[kind].format(a))
-    if kind == "empty_answer":
-        return _record(q, "")
-    if kind == "brief_answer":
-        return _record(q, "Brief")
-    if kind == "greeting_only":
-        return _record("Hello sir", "Hello, Thanks for your query. Please describe your symptoms, how long you "
-                                    "have had them and any medicines you take, so that I can guide you. Take care.")
-    if kind == "html_question":
-        return _record(q.replace(". ", ".<br>", 1).replace(" and ", " &amp; ", 1), a)
-    if kind == "html_answer":
-        first, _, rest = a.partition(". ")
-        return _record(f"<p>{q}</p>", f"<p>{first}.&nbsp;{rest}</p>".replace(" the ", " the&nbsp;", 1))
-    if kind == "pii_question":
-        return _record(q + " You can mail me at priya.verma84@example.com or call +1 555 014 2298.", a)
-    if kind == "url_answer":
-        return _record(q, a + " Please read https://www.example.org/patient-leaflets for more information.")
+    first, _, rest = a.partition(". ")
+    body = next((a[len(g) + 1:] for g in GREETINGS if a.startswith(g + " ")), a)
+    variants = {
+        "empty_answer": (q, ""), "brief_answer": (q, "Brief"), "greeting_only": ("Hello sir", GREETING_REPLY),
+        "html_question": (q.replace(". ", ".<br>", 1).replace(" and ", " &amp; ", 1), a),
+        "html_answer": (f"<p>{q}</p>", f"<p>{first}.&nbsp;{rest}</p>".replace(" the ", " the&nbsp;", 1)),
+        "pii_question": (q + " You can mail me at priya.verma84@example.com or call +1 555 014 2298.", a),
+        "url_answer": (q, a + " Please read https://www.example.org/patient-leaflets for more information."),
+        "numeric_input": (20231104, a),
+        **{k: (q, template.format(body=body, full=a)) for k, template in ARTEFACTS.items()},
+    }
     if kind == "missing_output":
         return _record(q, with_output=False)
-    if kind == "numeric_input":
-        return _record(20231104, a)
-    raise ValueError(f"unknown noise kind {kind!r}")
+    if kind not in variants:
+        raise ValueError(f"unknown noise kind {kind!r}")
+    return _record(*variants[kind])
 
 
 def planted_noise(n: int) -> list[tuple[int, str]]:
@@ -325,9 +304,7 @@ def planted_noise(n: int) -> list[tuple[int, str]]:
 
 def generate(n: int = 400, seed: int = 0) -> list[dict]:
     """`n` records in all: synthetic questions and answers, with the `NOISE` records at fixed positions."""
-    rng = random.Random(seed)
-    noise = dict(planted_noise(n))
-    seen: set[str] = set()
+    rng, noise, seen = random.Random(seed), dict(planted_noise(n)), set()
     clean: list[dict[str, Any]] = []
     records: list[dict[str, Any]] = []
     for i in range(n):
@@ -356,35 +333,30 @@ def readme(path: Path, n: int, seed: int) -> str:
     for i, kind in planted_noise(n):
         by_kind.setdefault(kind, []).append(i)
     rows = "\n".join(f"| {kind} | {len(ix)} | {', '.join(map(str, ix))} |" for kind, ix in by_kind.items())
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return f"""# Embedded demo dataset
 
-`{path.name}` holds {n} question/answer records in the layout of HealthCareMagic-100k.json
-(`instruction`, `input` = patient question, `output` = doctor answer). It is the default `data.source`.
+`{path.name}`: {n} records in the layout of HealthCareMagic-100k.json (`instruction`; `input`, the patient's
+question; `output`, the doctor's answer), the default `data.source`.
 
-**It is synthetic, not real patient data.** Every record was composed from templates and sentence banks by
-`python -m medqa.sample` (src/medqa/sample.py, seed {seed}); it covers {len(SPECIALTIES)} specialties
-({", ".join(sorted(SPECIALTIES))}) and some questions carry urgency words (severe, emergency, bleeding).
+**Synthetic, not real patient data**: composed from templates and sentence banks by `python -m medqa.sample`
+(src/medqa/sample.py, seed {seed}) over {len(SPECIALTIES)} specialties ({", ".join(sorted(SPECIALTIES))});
+some questions carry urgency words (severe, emergency, bleeding, chest pain).
 
-## Planted noise
-
-{len(NOISE)} faulty records sit at fixed positions (0-based indices) so that the cleaning stage has work to do:
+## Planted noise ({len(NOISE)} records at fixed 0-based indices, for the cleaning stage)
 
 | kind | count | indices |
 |---|---|---|
 {rows}
 
-Duplicates copy an earlier record (near-duplicates change only the question's case, punctuation and
-spaces); `artefact_*` answers carry the anonymiser's "Chat Doctor" greetings and sign-offs; `html_*` contain
-`<br>`, `<p>`, `&amp;`, `&nbsp;`; `pii_question` has an e-mail address and a phone number; `url_answer` a URL.
+Duplicates copy an earlier record; near-duplicates change only the question's case, punctuation and spaces.
+`artefact_*` answers carry the anonymiser's "Chat Doctor" phrases; `html_*` hold `<br>`, `<p>`, `&amp;`,
+`&nbsp;`; `pii_question` an e-mail address and a phone number; `url_answer` a URL.
 
 ## Regenerate
 
-```
-PYTHONPATH=src python -m medqa.sample --out {DEFAULT_OUT} --n {n} --seed {seed}
-```
+    PYTHONPATH=src python -m medqa.sample --out {DEFAULT_OUT} --n {n} --seed {seed}
 
-The output is byte-identical across runs (sha256 `{digest}`).
+Byte-identical on every run: sha256 `{hashlib.sha256(path.read_bytes()).hexdigest()}`.
 """
 
 
