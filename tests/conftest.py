@@ -22,6 +22,11 @@ os.environ.setdefault("HF_HOME", str(REPO / ".cache" / "huggingface"))
 os.environ.setdefault("MPLCONFIGDIR", str(REPO / ".cache" / "matplotlib"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(REPO / "src"))
+# Subprocesses (notebook kernels, CLI runs, Ray workers) import medqa from here too.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
+for var, sub in (("JUPYTER_RUNTIME_DIR", "jupyter/runtime"), ("JUPYTER_DATA_DIR", "jupyter/data"),
+                 ("IPYTHONDIR", "ipython")):
+    os.environ.setdefault(var, str(REPO / ".cache" / sub))
 
 from medqa.config import Config, load_config  # noqa: E402
 

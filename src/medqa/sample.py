@@ -72,7 +72,7 @@ SPECIALTIES: dict[str, dict[str, Any]] = {
         details="Bright light makes it worse.|Sleep has been poor lately.", history="migraine|type 2 diabetes|"
         "a head injury", fears="a brain tumour|a stroke", meds="paracetamol|pregabalin 75 mg|betahistine",
         urgent="Yesterday there was a sudden severe headache with vomiting.",
-        causes="The {noun} could be migraine or a tension type headache.|Your {noun} can be caused by nerve "
+        causes="The {noun} could have a cause such as migraine or a nerve problem.|Your {noun} can be caused by nerve "
                "involvement from diabetes or low vitamin B12.",
         advice="Keep regular sleep and do not skip meals.|Do not overuse painkillers, that itself causes daily "
                "headaches.", tests="An MRI of the brain may be needed if there is any weakness.|Please get "
@@ -222,7 +222,8 @@ def _person(rng: random.Random, spec: dict[str, Any]) -> dict[str, str]:
 
 def _question(rng: random.Random, spec: dict[str, Any], urgent: bool) -> tuple[str, str]:
     """A patient's question and the symptom's short name (for the answer)."""
-    p, (sym, noun), dur = _person(rng, spec), rng.choice(spec["symptoms"]), rng.choice(DURATIONS)
+    p, (sym, noun) = _person(rng, spec), rng.choice(spec["symptoms"])
+    dur = rng.choice(DURATIONS[:8] if spec["specialist"] == "pediatrician" else DURATIONS)  # up to a month
     if p["rel"]:
         first = rng.choice(OTHER_SYMPTOM).format(sym=sym, dur=dur, **p)
     else:
@@ -281,7 +282,7 @@ def _noise(kind: str, rng: random.Random, seen: set[str], clean: list[dict[str, 
     body = next((a[len(g) + 1:] for g in GREETINGS if a.startswith(g + " ")), a)
     variants = {
         "empty_answer": (q, ""), "brief_answer": (q, "Brief"), "greeting_only": ("Hello sir", GREETING_REPLY),
-        "html_question": (q.replace(". ", ".<br>", 1).replace(" and ", " &amp; ", 1), a),
+        "html_question": (q.replace(". ", ".<br>", 1) + "<br>Thanks &amp; regards", a),
         "html_answer": (f"<p>{q}</p>", f"<p>{first}.&nbsp;{rest}</p>".replace(" the ", " the&nbsp;", 1)),
         "pii_question": (q + " You can mail me at priya.verma84@example.com or call +1 555 014 2298.", a),
         "url_answer": (q, a + " Please read https://www.example.org/patient-leaflets for more information."),

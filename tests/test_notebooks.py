@@ -1,0 +1,44 @@
+"""The stage notebooks: committed without outputs, and each runs top to bottom (nbclient) on the demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from conftest import REPO, SAMPLE
+
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_outputs_stripped_and_thin(path: Path):
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code[0].metadata.get("tags") == ["parameters"]
+    for cell in code:
+        assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: strip outputs before commit"
+        assert not any(line.lstrip().startswith(("def ", "class ")) for line in cell.source.splitlines()), \
+            f"{path.name}: put functions in the package, not the notebook"
+
+
+def run_notebook(name: str, workdir: Path, overrides: list[str]) -> nbformat.NotebookNode:
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(REPO / "notebooks" / name, as_version=4)
+    params = next(c for c in nb.cells if c.metadata.get("tags") == ["parameters"])
+    params.source += f"\nOVERRIDES = {overrides!r}\nSMOKE = True\n"
+    NotebookClient(nb, timeout=900, kernel_name="python3",
+                   resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    return nb
+
+
+@pytest.mark.notebook
+def test_data_preparation_notebook_runs(tmp_path):
+    nb = run_notebook("data_preparation.ipynb", tmp_path, [f"workdir={tmp_path}", f"data.source={SAMPLE}"])
+    assert (tmp_path / "data" / "prepare_report.json").exists()
+    assert (tmp_path / "tokenized" / "tokenized_train").is_dir()
+    images = sum(1 for c in nb.cells if c.cell_type == "code" for o in c.outputs
+                 if "image/png" in o.get("data", {}))
+    assert images >= 3  # rejected reasons, length histograms, keyword views

@@ -1,0 +1,109 @@
+"""Write the stage notebooks from the cell sources below (outputs empty). Run: python tools/make_notebooks.py
+
+Keeping the cells here makes notebook diffs reviewable; the committed .ipynb files are what users open.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SETUP = """\
+import os
+from pathlib import Path
+if Path.cwd().name == "notebooks":  # run from the repo root, so configs/ and data/ resolve
+    os.chdir("..")
+import logging
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+import pandas as pd
+import matplotlib.pyplot as plt
+from medqa.config import load_config
+cfg = load_config(CONFIG, OVERRIDES + (SMOKE_OVERRIDES if SMOKE else []))
+print(cfg.data.source, "->", cfg.workdir)"""
+
+PARAMS = """\
+# Parameters (papermill-style: tests replace this cell)
+CONFIG = "configs/demo.yaml"  # configs/biogpt.yaml for the real model and the full dataset
+OVERRIDES: list[str] = []      # e.g. ["data.source=path/to/HealthCareMagic-100k.json", "workdir=/tmp/run"]
+SMOKE = False                  # True: a quick run on a few records"""
+
+
+def params(smoke: str) -> str:
+    return PARAMS + f"\nSMOKE_OVERRIDES = {smoke}"
+
+
+def data_preparation() -> nbformat.NotebookNode:
+    cells = [
+        new_markdown_cell(
+            "# 1. Data preparation\n\n"
+            "Load the HealthCareMagic records, clean them, drop duplicates, split train/val/test by a hash of the "
+            "normalised question (so no question leaks across splits), and tokenize with the prompt masked out "
+            "of the loss. The same function runs from the command line: "
+            "`medqa prepare --config configs/demo.yaml`.\n\n"
+            "Writes `data/{train,val,test}_data.json`, `data/rejected.jsonl`, `data/prepare_report.json` and "
+            "`tokenized/tokenized_{train,val,test}`."),
+        new_code_cell(params('["data.max_records=120"]'), metadata={"tags": ["parameters"]}),
+        new_code_cell(SETUP),
+        new_markdown_cell("## Run the stage"),
+        new_code_cell("from medqa.data import prepare\nresult = prepare(cfg)"),
+        new_markdown_cell("## What was kept and what was rejected\n\nEvery record read is kept in a split or "
+                          "listed in `data/rejected.jsonl` with its reason; the counts add up."),
+        new_code_cell(
+            "report = result.report\n"
+            "summary = pd.Series({'read': report['read'], **{f'kept: {k}': v for k, v in report['kept'].items()},\n"
+            "                     'rejected': sum(report['rejected'].values()), 'truncated': report['truncated']})\n"
+            "summary.to_frame('records')"),
+        new_code_cell(
+            "reasons = pd.Series(report['rejected'], name='records').sort_values()\n"
+            "ax = reasons.plot.barh(title='Rejected records by reason', figsize=(6, 3))\n"
+            "plt.show()\n"
+            "pd.read_json(result.data_dir / 'rejected.jsonl', lines=True)[['index', 'reason']].head(10)"),
+        new_markdown_cell("## Lengths in tokens\n\nThe original project padded everything to 512 tokens. Here "
+                          "nothing is padded at this stage; batches are padded dynamically later."),
+        new_code_cell(
+            "from medqa.analysis import token_lengths\n"
+            "lengths = token_lengths(cfg)\n"
+            "fig, axes = plt.subplots(1, 2, figsize=(10, 3))\n"
+            "lengths['prompt_tokens'].plot.hist(bins=40, ax=axes[0], title='prompt (question) tokens')\n"
+            "lengths['answer_tokens'].plot.hist(bins=40, ax=axes[1], title='answer tokens (with EOS)')\n"
+            "plt.show()\n"
+            "lengths.groupby('split')[['prompt_tokens', 'answer_tokens', 'total_tokens']].describe().T.round(1)"),
+        new_markdown_cell("## Cleaning at work: originals beside the cleaned text"),
+        new_code_cell(
+            "from medqa.analysis import before_after\n"
+            "pd.set_option('display.max_colwidth', 300)\n"
+            "before_after(cfg, n=5)[['original_answer', 'answer', 'chars_removed']]"),
+        new_markdown_cell("## The original project's views: specialty and urgency by keyword"),
+        new_code_cell(
+            "from medqa.analysis import SPECIALTY_KEYWORDS, keyword_counts, load_splits, urgency_counts\n"
+            "questions = [r['question'] for rows in load_splits(cfg).values() for r in rows]\n"
+            "fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))\n"
+            "keyword_counts(questions, SPECIALTY_KEYWORDS).plot.bar(ax=axes[0], title='questions by specialty')\n"
+            "urgency_counts(questions).plot.bar(ax=axes[1], title='questions by urgency', color='tab:red')\n"
+            "plt.tight_layout()\n"
+            "plt.show()"),
+    ]
+    return new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                              "language": "python"}})
+
+
+NOTEBOOKS = {"data_preparation.ipynb": data_preparation}
+
+
+def main() -> int:
+    for name, build in NOTEBOOKS.items():
+        nb = build()
+        for i, cell in enumerate(nb.cells):
+            cell["id"] = f"{Path(name).stem[:20]}-{i}"
+        nbformat.write(nb, ROOT / "notebooks" / name)
+        print("wrote", ROOT / "notebooks" / name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
