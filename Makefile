@@ -32,9 +32,10 @@ $(STAMP): requirements.txt pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/medqa prepare --config configs/demo.yaml
+	$(BIN)/medqa baseline --config configs/demo.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -rs -m "not slow"
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -42,3 +42,16 @@ def test_data_preparation_notebook_runs(tmp_path):
     images = sum(1 for c in nb.cells if c.cell_type == "code" for o in c.outputs
                  if "image/png" in o.get("data", {}))
     assert images >= 3  # rejected reasons, length histograms, keyword views
+
+
+@pytest.mark.notebook
+def test_model_selection_notebook_runs(tmp_path):
+    from medqa.data import prepare
+    from conftest import demo_config
+
+    prepare(demo_config(tmp_path))
+    nb = run_notebook("model_selection_and_setup.ipynb", tmp_path, [f"workdir={tmp_path}", f"data.source={SAMPLE}"])
+    assert (tmp_path / "outputs" / "baseline" / "metrics.json").exists()
+    text = "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
+                   for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "answer_loss" in text and "all-linear" in text

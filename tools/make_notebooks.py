@@ -33,6 +33,9 @@ OVERRIDES: list[str] = []      # e.g. ["data.source=path/to/HealthCareMagic-100k
 SMOKE = False                  # True: a quick run on a few records"""
 
 
+KERNEL = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
+
+
 def params(smoke: str) -> str:
     return PARAMS + f"\nSMOKE_OVERRIDES = {smoke}"
 
@@ -88,11 +91,60 @@ def data_preparation() -> nbformat.NotebookNode:
             "plt.tight_layout()\n"
             "plt.show()"),
     ]
-    return new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
-                                                              "language": "python"}})
+    return new_notebook(cells=cells, metadata=KERNEL)
 
 
-NOTEBOOKS = {"data_preparation.ipynb": data_preparation}
+def model_selection_and_setup() -> nbformat.NotebookNode:
+    cells = [
+        new_markdown_cell(
+            "# 2. Model selection and setup: a baseline perplexity that can be trusted\n\n"
+            "Load BioGPT (or any causal LM), describe it, and measure how well it predicts the doctors' answers "
+            "before any fine-tuning. `answer_loss` is the mean negative log-likelihood per answer token over all "
+            "answer tokens of a split; prompt tokens and padding never count. The same function scores the "
+            "fine-tuned models later. Command line: `medqa baseline --config configs/demo.yaml`.\n\n"
+            "Needs `tokenized/` from notebook 1 (`medqa prepare`)."),
+        new_code_cell(params('["eval.max_examples=16", "eval.bootstrap_samples=200"]'),
+                      metadata={"tags": ["parameters"]}),
+        new_code_cell(SETUP),
+        new_markdown_cell("## The model"),
+        new_code_cell(
+            "from medqa.modeling import count_parameters, load_model, load_tokenizer, model_path\n"
+            "tokenizer = load_tokenizer(cfg)\n"
+            "model = load_model(cfg)\n"
+            "p = next(model.parameters())\n"
+            "pd.Series({'model': model_path(cfg), 'architecture': type(model).__name__,\n"
+            "           'parameters': f'{count_parameters(model)[1]:,}', 'dtype': str(p.dtype), 'device': str(p.device),\n"
+            "           'attention': model.config._attn_implementation, 'vocabulary': len(tokenizer),\n"
+            "           'pad / eos ids': (tokenizer.pad_token_id, tokenizer.eos_token_id)}).to_frame('value')"),
+        new_markdown_cell("## LoRA targets and trainable parameters per preset\n\n"
+                          "Counted by peft on a copy of the model, and from the layer shapes (r x (in + out) per "
+                          "targeted layer)."),
+        new_code_cell("from medqa.modeling import lora_presets_table\n"
+                      "pd.DataFrame(lora_presets_table(model, cfg.lora.r)).round(3)"),
+        new_markdown_cell("## Baseline on val and test"),
+        new_code_cell("from medqa.baseline import baseline\n"
+                      "result = baseline(cfg)\n"
+                      "print(result.table())"),
+        new_code_cell(
+            "per_example = pd.read_json(result.out_dir / 'per_example.jsonl', lines=True)\n"
+            "per_example['mean_nll'] = per_example.answer_nll / per_example.answer_tokens\n"
+            "ax = per_example.mean_nll.plot.hist(bins=30, title='per-example answer NLL (nats/token)', figsize=(6, 3))\n"
+            "ax.axvline(result.metrics['test']['answer_loss'], color='k', linestyle='--', label='test answer_loss')\n"
+            "ax.legend()\n"
+            "plt.show()"),
+        new_markdown_cell("## A few greedy answers from the base model"),
+        new_code_cell(
+            "from medqa.analysis import load_splits\n"
+            "from medqa.generate import generate_answers\n"
+            "test = load_splits(cfg)['test'][:3]\n"
+            "answers = generate_answers(model, tokenizer, cfg, [r['question'] for r in test])\n"
+            "pd.DataFrame({'question': [r['question'] for r in test], 'reference': [r['answer'] for r in test],\n"
+            "              'base model': answers})"),
+    ]
+    return new_notebook(cells=cells, metadata=KERNEL)
+
+
+NOTEBOOKS = {"data_preparation.ipynb": data_preparation, "model_selection_and_setup.ipynb": model_selection_and_setup}
 
 
 def main() -> int:

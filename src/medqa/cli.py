@@ -30,6 +30,14 @@ def _prepare(cfg: Config, args: argparse.Namespace) -> None:
           f"{result.tokenized_dir}/tokenized_{{train,val,test}}")
 
 
+def _baseline(cfg: Config, args: argparse.Namespace) -> None:
+    from medqa.baseline import baseline
+
+    result = baseline(cfg)
+    print(result.table())
+    print(f"wrote {result.out_dir}/metrics.json")
+
+
 def _make_tiny_model(cfg: Config, args: argparse.Namespace) -> None:
     from medqa.data import clean_and_dedupe
     from medqa.modeling import model_path
@@ -45,6 +53,7 @@ def _make_tiny_model(cfg: Config, args: argparse.Namespace) -> None:
 # name -> (entry, one-line description). Later stages add their entry here.
 COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], None], str]] = {
     "prepare": (_prepare, "load, clean, deduplicate, split and tokenize the data"),
+    "baseline": (_baseline, "score the untuned model: answer perplexity on val and test"),
     "make-tiny-model": (_make_tiny_model, "build the tiny offline BioGPT (tokenizer learned from the train split) "
                                           "at model.name_or_path"),
 }

@@ -129,6 +129,58 @@ class ModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapter settings (peft)."""
+
+    r: int = _f(8, "Rank of the update matrices.")
+    alpha: int = _f(16, "Scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = _f(0.05, "Dropout on the LoRA input.")
+    targets: str | list[str] = _f("all-linear", "Preset (qv, attention, all-linear) resolved per architecture, "
+                                                "or a list of layer names such as [q_proj, v_proj].")
+
+    def validate(self) -> None:
+        if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.r must be >= 1, lora.alpha > 0 and 0 <= lora.dropout < 1; got r={self.r}, "
+                              f"alpha={self.alpha}, dropout={self.dropout}.")
+
+
+@dataclass
+class EvalConfig:
+    """How answer perplexity is measured (the same function scores the baseline, training and the final test)."""
+
+    batch_size: int = _f(8, "Examples per scoring batch; batches are formed from examples sorted by length.")
+    bootstrap_samples: int = _f(1000, "Bootstrap resamples (over examples) for the 95% confidence intervals.")
+    max_examples: int = _f(0, "Score at most this many examples per split (0 = all); for smoke runs.")
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.bootstrap_samples < 0 or self.max_examples < 0:
+            raise ConfigError(f"eval.batch_size must be >= 1 and eval.bootstrap_samples, eval.max_examples >= 0; got "
+                              f"{self.batch_size}, {self.bootstrap_samples}, {self.max_examples}.")
+
+
+@dataclass
+class GenerateConfig:
+    """How answers are generated (evaluation samples, notebooks, `medqa ask`)."""
+
+    max_new_tokens: int = _f(128, "Most tokens generated per answer.")
+    do_sample: bool = _f(False, "Sample instead of greedy decoding.")
+    temperature: float = _f(0.7, "Sampling temperature (with do_sample).")
+    top_p: float = _f(0.9, "Nucleus sampling mass (with do_sample).")
+    num_beams: int = _f(1, "Beam search width (1 = greedy or sampling).")
+    repetition_penalty: float = _f(1.0, "Penalty > 1 discourages repeating tokens.")
+    no_repeat_ngram_size: int = _f(0, "Forbid repeating n-grams of this size (0 = off).")
+    batch_size: int = _f(8, "Prompts per generation batch (grouped by length, left-padded).")
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1 or self.num_beams < 1 or self.batch_size < 1:
+            raise ConfigError("generate.max_new_tokens, generate.num_beams and generate.batch_size must be >= 1.")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
+            raise ConfigError(f"generate.temperature must be > 0, 0 < generate.top_p <= 1 and "
+                              f"generate.repetition_penalty > 0; got {self.temperature}, {self.top_p}, "
+                              f"{self.repetition_penalty}.")
+
+
+@dataclass
 class Config:
     """The whole configuration of a run."""
 
@@ -137,6 +189,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Data loading and cleaning."})
     prompt: PromptConfig = field(default_factory=PromptConfig, metadata={"help": "Prompt template."})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Model and tokenizer."})
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapter."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Perplexity measurement."})
+    generate: GenerateConfig = field(default_factory=GenerateConfig, metadata={"help": "Answer generation."})
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):

@@ -27,7 +27,7 @@ from medqa.artifacts import atomic_dir, write_json
 from medqa.cleaning import clean_text, is_greeting_only, normalize_key
 from medqa.config import Config
 from medqa.errors import DataError
-from medqa.modeling import load_tokenizer, tokenizer_path, wants_tiny
+from medqa.modeling import load_tokenizer, tokenizer_info, tokenizer_path, wants_tiny
 from medqa.prompts import encode_example
 from medqa.sources import MalformedLine, read_records
 
@@ -237,6 +237,7 @@ def prepare(cfg: Config) -> PrepareResult:
         "rejected": dict(sorted(Counter(r["reason"] for r in rejected).items())),
         "truncated": truncated,
         "tokenizer": tokenizer_path(cfg),
+        "tokenizer_info": tokenizer_info(tokenizer),
         "max_length": cfg.data.max_length,
     }
     assert report["read"] == sum(report["kept"].values()) + sum(report["rejected"].values())

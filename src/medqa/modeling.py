@@ -69,3 +69,166 @@ def load_tokenizer(cfg: Config, path: str | None = None):
             tok.add_special_tokens({"pad_token": "<pad>"})
         log.info("Tokenizer %s had no separate pad token; using %r (id %d).", name, tok.pad_token, tok.pad_token_id)
     return tok
+
+
+# ------------------------------------------------------------------------------------------ tokenizer identity
+
+
+def tokenizer_info(tokenizer) -> dict:
+    """What must match between the tokenized data and the model's tokenizer."""
+    import hashlib
+    import json
+
+    vocab = tokenizer.get_vocab()
+    return {
+        "name": str(tokenizer.name_or_path),
+        "class": type(tokenizer).__name__,
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "vocab_sha256": hashlib.sha256(json.dumps(vocab, sort_keys=True).encode()).hexdigest(),
+    }
+
+
+def check_tokenized_matches(saved: dict | None, tokenizer, where: str) -> None:
+    """Stop when `tokenized/` was made with another tokenizer than the model's."""
+    if not saved:
+        raise ModelError(f"{where} has no tokenizer record; it was made by an older medqa. Re-run "
+                         "`medqa prepare --config <your config>`.")
+    current = tokenizer_info(tokenizer)
+    keys = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "vocab_sha256")
+    diff = [k for k in keys if saved.get(k) != current[k]]
+    if diff:
+        shown = ", ".join(f"{k}: data {saved.get(k)!r} vs model {current[k]!r}" for k in diff if k != "vocab_sha256")
+        raise ModelError(
+            f"{where} was tokenized with {saved.get('name')!r}, which does not match the model's tokenizer "
+            f"{current['name']!r} ({shown or 'same sizes, different vocabulary'}). Re-run `medqa prepare` with "
+            "the same config (model.name_or_path / model.tokenizer) as this stage.")
+
+
+# ------------------------------------------------------------------------------------------ model
+
+
+def pick_device_dtype(cfg: Config):
+    """auto: CUDA with bf16 where supported (Ampere+), fp16 on older GPUs such as a T4, fp32 on CPU/MPS."""
+    import torch
+
+    device = cfg.model.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    name = cfg.model.dtype
+    if name == "auto":
+        if device.startswith("cuda"):
+            name = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            name = "float32"
+    return torch.device(device), getattr(torch, name)
+
+
+def load_model(cfg: Config, path: str | None = None, for_training: bool = False):
+    """AutoModelForCausalLM on the chosen device and dtype, SDPA attention where the model supports it.
+    Training loads fp32 weights (mixed precision is the Trainer's job); evaluation loads in the chosen dtype."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    name = path or model_path(cfg)
+    if not Path(name).exists() and (name.startswith((".", "/", "~")) or "${" in cfg.model.name_or_path):
+        raise ModelError(f"Model folder {name} not found. Run `medqa prepare --config configs/demo.yaml` (it builds "
+                         "the tiny demo model) or `medqa make-tiny-model`, or set model.name_or_path to an existing "
+                         "folder or a Hub id such as microsoft/biogpt.")
+    device, dtype = pick_device_dtype(cfg)
+    kwargs = dict(revision=cfg.model.revision, token=os.environ.get("HF_TOKEN"),
+                  trust_remote_code=cfg.model.trust_remote_code,
+                  dtype=torch.float32 if for_training else dtype)
+    try:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="sdpa", **kwargs)
+        except (ValueError, ImportError) as exc:  # this architecture has no SDPA path
+            log.info("SDPA attention unavailable for %s (%s); using eager attention.", name, exc)
+            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise _load_error("model", name, exc) from None
+    return model.to(device)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+
+
+# ------------------------------------------------------------------------------------------ LoRA targets
+
+# Per architecture (config.model_type): module-name suffixes for each preset. peft has no default for BioGPT.
+LORA_PRESETS: dict[str, dict[str, list[str]]] = {
+    "biogpt": {
+        "qv": ["q_proj", "v_proj"],  # what the original project used
+        "attention": ["q_proj", "k_proj", "v_proj", "out_proj"],
+        "all-linear": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    },
+    "llama": {
+        "qv": ["q_proj", "v_proj"],
+        "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "all-linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    },
+}
+LORA_PRESETS["mistral"] = LORA_PRESETS["qwen2"] = LORA_PRESETS["llama"]
+
+
+def _linear_names(model) -> list[str]:
+    import torch
+
+    out_emb = model.get_output_embeddings()
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not out_emb]
+
+
+def resolve_lora_targets(model, targets: str | list[str]) -> list[str]:
+    """Module-name suffixes for LoRA: a preset (`qv`, `attention`, `all-linear`) resolved for this architecture,
+    or an explicit list checked against the model's linear layers."""
+    linear = _linear_names(model)
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear})
+    if isinstance(targets, list):
+        missing = [t for t in targets if t not in suffixes]
+        if missing:
+            raise ModelError(f"lora.targets {missing} match no linear layer of this model. Its linear layers end in: "
+                             f"{', '.join(suffixes)}.")
+        return list(targets)
+    model_type = getattr(model.config, "model_type", "")
+    presets = LORA_PRESETS.get(model_type)
+    if presets and targets in presets:
+        return list(presets[targets])
+    if targets == "all-linear":
+        return suffixes
+    known = ", ".join(sorted({p for v in LORA_PRESETS.values() for p in v}))
+    raise ModelError(f"No LoRA preset {targets!r} for model type {model_type!r} (presets: {known}; all-linear works "
+                     f"for any model). Or give lora.targets as a list of layer names from: {', '.join(suffixes)}.")
+
+
+def lora_parameter_count(model, targets: list[str], r: int) -> int:
+    """Trainable LoRA parameters from the shapes: r * (in + out) for every targeted linear layer."""
+    linear = set(_linear_names(model))
+    return sum(r * (m.in_features + m.out_features) for name, m in model.named_modules()
+               if name in linear and name.rsplit(".", 1)[-1] in targets)
+
+
+def lora_presets_table(model, r: int) -> list[dict]:
+    """For each preset: its target layers and trainable parameters, counted by peft on a copy of the model and
+    from the layer shapes; they must agree."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    total = sum(p.numel() for p in model.parameters())
+    rows = []
+    for preset in ("qv", "attention", "all-linear"):
+        targets = resolve_lora_targets(model, preset)
+        peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
+                                                                     task_type="CAUSAL_LM"))
+        trainable, _ = count_parameters(peft_model)
+        rows.append({"preset": preset, "targets": ", ".join(targets), "trainable": trainable,
+                     "from_shapes": lora_parameter_count(model, targets, r), "percent": 100 * trainable / total})
+        del peft_model
+    return rows

@@ -1,0 +1,106 @@
+"""Stage 2, `baseline(cfg)`: how well the untuned model predicts the doctors' answers.
+
+Reads `tokenized/tokenized_{val,test}`; writes `outputs/baseline/metrics.json`
+(`{"val": {...}, "test": {...}, "model": ..., "tokenizer": ..., "config": {...}}`) and
+`outputs/baseline/per_example.jsonl` (per-example answer NLL and token counts, for paired comparisons later).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from medqa.artifacts import atomic_dir, write_json
+from medqa.config import Config
+from medqa.errors import DataError
+from medqa.metrics import ExampleScores, evaluate_answer_loss
+from medqa.modeling import (check_tokenized_matches, count_parameters, load_model, load_tokenizer, model_path,
+                            tokenizer_info)
+
+log = logging.getLogger(__name__)
+
+EVAL_SPLITS = ("val", "test")
+
+
+@dataclass
+class BaselineResult:
+    metrics: dict
+    out_dir: Path
+
+    def table(self) -> str:
+        return metrics_table({"baseline": self.metrics})
+
+
+def load_tokenized(cfg: Config, split: str, tokenizer=None):
+    """A tokenized split, checked against the tokenizer when one is given; `eval.max_examples` applies."""
+    import datasets
+
+    path = Path(cfg.workdir) / "tokenized" / f"tokenized_{split}"
+    if not path.is_dir():
+        raise DataError(f"{path} not found. Run `medqa prepare --config <your config>` first (same workdir).")
+    if tokenizer is not None:
+        report_file = Path(cfg.workdir) / "tokenized" / "prepare_report.json"
+        saved = json.loads(report_file.read_text()).get("tokenizer_info") if report_file.exists() else None
+        check_tokenized_matches(saved, tokenizer, str(path.parent))
+    ds = datasets.load_from_disk(str(path))
+    if len(ds) == 0:
+        raise DataError(f"{path} is empty: the {split} split has no examples. Use more records or change "
+                        "data.val_fraction / data.test_fraction, then re-run `medqa prepare`.")
+    if cfg.eval.max_examples and len(ds) > cfg.eval.max_examples:
+        ds = ds.select(range(cfg.eval.max_examples))
+    return ds
+
+
+def per_example_rows(split: str, scores: ExampleScores) -> list[dict]:
+    return [{"split": split, "id": i, "answer_nll": float(n), "answer_tokens": int(t)}
+            for i, n, t in zip(scores.ids, scores.answer_nll, scores.answer_tokens)]
+
+
+def metrics_table(runs: dict[str, dict]) -> str:
+    """A small fixed-width table: one row per (run, split)."""
+    lines = [f"{'model':<12} {'split':<5} {'examples':>8} {'tokens':>8} {'answer_loss':>11} {'answer_ppl':>10} "
+             f"{'95% CI':>19} {'bits/tok':>8} {'seq_ppl':>9}"]
+    for name, metrics in runs.items():
+        for split in EVAL_SPLITS:
+            m = metrics.get(split)
+            if not m:
+                continue
+            lo, hi = m["answer_perplexity_ci95"]
+            lines.append(f"{name:<12} {split:<5} {m['examples']:>8} {m['answer_tokens']:>8} {m['answer_loss']:>11.4f} "
+                         f"{m['answer_perplexity']:>10.2f} {f'[{lo:.2f}, {hi:.2f}]':>19} {m['bits_per_token']:>8.3f} "
+                         f"{m['sequence_perplexity']:>9.2f}")
+    return "\n".join(lines)
+
+
+def baseline(cfg: Config) -> BaselineResult:
+    """Score the untuned model on val and test with the shared answer-loss function."""
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(cfg)
+    splits = {s: load_tokenized(cfg, s, tokenizer) for s in EVAL_SPLITS}
+    model = load_model(cfg)
+    trainable, total = count_parameters(model)
+    log.info("baseline: model %s, %d parameters, %s on %s", model_path(cfg), total,
+             next(model.parameters()).dtype, next(model.parameters()).device)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise DataError(f"The tokenizer has {len(tokenizer)} tokens but the model's embedding only "
+                        f"{model.get_input_embeddings().num_embeddings}; they do not belong together. Set "
+                        "model.tokenizer to the model's own tokenizer and re-run `medqa prepare`.")
+    results, rows = {}, []
+    for split, ds in splits.items():
+        results[split], scores = evaluate_answer_loss(model, ds, tokenizer.pad_token_id, cfg.eval.batch_size,
+                                                      cfg.eval.bootstrap_samples, cfg.seed, progress=True)
+        rows += per_example_rows(split, scores)
+    metrics = {**results, "model": model_path(cfg), "tokenizer": tokenizer_info(tokenizer),
+               "parameters": total, "dtype": str(next(model.parameters()).dtype),
+               "device": str(next(model.parameters()).device), "seconds": round(time.perf_counter() - start, 2),
+               "config": cfg.to_dict()}
+    out_dir = Path(cfg.workdir) / "outputs" / "baseline"
+    with atomic_dir(out_dir) as tmp:
+        write_json(tmp / "metrics.json", metrics)
+        (tmp / "per_example.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    result = BaselineResult(metrics, out_dir)
+    log.info("baseline:\n%s", result.table())
+    return result

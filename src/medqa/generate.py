@@ -1,0 +1,38 @@
+"""Answering questions: the same prompt as training (`prompts.prompt_ids`), batched with left padding."""
+
+from __future__ import annotations
+
+from medqa.config import Config
+from medqa.metrics import length_batches
+from medqa.prompts import eos_id, prompt_ids
+
+
+def generate_answers(model, tokenizer, cfg: Config, questions: list[str], max_new_tokens: int | None = None,
+                     batch_size: int | None = None) -> list[str]:
+    """Greedy (by default) answers, in the order of `questions`. Prompts are grouped by length and padded on
+    the left, so every row's answer starts right after its own prompt."""
+    import torch
+
+    g = cfg.generate
+    max_new = max_new_tokens or g.max_new_tokens
+    room = max(cfg.data.max_length - max_new, 16)
+    prompts = [prompt_ids(tokenizer, cfg.prompt, q, room) for q in questions]
+    device = next(model.parameters()).device
+    answers: list[str] = [""] * len(questions)
+    was_training = model.training
+    model.eval()
+    for idx in length_batches([len(p) for p in prompts], batch_size or g.batch_size):
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(prompts[i])) + prompts[i] for i in idx])
+        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx])
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new,
+                do_sample=g.do_sample, temperature=g.temperature if g.do_sample else None,
+                top_p=g.top_p if g.do_sample else None, num_beams=g.num_beams,
+                repetition_penalty=g.repetition_penalty, no_repeat_ngram_size=g.no_repeat_ngram_size,
+                eos_token_id=eos_id(tokenizer), pad_token_id=tokenizer.pad_token_id)
+        for row, i in enumerate(idx):
+            answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+    model.train(was_training)
+    return answers

@@ -1,0 +1,134 @@
+"""Answer perplexity, defined once and used by every stage (baseline, training, final evaluation).
+
+Definitions (docs: README, "Metrics"):
+- `answer_loss`: mean negative log-likelihood (natural log) per answer token, over ALL answer tokens of a split:
+  sum of per-token NLL / number of answer tokens. Answer tokens are the positions whose label is not -100:
+  the answer and its EOS. It is not a mean of batch means, so batch size and padding cannot change it.
+- `answer_perplexity` = exp(answer_loss); `bits_per_token` = answer_loss / ln 2.
+- `answer_perplexity_ci95`: 2.5 and 97.5 percentiles of exp(sum NLL / sum tokens) over bootstrap resamples of
+  examples (with replacement).
+- `sequence_loss` / `sequence_perplexity`: the same over every real token after the first (prompt and answer),
+  the original project's way, for comparison. Padding never counts in either.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from medqa.prompts import IGNORE_INDEX
+
+
+@dataclass
+class ExampleScores:
+    """Per-example sums, in the order of the dataset given to `score_examples`."""
+
+    ids: list[str]
+    answer_nll: np.ndarray  # float64, summed over the example's answer tokens
+    answer_tokens: np.ndarray  # int
+    sequence_nll: np.ndarray
+    sequence_tokens: np.ndarray
+
+
+def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (sorted, longest first), so padding is minimal."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def pad_batch(rows: list[dict], pad_id: int) -> dict:
+    """Right-pad input_ids (pad id), labels (-100) and attention_mask (0) to the longest row."""
+    import torch
+
+    width = max(len(r["input_ids"]) for r in rows)
+    out = {"input_ids": [], "labels": [], "attention_mask": []}
+    for r in rows:
+        n = len(r["input_ids"])
+        out["input_ids"].append(list(r["input_ids"]) + [pad_id] * (width - n))
+        out["labels"].append(list(r["labels"]) + [IGNORE_INDEX] * (width - n))
+        out["attention_mask"].append([1] * n + [0] * (width - n))
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+
+
+def token_nll(logits, labels):
+    """Per-position NLL of labels[:, 1:] under logits[:, :-1] (computed in fp32); 0 where the label is -100."""
+    import torch.nn.functional as F
+
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                          ignore_index=IGNORE_INDEX, reduction="none")
+    return nll.view(shift_labels.shape)
+
+
+def score_examples(model, dataset, pad_id: int, batch_size: int = 8, progress: bool = False) -> ExampleScores:
+    """Sum of answer and sequence NLL per example. Right padding with an attention mask leaves every real
+    position's logits unchanged in a causal LM, so results do not depend on batch size."""
+    import torch
+    from tqdm.auto import tqdm
+
+    n = len(dataset)
+    answer_nll = np.zeros(n)
+    answer_tok = np.zeros(n, dtype=np.int64)
+    seq_nll = np.zeros(n)
+    seq_tok = np.zeros(n, dtype=np.int64)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    batches = length_batches(list(dataset["length"]), batch_size)
+    with torch.inference_mode():
+        for idx in tqdm(batches, desc="score", disable=not progress, leave=False):
+            batch = pad_batch([dataset[i] for i in idx], pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            a = token_nll(logits, batch["labels"]).double().cpu()
+            seq_labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+            s = token_nll(logits, seq_labels).double().cpu()
+            a_mask = (batch["labels"][:, 1:] != IGNORE_INDEX).cpu()
+            s_mask = (batch["attention_mask"][:, 1:] == 1).cpu()
+            for row, i in enumerate(idx):
+                answer_nll[i], answer_tok[i] = a[row].sum().item(), a_mask[row].sum().item()
+                seq_nll[i], seq_tok[i] = s[row].sum().item(), s_mask[row].sum().item()
+    model.train(was_training)
+    ids = list(dataset["id"]) if "id" in dataset.column_names else [str(i) for i in range(n)]
+    return ExampleScores(ids, answer_nll, answer_tok, seq_nll, seq_tok)
+
+
+def bootstrap_ppl_ci(nll: np.ndarray, tokens: np.ndarray, samples: int, seed: int) -> list[float]:
+    """95% percentile interval of exp(sum nll / sum tokens) over resamples of examples."""
+    if samples == 0 or len(nll) == 0:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(nll), size=(samples, len(nll)))
+    ppl = np.exp(nll[idx].sum(axis=1) / np.maximum(tokens[idx].sum(axis=1), 1))
+    return [float(np.percentile(ppl, 2.5)), float(np.percentile(ppl, 97.5))]
+
+
+def summarize(scores: ExampleScores, bootstrap_samples: int = 1000, seed: int = 0) -> dict:
+    """The split-level metrics from per-example sums (definitions in the module docstring)."""
+    tokens = int(scores.answer_tokens.sum())
+    if tokens == 0:
+        raise ValueError("no answer tokens to score")
+    loss = float(scores.answer_nll.sum() / tokens)
+    seq_tokens = int(scores.sequence_tokens.sum())
+    seq_loss = float(scores.sequence_nll.sum() / seq_tokens)
+    return {
+        "answer_loss": loss,
+        "answer_perplexity": math.exp(loss),
+        "answer_perplexity_ci95": bootstrap_ppl_ci(scores.answer_nll, scores.answer_tokens, bootstrap_samples, seed),
+        "bits_per_token": loss / math.log(2),
+        "answer_tokens": tokens,
+        "examples": len(scores.ids),
+        "sequence_loss": seq_loss,
+        "sequence_perplexity": math.exp(seq_loss),
+        "sequence_tokens": seq_tokens,
+    }
+
+
+def evaluate_answer_loss(model, dataset, pad_id: int, batch_size: int = 8, bootstrap_samples: int = 1000,
+                         seed: int = 0, progress: bool = False) -> tuple[dict, ExampleScores]:
+    """Score a tokenized split: the one metric function for the baseline, training and final evaluation."""
+    scores = score_examples(model, dataset, pad_id, batch_size, progress)
+    return summarize(scores, bootstrap_samples, seed), scores
