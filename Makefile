@@ -33,6 +33,7 @@ $(STAMP): requirements.txt pyproject.toml
 demo: $(STAMP)
 	$(BIN)/medqa prepare --config configs/demo.yaml
 	$(BIN)/medqa baseline --config configs/demo.yaml
+	$(BIN)/medqa train --config configs/demo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -rs -m "not slow"

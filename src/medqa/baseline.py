@@ -68,9 +68,10 @@ def metrics_table(runs: dict[str, dict]) -> str:
             m = metrics.get(split)
             if not m:
                 continue
-            lo, hi = m["answer_perplexity_ci95"]
+            ci = m["answer_perplexity_ci95"]
+            ci_text = f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "-"
             lines.append(f"{name:<12} {split:<5} {m['examples']:>8} {m['answer_tokens']:>8} {m['answer_loss']:>11.4f} "
-                         f"{m['answer_perplexity']:>10.2f} {f'[{lo:.2f}, {hi:.2f}]':>19} {m['bits_per_token']:>8.3f} "
+                         f"{m['answer_perplexity']:>10.2f} {ci_text:>19} {m['bits_per_token']:>8.3f} "
                          f"{m['sequence_perplexity']:>9.2f}")
     return "\n".join(lines)
 

@@ -38,6 +38,14 @@ def _baseline(cfg: Config, args: argparse.Namespace) -> None:
     print(f"wrote {result.out_dir}/metrics.json")
 
 
+def _train(cfg: Config, args: argparse.Namespace) -> None:
+    from medqa.train import train
+
+    result = train(cfg)
+    print(result.table())
+    print(f"wrote {result.out_dir}")
+
+
 def _make_tiny_model(cfg: Config, args: argparse.Namespace) -> None:
     from medqa.data import clean_and_dedupe
     from medqa.modeling import model_path
@@ -54,6 +62,7 @@ def _make_tiny_model(cfg: Config, args: argparse.Namespace) -> None:
 COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], None], str]] = {
     "prepare": (_prepare, "load, clean, deduplicate, split and tokenize the data"),
     "baseline": (_baseline, "score the untuned model: answer perplexity on val and test"),
+    "train": (_train, "LoRA fine-tuning with logged metrics; writes outputs/finetune/"),
     "make-tiny-model": (_make_tiny_model, "build the tiny offline BioGPT (tokenizer learned from the train split) "
                                           "at model.name_or_path"),
 }

@@ -181,6 +181,46 @@ class GenerateConfig:
 
 
 @dataclass
+class TrainConfig:
+    """LoRA fine-tuning with transformers' Trainer."""
+
+    learning_rate: float = _f(2e-4, "Peak learning rate (AdamW).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    epochs: float = _f(1.0, "Training epochs (ignored when max_steps > 0).")
+    max_steps: int = _f(0, "Optimizer steps to run; 0 = use epochs.")
+    batch_size: int = _f(8, "Examples per device batch (batches are grouped by length and padded dynamically).")
+    grad_accum: int = _f(1, "Gradient accumulation steps: effective batch = batch_size x grad_accum.")
+    warmup_ratio: float = _f(0.05, "Share of steps for linear warmup.")
+    scheduler: str = _f("cosine", "Learning-rate schedule after warmup: cosine, linear, constant_with_warmup.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    logging_steps: int = _f(10, "Log train loss, learning rate, grad norm and throughput every N steps.")
+    eval_steps: int = _f(50, "Evaluate val answer_loss (and save a checkpoint) every N steps.")
+    save_total_limit: int = _f(2, "Checkpoints kept on disk (the best is always kept).")
+    early_stopping_patience: int = _f(0, "Stop after this many evaluations without improvement (0 = off).")
+    group_by_length: bool = _f(True, "Batch examples of similar length together, so little is padded.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, ~30% slower.")
+    mixed_precision: str = _f("auto", "auto (bf16 or fp16 on CUDA, none on CPU), no, bf16, fp16.")
+    qlora: bool = _f(False, "Load the base model in 4-bit (bitsandbytes, CUDA only) and train LoRA on top.")
+    resume: bool = _f(False, "Continue from the last checkpoint in outputs/finetune_checkpoints/.")
+
+    def validate(self) -> None:
+        if self.learning_rate <= 0:
+            raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}.")
+        if self.weight_decay < 0 or not 0 <= self.warmup_ratio < 1 or self.max_grad_norm <= 0:
+            raise ConfigError("train.weight_decay must be >= 0, 0 <= train.warmup_ratio < 1 and train.max_grad_norm > 0.")
+        for name in ("batch_size", "grad_accum", "logging_steps", "eval_steps", "save_total_limit"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.max_steps < 0 or self.epochs <= 0 or self.early_stopping_patience < 0:
+            raise ConfigError("train.max_steps and train.early_stopping_patience must be >= 0 and train.epochs > 0.")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ConfigError(f"train.mixed_precision must be auto, no, bf16 or fp16; got {self.mixed_precision!r}.")
+        if self.scheduler not in ("cosine", "linear", "constant_with_warmup", "constant"):
+            raise ConfigError(f"train.scheduler must be cosine, linear, constant_with_warmup or constant; "
+                              f"got {self.scheduler!r}.")
+
+
+@dataclass
 class Config:
     """The whole configuration of a run."""
 
@@ -192,6 +232,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapter."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Perplexity measurement."})
     generate: GenerateConfig = field(default_factory=GenerateConfig, metadata={"help": "Answer generation."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Fine-tuning."})
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
@@ -260,6 +301,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # PyYAML reads "3e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):

@@ -96,10 +96,10 @@ def score_examples(model, dataset, pad_id: int, batch_size: int = 8, progress: b
     return ExampleScores(ids, answer_nll, answer_tok, seq_nll, seq_tok)
 
 
-def bootstrap_ppl_ci(nll: np.ndarray, tokens: np.ndarray, samples: int, seed: int) -> list[float]:
-    """95% percentile interval of exp(sum nll / sum tokens) over resamples of examples."""
+def bootstrap_ppl_ci(nll: np.ndarray, tokens: np.ndarray, samples: int, seed: int) -> list[float] | None:
+    """95% percentile interval of exp(sum nll / sum tokens) over resamples of examples (None when samples=0)."""
     if samples == 0 or len(nll) == 0:
-        return [float("nan"), float("nan")]
+        return None
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(nll), size=(samples, len(nll)))
     ppl = np.exp(nll[idx].sum(axis=1) / np.maximum(tokens[idx].sum(axis=1), 1))

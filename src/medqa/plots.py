@@ -1,0 +1,34 @@
+"""Plots read from the run files (metrics.jsonl), shared by the stages and the notebooks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_training(history: list[dict], baseline_loss: float | None = None, path: str | Path | None = None):
+    """Train loss and val answer_loss per step (left), learning rate per step (right)."""
+    import matplotlib
+
+    if path is not None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    train = [r for r in history if "train_loss" in r]
+    evals = [r for r in history if "eval_answer_loss" in r]
+    fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(11, 3.6))
+    ax.plot([r["step"] for r in train], [r["train_loss"] for r in train], label="train loss (batch mean)")
+    ax.plot([r["step"] for r in evals], [r["eval_answer_loss"] for r in evals], "o-", label="val answer_loss")
+    if baseline_loss is not None:
+        ax.axhline(baseline_loss, color="gray", linestyle="--", label="baseline val answer_loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("nats per answer token")
+    ax.set_title("loss")
+    ax.legend()
+    ax_lr.plot([r["step"] for r in train], [r["learning_rate"] for r in train], color="tab:green")
+    ax_lr.set_xlabel("optimizer step")
+    ax_lr.set_title("learning rate")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return fig
