@@ -46,6 +46,12 @@ def _train(cfg: Config, args: argparse.Namespace) -> None:
     print(f"wrote {result.out_dir}")
 
 
+def _export(cfg: Config, args: argparse.Namespace) -> None:
+    from medqa.export import export
+
+    print(f"wrote the merged model to {export(cfg)}")
+
+
 def _make_tiny_model(cfg: Config, args: argparse.Namespace) -> None:
     from medqa.data import clean_and_dedupe
     from medqa.modeling import model_path
@@ -63,6 +69,7 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], None], str]] = 
     "prepare": (_prepare, "load, clean, deduplicate, split and tokenize the data"),
     "baseline": (_baseline, "score the untuned model: answer perplexity on val and test"),
     "train": (_train, "LoRA fine-tuning with logged metrics; writes outputs/finetune/"),
+    "export": (_export, "merge outputs/finetune into the base model; save outputs/merged/"),
     "make-tiny-model": (_make_tiny_model, "build the tiny offline BioGPT (tokenizer learned from the train split) "
                                           "at model.name_or_path"),
 }

@@ -232,3 +232,17 @@ def lora_presets_table(model, r: int) -> list[dict]:
                      "from_shapes": lora_parameter_count(model, targets, r), "percent": 100 * trainable / total})
         del peft_model
     return rows
+
+
+def load_adapter_model(cfg: Config, adapter_dir: str | Path):
+    """The base model with a saved LoRA adapter on top (for scoring, generation and export)."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").exists() or not any(adapter_dir.glob("adapter_model.*")):
+        raise ModelError(f"{adapter_dir} holds no LoRA adapter (adapter_config.json and adapter_model.safetensors). "
+                         "Run `medqa train --config <your config>` first, or point at the folder it wrote "
+                         "(outputs/finetune).")
+    base = load_model(cfg)
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    return model.to(next(base.parameters()).device).eval()
