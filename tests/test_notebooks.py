@@ -55,3 +55,16 @@ def test_model_selection_notebook_runs(tmp_path):
     text = "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
                    for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "answer_loss" in text and "all-linear" in text
+
+
+@pytest.mark.notebook
+def test_finetuning_notebook_runs(tmp_path):
+    from conftest import demo_config
+    from medqa.data import prepare
+
+    prepare(demo_config(tmp_path))
+    nb = run_notebook("peft_finetuning_and_logging.ipynb", tmp_path, [f"workdir={tmp_path}", f"data.source={SAMPLE}"])
+    assert (tmp_path / "outputs" / "finetune" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "outputs" / "baseline" / "metrics.json").exists()
+    images = sum(1 for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {}))
+    assert images >= 1

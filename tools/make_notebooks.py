@@ -144,7 +144,60 @@ def model_selection_and_setup() -> nbformat.NotebookNode:
     return new_notebook(cells=cells, metadata=KERNEL)
 
 
-NOTEBOOKS = {"data_preparation.ipynb": data_preparation, "model_selection_and_setup.ipynb": model_selection_and_setup}
+def peft_finetuning_and_logging() -> nbformat.NotebookNode:
+    cells = [
+        new_markdown_cell(
+            "# 3. LoRA fine-tuning with logged metrics\n\n"
+            "Wrap the base model with LoRA (peft), train with transformers' `Trainer` on batches grouped by length "
+            "and padded dynamically, evaluate val `answer_loss` during training with the baseline's function, and "
+            "keep the best checkpoint. Command line: `medqa train --config configs/demo.yaml`, then "
+            "`medqa export` to merge the adapter into a standalone model.\n\n"
+            "Needs `tokenized/` (notebook 1). Writes `outputs/finetune/`: the adapter, `metrics.jsonl`, "
+            "`metrics.json`, `loss_curves.png` and TensorBoard logs (`tensorboard --logdir outputs/finetune/tensorboard`)."),
+        new_code_cell(params('["train.epochs=1", "eval.bootstrap_samples=200"]'), metadata={"tags": ["parameters"]}),
+        new_code_cell(SETUP),
+        new_markdown_cell("## The LoRA setup\n\nTrainable parameters per preset (peft's count and the count from the "
+                          "layer shapes); this run uses `lora.targets` from the config."),
+        new_code_cell(
+            "from medqa.modeling import load_model, load_tokenizer, lora_presets_table\n"
+            "tokenizer = load_tokenizer(cfg)\n"
+            "base_model = load_model(cfg)\n"
+            "print('this run:', cfg.lora)\n"
+            "pd.DataFrame(lora_presets_table(base_model, cfg.lora.r)).round(3)"),
+        new_markdown_cell("## Baseline (from notebook 2, or computed now)"),
+        new_code_cell(
+            "from medqa.analysis import load_metrics\n"
+            "from medqa.baseline import baseline\n"
+            "base_metrics = load_metrics(cfg, 'baseline') or baseline(cfg).metrics"),
+        new_markdown_cell("## Train"),
+        new_code_cell("from medqa.train import train\n"
+                      "result = train(cfg)"),
+        new_markdown_cell("## Loss and learning-rate curves"),
+        new_code_cell(
+            "from medqa.plots import plot_training\n"
+            "fig = plot_training(result.history, baseline_loss=base_metrics['val']['answer_loss'])\n"
+            "plt.show()\n"
+            "pd.DataFrame(result.history).tail(8)"),
+        new_markdown_cell("## Baseline vs fine-tuned (answer perplexity with 95% bootstrap intervals)"),
+        new_code_cell(
+            "from medqa.analysis import metrics_frame\n"
+            "metrics_frame({'baseline': base_metrics, 'fine-tuned': result.metrics}).round(3)"),
+        new_markdown_cell("## Answers before and after, beside the reference"),
+        new_code_cell(
+            "from medqa.analysis import load_splits\n"
+            "from medqa.generate import generate_answers\n"
+            "from medqa.modeling import load_adapter_model\n"
+            "test = load_splits(cfg)['test'][:3]\n"
+            "questions = [r['question'] for r in test]\n"
+            "tuned_model = load_adapter_model(cfg, result.out_dir)\n"
+            "pd.DataFrame({'question': questions, 'reference': [r['answer'] for r in test],\n"
+            "              'base model': generate_answers(base_model, tokenizer, cfg, questions),\n"
+            "              'fine-tuned': generate_answers(tuned_model, tokenizer, cfg, questions)})"),
+    ]
+    return new_notebook(cells=cells, metadata=KERNEL)
+
+
+NOTEBOOKS = {"peft_finetuning_and_logging.ipynb": peft_finetuning_and_logging, "data_preparation.ipynb": data_preparation, "model_selection_and_setup.ipynb": model_selection_and_setup}
 
 
 def main() -> int:

@@ -101,3 +101,25 @@ def before_after(cfg: Config, n: int = 5) -> pd.DataFrame:
                          "original_answer": a0, "answer": r["answer"], "chars_removed": changed})
     df = pd.DataFrame(rows)
     return df.sort_values(["chars_removed", "index"], ascending=[False, True]).head(n).reset_index(drop=True)
+
+
+def metrics_frame(runs: dict[str, dict]) -> pd.DataFrame:
+    """Baseline vs fine-tuned (or any runs) side by side: one row per run and split."""
+    rows = []
+    for name, metrics in runs.items():
+        for split in ("val", "test"):
+            m = metrics.get(split)
+            if not m:
+                continue
+            ci = m.get("answer_perplexity_ci95") or [float("nan"), float("nan")]
+            rows.append({"model": name, "split": split, "examples": m["examples"], "answer tokens": m["answer_tokens"],
+                         "answer_loss": m["answer_loss"], "answer_perplexity": m["answer_perplexity"],
+                         "95% CI low": ci[0], "95% CI high": ci[1], "bits/token": m["bits_per_token"],
+                         "sequence_perplexity": m["sequence_perplexity"]})
+    return pd.DataFrame(rows).set_index(["split", "model"]).sort_index()
+
+
+def load_metrics(cfg: Config, stage: str) -> dict | None:
+    """outputs/<stage>/metrics.json, or None when that stage has not run."""
+    path = Path(cfg.workdir) / "outputs" / stage / "metrics.json"
+    return json.loads(path.read_text()) if path.exists() else None

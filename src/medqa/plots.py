@@ -7,15 +7,18 @@ from pathlib import Path
 
 def plot_training(history: list[dict], baseline_loss: float | None = None, path: str | Path | None = None):
     """Train loss and val answer_loss per step (left), learning rate per step (right)."""
-    import matplotlib
-
+    # Saving uses a bare Figure (no pyplot), so a stage run inside a notebook leaves its inline backend alone.
     if path is not None:
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
 
+        fig = Figure(figsize=(11, 3.6))
+    else:
+        import matplotlib.pyplot as plt
+
+        fig = plt.figure(figsize=(11, 3.6))
     train = [r for r in history if "train_loss" in r]
     evals = [r for r in history if "eval_answer_loss" in r]
-    fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(11, 3.6))
+    ax, ax_lr = fig.subplots(1, 2)
     ax.plot([r["step"] for r in train], [r["train_loss"] for r in train], label="train loss (batch mean)")
     ax.plot([r["step"] for r in evals], [r["eval_answer_loss"] for r in evals], "o-", label="val answer_loss")
     if baseline_loss is not None:
@@ -30,5 +33,4 @@ def plot_training(history: list[dict], baseline_loss: float | None = None, path:
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=110)
-        plt.close(fig)
     return fig
