@@ -34,6 +34,9 @@ demo: $(STAMP)
 	$(BIN)/medqa prepare --config configs/demo.yaml
 	$(BIN)/medqa baseline --config configs/demo.yaml
 	$(BIN)/medqa train --config configs/demo.yaml
+	$(BIN)/medqa tune --config configs/demo.yaml
+	$(BIN)/medqa evaluate --config configs/demo.yaml
+	@echo "demo finished: see outputs/report.md"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -rs -m "not slow"

@@ -32,7 +32,7 @@ def test_yaml_mirrors_dataclasses():
     import yaml
 
     raw = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    for section in ("data", "prompt", "model", "lora", "eval", "generate", "train"):
+    for section in ("data", "prompt", "model", "lora", "eval", "generate", "train", "tune", "evaluate"):
         fields = {f.name for f in dataclasses.fields(getattr(Config(), section))}
         assert set(raw[section]) == fields, section
 

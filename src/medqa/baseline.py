@@ -103,5 +103,6 @@ def baseline(cfg: Config) -> BaselineResult:
         write_json(tmp / "metrics.json", metrics)
         (tmp / "per_example.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     result = BaselineResult(metrics, out_dir)
-    log.info("baseline:\n%s", result.table())
+    log.info("baseline: test answer_loss %.4f (perplexity %.2f) in %.0fs", results["test"]["answer_loss"],
+             results["test"]["answer_perplexity"], metrics["seconds"])
     return result

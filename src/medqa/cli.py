@@ -9,14 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import textwrap
 from collections.abc import Callable
 
 from medqa.config import Config, describe_fields, load_config
-from medqa.errors import MedqaError
+from medqa.errors import ConfigError, MedqaError
 
 log = logging.getLogger("medqa")
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
 def _prepare(cfg: Config, args: argparse.Namespace) -> None:
@@ -46,6 +48,33 @@ def _train(cfg: Config, args: argparse.Namespace) -> None:
     print(f"wrote {result.out_dir}")
 
 
+def _tune(cfg: Config, args: argparse.Namespace) -> None:
+    from medqa.tune import tune
+
+    result = tune(cfg)
+    cols = [c for c in result.results.columns if c not in ("path",)]
+    print(result.results[cols].to_string(index=False))
+    print(f"wrote {result.experiment_dir}/results.csv; best adapter in {result.best_dir}")
+
+
+def _evaluate(cfg: Config, args: argparse.Namespace) -> None:
+    from medqa.evaluate import evaluate
+
+    result = evaluate(cfg)
+    print(result.report_md.read_text().split("## Samples")[0])
+    print(f"wrote {result.report_md} and report.json")
+
+
+def _ask(cfg: Config, args: argparse.Namespace) -> None:
+    from medqa.ask import ask, read_questions
+
+    questions = list(args.questions) + (read_questions(args.file) if args.file else [])
+    if not questions:
+        raise ConfigError('Give a question: medqa ask "question" [--adapter DIR], or --file questions.txt.')
+    for q, a in zip(questions, ask(cfg, questions, args.adapter)):
+        print(f"Q: {q}\nA: {a}\n")
+
+
 def _export(cfg: Config, args: argparse.Namespace) -> None:
     from medqa.export import export
 
@@ -69,6 +98,9 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], None], str]] = 
     "prepare": (_prepare, "load, clean, deduplicate, split and tokenize the data"),
     "baseline": (_baseline, "score the untuned model: answer perplexity on val and test"),
     "train": (_train, "LoRA fine-tuning with logged metrics; writes outputs/finetune/"),
+    "tune": (_tune, "Ray Tune search over the training function; best adapter to outputs/best/"),
+    "evaluate": (_evaluate, "final test comparison (perplexity, ROUGE, BLEU); writes outputs/report.md"),
+    "ask": (_ask, 'answer questions: medqa ask "question" [--adapter DIR] or --file questions.txt'),
     "export": (_export, "merge outputs/finetune into the base model; save outputs/merged/"),
     "make-tiny-model": (_make_tiny_model, "build the tiny offline BioGPT (tokenizer learned from the train split) "
                                           "at model.name_or_path"),
@@ -95,20 +127,34 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML config file, e.g. configs/demo.yaml (default: built-in defaults)")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-        p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+        if name == "ask":
+            p.add_argument("--adapter", help="LoRA adapter folder, e.g. outputs/finetune or outputs/best")
+            p.add_argument("--file", help="text file with one question per line")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides"
+                       + (' and the questions (any argument that is not key=value)' if name == "ask" else ""))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # parse_known_args: key=value arguments may also come after options such as --adapter.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if e.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not args.command:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # For `ask`, arguments that are not `key=value` are the questions.
+    positional = list(getattr(args, "overrides", [])) + extra
+    overrides = [o for o in positional if OVERRIDE.match(o)]
+    args.questions = [o for o in positional if not OVERRIDE.match(o)]
+    if args.questions and args.command != "ask":
+        parser.error(f"not a key=value override: {args.questions[0]!r}")
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, overrides)
         if args.print_config:
             print(json.dumps(cfg.to_dict(), indent=2))
             return 0

@@ -221,6 +221,53 @@ class TrainConfig:
 
 
 @dataclass
+class SearchConfig:
+    """Ray Tune hyperparameter search (`medqa tune`). Each trial runs the same function as `medqa train`."""
+
+    num_samples: int = _f(4, "Trials to sample from the search space.")
+    max_concurrent: int = _f(2, "Trials running at once.")
+    cpus_per_trial: float = _f(1.0, "CPUs reserved per trial.")
+    gpus_per_trial: float = _f(0.0, "GPUs (or a fraction, e.g. 0.5 to share one) per trial.")
+    address: str = _f("", "Ray cluster to join (also RAY_ADDRESS); empty = start a local Ray sized to the machine.")
+    learning_rate: list[float] = _f([1e-4, 1e-2], "Log-uniform bounds [low, high] for train.learning_rate.")
+    weight_decay: list[float] = _f([0.0, 0.1], "Uniform bounds [low, high] for train.weight_decay.")
+    lora_r: list[int] = _f([], "Choices for lora.r (empty = not searched).")
+    lora_alpha: list[int] = _f([], "Choices for lora.alpha (empty = not searched).")
+    lora_dropout: list[float] = _f([], "Choices for lora.dropout (empty = not searched).")
+    lora_targets: list[str] = _f([], "Choices of lora.targets presets (empty = not searched).")
+    grace_period: int = _f(1, "ASHA: evaluations every trial gets before it can be stopped.")
+    reduction_factor: int = _f(2, "ASHA: keep the best 1/reduction_factor of trials at each rung.")
+    max_failures: int = _f(1, "Retries of a trial that crashes before it is reported as an error.")
+    resume: bool = _f(False, "Restore the latest interrupted experiment under outputs/ray_* (Tuner.restore).")
+    seed: int = _f(0, "Seed of the random search.")
+
+    def validate(self) -> None:
+        for name in ("learning_rate", "weight_decay"):
+            bounds = getattr(self, name)
+            if len(bounds) != 2 or bounds[0] > bounds[1] or bounds[0] < 0:
+                raise ConfigError(f"tune.{name} must be [low, high] with 0 <= low <= high; got {bounds}.")
+        if self.learning_rate[0] <= 0:
+            raise ConfigError(f"tune.learning_rate bounds must be > 0 (log-uniform); got {self.learning_rate}.")
+        if self.num_samples < 1 or self.max_concurrent < 1 or self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
+            raise ConfigError("tune.num_samples and tune.max_concurrent must be >= 1, tune.cpus_per_trial > 0 "
+                              "and tune.gpus_per_trial >= 0.")
+        if self.grace_period < 1 or self.reduction_factor < 2 or self.max_failures < 0:
+            raise ConfigError("tune.grace_period must be >= 1, tune.reduction_factor >= 2, tune.max_failures >= 0.")
+
+
+@dataclass
+class EvaluateConfig:
+    """The final comparison on the test split (`medqa evaluate`)."""
+
+    num_questions: int = _f(20, "Test questions to answer and score with ROUGE and BLEU (0 = all).")
+    samples_in_report: int = _f(3, "Side-by-side answers shown in report.md.")
+
+    def validate(self) -> None:
+        if self.num_questions < 0 or self.samples_in_report < 0:
+            raise ConfigError("evaluate.num_questions and evaluate.samples_in_report must be >= 0.")
+
+
+@dataclass
 class Config:
     """The whole configuration of a run."""
 
@@ -233,6 +280,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Perplexity measurement."})
     generate: GenerateConfig = field(default_factory=GenerateConfig, metadata={"help": "Answer generation."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Fine-tuning."})
+    tune: SearchConfig = field(default_factory=SearchConfig, metadata={"help": "Hyperparameter search."})
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig, metadata={"help": "Final evaluation."})
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
@@ -374,6 +423,15 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if not isinstance(loaded, dict):
             raise ConfigError(f"Config file {path} must hold a mapping of sections, got {type(loaded).__name__}.")
         _apply(cfg, loaded)
+    for nested in parse_overrides(overrides or []):
+        _apply(cfg, nested)
+    return cfg.validate()
+
+
+def config_from_dict(values: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    """Rebuild a Config from `Config.to_dict()` output (e.g. inside a Ray trial), then apply overrides."""
+    cfg = Config()
+    _apply(cfg, values)
     for nested in parse_overrides(overrides or []):
         _apply(cfg, nested)
     return cfg.validate()

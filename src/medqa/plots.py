@@ -34,3 +34,34 @@ def plot_training(history: list[dict], baseline_loss: float | None = None, path:
     if path is not None:
         fig.savefig(path, dpi=110)
     return fig
+
+
+def plot_search(table, curves: dict[str, dict], out_dir: str | Path | None = None):
+    """Left: best val answer_loss against learning rate (log) and weight decay. Right: learning curves per trial.
+    Saved as search.png and curves.png under `out_dir` when given; returns the two figures."""
+    from matplotlib.figure import Figure
+
+    done = table.dropna(subset=["best_val_answer_loss"]) if "best_val_answer_loss" in table else table.iloc[0:0]
+    search = Figure(figsize=(10, 3.5))
+    ax_lr, ax_wd = search.subplots(1, 2)
+    ax_lr.scatter(done["learning_rate"], done["best_val_answer_loss"])
+    ax_lr.set_xscale("log")
+    ax_lr.set_xlabel("learning rate")
+    ax_lr.set_ylabel("best val answer_loss")
+    ax_wd.scatter(done["weight_decay"], done["best_val_answer_loss"], color="tab:orange")
+    ax_wd.set_xlabel("weight decay")
+    search.tight_layout()
+    curve_fig = Figure(figsize=(6, 3.5))
+    ax = curve_fig.subplots()
+    for trial, curve in curves.items():
+        ax.plot(curve["step"], curve["val_answer_loss"], "o-", label=trial)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("val answer_loss")
+    ax.set_title("learning curves per trial")
+    if curves:
+        ax.legend(fontsize=7)
+    curve_fig.tight_layout()
+    if out_dir is not None:
+        search.savefig(Path(out_dir) / "search.png", dpi=110)
+        curve_fig.savefig(Path(out_dir) / "curves.png", dpi=110)
+    return search, curve_fig

@@ -155,7 +155,9 @@ def _history_callback(path: Path, tokens_per_example: float):
     return History()
 
 
-def _training_args(cfg: Config, work: Path, n_train: int):
+def _training_args(cfg: Config, work: Path, trial: bool):
+    """Trainer settings from the config. A Tune trial saves no Trainer checkpoints: it reports its adapter to
+    Ray at each evaluation and Ray keeps the best one, so a search never fills the disk with optimizer states."""
     from transformers import TrainingArguments
 
     t = cfg.train
@@ -167,8 +169,8 @@ def _training_args(cfg: Config, work: Path, n_train: int):
         per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=cfg.eval.batch_size,
         gradient_accumulation_steps=t.grad_accum,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random", length_column_name="length",
-        eval_strategy="steps", eval_steps=t.eval_steps, save_strategy="steps", save_steps=t.eval_steps,
-        save_total_limit=t.save_total_limit, load_best_model_at_end=True,
+        eval_strategy="steps", eval_steps=t.eval_steps, save_strategy="no" if trial else "steps",
+        save_steps=t.eval_steps, save_total_limit=t.save_total_limit, load_best_model_at_end=not trial,
         metric_for_best_model="eval_answer_loss", greater_is_better=False,
         logging_strategy="steps", logging_steps=t.logging_steps, logging_first_step=True,
         report_to=["tensorboard"], remove_unused_columns=False, dataloader_num_workers=0,
@@ -178,8 +180,13 @@ def _training_args(cfg: Config, work: Path, n_train: int):
     )
 
 
-def train(cfg: Config, callbacks: list | None = None) -> TrainResult:
-    """Fine-tune with LoRA; evaluate val answer_loss during training; keep the best checkpoint; write the run."""
+def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None = None,
+          trial: bool = False) -> TrainResult:
+    """Fine-tune with LoRA; evaluate val answer_loss during training; keep the best checkpoint; write the run.
+
+    `run_dir` (default `outputs/`) holds `finetune_checkpoints/` and `finetune/`. A Ray Tune trial passes its own
+    folder and `trial=True`: it only trains and evaluates val (reported to Tune by a callback, with the adapter);
+    the test split is not looked at while searching, and no run folder is written."""
     from transformers import EarlyStoppingCallback
 
     start = time.perf_counter()
@@ -188,7 +195,7 @@ def train(cfg: Config, callbacks: list | None = None) -> TrainResult:
     evals = {s: load_tokenized(cfg, s) for s in EVAL_SPLITS}
     model = build_lora_model(cfg)
 
-    outputs = Path(cfg.workdir) / "outputs"
+    outputs = Path(run_dir) if run_dir else Path(cfg.workdir) / "outputs"
     work = outputs / "finetune_checkpoints"
     has_checkpoint = work.is_dir() and any(work.glob("checkpoint-*"))
     if not cfg.train.resume and work.exists():
@@ -200,13 +207,16 @@ def train(cfg: Config, callbacks: list | None = None) -> TrainResult:
     if cfg.train.early_stopping_patience:
         extra.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
     trainer = _trainer_class()(
-        model=model, args=_training_args(cfg, work, len(train_ds)), train_dataset=train_ds,
+        model=model, args=_training_args(cfg, work, trial), train_dataset=train_ds,
         eval_dataset=evals["val"], data_collator=lambda rows: pad_batch(rows, tokenizer.pad_token_id),
         processing_class=tokenizer, callbacks=extra)
     resume = cfg.train.resume and has_checkpoint
     if cfg.train.resume and not has_checkpoint:
         log.warning("train.resume=true but no checkpoint in %s; starting from scratch.", work)
     trainer.train(resume_from_checkpoint=True if resume else None)
+    history = [json.loads(x) for x in history_path.read_text().splitlines()]
+    if trial:
+        return TrainResult({"steps": trainer.state.global_step}, work, history)
 
     # The best checkpoint is loaded (load_best_model_at_end); score it with the baseline's function.
     results, rows = {}, []
@@ -214,9 +224,8 @@ def train(cfg: Config, callbacks: list | None = None) -> TrainResult:
         results[split], scores = evaluate_answer_loss(trainer.model, ds, tokenizer.pad_token_id, cfg.eval.batch_size,
                                                       cfg.eval.bootstrap_samples, cfg.seed, progress=True)
         rows += per_example_rows(split, scores)
-    history = [json.loads(x) for x in history_path.read_text().splitlines()]
     trainable, total = count_parameters(trainer.model)
-    metrics = {**results, "model": model_path(cfg), "adapter": "outputs/finetune",
+    metrics = {**results, "model": model_path(cfg), "adapter": str(outputs / "finetune"),
                "best_checkpoint": trainer.state.best_model_checkpoint, "best_val_answer_loss": trainer.state.best_metric,
                "steps": trainer.state.global_step, "trainable_parameters": trainable, "total_parameters": total,
                "seconds": round(time.perf_counter() - start, 2), "config": cfg.to_dict()}
@@ -230,12 +239,14 @@ def train(cfg: Config, callbacks: list | None = None) -> TrainResult:
         (tmp / "per_example.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         from medqa.plots import plot_training
 
-        plot_training(history, baseline_loss=_baseline_val_loss(outputs), path=tmp / "loss_curves.png")
+        plot_training(history, baseline_loss=_baseline_val_loss(Path(cfg.workdir) / "outputs"),
+                      path=tmp / "loss_curves.png")
         runs = work / "runs"
         if runs.is_dir():
             shutil.copytree(runs, tmp / "tensorboard")
     result = TrainResult(metrics, out_dir, history)
-    log.info("train: %d steps in %.0fs\n%s", metrics["steps"], metrics["seconds"], result.table())
+    log.info("train: %d steps in %.0fs; test answer_loss %.4f (perplexity %.2f)", metrics["steps"],
+             metrics["seconds"], results["test"]["answer_loss"], results["test"]["answer_perplexity"])
     return result
 
 

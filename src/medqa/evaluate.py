@@ -1,0 +1,135 @@
+"""Stage 4b, `evaluate(cfg)`: the final, honest comparison on the held-out test split.
+
+Scores the base model, the `medqa train` model (`outputs/finetune/`) and the best tuned model (`outputs/best/`),
+whichever exist, with the baseline stage's metric function; adds a paired bootstrap p-value for each fine-tuned
+model against the base; generates answers for `evaluate.num_questions` test questions and scores them with
+ROUGE and BLEU. Writes `outputs/report.json` and `outputs/report.md` (metrics, samples and a model card).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medqa.artifacts import write_json, write_text_atomic
+from medqa.baseline import load_tokenized
+from medqa.config import Config
+from medqa.generate import generate_answers
+from medqa.metrics import evaluate_answer_loss, paired_bootstrap
+from medqa.modeling import load_adapter_model, load_model, load_tokenizer, model_path
+from medqa.textmetrics import generation_scores
+
+log = logging.getLogger(__name__)
+
+DATA_LICENCE = ("HealthCareMagic-100k (ChatDoctor) is for academic research only; commercial and clinical use are "
+                "prohibited. The copyright of the original dialogues belongs to healthcaremagic.com.")
+
+
+@dataclass
+class EvaluateResult:
+    report: dict
+    report_md: Path
+
+
+def candidate_models(cfg: Config) -> dict[str, Path | None]:
+    """name -> adapter folder (None for the base model), for those that exist."""
+    outputs = Path(cfg.workdir) / "outputs"
+    found: dict[str, Path | None] = {"base": None}
+    for name, folder in (("fine-tuned", outputs / "finetune"), ("tuned (best trial)", outputs / "best")):
+        if (folder / "adapter_config.json").exists():
+            found[name] = folder
+    return found
+
+
+def evaluate(cfg: Config) -> EvaluateResult:
+    """Score every available model on test, generate and score answers, write the report."""
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(cfg)
+    test = load_tokenized(cfg, "test", tokenizer)
+    records = {r["id"]: r for r in json.loads((Path(cfg.workdir) / "data" / "test_data.json").read_text())}
+    ids = list(test["id"])
+    n_gen = len(ids) if cfg.evaluate.num_questions == 0 else min(cfg.evaluate.num_questions, len(ids))
+    questions = [records[i]["question"] for i in ids[:n_gen]]
+    references = [records[i]["answer"] for i in ids[:n_gen]]
+
+    models, answers, scores = {}, {}, {}
+    for name, adapter in candidate_models(cfg).items():
+        model = load_model(cfg) if adapter is None else load_adapter_model(cfg, adapter)
+        metrics, per_example = evaluate_answer_loss(model, test, tokenizer.pad_token_id, cfg.eval.batch_size,
+                                                    cfg.eval.bootstrap_samples, cfg.seed, progress=True)
+        scores[name] = per_example
+        answers[name] = generate_answers(model, tokenizer, cfg, questions)
+        models[name] = {"adapter": str(adapter) if adapter else None, "test": metrics,
+                        "generation": generation_scores(answers[name], references)}
+        log.info("evaluate: %s test answer_loss %.4f", name, metrics["answer_loss"])
+        del model
+    base = scores["base"]
+    for name in models:
+        if name != "base":
+            models[name]["vs_base"] = paired_bootstrap(base.answer_nll, scores[name].answer_nll, base.answer_tokens,
+                                                       cfg.eval.bootstrap_samples, cfg.seed)
+    samples = [{"question": q, "reference": r, **{name: answers[name][i] for name in models}}
+               for i, (q, r) in enumerate(zip(questions, references))]
+    report = {"model": model_path(cfg), "test_examples": len(ids), "generated": n_gen, "models": models,
+              "samples": samples, "model_card": model_card(cfg),
+              "seconds": round(time.perf_counter() - start, 2)}
+    out = Path(cfg.workdir) / "outputs"
+    write_json(out / "report.json", report)
+    write_text_atomic(out / "report.md", render_markdown(report, cfg.evaluate.samples_in_report))
+    return EvaluateResult(report, out / "report.md")
+
+
+def model_card(cfg: Config) -> dict:
+    return {
+        "base_model": cfg.model.name_or_path,
+        "data": f"{cfg.data.source} (question field `{cfg.data.question_field}`, answer field "
+                f"`{cfg.data.answer_field}`), split {cfg.data.train_fraction}/{cfg.data.val_fraction}/"
+                f"{cfg.data.test_fraction} by a hash of the normalised question",
+        "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout, "targets": cfg.lora.targets},
+        "training": {k: getattr(cfg.train, k) for k in ("learning_rate", "weight_decay", "epochs", "max_steps",
+                                                        "batch_size", "grad_accum", "warmup_ratio", "scheduler")},
+        "prompt_template": cfg.prompt.template,
+        "intended_use": "Research on fine-tuning language models for patient-question answering. Not for "
+                        "diagnosis, treatment or any clinical decision.",
+        "limits": "Answers can be wrong, outdated or unsafe while sounding confident; the training answers are "
+                  "online consultations of uneven quality; perplexity and ROUGE/BLEU measure similarity to one "
+                  "doctor's answer, not medical correctness.",
+        "licence": DATA_LICENCE,
+    }
+
+
+def _fmt(x, spec=".3f") -> str:
+    return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
+
+
+def render_markdown(report: dict, n_samples: int) -> str:
+    lines = ["# medqa evaluation report", "",
+             f"Test split: {report['test_examples']} examples; answers generated for {report['generated']}.", "",
+             "| model | test answer_loss | answer perplexity | 95% CI | Δ loss vs base | p (paired bootstrap) | "
+             "ROUGE-1 | ROUGE-2 | ROUGE-L | BLEU | mean words | empty | looping |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, m in report["models"].items():
+        t, g, vs = m["test"], m["generation"], m.get("vs_base", {})
+        ci = t.get("answer_perplexity_ci95")
+        lines.append(
+            f"| {name} | {t['answer_loss']:.4f} | {t['answer_perplexity']:.2f} | "
+            f"{f'{ci[0]:.2f}–{ci[1]:.2f}' if ci else '-'} | {_fmt(vs.get('loss_delta'), '+.4f')} | "
+            f"{_fmt(vs.get('p_value'), '.4f')} | {g['rouge1']:.3f} | {g['rouge2']:.3f} | {g['rougeL']:.3f} | "
+            f"{g['bleu']:.2f} | {g['mean_words']:.1f} | {g['empty_share']:.0%} | {g['repetitive_share']:.0%} |")
+    lines += ["", "answer_loss: mean negative log-likelihood per answer token (nats) over all answer tokens of the "
+              "test split; perplexity = exp(answer_loss). p: share of paired bootstrap resamples in which the "
+              "model is not better than the base (one-sided).", "", "## Samples", ""]
+    for s in report["samples"][:n_samples]:
+        lines += [f"**Question.** {s['question']}", "", f"**Reference (doctor).** {s['reference']}", ""]
+        lines += [f"**{name}.** {s[name] or '(empty)'}" + "\n" for name in report["models"]]
+    card = report["model_card"]
+    lines += ["## Model card", "", f"- Base model: `{card['base_model']}`", f"- Data: {card['data']}",
+              f"- LoRA: {card['lora']}", f"- Training: {card['training']}",
+              f"- Intended use: {card['intended_use']}", f"- Limits: {card['limits']}",
+              f"- Licence of the data: {card['licence']}", ""]
+    return "\n".join(lines)

@@ -1,0 +1,234 @@
+"""Stage 4a, `tune(cfg)`: a Ray Tune search whose trials run the same `train()` as `medqa train`.
+
+ASHA stops bad trials early on the val `answer_loss` each trial reports at every evaluation. Storage stays under
+`outputs/ray_<timestamp>/`; each trial keeps only its best adapter (Ray checkpoint, num_to_keep=1). Writes
+`results.csv` (one row per trial), `search.png` and `curves.png` there, and copies the best trial's adapter to
+`outputs/best/`. `tune.resume=true` restores the latest interrupted experiment with `Tuner.restore`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from medqa.artifacts import atomic_dir, write_json
+from medqa.config import Config, config_from_dict
+from medqa.errors import MedqaError
+
+log = logging.getLogger(__name__)
+
+METRIC = "val_answer_loss"
+FAIL_ENV = "MEDQA_INJECT_TRIAL_FAILURE"  # tests: the first trial attempt of an experiment raises once
+ATTEMPTS = "trial_attempts.log"  # one line per trial start: trial id (a retried trial appears twice)
+
+# Search-space entries: our config key -> (config field in `tune`, sampler).
+SEARCHED = {"train.learning_rate": "learning_rate", "train.weight_decay": "weight_decay", "lora.r": "lora_r",
+            "lora.alpha": "lora_alpha", "lora.dropout": "lora_dropout", "lora.targets": "lora_targets"}
+
+
+@dataclass
+class TuneResult:
+    experiment_dir: Path
+    results: "object"  # pandas DataFrame, one row per trial
+    best_dir: Path
+    best: dict
+
+
+def search_space(cfg: Config) -> dict:
+    from ray import tune
+
+    t = cfg.tune
+    space = {"train.learning_rate": tune.loguniform(*t.learning_rate)}
+    if t.weight_decay[0] == t.weight_decay[1]:
+        space["train.weight_decay"] = t.weight_decay[0]
+    else:
+        space["train.weight_decay"] = tune.uniform(*t.weight_decay)
+    for key, name in list(SEARCHED.items())[2:]:
+        choices = getattr(t, name)
+        if choices:
+            space[key] = tune.choice(choices)
+    return space
+
+
+def _report_callback():
+    from transformers import TrainerCallback
+
+    class ReportToTune(TrainerCallback):
+        """After each evaluation: report val answer_loss to Tune, with the adapter as the checkpoint."""
+
+        def on_evaluate(self, args, state, control, metrics=None, model=None, **kw):
+            from ray import tune
+
+            with tempfile.TemporaryDirectory() as d:
+                model.save_pretrained(d)  # the adapter only, in safetensors
+                tune.report({METRIC: metrics["eval_answer_loss"], "val_answer_perplexity":
+                             metrics["eval_answer_perplexity"], "step": state.global_step,
+                             "max_steps": state.max_steps}, checkpoint=tune.Checkpoint.from_directory(d))
+
+    return ReportToTune()
+
+
+def run_trial(params: dict, base: dict, experiment_dir: str) -> None:
+    """One trial: the base config with the sampled values, trained by `train()` in the trial's folder."""
+    import torch
+    from ray import tune
+
+    from medqa.train import train
+
+    torch.set_num_threads(max(1, int(base["tune"]["cpus_per_trial"])))
+    context = tune.get_context()
+    trial_id = context.get_trial_id()
+    exp = Path(experiment_dir)
+    with open(exp / ATTEMPTS, "a") as f:
+        f.write(trial_id + "\n")
+    if os.environ.get(FAIL_ENV) and not (exp / "injected_failure").exists():
+        (exp / "injected_failure").write_text(trial_id)
+        raise RuntimeError(f"injected failure in trial {trial_id} ({FAIL_ENV} is set)")
+    cfg = config_from_dict(base, [f"{k}={json.dumps(v)}" for k, v in params.items()])
+    train(cfg, callbacks=[_report_callback()], run_dir=context.get_trial_dir(), trial=True)
+
+
+def _init_ray(cfg: Config) -> bool:
+    """Join `tune.address` / RAY_ADDRESS, or start a local Ray sized to this machine. True if we started it."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Workers import medqa from the same place as the driver, and stay offline like it.
+    src = str(Path(__file__).resolve().parents[1])
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "HF_TOKEN", "MPLCONFIGDIR", FAIL_ENV,
+                "TOKENIZERS_PARALLELISM"):
+        if os.environ.get(var):
+            env[var] = os.environ[var]
+    os.environ["PYTHONPATH"] = env["PYTHONPATH"]
+    address = cfg.tune.address or os.environ.get("RAY_ADDRESS", "")
+    if ray.is_initialized():
+        return False
+    if address:
+        log.info("tune: joining the Ray cluster at %s", address)
+        ray.init(address=address, runtime_env={"env_vars": env})
+        return False
+    # Ray's socket paths must stay short (Unix sockets allow ~107 bytes), so a long workdir gets a temp dir.
+    temp = Path(cfg.workdir).resolve() / ".cache" / "ray"
+    if len(str(temp)) > 40:
+        temp = Path(tempfile.mkdtemp(prefix="medqa-ray-"))
+    temp.mkdir(parents=True, exist_ok=True)
+    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, _temp_dir=str(temp),
+             runtime_env={"env_vars": env}, log_to_driver=False, configure_logging=False)
+    return True
+
+
+def _latest_experiment(outputs: Path) -> Path | None:
+    from ray import tune
+
+    runs = sorted(p for p in outputs.glob("ray_*") if p.is_dir())
+    return next((p for p in reversed(runs) if tune.Tuner.can_restore(str(p))), None)
+
+
+def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
+    """Search, write results.csv and plots, copy the best adapter to outputs/best/."""
+    from ray import tune as rt
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    cfg = config_from_dict({**cfg.to_dict(), "workdir": str(Path(cfg.workdir).resolve())})  # trials chdir
+    outputs = Path(cfg.workdir) / "outputs"
+    from medqa.baseline import load_tokenized
+    from medqa.modeling import load_tokenizer
+
+    load_tokenized(cfg, "train", load_tokenizer(cfg))  # fail here, clearly, not inside every trial
+    started = _init_ray(cfg)
+    try:
+        experiment = _latest_experiment(outputs) if cfg.tune.resume else None
+        if cfg.tune.resume and experiment is None:
+            log.warning("tune.resume=true but no restorable experiment under %s; starting a new one.", outputs)
+        if experiment is None:
+            experiment = outputs / f"ray_{time.strftime('%Y%m%d-%H%M%S')}"
+            experiment.mkdir(parents=True)
+        trainable = rt.with_resources(
+            rt.with_parameters(run_trial, base=cfg.to_dict(), experiment_dir=str(experiment)),
+            {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial})
+        if cfg.tune.resume and rt.Tuner.can_restore(str(experiment)):
+            log.info("tune: restoring %s", experiment)
+            tuner = rt.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
+        else:
+            tuner = rt.Tuner(
+                trainable, param_space=search_space(cfg),
+                tune_config=rt.TuneConfig(
+                    metric=METRIC, mode="min", num_samples=cfg.tune.num_samples,
+                    max_concurrent_trials=cfg.tune.max_concurrent,
+                    search_alg=BasicVariantGenerator(random_state=cfg.tune.seed),
+                    scheduler=ASHAScheduler(time_attr="training_iteration", grace_period=cfg.tune.grace_period,
+                                            reduction_factor=cfg.tune.reduction_factor)),
+                run_config=rt.RunConfig(
+                    name=experiment.name, storage_path=str(outputs), callbacks=callbacks,
+                    failure_config=rt.FailureConfig(max_failures=cfg.tune.max_failures),
+                    checkpoint_config=rt.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
+                                                          checkpoint_score_order="min"),
+                    verbose=1))
+        grid = tuner.fit()
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    return _summarize(cfg, grid, experiment)
+
+
+def _summarize(cfg: Config, grid, experiment: Path) -> TuneResult:
+    import pandas as pd
+
+    from medqa.plots import plot_search
+
+    attempts_file = experiment / ATTEMPTS
+    attempts = attempts_file.read_text().split() if attempts_file.exists() else []
+    rows, curves = [], {}
+    for result in grid:
+        trial_id = Path(result.path).name
+        short = result.metrics.get("trial_id", trial_id) if result.metrics else trial_id
+        df = result.metrics_dataframe
+        reported = df is not None and METRIC in getattr(df, "columns", [])
+        row = {"trial": short, **{k.split(".", 1)[1] if k.startswith("train.") else k.replace(".", "_"): v
+                                  for k, v in result.config.items()}}
+        if reported:
+            best_i = df[METRIC].idxmin()
+            curves[short] = df[["step", METRIC]].to_dict("list")
+            row.update(best_val_answer_loss=float(df[METRIC].min()),
+                       best_val_answer_perplexity=float(df.loc[best_i, "val_answer_perplexity"]),
+                       steps=int(df["step"].max()), max_steps=int(df["max_steps"].max()))
+        status = "error" if result.error else ("completed" if reported and row["steps"] >= row["max_steps"]
+                                                else "stopped early")
+        row.update(status=status, attempts=attempts.count(short), path=result.path)
+        rows.append(row)
+    table = pd.DataFrame(rows).sort_values("best_val_answer_loss", na_position="last")
+    table.to_csv(experiment / "results.csv", index=False)
+    plot_search(table, curves, experiment)
+    try:
+        best = grid.get_best_result(metric=METRIC, mode="min", scope="all")
+    except RuntimeError as exc:
+        raise MedqaError(f"No trial of {experiment} reported a val answer_loss ({exc}). See results.csv and the "
+                         "trial logs there.") from None
+    checkpoint = best.get_best_checkpoint(METRIC, "min")
+    best_row = table.iloc[0].to_dict()
+    best_dir = Path(cfg.workdir) / "outputs" / "best"
+    from medqa.modeling import load_tokenizer
+
+    with atomic_dir(best_dir) as tmp:
+        with checkpoint.as_directory() as d:
+            for f in Path(d).iterdir():
+                shutil.copy2(f, tmp / f.name)
+        load_tokenizer(cfg).save_pretrained(tmp)
+        best_cfg = config_from_dict(cfg.to_dict(), [f"{k}={json.dumps(v)}" for k, v in best.config.items()])
+        write_json(tmp / "trial.json", {"experiment": str(experiment), **{k: v for k, v in best_row.items()
+                                        if not isinstance(v, float) or v == v}, "config": best_cfg.to_dict()})
+    log.info("tune: %d trials; best %s val answer_loss %.4f -> %s", len(table), best_row["trial"],
+             best_row["best_val_answer_loss"], best_dir)
+    return TuneResult(experiment, table, best_dir, best_row)
