@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 METRIC = "val_answer_loss"
 FAIL_ENV = "MEDQA_INJECT_TRIAL_FAILURE"  # tests: the first trial attempt of an experiment raises once
 ATTEMPTS = "trial_attempts.log"  # one line per trial start: trial id (a retried trial appears twice)
+FINISHED = "trial_finished.log"  # one line per trial whose training ran to its end
 
 # Search-space entries: our config key -> (config field in `tune`, sampler).
 SEARCHED = {"train.learning_rate": "learning_rate", "train.weight_decay": "weight_decay", "lora.r": "lora_r",
@@ -93,6 +95,8 @@ def run_trial(params: dict, base: dict, experiment_dir: str) -> None:
         raise RuntimeError(f"injected failure in trial {trial_id} ({FAIL_ENV} is set)")
     cfg = config_from_dict(base, [f"{k}={json.dumps(v)}" for k, v in params.items()])
     train(cfg, callbacks=[_report_callback()], run_dir=context.get_trial_dir(), trial=True)
+    with open(exp / FINISHED, "a") as f:
+        f.write(trial_id + "\n")
 
 
 def _init_ray(cfg: Config) -> bool:
@@ -144,7 +148,10 @@ def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
     from medqa.baseline import load_tokenized
     from medqa.modeling import load_tokenizer
 
-    load_tokenized(cfg, "train", load_tokenizer(cfg))  # fail here, clearly, not inside every trial
+    n_train = len(load_tokenized(cfg, "train", load_tokenizer(cfg)))  # fail here, clearly, not in every trial
+    t = cfg.train
+    grace_steps = cfg.tune.grace_period * t.eval_steps
+    total_steps = t.max_steps or math.ceil(math.ceil(n_train / t.batch_size) / t.grad_accum * t.epochs)
     started = _init_ray(cfg)
     try:
         experiment = _latest_experiment(outputs) if cfg.tune.resume else None
@@ -164,9 +171,12 @@ def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
                 trainable, param_space=search_space(cfg),
                 tune_config=rt.TuneConfig(
                     metric=METRIC, mode="min", num_samples=cfg.tune.num_samples,
-                    max_concurrent_trials=cfg.tune.max_concurrent,
-                    search_alg=BasicVariantGenerator(random_state=cfg.tune.seed),
-                    scheduler=ASHAScheduler(time_attr="training_iteration", grace_period=cfg.tune.grace_period,
+                    search_alg=BasicVariantGenerator(random_state=cfg.tune.seed,
+                                                     max_concurrent=cfg.tune.max_concurrent),
+                    # Time is the optimizer step (not Tune's report count), so a trial restarted after an
+                    # interruption is compared at the same points as the others.
+                    scheduler=ASHAScheduler(time_attr="step", max_t=max(total_steps, grace_steps),
+                                            grace_period=grace_steps,
                                             reduction_factor=cfg.tune.reduction_factor)),
                 run_config=rt.RunConfig(
                     name=experiment.name, storage_path=str(outputs), callbacks=callbacks,

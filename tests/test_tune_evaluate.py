@@ -1,0 +1,159 @@
+"""Stage 4: Ray Tune search, final evaluation, and `ask`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import demo_config
+
+QUICK = ["train.epochs=1", "train.eval_steps=20", "train.logging_steps=10", "eval.bootstrap_samples=200",
+         "tune.num_samples=2", "evaluate.num_questions=6"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    from medqa.baseline import baseline
+    from medqa.data import prepare
+
+    workdir = tmp_path_factory.mktemp("tune")
+    cfg = demo_config(workdir, *QUICK)
+    prepare(cfg)
+    baseline(cfg)
+    return workdir
+
+
+def fresh(prepared, dst):
+    for sub in ("data", "tokenized", "models", "outputs"):
+        shutil.copytree(prepared / sub, dst / sub, dirs_exist_ok=True)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def searched(prepared):
+    from medqa.tune import tune
+
+    cfg = demo_config(prepared, *QUICK)
+    return cfg, tune(cfg)
+
+
+def test_search_writes_results_and_best(searched):
+    cfg, result = searched
+    table = pd.read_csv(result.experiment_dir / "results.csv")
+    assert len(table) == 2
+    assert {"learning_rate", "weight_decay", "best_val_answer_loss", "best_val_answer_perplexity", "steps",
+            "status", "attempts"} <= set(table.columns)
+    assert table["learning_rate"].between(*cfg.tune.learning_rate).all()
+    assert set(table["status"]) <= {"completed", "stopped early"}
+    assert (result.experiment_dir / "search.png").exists() and (result.experiment_dir / "curves.png").exists()
+    assert result.experiment_dir.parent == cfg.root / "outputs" and result.experiment_dir.name.startswith("ray_")
+    best = json.loads((result.best_dir / "trial.json").read_text())
+    assert best["best_val_answer_loss"] == pytest.approx(table["best_val_answer_loss"].min())
+    assert (result.best_dir / "adapter_model.safetensors").exists()
+    # Only adapters are kept: no optimizer states or full model weights anywhere in the experiment.
+    assert not list(result.experiment_dir.rglob("optimizer.pt"))
+    assert not list(result.experiment_dir.rglob("model.safetensors"))
+
+
+def test_best_adapter_reloads_and_scores_as_reported(searched):
+    import datasets
+
+    from medqa.metrics import evaluate_answer_loss
+    from medqa.modeling import load_adapter_model
+
+    cfg, result = searched
+    model = load_adapter_model(cfg, result.best_dir)
+    val = datasets.load_from_disk(str(cfg.root / "tokenized" / "tokenized_val"))
+    m, _ = evaluate_answer_loss(model, val, 1, batch_size=5, bootstrap_samples=0)
+    assert m["answer_loss"] == pytest.approx(result.best["best_val_answer_loss"], abs=1e-4)
+
+
+def test_crashing_trial_is_retried_and_reported(prepared, tmp_path, monkeypatch):
+    from medqa.tune import FAIL_ENV, tune
+
+    monkeypatch.setenv(FAIL_ENV, "1")
+    cfg = demo_config(fresh(prepared, tmp_path), *QUICK)
+    result = tune(cfg)
+    table = result.results
+    assert (result.experiment_dir / "injected_failure").exists()
+    assert sorted(table["attempts"]) == [1, 2]  # one trial failed once and was retried
+    assert (table["status"] != "error").all()
+    assert (result.best_dir / "adapter_model.safetensors").exists()
+
+
+def test_interrupted_search_resumes_without_rerunning(prepared, tmp_path):
+    """`medqa tune` is stopped with Ctrl-C (SIGINT) once its first trial has finished; tune.resume=true then
+    restores the experiment, runs only the unfinished trial, and ends with both."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from medqa.tune import ATTEMPTS, FINISHED, tune
+
+    workdir = fresh(prepared, tmp_path)
+    args = [f"workdir={workdir}", *QUICK, "tune.max_concurrent=1", "tune.grace_period=5", "train.epochs=2"]
+    log = open(tmp_path / "tune.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "medqa", "tune", "--config", "configs/demo.yaml", *args],
+                            stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    try:
+        deadline = time.time() + 240
+        while not list((workdir / "outputs").glob(f"ray_*/{FINISHED}")):
+            assert proc.poll() is None and time.time() < deadline, \
+                "the search ended before it could be interrupted:\n" + (tmp_path / "tune.log").read_text()[-3000:]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    experiment = next((workdir / "outputs").glob("ray_*"))
+    finished_first = (experiment / FINISHED).read_text().split()
+    assert len(finished_first) == 1
+    result = tune(demo_config(workdir, *args[1:], "tune.resume=true"))
+    assert result.experiment_dir == experiment
+    attempts = (experiment / ATTEMPTS).read_text().split()
+    assert attempts.count(finished_first[0]) == 1  # the finished trial was not run again
+    assert len(result.results) == 2 and (result.results["status"] == "completed").all()
+
+
+def test_evaluate_report(searched):
+    from medqa.evaluate import evaluate
+
+    cfg, _ = searched
+    from medqa.train import train
+
+    train(cfg)
+    result = evaluate(cfg)
+    report = json.loads((cfg.root / "outputs" / "report.json").read_text())
+    assert set(report["models"]) == {"base", "fine-tuned", "tuned (best trial)"}
+    baseline = json.loads((cfg.root / "outputs" / "baseline" / "metrics.json").read_text())
+    for key in ("answer_loss", "answer_perplexity", "sequence_loss"):
+        assert report["models"]["base"]["test"][key] == pytest.approx(baseline["test"][key], abs=1e-6)
+    tuned = report["models"]["fine-tuned"]
+    assert tuned["test"]["answer_loss"] < report["models"]["base"]["test"]["answer_loss"]
+    assert tuned["vs_base"]["loss_delta"] < 0 and tuned["vs_base"]["p_value"] < 0.05
+    for key in ("rouge1", "rouge2", "rougeL", "bleu", "mean_words", "empty_share", "repetitive_share"):
+        assert key in tuned["generation"]
+    assert len(report["samples"]) == 6 and {"question", "reference", "base", "fine-tuned"} <= set(report["samples"][0])
+    md = result.report_md.read_text()
+    assert "| fine-tuned |" in md and "Model card" in md and "academic research only" in md
+
+
+def test_ask_ends_with_disclaimer(searched, tmp_path, capsys):
+    from medqa.ask import DISCLAIMER
+    from medqa.cli import main
+
+    cfg, result = searched
+    questions = tmp_path / "q.txt"
+    questions.write_text("I have a sore throat since two days.\n\nMy knee hurts when I climb stairs.\n")
+    rc = main(["ask", "--config", "configs/demo.yaml", f"workdir={cfg.root}", "--file", str(questions),
+               "What helps against a dry cough?", "--adapter", str(result.best_dir), "generate.max_new_tokens=12"])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.count(DISCLAIMER) == 3 and "dry cough" in out and "knee" in out
