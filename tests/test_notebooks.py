@@ -68,3 +68,16 @@ def test_finetuning_notebook_runs(tmp_path):
     assert (tmp_path / "outputs" / "baseline" / "metrics.json").exists()
     images = sum(1 for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {}))
     assert images >= 1
+
+
+@pytest.mark.notebook
+def test_raytune_final_notebook_runs(tmp_path):
+    from conftest import demo_config
+    from medqa.data import prepare
+
+    prepare(demo_config(tmp_path))
+    nb = run_notebook("raytune-peft-finetune-final.ipynb", tmp_path, [f"workdir={tmp_path}", f"data.source={SAMPLE}"])
+    assert (tmp_path / "outputs" / "best" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "outputs" / "report.md").exists()
+    images = sum(1 for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {}))
+    assert images >= 2

@@ -5,17 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def plot_training(history: list[dict], baseline_loss: float | None = None, path: str | Path | None = None):
-    """Train loss and val answer_loss per step (left), learning rate per step (right)."""
-    # Saving uses a bare Figure (no pyplot), so a stage run inside a notebook leaves its inline backend alone.
-    if path is not None:
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(11, 3.6))
-    else:
+def _figure(size: tuple[float, float], inline: bool):
+    """A pyplot figure for notebooks (shown inline), or a bare Figure for files: stages that save plots from
+    inside a notebook then leave its inline backend alone."""
+    if inline:
         import matplotlib.pyplot as plt
 
-        fig = plt.figure(figsize=(11, 3.6))
+        return plt.figure(figsize=size)
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=size)
+
+
+def plot_training(history: list[dict], baseline_loss: float | None = None, path: str | Path | None = None):
+    """Train loss and val answer_loss per step (left), learning rate per step (right)."""
+    fig = _figure((11, 3.6), inline=path is None)
     train = [r for r in history if "train_loss" in r]
     evals = [r for r in history if "eval_answer_loss" in r]
     ax, ax_lr = fig.subplots(1, 2)
@@ -39,10 +43,8 @@ def plot_training(history: list[dict], baseline_loss: float | None = None, path:
 def plot_search(table, curves: dict[str, dict], out_dir: str | Path | None = None):
     """Left: best val answer_loss against learning rate (log) and weight decay. Right: learning curves per trial.
     Saved as search.png and curves.png under `out_dir` when given; returns the two figures."""
-    from matplotlib.figure import Figure
-
     done = table.dropna(subset=["best_val_answer_loss"]) if "best_val_answer_loss" in table else table.iloc[0:0]
-    search = Figure(figsize=(10, 3.5))
+    search = _figure((10, 3.5), inline=out_dir is None)
     ax_lr, ax_wd = search.subplots(1, 2)
     ax_lr.scatter(done["learning_rate"], done["best_val_answer_loss"])
     ax_lr.set_xscale("log")
@@ -51,7 +53,7 @@ def plot_search(table, curves: dict[str, dict], out_dir: str | Path | None = Non
     ax_wd.scatter(done["weight_decay"], done["best_val_answer_loss"], color="tab:orange")
     ax_wd.set_xlabel("weight decay")
     search.tight_layout()
-    curve_fig = Figure(figsize=(6, 3.5))
+    curve_fig = _figure((6, 3.5), inline=out_dir is None)
     ax = curve_fig.subplots()
     for trial, curve in curves.items():
         ax.plot(curve["step"], curve["val_answer_loss"], "o-", label=trial)
