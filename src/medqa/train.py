@@ -158,6 +158,7 @@ def _history_callback(path: Path, tokens_per_example: float):
 def _training_args(cfg: Config, work: Path, trial: bool):
     """Trainer settings from the config. A Tune trial saves no Trainer checkpoints: it reports its adapter to
     Ray at each evaluation and Ray keeps the best one, so a search never fills the disk with optimizer states."""
+    import torch
     from transformers import TrainingArguments
 
     t = cfg.train
@@ -174,6 +175,7 @@ def _training_args(cfg: Config, work: Path, trial: bool):
         metric_for_best_model="eval_answer_loss", greater_is_better=False,
         logging_strategy="steps", logging_steps=t.logging_steps, logging_first_step=True,
         report_to=["tensorboard"], remove_unused_columns=False, dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         disable_tqdm=False, **_precision(cfg),
