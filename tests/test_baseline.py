@@ -94,7 +94,9 @@ def test_tokenized_with_another_tokenizer_is_refused(demo_run, tmp_path, biogpt_
     cfg, _ = demo_run
     other = demo_config(cfg.root, f"model.tokenizer={biogpt_tokenizer_dir}")
     assert len(load_tokenizer(other)) == 42384
-    with pytest.raises(ModelError, match="does not match the model's tokenizer.*Re-run `medqa prepare`"):
+    from medqa.manifest import StaleArtifactError
+
+    with pytest.raises(StaleArtifactError, match="its tokenizer differs.*`medqa prepare"):
         baseline(other)
 
 

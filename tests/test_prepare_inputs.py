@@ -48,12 +48,14 @@ def test_rerun_uses_cache_and_is_identical(tmp_path, tiny_model_dir):
     cfg = cfg_for(tmp_path, SAMPLE, tiny_model_dir)
     prepare(cfg)
     cache = sorted((tmp_path / ".cache" / "prepare").glob("*.arrow"))
-    first = {p: p.read_bytes() for p in (tmp_path / "tokenized").rglob("*") if p.is_file()}
+    # Everything but the manifest (which records the time it was written) is byte-identical.
+    first = {p: p.read_bytes() for p in (tmp_path / "tokenized").rglob("*") if p.is_file() and p.name != "manifest.json"}
     mtimes = [p.stat().st_mtime_ns for p in cache]
     prepare(cfg)
     assert sorted((tmp_path / ".cache" / "prepare").glob("*.arrow")) == cache
     assert [p.stat().st_mtime_ns for p in cache] == mtimes  # read, not rewritten
-    assert {p: p.read_bytes() for p in (tmp_path / "tokenized").rglob("*") if p.is_file()} == first
+    assert {p: p.read_bytes() for p in (tmp_path / "tokenized").rglob("*")
+            if p.is_file() and p.name != "manifest.json"} == first
 
 
 def test_jsonl_csv_and_datasets_folder_sources(tmp_path, tiny_model_dir):

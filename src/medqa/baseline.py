@@ -17,8 +17,8 @@ from medqa.artifacts import atomic_dir, write_json
 from medqa.config import Config
 from medqa.errors import DataError
 from medqa.metrics import ExampleScores, evaluate_answer_loss
-from medqa.modeling import (check_tokenized_matches, count_parameters, load_model, load_tokenizer, model_path,
-                            tokenizer_info)
+from medqa.manifest import check_inputs, fingerprint_model, write_manifest
+from medqa.modeling import count_parameters, load_model, load_tokenizer, model_path, tokenizer_info
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,9 @@ def load_tokenized(cfg: Config, split: str, tokenizer=None):
     if not path.is_dir():
         raise DataError(f"{path} not found. Run `medqa prepare --config <your config>` first (same workdir).")
     if tokenizer is not None:
-        report_file = Path(cfg.workdir) / "tokenized" / "prepare_report.json"
-        saved = json.loads(report_file.read_text()).get("tokenizer_info") if report_file.exists() else None
-        check_tokenized_matches(saved, tokenizer, str(path.parent))
+        from medqa.data import prepared_inputs
+
+        check_inputs(cfg, path.parent, prepared_inputs(cfg, tokenizer), "medqa prepare --config <your config>")
     ds = datasets.load_from_disk(str(path))
     if len(ds) == 0:
         raise DataError(f"{path} is empty: the {split} split has no examples. Use more records or change "
@@ -102,6 +102,8 @@ def baseline(cfg: Config) -> BaselineResult:
     with atomic_dir(out_dir) as tmp:
         write_json(tmp / "metrics.json", metrics)
         (tmp / "per_example.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        write_manifest(tmp, "baseline", cfg, {"base_model": fingerprint_model(model_path(cfg), cfg.model.revision),
+                                              "tokenizer": metrics["tokenizer"]["vocab_sha256"]})
     result = BaselineResult(metrics, out_dir)
     log.info("baseline: test answer_loss %.4f (perplexity %.2f) in %.0fs", results["test"]["answer_loss"],
              results["test"]["answer_perplexity"], metrics["seconds"])

@@ -73,6 +73,9 @@ class PromptConfig:
 
     template: str = _f("### Question:\n{question}\n\n### Answer:\n",
                        "Text before the answer; `{question}` is replaced by the cleaned question.")
+    use_chat_template: bool = _f(False, "Build the prompt with the tokenizer's chat template (a user turn holding the "
+                                        "question, then the assistant header) instead of `template`.")
+    system: str = _f("", "System message for the chat template (empty = the template's default).")
     min_question_tokens: int = _f(8, "When truncating, keep at least this many question tokens (its end).")
 
     def validate(self) -> None:
@@ -114,6 +117,8 @@ class ModelConfig:
     tokenizer: str = _f("", "Hub id or folder of the tokenizer; empty = same as `name_or_path`.")
     revision: str = _f("main", "Hub revision (branch, tag or commit).")
     trust_remote_code: bool = _f(False, "Run model code from the Hub. Off by default: it executes downloaded code.")
+    gguf_file: str = _f("", "A GGUF checkpoint to convert (dequantised) into `name_or_path` once, when that folder is "
+                            "missing: a path, or pkg://<python package>/<file> for a file shipped in a package.")
     dtype: str = _f("auto", "auto (bf16 where supported, fp16 on older GPUs, fp32 on CPU), float32, bfloat16, float16.")
     device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps.")
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig, metadata={"help": "Tiny offline model."})
@@ -273,6 +278,7 @@ class Config:
 
     workdir: str = _f(".", "Root under which data/, tokenized/, outputs/ (and the tiny model) are written.")
     seed: int = _f(42, "Global seed for training and sampling.")
+    force: bool = _f(False, "Use artifacts whose manifest names other inputs than this config (with a warning).")
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Data loading and cleaning."})
     prompt: PromptConfig = field(default_factory=PromptConfig, metadata={"help": "Prompt template."})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Model and tokenizer."})

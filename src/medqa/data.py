@@ -27,6 +27,7 @@ from medqa.artifacts import atomic_dir, write_json
 from medqa.cleaning import clean_text, is_greeting_only, normalize_key
 from medqa.config import Config
 from medqa.errors import DataError
+from medqa.manifest import fingerprint_source, write_manifest
 from medqa.modeling import load_tokenizer, tokenizer_info, tokenizer_path, wants_tiny
 from medqa.prompts import encode_example
 from medqa.sources import MalformedLine, read_records
@@ -246,12 +247,14 @@ def prepare(cfg: Config) -> PrepareResult:
                         "records or raise data.train_fraction.")
 
     data_dir, tok_dir = Path(cfg.workdir) / "data", Path(cfg.workdir) / "tokenized"
-    _write_data(data_dir, splits, rejected, report)
+    inputs = prepared_inputs(cfg, tokenizer)
+    _write_data(data_dir, splits, rejected, report, cfg, inputs)
     with atomic_dir(tok_dir) as tmp:
         for split, rows in keep_rows.items():
             part = tokenized.select(rows).select_columns(TOKENIZED_COLUMNS)
             part.save_to_disk(str(tmp / f"tokenized_{split}"))
         write_json(tmp / "prepare_report.json", report)
+        write_manifest(tmp, "prepare", cfg, inputs)
 
     secs = time.perf_counter() - start
     log.info("prepare: read %d, kept %s, rejected %d (%s), truncated %d, in %.1fs", report["read"], report["kept"],
@@ -259,7 +262,17 @@ def prepare(cfg: Config) -> PrepareResult:
     return PrepareResult(report=report, data_dir=data_dir, tokenized_dir=tok_dir, splits=splits)
 
 
-def _write_data(data_dir: Path, splits: dict[str, list[dict]], rejected: list[dict], report: dict) -> None:
+def prepared_inputs(cfg: Config, tokenizer) -> dict[str, str]:
+    """The inputs `prepare` output depends on; later stages recompute these and compare."""
+    settings = json.dumps([cfg.prompt.template, cfg.prompt.use_chat_template, cfg.prompt.system,
+                           cfg.prompt.min_question_tokens, cfg.data.max_length, cfg.data.question_field,
+                           cfg.data.answer_field, cfg.data.seed, cfg.data.train_fraction, cfg.data.val_fraction])
+    return {"source": fingerprint_source(cfg.data.source), "tokenizer": tokenizer_info(tokenizer)["vocab_sha256"],
+            "prompt_and_split": hashlib.sha256(settings.encode()).hexdigest()}
+
+
+def _write_data(data_dir: Path, splits: dict[str, list[dict]], rejected: list[dict], report: dict, cfg: Config,
+                inputs: dict[str, str]) -> None:
     """Write the split files into a temporary folder, then move each into place with os.replace. The report
     goes last, so a crash leaves it describing the previous complete set."""
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -274,7 +287,8 @@ def _write_data(data_dir: Path, splits: dict[str, list[dict]], rejected: list[di
             for r in rejected:
                 f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
         write_json(tmp / "prepare_report.json", report)
-        for name in [f"{s}_data.json" for s in splits] + ["rejected.jsonl", "prepare_report.json"]:
+        write_manifest(tmp, "prepare", cfg, inputs)
+        for name in [f"{s}_data.json" for s in splits] + ["rejected.jsonl", "prepare_report.json", "manifest.json"]:
             os.replace(tmp / name, data_dir / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

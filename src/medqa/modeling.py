@@ -43,10 +43,61 @@ def _load_error(kind: str, name: str, exc: Exception) -> ModelError:
         "which builds a tiny BioGPT locally.")
 
 
+def gguf_source(cfg: Config) -> Path:
+    """The configured GGUF file; `pkg://package/file` finds a file shipped inside an installed Python package."""
+    spec = cfg.resolve(cfg.model.gguf_file)
+    if spec.startswith("pkg://"):
+        import importlib.util
+
+        package, _, name = spec[len("pkg://"):].partition("/")
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            raise ModelError(f"model.gguf_file={spec}: the Python package {package!r} is not installed. Install it "
+                             f"(`pip install {package.replace('_', '-')} gguf`, or `make real-demo`, which does) or "
+                             "give a path to a .gguf file.")
+        path = Path(list(found.submodule_search_locations)[0]) / name
+    else:
+        path = Path(spec)
+    if not path.is_file():
+        raise ModelError(f"GGUF file {path} not found (model.gguf_file). Give the path of a .gguf checkpoint.")
+    return path
+
+
+def ensure_converted(cfg: Config) -> None:
+    """With `model.gguf_file`, convert the GGUF checkpoint once into an ordinary transformers folder at
+    `model.name_or_path`, so later stages and Ray trials load it in a fraction of a second instead of
+    de-quantising again."""
+    target = Path(model_path(cfg))
+    if not cfg.model.gguf_file or target.exists():
+        return
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from medqa.artifacts import atomic_dir
+
+    source = gguf_source(cfg)
+    log.info("Converting %s into %s (once).", source, target)
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ModelError("Loading a GGUF checkpoint needs the `gguf` package: pip install gguf.") from None
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    # The weights are already plain de-quantised tensors; only the GGUF quantizer marker blocks save_pretrained.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
 def load_tokenizer(cfg: Config, path: str | None = None):
     """AutoTokenizer for the configured model, with `model_max_length` set and a pad token that is not EOS."""
     from transformers import AutoTokenizer
 
+    ensure_converted(cfg)
     name = path or tokenizer_path(cfg)
     if not Path(name).exists() and (name.startswith((".", "/", "~")) or "${" in cfg.model.tokenizer_path):
         raise ModelError(f"Tokenizer folder {name} not found. Build it (`medqa make-tiny-model --config ...` for "
@@ -91,22 +142,6 @@ def tokenizer_info(tokenizer) -> dict:
     }
 
 
-def check_tokenized_matches(saved: dict | None, tokenizer, where: str) -> None:
-    """Stop when `tokenized/` was made with another tokenizer than the model's."""
-    if not saved:
-        raise ModelError(f"{where} has no tokenizer record; it was made by an older medqa. Re-run "
-                         "`medqa prepare --config <your config>`.")
-    current = tokenizer_info(tokenizer)
-    keys = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "vocab_sha256")
-    diff = [k for k in keys if saved.get(k) != current[k]]
-    if diff:
-        shown = ", ".join(f"{k}: data {saved.get(k)!r} vs model {current[k]!r}" for k in diff if k != "vocab_sha256")
-        raise ModelError(
-            f"{where} was tokenized with {saved.get('name')!r}, which does not match the model's tokenizer "
-            f"{current['name']!r} ({shown or 'same sizes, different vocabulary'}). Re-run `medqa prepare` with "
-            "the same config (model.name_or_path / model.tokenizer) as this stage.")
-
-
 # ------------------------------------------------------------------------------------------ model
 
 
@@ -132,6 +167,7 @@ def load_model(cfg: Config, path: str | None = None, for_training: bool = False)
     import torch
     from transformers import AutoModelForCausalLM
 
+    ensure_converted(cfg)
     name = path or model_path(cfg)
     if not Path(name).exists() and (name.startswith((".", "/", "~")) or "${" in cfg.model.name_or_path):
         raise ModelError(f"Model folder {name} not found. Run `medqa prepare --config configs/demo.yaml` (it builds "
@@ -243,6 +279,10 @@ def load_adapter_model(cfg: Config, adapter_dir: str | Path):
         raise ModelError(f"{adapter_dir} holds no LoRA adapter (adapter_config.json and adapter_model.safetensors). "
                          "Run `medqa train --config <your config>` first, or point at the folder it wrote "
                          "(outputs/finetune).")
+    from medqa.manifest import check_inputs, fingerprint_model
+
+    check_inputs(cfg, adapter_dir, {"base_model": fingerprint_model(model_path(cfg), cfg.model.revision)},
+                 "medqa train --config <your config>")
     base = load_model(cfg)
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     return model.to(next(base.parameters()).device).eval()

@@ -36,11 +36,33 @@ def eos_id(tokenizer) -> int:
     return int(tokenizer.eos_token_id)
 
 
+_SLOT = "\u2063QUESTION\u2063"  # stands for the question while the chat template is rendered
+
+
+def template_text(tokenizer, prompt: PromptConfig) -> tuple[str, str, bool]:
+    """(text before the question, text after it, whether `before` needs the tokenizer's special start tokens).
+
+    With `use_chat_template`, the tokenizer's chat template is rendered around a placeholder user message (with the
+    assistant header after it); its text already holds the special tokens, so none are added."""
+    if not prompt.use_chat_template:
+        before, after = prompt.template.split("{question}")
+        return before, after, True
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"prompt.use_chat_template=true but tokenizer {tokenizer.name_or_path} has no chat template. "
+                          "Set prompt.use_chat_template=false to use prompt.template.")
+    messages = ([{"role": "system", "content": prompt.system}] if prompt.system else []) + \
+        [{"role": "user", "content": _SLOT}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    before, after = text.split(_SLOT)
+    return before, after, False
+
+
 def prompt_parts(tokenizer, prompt: PromptConfig, question: str) -> tuple[list[int], list[int], list[int]]:
     """Token ids of the text before the question (with the tokenizer's special start tokens, e.g. BioGPT's
-    `</s>`), of the question, and of the text after it."""
-    before, after = prompt.template.split("{question}")
-    return _ids(tokenizer, before, True), _ids(tokenizer, question, False), _ids(tokenizer, after, False)
+    `</s>`, unless a chat template already wrote them), of the question, and of the text after it. The three
+    are tokenized apart so the question can be cut in tokens without touching the template."""
+    before, after, special = template_text(tokenizer, prompt)
+    return _ids(tokenizer, before, special), _ids(tokenizer, question, False), _ids(tokenizer, after, False)
 
 
 def prompt_ids(tokenizer, prompt: PromptConfig, question: str, max_length: int | None = None) -> list[int]:

@@ -25,6 +25,7 @@ from medqa.artifacts import atomic_dir, write_json
 from medqa.baseline import EVAL_SPLITS, load_tokenized, metrics_table, per_example_rows
 from medqa.config import Config
 from medqa.errors import ConfigError
+from medqa.manifest import fingerprint_model, write_manifest
 from medqa.metrics import evaluate_answer_loss, pad_batch
 from medqa.modeling import count_parameters, load_model, load_tokenizer, model_path, resolve_lora_targets
 
@@ -239,6 +240,7 @@ def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None
         shutil.copyfile(history_path, tmp / HISTORY)
         write_json(tmp / "metrics.json", metrics)
         (tmp / "per_example.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        write_manifest(tmp, "train", cfg, adapter_inputs(cfg, tokenizer))
         from medqa.plots import plot_training
 
         plot_training(history, baseline_loss=_baseline_val_loss(Path(cfg.workdir) / "outputs"),
@@ -250,6 +252,13 @@ def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None
     log.info("train: %d steps in %.0fs; test answer_loss %.4f (perplexity %.2f)", metrics["steps"],
              metrics["seconds"], results["test"]["answer_loss"], results["test"]["answer_perplexity"])
     return result
+
+
+def adapter_inputs(cfg: Config, tokenizer) -> dict[str, str]:
+    """What an adapter depends on: the base model it was trained on, and the data it saw."""
+    from medqa.data import prepared_inputs
+
+    return {"base_model": fingerprint_model(model_path(cfg), cfg.model.revision), **prepared_inputs(cfg, tokenizer)}
 
 
 def _baseline_val_loss(outputs: Path) -> float | None:

@@ -22,6 +22,8 @@ from pathlib import Path
 from medqa.artifacts import atomic_dir, write_json
 from medqa.config import Config, config_from_dict
 from medqa.errors import MedqaError
+from medqa.manifest import write_manifest
+from medqa.train import adapter_inputs
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +237,9 @@ def _summarize(cfg: Config, grid, experiment: Path) -> TuneResult:
         with checkpoint.as_directory() as d:
             for f in Path(d).iterdir():
                 shutil.copy2(f, tmp / f.name)
-        load_tokenizer(cfg).save_pretrained(tmp)
+        tokenizer = load_tokenizer(cfg)
+        tokenizer.save_pretrained(tmp)
+        write_manifest(tmp, "tune", cfg, adapter_inputs(cfg, tokenizer))
         best_cfg = config_from_dict(cfg.to_dict(), [f"{k}={json.dumps(v)}" for k, v in best.config.items()])
         write_json(tmp / "trial.json", {"experiment": str(experiment), **{k: v for k, v in best_row.items()
                                         if not isinstance(v, float) or v == v}, "config": best_cfg.to_dict()})

@@ -1,0 +1,523 @@
+"""CPU benchmark: how much of the compute goes to real tokens, and what that buys, ours vs the original project.
+
+    python bench/bench.py [--quick] [--out outputs/bench/bench.json] [--markdown BENCHMARKS.md]
+
+Runs on the real records in ../shared/data (both JSON files, 5,952 records; or $MEDQA_SHARED) with a tiny
+BioGPT (2 layers, hidden 64) built on the real BioGPT tokenizer (42,384 tokens), in a temporary workdir:
+
+  a. padding efficiency of training batches (real tokens / tokens computed) at 8 examples per batch:
+     original (every example padded to 512), ours grouped by length (Trainer's sampler, dynamic padding),
+     ours packed (medqa.packing, rows of up to 512 tokens);
+  b. one training epoch over a subset, LoRA + AdamW, the same step code for every strategy: examples/s and
+     answer tokens/s, the strategies interleaved in each repeat, speedups as paired ratios;
+  c. evaluation tokens/s: medqa.metrics.score_examples (length-batched) vs one example at a time vs pad-to-512;
+  d. `prepare` records/s with data.num_proc 1 and 2, and a cached re-run in the same workdir;
+  e. scaling: prepare and one packed training epoch at 1x, 2x, 4x of a base size.
+
+Every figure is the median of 3 repeats (2 with --quick) with its min and max. Full run: ~5 minutes on 2
+cores; --quick: ~1.5 minutes (smaller subsets; prepare timed on 1,000 of the 5,952 records). "ours" in the
+headline figures is packing; the grouped numbers are reported beside it. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+SHARED = Path(os.environ.get("MEDQA_SHARED", REPO.parent / "shared"))
+DATA_FILES = ["healthcaremagic_test500_sachink1729.json", "genmedgpt5k_SYNTHETIC_chatdoctor5k.json"]
+TOKENIZER = SHARED / "biogpt-tokenizer" / "hf-format-derived"
+MAX_LENGTH = 512  # data.max_length: what the original padded every example to, and our packing budget
+BATCH = 8  # examples per training batch (train.batch_size)
+MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+# Sizes. Training costs ~0.5 ms per token computed on 2 cores (the 42,384-way LM head dominates the tiny model).
+SIZES = {
+    "full": dict(repeats=3, prepare_records=None, train_examples=64, eval_examples=64,
+                 scale_records=1000, scale_examples=16),
+    "quick": dict(repeats=2, prepare_records=1000, train_examples=24, eval_examples=24,
+                  scale_records=250, scale_examples=8),
+}
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def stats(values: list[float]) -> dict:
+    """Median with its spread over repeats."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
+
+
+def timed(fn, *args, **kw) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn(*args, **kw)
+    return time.perf_counter() - start, out
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def machine() -> dict:
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cpu": cpu,
+            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
+# ------------------------------------------------------------------------------------------ setup
+
+
+def write_source(work: Path) -> Path:
+    """Both record files as one JSON list, shuffled (seeded) so that any prefix has the same mix of the
+    longer real HealthCareMagic records and the shorter GenMedGPT ones (prefixes are used for scaling)."""
+    records = [r for name in DATA_FILES for r in json.loads((SHARED / "data" / name).read_text())]
+    random.Random(0).shuffle(records)
+    path = work / "records.json"
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return path
+
+
+def build_model_dir(work: Path) -> Path:
+    from medqa.config import TinyModelConfig
+    from medqa.tiny import build_tiny_model
+
+    return build_tiny_model([], TinyModelConfig(tokenizer_files=str(TOKENIZER)), work / "tiny-biogpt", seed=0)
+
+
+def prepare_cfg(workdir: Path, source: Path, model_dir: Path, num_proc: int = 1, records: int | None = None):
+    from medqa.config import load_config
+
+    return load_config(None, [f"workdir={workdir}", f"data.source={source}", f"model.name_or_path={model_dir}",
+                              f"data.num_proc={num_proc}", f"data.max_records={records or 0}",
+                              f"data.max_length={MAX_LENGTH}"])
+
+
+def load_base_model(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="sdpa")
+
+
+def lora_model(base):
+    """A fresh LoRA copy (all linear layers, r=8), as `medqa train` builds it."""
+    from peft import LoraConfig, get_peft_model
+
+    from medqa.modeling import resolve_lora_targets
+
+    model = copy.deepcopy(base)
+    targets = resolve_lora_targets(model, "all-linear")
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=targets,
+                                            task_type="CAUSAL_LM")).train()
+
+
+# ------------------------------------------------------------------------------------------ batching strategies
+
+
+def answer_tokens(row: dict) -> int:
+    from medqa.prompts import IGNORE_INDEX
+
+    return sum(label != IGNORE_INDEX for label in row["labels"][1:])
+
+
+def packed_rows_per_batch(lengths: list[int]) -> int:
+    """Packed rows per batch that hold about BATCH examples, so every strategy sees the same examples per
+    optimizer step (~2 rows of 512 tokens at a mean of 110 tokens)."""
+    return max(1, round(BATCH * statistics.mean(lengths) / MAX_LENGTH))
+
+
+def make_batches(rows: list[dict], strategy: str, seed: int, rows_per_batch: int) -> list[list[dict]]:
+    """The rows of each batch, in training order. original: random order, BATCH per batch (padded to 512 by
+    the collator); grouped: Trainer's length-grouped sampler; packed: packed rows in random order."""
+    import torch
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    from medqa.packing import pack_examples
+
+    rng = random.Random(seed)
+    if strategy == "packed":
+        packed = pack_examples(rows, MAX_LENGTH)
+        rng.shuffle(packed)
+        return [packed[i:i + rows_per_batch] for i in range(0, len(packed), rows_per_batch)]
+    if strategy == "grouped":
+        order = get_length_grouped_indices([len(r["input_ids"]) for r in rows], BATCH,
+                                           generator=torch.Generator().manual_seed(seed))
+    else:
+        order = list(range(len(rows)))
+        rng.shuffle(order)
+    return [[rows[i] for i in order[k:k + BATCH]] for k in range(0, len(order), BATCH)]
+
+
+def collate(batch: list[dict], strategy: str, pad_id: int) -> dict:
+    from medqa.metrics import pad_batch
+    from medqa.packing import PackedCollator
+
+    if strategy == "packed":
+        return PackedCollator(pad_id)(batch)
+    if strategy == "original":  # a dummy row of 512 tokens makes pad_batch pad every row to 512
+        dummy = {"input_ids": [pad_id] * MAX_LENGTH, "labels": [-100] * MAX_LENGTH}
+        return {k: v[:-1] for k, v in pad_batch(batch + [dummy], pad_id).items()}
+    return pad_batch(batch, pad_id)
+
+
+def efficiency(batches: list[list[dict]], strategy: str) -> float:
+    from medqa.packing import padding_efficiency
+
+    lengths = [[len(r["input_ids"]) for r in b] for b in batches]
+    return padding_efficiency(lengths, pad_to=MAX_LENGTH if strategy == "original" else None)
+
+
+# ------------------------------------------------------------------------------------------ a. padding
+
+
+def bench_padding(train_rows: list[dict], repeats: int) -> dict:
+    rows_per_batch = packed_rows_per_batch([len(r["input_ids"]) for r in train_rows])
+    out = {}
+    for strategy in ("original", "grouped", "packed"):
+        values = [efficiency(make_batches(train_rows, strategy, seed, rows_per_batch), strategy)
+                  for seed in range(repeats)]
+        out[strategy] = stats(values)
+    return {"ours": out["packed"]["median"], "original": out["original"]["median"], "grouped": out["grouped"],
+            "packed": out["packed"], "original_stats": out["original"],
+            "examples": len(train_rows), "batch_size": BATCH, "packed_rows_per_batch": rows_per_batch,
+            "packed_max_tokens": MAX_LENGTH}
+
+
+# ------------------------------------------------------------------------------------------ b. training
+
+
+def train_epoch(model, batches: list[list[dict]], strategy: str, pad_id: int) -> float:
+    """One epoch, the same step for every strategy: forward with the model's own loss, backward, AdamW."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-4)
+    start = time.perf_counter()
+    for rows in batches:
+        loss = model(**collate(rows, strategy, pad_id)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def bench_train(base, train_rows: list[dict], n: int, repeats: int, pad_id: int) -> dict:
+    subset = random.Random(1).sample(train_rows, min(n, len(train_rows)))
+    n_answer = sum(answer_tokens(r) for r in subset)
+    rows_per_batch = packed_rows_per_batch([len(r["input_ids"]) for r in train_rows])
+    strategies = ["original", "grouped", "packed"]
+    train_epoch(lora_model(base), make_batches(subset[:BATCH], "grouped", 0, 1), "grouped", pad_id)  # warm-up
+    seconds: dict[str, list[float]] = {s: [] for s in strategies}
+    eff: dict[str, list[float]] = {s: [] for s in strategies}
+    for rep in range(repeats):
+        for strategy in strategies[rep % 3:] + strategies[:rep % 3]:  # rotate, so no strategy always goes first
+            batches = make_batches(subset, strategy, seed=100 + rep, rows_per_batch=rows_per_batch)
+            secs = train_epoch(lora_model(base), batches, strategy, pad_id)
+            seconds[strategy].append(secs)
+            eff[strategy].append(efficiency(batches, strategy))
+            log(f"train {strategy:8s} repeat {rep}: {len(subset) / secs:6.2f} examples/s")
+    out = {s: {"examples_per_s": stats([len(subset) / t for t in seconds[s]]),
+               "answer_tokens_per_s": stats([n_answer / t for t in seconds[s]]),
+               "seconds": stats(seconds[s]), "padding_efficiency": stats(eff[s])} for s in strategies}
+    ratio = {s: stats([o / t for o, t in zip(seconds["original"], seconds[s])]) for s in ("grouped", "packed")}
+    return {"speedup": ratio, "strategies": out, "examples": len(subset), "answer_tokens": n_answer,
+            "packed_rows_per_batch": rows_per_batch, "model": "tiny BioGPT + LoRA all-linear r=8, AdamW"}
+
+
+# ------------------------------------------------------------------------------------------ c. evaluation
+
+
+def score_padded_512(model, rows: list[dict], pad_id: int, batch_size: int = BATCH) -> float:
+    """The original way: every example padded to 512, batches in data order. Returns the summed answer NLL."""
+    import torch
+
+    from medqa.metrics import token_nll
+
+    total = 0.0
+    with torch.inference_mode():
+        for k in range(0, len(rows), batch_size):
+            batch = collate(rows[k:k + batch_size], "original", pad_id)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            total += token_nll(logits, batch["labels"]).double().sum().item()
+    return total
+
+
+def bench_eval(base, val_ds, n: int, repeats: int, pad_id: int) -> dict:
+    from medqa.metrics import score_examples
+
+    ds = val_ds.select(range(min(n, len(val_ds))))
+    rows = [ds[i] for i in range(len(ds))]
+    tokens = sum(len(r["input_ids"]) for r in rows)
+    model = base.eval()
+    methods = {
+        "length_batched": lambda: float(score_examples(model, ds, pad_id, batch_size=BATCH).answer_nll.sum()),
+        "one_at_a_time": lambda: float(score_examples(model, ds, pad_id, batch_size=1).answer_nll.sum()),
+        "padded_512": lambda: score_padded_512(model, rows, pad_id),
+    }
+    methods["length_batched"]()  # warm-up
+    seconds: dict[str, list[float]] = {m: [] for m in methods}
+    nll: dict[str, float] = {}
+    for rep in range(repeats):
+        for name, fn in methods.items():
+            secs, nll[name] = timed(fn)
+            seconds[name].append(secs)
+        log(f"eval repeat {rep}: " + ", ".join(f"{m} {tokens / s[-1]:.0f} tok/s" for m, s in seconds.items()))
+    # All three must score the same answer tokens identically (padding never reaches the metric).
+    spread = max(nll.values()) - min(nll.values())
+    return {"tokens_per_s": {m: stats([tokens / t for t in s]) for m, s in seconds.items()},
+            "speedup_vs_padded_512": stats([p / t for p, t in zip(seconds["padded_512"], seconds["length_batched"])]),
+            "speedup_vs_one_at_a_time": stats([p / t for p, t in zip(seconds["one_at_a_time"],
+                                                                     seconds["length_batched"])]),
+            "answer_nll_sum": nll, "answer_nll_max_difference": spread, "examples": len(rows), "tokens": tokens,
+            "batch_size": BATCH}
+
+
+# ------------------------------------------------------------------------------------------ d, e. prepare
+
+
+def run_prepare(workdir: Path, source: Path, model_dir: Path, num_proc: int, records: int | None) -> tuple:
+    from medqa.data import prepare
+
+    cfg = prepare_cfg(workdir, source, model_dir, num_proc, records)
+    first, result = timed(prepare, cfg)
+    cached, _ = timed(prepare, cfg)  # same inputs, same workdir: reads the tokenization cache
+    return first, cached, result.report["read"]
+
+
+def bench_prepare(work: Path, source: Path, model_dir: Path, records: int | None, repeats: int) -> tuple[dict, Path]:
+    """Returns the results and the first workdir (kept: the other sections read its tokenized splits)."""
+    first: dict[str, list[float]] = {"1": [], "2": []}
+    cached: dict[str, list[float]] = {"1": [], "2": []}
+    keep = work / "prepare-np1-r0"
+    read = 0
+    for rep in range(repeats):
+        for num_proc in (1, 2):
+            workdir = work / f"prepare-np{num_proc}-r{rep}"
+            secs, again, read = run_prepare(workdir, source, model_dir, num_proc, records)
+            first[str(num_proc)].append(read / secs)
+            cached[str(num_proc)].append(again)
+            log(f"prepare num_proc={num_proc} repeat {rep}: {read / secs:.0f} records/s, cached re-run {again:.1f}s")
+            if workdir != keep:
+                shutil.rmtree(workdir)
+    return {"records": read, "records_per_s": {k: stats(v) for k, v in first.items()},
+            "cached_rerun_seconds": {k: stats(v) for k, v in cached.items()}}, keep
+
+
+def bench_scaling(work: Path, source: Path, model_dir: Path, base, train_rows: list[dict], sizes: dict,
+                  repeats: int, pad_id: int) -> dict:
+    """Time per unit at 1x, 2x, 4x: prepare (per 1,000 records) and one packed epoch (per example)."""
+    rows_per_batch = packed_rows_per_batch([len(r["input_ids"]) for r in train_rows])
+    out = {}
+    for factor in (1, 2, 4):
+        n_rec, n_ex = sizes["scale_records"] * factor, sizes["scale_examples"] * factor
+        prep, train = [], []
+        for rep in range(repeats):
+            workdir = work / f"scale-{factor}x-r{rep}"
+            secs, _, read = run_prepare(workdir, source, model_dir, 1, n_rec)
+            shutil.rmtree(workdir)
+            prep.append(secs / read * 1000)
+            subset = random.Random(rep).sample(train_rows, min(n_ex, len(train_rows)))
+            batches = make_batches(subset, "packed", seed=rep, rows_per_batch=rows_per_batch)
+            train.append(train_epoch(lora_model(base), batches, "packed", pad_id) / len(subset))
+        out[f"{factor}x"] = {"records": n_rec, "train_examples": n_ex,
+                             "prepare_seconds_per_1k_records": stats(prep), "train_seconds_per_example": stats(train)}
+        log(f"scaling {factor}x: prepare {out[f'{factor}x']['prepare_seconds_per_1k_records']['median']:.2f} s/1k "
+            f"records, train {out[f'{factor}x']['train_seconds_per_example']['median'] * 1000:.0f} ms/example")
+    for key in ("prepare_seconds_per_1k_records", "train_seconds_per_example"):
+        out[f"{key}_4x_over_1x"] = out["4x"][key]["median"] / out["1x"][key]["median"]  # 1.0 = linear
+    return out
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def fmt(s: dict, digits: int = 1) -> str:
+    return f"{s['median']:,.{digits}f} ({s['min']:,.{digits}f}-{s['max']:,.{digits}f})"
+
+
+def markdown_section(res: dict) -> str:
+    m, pad, tr, ev, pr, sc = (res["meta"], res["padding_efficiency"], res["train"], res["eval"], res["prepare"],
+                              res["scaling"])
+    st = tr["strategies"]
+    lines = [
+        MARK_START,
+        f"## Results ({m['date']}, {'--quick' if m['quick'] else 'full run'})",
+        "",
+        f"Machine: {m['machine']['cores']} cores ({m['machine']['cpu']}), torch {m['machine']['torch']} "
+        f"({m['machine']['torch_threads']} threads), transformers {m['machine']['transformers']}; load average "
+        f"{m['machine']['load_average_at_start']:.1f} at start. Median of {m['repeats']} repeats (min-max). "
+        f"Run time {m['seconds']:.0f} s.",
+        "",
+        f"Training: {tr['examples']} train examples, one epoch, {tr['model']}; batches of {BATCH} examples "
+        f"(packed: {tr['packed_rows_per_batch']} rows of up to {MAX_LENGTH} tokens per batch).",
+        "",
+        "| | original (pad to 512) | ours: grouped by length | ours: packed | packed / original |",
+        "|---|---|---|---|---|",
+        f"| padding efficiency, train split ({pad['examples']:,} examples) | {pad['original']:.3f} | "
+        f"{fmt(pad['grouped'], 3)} | {fmt(pad['packed'], 3)} | {pad['ours'] / pad['original']:.2f}x |",
+        f"| training examples/s | {fmt(st['original']['examples_per_s'], 2)} | {fmt(st['grouped']['examples_per_s'], 2)} | "
+        f"{fmt(st['packed']['examples_per_s'], 2)} | {fmt(tr['speedup']['packed'], 2)}x |",
+        f"| training answer tokens/s | {fmt(st['original']['answer_tokens_per_s'], 0)} | "
+        f"{fmt(st['grouped']['answer_tokens_per_s'], 0)} | {fmt(st['packed']['answer_tokens_per_s'], 0)} | |",
+        f"| training speedup over original | 1.00 | {fmt(tr['speedup']['grouped'], 2)}x | "
+        f"{fmt(tr['speedup']['packed'], 2)}x | |",
+        "",
+        f"Evaluation ({ev['examples']} val examples, {ev['tokens']:,} tokens; same answer NLL from all three, "
+        f"max difference {ev['answer_nll_max_difference']:.1e}):",
+        "",
+        "| | padded to 512 | one example at a time | `score_examples` (length-batched, 8) |",
+        "|---|---|---|---|",
+        f"| tokens/s | {fmt(ev['tokens_per_s']['padded_512'], 0)} | {fmt(ev['tokens_per_s']['one_at_a_time'], 0)} | "
+        f"{fmt(ev['tokens_per_s']['length_batched'], 0)} |",
+        f"| length-batched speedup | {fmt(ev['speedup_vs_padded_512'], 2)}x | {fmt(ev['speedup_vs_one_at_a_time'], 2)}x | |",
+        "",
+        f"`prepare` on {pr['records']:,} records:",
+        "",
+        "| data.num_proc | records/s | cached re-run (s) |",
+        "|---|---|---|",
+        *[f"| {k} | {fmt(pr['records_per_s'][k], 0)} | {fmt(pr['cached_rerun_seconds'][k], 1)} |" for k in ("1", "2")],
+        "",
+        "Scaling (time per unit should stay flat; 4x/1x = 1.0 is linear):",
+        "",
+        "| size | records | prepare s / 1k records | train examples | packed train ms / example |",
+        "|---|---|---|---|---|",
+        *[f"| {f} | {sc[f]['records']:,} | {fmt(sc[f]['prepare_seconds_per_1k_records'], 2)} | {sc[f]['train_examples']} | "
+          f"{sc[f]['train_seconds_per_example']['median'] * 1000:.0f} ({sc[f]['train_seconds_per_example']['min'] * 1000:.0f}-"
+          f"{sc[f]['train_seconds_per_example']['max'] * 1000:.0f}) |" for f in ("1x", "2x", "4x")],
+        f"| 4x / 1x | | {sc['prepare_seconds_per_1k_records_4x_over_1x']:.2f} | | "
+        f"{sc['train_seconds_per_example_4x_over_1x']:.2f} |",
+        MARK_END,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+INTRO = """# Benchmarks
+
+Produced by `python bench/bench.py --markdown <this file>` (details: `bench/README.md`). On CPU, with a tiny
+BioGPT on the real BioGPT tokenizer and the 5,952 real records in `../shared/data`, it measures how much of the
+computed tokens are real (padding efficiency), training and evaluation throughput of our batching (grouped by
+length, and packed) against the original project's pad-everything-to-512, `medqa prepare` throughput, and how
+time scales with data size. The machine, library versions and date are in the results section, which each run
+replaces.
+
+"""
+
+
+def write_markdown(path: Path, res: dict) -> None:
+    text = path.read_text(encoding="utf-8") if path.exists() else INTRO
+    section = markdown_section(res)
+    if MARK_START in text and MARK_END in text:
+        head, rest = text.split(MARK_START, 1)
+        text = head + section + rest.split(MARK_END, 1)[1].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smaller subsets and 2 repeats (about 1.5 minutes)")
+    ap.add_argument("--out", default=str(REPO / "outputs" / "bench" / "bench.json"), help="JSON results file")
+    ap.add_argument("--markdown", default=None, help="markdown file whose results section is written/replaced")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary workdir (its path is printed)")
+    args = ap.parse_args(argv)
+
+    missing = [p for p in [TOKENIZER] + [SHARED / "data" / f for f in DATA_FILES] if not p.exists()]
+    if missing:
+        print(f"bench skipped: {missing[0]} not found. The benchmark reads the shared data folder beside the repo "
+              f"(../shared); set MEDQA_SHARED to its location.")
+        return 0
+
+    import datasets
+    import torch
+
+    datasets.disable_progress_bars()
+    torch.manual_seed(0)
+    sizes = SIZES["quick" if args.quick else "full"]
+    repeats = sizes["repeats"]
+    start = time.perf_counter()
+    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": args.quick, "repeats": repeats,
+            "machine": machine(), "sizes": sizes}
+    work = Path(tempfile.mkdtemp(prefix="medqa-bench-"))
+    log(f"workdir {work}; {'quick' if args.quick else 'full'} run, {repeats} repeats")
+    try:
+        source = write_source(work)
+        model_dir = build_model_dir(work)
+        prep, base_dir = bench_prepare(work, source, model_dir, sizes["prepare_records"], repeats)
+
+        tok = {s: datasets.load_from_disk(str(base_dir / "tokenized" / f"tokenized_{s}")) for s in ("train", "val")}
+        train_rows = [{"input_ids": i, "labels": l} for i, l in zip(tok["train"]["input_ids"], tok["train"]["labels"])]
+        base = load_base_model(model_dir)
+        pad_id = base.config.pad_token_id
+        meta["model"] = {"path": "tiny BioGPT (medqa.tiny) on the real BioGPT tokenizer",
+                         "parameters": sum(p.numel() for p in base.parameters()),
+                         "vocab_size": base.config.vocab_size, "hidden_size": base.config.hidden_size,
+                         "layers": base.config.num_hidden_layers}
+        lengths = [len(r["input_ids"]) for r in train_rows]
+        meta["train_lengths"] = {"examples": len(lengths), "mean": statistics.mean(lengths),
+                                 "median": statistics.median(lengths), "max": max(lengths)}
+
+        padding = bench_padding(train_rows, repeats)
+        log(f"padding efficiency: original {padding['original']:.3f}, grouped {padding['grouped']['median']:.3f}, "
+            f"packed {padding['packed']['median']:.3f}")
+        train = bench_train(base, train_rows, sizes["train_examples"], repeats, pad_id)
+        evaluation = bench_eval(base, tok["val"], sizes["eval_examples"], repeats, pad_id)
+        scaling = bench_scaling(work, source, model_dir, base, train_rows, sizes, repeats, pad_id)
+    finally:
+        if args.keep:
+            log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+    meta["seconds"] = time.perf_counter() - start
+    res = {
+        "padding_efficiency": padding,
+        "train_speedup": train["speedup"]["packed"]["median"],
+        "train_speedup_grouped": train["speedup"]["grouped"]["median"],
+        "eval_speedup": evaluation["speedup_vs_padded_512"]["median"],
+        "prepare_records_per_s": {k: v["median"] for k, v in prep["records_per_s"].items()},
+        "train": train, "eval": evaluation, "prepare": prep, "scaling": scaling, "meta": meta,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
+    if args.markdown:
+        write_markdown(Path(args.markdown), res)
+    print(markdown_section(res))
+    log(f"wrote {out}{' and ' + args.markdown if args.markdown else ''} in {meta['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
