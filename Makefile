@@ -17,7 +17,7 @@ export RAY_AUTH_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup demo test test-all real-demo clean
+.PHONY: setup demo test test-all real-demo bench clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,11 @@ real-demo: $(STAMP)
 	$(BIN)/medqa train $(REAL)
 	$(BIN)/medqa evaluate $(REAL)
 	@echo "real demo finished: see outputs/real/outputs/report.md"
+
+# CPU benchmarks on the real records and the real BioGPT tokenizer in ../shared (under 10 minutes here):
+# writes outputs/bench/bench.json and the table in BENCHMARKS.md. Run it on an otherwise idle machine.
+bench: $(STAMP)
+	$(BIN)/python bench/bench.py --out outputs/bench/bench.json --markdown BENCHMARKS.md
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -rs -m "not slow"

@@ -14,9 +14,10 @@ BioGPT (2 layers, hidden 64) built on the real BioGPT tokenizer (42,384 tokens),
   d. `prepare` records/s with data.num_proc 1 and 2, and a cached re-run in the same workdir;
   e. scaling: prepare and one packed training epoch at 1x, 2x, 4x of a base size.
 
-Every figure is the median of 3 repeats (2 with --quick) with its min and max. Full run: ~5 minutes on 2
-cores; --quick: ~1.5 minutes (smaller subsets; prepare timed on 1,000 of the 5,952 records). "ours" in the
-headline figures is packing; the grouped numbers are reported beside it. See bench/README.md.
+Every figure is the median of 3 repeats (2 with --quick) with its min and max. On 2 cores that another job
+keeps busy: full run ~7 minutes, --quick ~1.5 to 2 (smaller subsets; prepare timed on 1,000 of the 5,952
+records); less when they are idle or with --threads 1. "ours" in the headline figures is packing; the
+grouped numbers are reported beside it. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,6 +42,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", category=FutureWarning)  # peft calls a deprecated transformers property
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
@@ -50,12 +53,14 @@ MAX_LENGTH = 512  # data.max_length: what the original padded every example to, 
 BATCH = 8  # examples per training batch (train.batch_size)
 MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
-# Sizes. Training costs ~0.5 ms per token computed on 2 cores (the 42,384-way LM head dominates the tiny model).
+# Sizes. Training the tiny model costs ~0.7 ms per token computed with one thread, ~2.7 ms with two threads on
+# cores shared with another job; its time goes to the 42,384-way logits and their softmax, so it grows with
+# the tokens computed, padding included.
 SIZES = {
-    "full": dict(repeats=3, prepare_records=None, train_examples=64, eval_examples=64,
-                 scale_records=1000, scale_examples=16),
-    "quick": dict(repeats=2, prepare_records=1000, train_examples=24, eval_examples=24,
-                  scale_records=250, scale_examples=8),
+    "full": dict(repeats=3, prepare_records=None, train_examples=32, eval_examples=32,
+                 scale_records=400, scale_examples=12),
+    "quick": dict(repeats=2, prepare_records=1000, train_examples=16, eval_examples=8,
+                  scale_records=200, scale_examples=8),
 }
 
 
@@ -181,7 +186,9 @@ def collate(batch: list[dict], strategy: str, pad_id: int) -> dict:
     if strategy == "packed":
         return PackedCollator(pad_id)(batch)
     if strategy == "original":  # a dummy row of 512 tokens makes pad_batch pad every row to 512
-        dummy = {"input_ids": [pad_id] * MAX_LENGTH, "labels": [-100] * MAX_LENGTH}
+        from medqa.prompts import IGNORE_INDEX
+
+        dummy = {"input_ids": [pad_id] * MAX_LENGTH, "labels": [IGNORE_INDEX] * MAX_LENGTH}
         return {k: v[:-1] for k, v in pad_batch(batch + [dummy], pad_id).items()}
     return pad_batch(batch, pad_id)
 
@@ -233,7 +240,7 @@ def bench_train(base, train_rows: list[dict], n: int, repeats: int, pad_id: int)
     n_answer = sum(answer_tokens(r) for r in subset)
     rows_per_batch = packed_rows_per_batch([len(r["input_ids"]) for r in train_rows])
     strategies = ["original", "grouped", "packed"]
-    train_epoch(lora_model(base), make_batches(subset[:BATCH], "grouped", 0, 1), "grouped", pad_id)  # warm-up
+    train_epoch(lora_model(base), make_batches(subset[:2], "grouped", 0, 1), "grouped", pad_id)  # warm-up
     seconds: dict[str, list[float]] = {s: [] for s in strategies}
     eff: dict[str, list[float]] = {s: [] for s in strategies}
     for rep in range(repeats):
@@ -255,7 +262,8 @@ def bench_train(base, train_rows: list[dict], n: int, repeats: int, pad_id: int)
 
 
 def score_padded_512(model, rows: list[dict], pad_id: int, batch_size: int = BATCH) -> float:
-    """The original way: every example padded to 512, batches in data order. Returns the summed answer NLL."""
+    """The original way: every example padded to 512, batches in data order. Per batch the same work as
+    `score_examples` (answer and sequence NLL); returns the summed answer NLL."""
     import torch
 
     from medqa.metrics import token_nll
@@ -266,6 +274,7 @@ def score_padded_512(model, rows: list[dict], pad_id: int, batch_size: int = BAT
             batch = collate(rows[k:k + batch_size], "original", pad_id)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             total += token_nll(logits, batch["labels"]).double().sum().item()
+            token_nll(logits, batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)).double().sum()
     return total
 
 
@@ -302,55 +311,65 @@ def bench_eval(base, val_ds, n: int, repeats: int, pad_id: int) -> dict:
 # ------------------------------------------------------------------------------------------ d, e. prepare
 
 
-def run_prepare(workdir: Path, source: Path, model_dir: Path, num_proc: int, records: int | None) -> tuple:
+def run_prepare(cfg_args: tuple, rerun: bool = False) -> tuple[float, float | None, int]:
+    """Seconds of a fresh `prepare`, of a re-run in the same workdir (reads the tokenization cache) when
+    `rerun`, and the records read."""
     from medqa.data import prepare
 
-    cfg = prepare_cfg(workdir, source, model_dir, num_proc, records)
+    cfg = prepare_cfg(*cfg_args)
     first, result = timed(prepare, cfg)
-    cached, _ = timed(prepare, cfg)  # same inputs, same workdir: reads the tokenization cache
+    cached = timed(prepare, cfg)[0] if rerun else None
     return first, cached, result.report["read"]
 
 
 def bench_prepare(work: Path, source: Path, model_dir: Path, records: int | None, repeats: int) -> tuple[dict, Path]:
-    """Returns the results and the first workdir (kept: the other sections read its tokenized splits)."""
-    first: dict[str, list[float]] = {"1": [], "2": []}
-    cached: dict[str, list[float]] = {"1": [], "2": []}
+    """Returns the results and the first workdir (kept: the other sections read its tokenized splits).
+    The cached re-run is timed after the num_proc=1 run (a cache hit does not tokenize, so num_proc is moot)."""
+    rate: dict[str, list[float]] = {"1": [], "2": []}
+    cached: list[float] = []
     keep = work / "prepare-np1-r0"
     read = 0
     for rep in range(repeats):
         for num_proc in (1, 2):
             workdir = work / f"prepare-np{num_proc}-r{rep}"
-            secs, again, read = run_prepare(workdir, source, model_dir, num_proc, records)
-            first[str(num_proc)].append(read / secs)
-            cached[str(num_proc)].append(again)
-            log(f"prepare num_proc={num_proc} repeat {rep}: {read / secs:.0f} records/s, cached re-run {again:.1f}s")
+            secs, again, read = run_prepare((workdir, source, model_dir, num_proc, records), rerun=num_proc == 1)
+            rate[str(num_proc)].append(read / secs)
+            if again is not None:
+                cached.append(again)
+            log(f"prepare num_proc={num_proc} repeat {rep}: {read / secs:.0f} records/s"
+                + (f", cached re-run {again:.1f} s" if again is not None else ""))
             if workdir != keep:
                 shutil.rmtree(workdir)
-    return {"records": read, "records_per_s": {k: stats(v) for k, v in first.items()},
-            "cached_rerun_seconds": {k: stats(v) for k, v in cached.items()}}, keep
+    return {"records": read, "records_per_s": {k: stats(v) for k, v in rate.items()},
+            "cached_rerun_seconds": stats(cached)}, keep
 
 
 def bench_scaling(work: Path, source: Path, model_dir: Path, base, train_rows: list[dict], sizes: dict,
                   repeats: int, pad_id: int) -> dict:
-    """Time per unit at 1x, 2x, 4x: prepare (per 1,000 records) and one packed epoch (per example)."""
+    """Time per unit at 1x, 2x, 4x of a base size: prepare (s per 1,000 records) and one packed training epoch
+    (s per example and per 1,000 tokens; per token is the steadier unit, as example lengths vary)."""
     rows_per_batch = packed_rows_per_batch([len(r["input_ids"]) for r in train_rows])
-    out = {}
+    out: dict = {}
     for factor in (1, 2, 4):
         n_rec, n_ex = sizes["scale_records"] * factor, sizes["scale_examples"] * factor
-        prep, train = [], []
+        prep, per_example, per_ktok = [], [], []
         for rep in range(repeats):
             workdir = work / f"scale-{factor}x-r{rep}"
-            secs, _, read = run_prepare(workdir, source, model_dir, 1, n_rec)
+            secs, _, read = run_prepare((workdir, source, model_dir, 1, n_rec))
             shutil.rmtree(workdir)
             prep.append(secs / read * 1000)
             subset = random.Random(rep).sample(train_rows, min(n_ex, len(train_rows)))
             batches = make_batches(subset, "packed", seed=rep, rows_per_batch=rows_per_batch)
-            train.append(train_epoch(lora_model(base), batches, "packed", pad_id) / len(subset))
-        out[f"{factor}x"] = {"records": n_rec, "train_examples": n_ex,
-                             "prepare_seconds_per_1k_records": stats(prep), "train_seconds_per_example": stats(train)}
-        log(f"scaling {factor}x: prepare {out[f'{factor}x']['prepare_seconds_per_1k_records']['median']:.2f} s/1k "
-            f"records, train {out[f'{factor}x']['train_seconds_per_example']['median'] * 1000:.0f} ms/example")
-    for key in ("prepare_seconds_per_1k_records", "train_seconds_per_example"):
+            secs = train_epoch(lora_model(base), batches, "packed", pad_id)
+            per_example.append(secs / len(subset))
+            per_ktok.append(secs / sum(len(r["input_ids"]) for r in subset) * 1000)
+        row = out[f"{factor}x"] = {"records": n_rec, "train_examples": n_ex,
+                                   "prepare_seconds_per_1k_records": stats(prep),
+                                   "train_seconds_per_example": stats(per_example),
+                                   "train_seconds_per_1k_tokens": stats(per_ktok)}
+        log(f"scaling {factor}x: prepare {row['prepare_seconds_per_1k_records']['median']:.2f} s/1k records, "
+            f"train {row['train_seconds_per_1k_tokens']['median']:.2f} s/1k tokens")
+    for key in ("prepare_seconds_per_1k_records", "train_seconds_per_example", "train_seconds_per_1k_tokens"):
         out[f"{key}_4x_over_1x"] = out["4x"][key]["median"] / out["1x"][key]["median"]  # 1.0 = linear
     return out
 
@@ -360,6 +379,11 @@ def bench_scaling(work: Path, source: Path, model_dir: Path, base, train_rows: l
 
 def fmt(s: dict, digits: int = 1) -> str:
     return f"{s['median']:,.{digits}f} ({s['min']:,.{digits}f}-{s['max']:,.{digits}f})"
+
+
+def load(meta: dict, when: str) -> str:
+    value = meta["machine"].get(f"load_average_at_{when}")
+    return "n/a" if value is None else f"{value:.1f}"
 
 
 def markdown_section(res: dict) -> str:
@@ -372,7 +396,7 @@ def markdown_section(res: dict) -> str:
         "",
         f"Machine: {m['machine']['cores']} cores ({m['machine']['cpu']}), torch {m['machine']['torch']} "
         f"({m['machine']['torch_threads']} threads), transformers {m['machine']['transformers']}; load average "
-        f"{m['machine']['load_average_at_start']:.1f} at start. Median of {m['repeats']} repeats (min-max). "
+        f"{load(m, 'start')} at start, {load(m, 'end')} at end. Median of {m['repeats']} repeats (min-max). "
         f"Run time {m['seconds']:.0f} s.",
         "",
         f"Training: {tr['examples']} train examples, one epoch, {tr['model']}; batches of {BATCH} examples "
@@ -398,21 +422,21 @@ def markdown_section(res: dict) -> str:
         f"{fmt(ev['tokens_per_s']['length_batched'], 0)} |",
         f"| length-batched speedup | {fmt(ev['speedup_vs_padded_512'], 2)}x | {fmt(ev['speedup_vs_one_at_a_time'], 2)}x | |",
         "",
-        f"`prepare` on {pr['records']:,} records:",
+        f"`prepare` on {pr['records']:,} records (cached re-run: {fmt(pr['cached_rerun_seconds'], 1)} s):",
         "",
-        "| data.num_proc | records/s | cached re-run (s) |",
-        "|---|---|---|",
-        *[f"| {k} | {fmt(pr['records_per_s'][k], 0)} | {fmt(pr['cached_rerun_seconds'][k], 1)} |" for k in ("1", "2")],
+        "| data.num_proc | records/s |",
+        "|---|---|",
+        *[f"| {k} | {fmt(pr['records_per_s'][k], 0)} |" for k in ("1", "2")],
         "",
-        "Scaling (time per unit should stay flat; 4x/1x = 1.0 is linear):",
+        "Scaling (time per unit; 4x / 1x = 1.00 is linear, below 1 means fixed costs are being amortised):",
         "",
-        "| size | records | prepare s / 1k records | train examples | packed train ms / example |",
-        "|---|---|---|---|---|",
-        *[f"| {f} | {sc[f]['records']:,} | {fmt(sc[f]['prepare_seconds_per_1k_records'], 2)} | {sc[f]['train_examples']} | "
-          f"{sc[f]['train_seconds_per_example']['median'] * 1000:.0f} ({sc[f]['train_seconds_per_example']['min'] * 1000:.0f}-"
-          f"{sc[f]['train_seconds_per_example']['max'] * 1000:.0f}) |" for f in ("1x", "2x", "4x")],
+        "| size | records | prepare s / 1k records | train examples | packed train s / 1k tokens | s / example |",
+        "|---|---|---|---|---|---|",
+        *[f"| {f} | {sc[f]['records']:,} | {fmt(sc[f]['prepare_seconds_per_1k_records'], 2)} | "
+          f"{sc[f]['train_examples']} | {fmt(sc[f]['train_seconds_per_1k_tokens'], 2)} | "
+          f"{fmt(sc[f]['train_seconds_per_example'], 3)} |" for f in ("1x", "2x", "4x")],
         f"| 4x / 1x | | {sc['prepare_seconds_per_1k_records_4x_over_1x']:.2f} | | "
-        f"{sc['train_seconds_per_example_4x_over_1x']:.2f} |",
+        f"{sc['train_seconds_per_1k_tokens_4x_over_1x']:.2f} | {sc['train_seconds_per_example_4x_over_1x']:.2f} |",
         MARK_END,
     ]
     return "\n".join(lines) + "\n"
@@ -451,6 +475,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(REPO / "outputs" / "bench" / "bench.json"), help="JSON results file")
     ap.add_argument("--markdown", default=None, help="markdown file whose results section is written/replaced")
     ap.add_argument("--keep", action="store_true", help="keep the temporary workdir (its path is printed)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's choice, one per core); 1 on a machine shared with "
+                         "other jobs, where threads that spin-wait for each other are several times slower")
     args = ap.parse_args(argv)
 
     missing = [p for p in [TOKENIZER] + [SHARED / "data" / f for f in DATA_FILES] if not p.exists()]
@@ -464,13 +491,20 @@ def main(argv: list[str] | None = None) -> int:
 
     datasets.disable_progress_bars()
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sizes = SIZES["quick" if args.quick else "full"]
     repeats = sizes["repeats"]
     start = time.perf_counter()
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": args.quick, "repeats": repeats,
             "machine": machine(), "sizes": sizes}
     work = Path(tempfile.mkdtemp(prefix="medqa-bench-"))
-    log(f"workdir {work}; {'quick' if args.quick else 'full'} run, {repeats} repeats")
+    log(f"workdir {work}; {'quick' if args.quick else 'full'} run, {repeats} repeats, "
+        f"{torch.get_num_threads()} torch threads")
+    load = meta["machine"]["load_average_at_start"]
+    if load is not None and load > 0.5 * (os.cpu_count() or 1) and torch.get_num_threads() > 1:
+        log(f"warning: load average {load:.1f} on {os.cpu_count()} cores: other jobs are running; timings will be "
+            "noisy and multi-threaded torch slow (consider --threads 1)")
     try:
         source = write_source(work)
         model_dir = build_model_dir(work)
@@ -501,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     meta["seconds"] = time.perf_counter() - start
+    meta["machine"]["load_average_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     res = {
         "padding_efficiency": padding,
         "train_speedup": train["speedup"]["packed"]["median"],

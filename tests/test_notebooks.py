@@ -16,7 +16,9 @@ NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 def test_outputs_stripped_and_thin(path: Path):
     nb = nbformat.read(path, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
-    assert code[0].metadata.get("tags") == ["parameters"]
+    assert "Open In Colab" in nb.cells[0].source and f"notebooks/{path.name}" in nb.cells[0].source
+    assert '"google.colab" in sys.modules' in code[0].source  # the Colab cell comes first and guards itself
+    assert code[1].metadata.get("tags") == ["parameters"]
     for cell in code:
         assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: strip outputs before commit"
         assert not any(line.lstrip().startswith(("def ", "class ")) for line in cell.source.splitlines()), \

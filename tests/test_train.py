@@ -173,3 +173,12 @@ def test_resume_after_interruption_matches_uninterrupted(prepared, tmp_path):
         assert resumed.metrics[split]["answer_loss"] == pytest.approx(full.metrics[split]["answer_loss"], abs=1e-4)
     steps_logged = [r["step"] for r in resumed.history if "eval_answer_loss" in r]
     assert steps_logged == [20, 40, 60]  # no step logged twice
+
+
+def test_packed_training_learns_and_keeps_metrics_unpacked(prepared, tmp_path):
+    from medqa.train import train
+
+    result = train(demo_config(clone(prepared, tmp_path), *FAST, "train.packing=true", "train.batch_size=2"))
+    base = json.loads((prepared / "outputs" / "baseline" / "metrics.json").read_text())
+    assert result.metrics["val"]["answer_loss"] < base["val"]["answer_loss"] - 0.5
+    assert result.metrics["test"]["answer_tokens"] == base["test"]["answer_tokens"]  # scored unpacked

@@ -13,6 +13,31 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 
+REPO = "medqa-project/medqa"  # GitHub owner/name the notebooks are published under (badge and Colab install)
+
+COLAB = f"""\
+# Colab only; does nothing elsewhere. Installs medqa from the repository, picks settings for the GPU, and
+# (optional) keeps workdir on Google Drive so a reconnected runtime resumes training instead of restarting.
+REPO_URL = "https://github.com/{REPO}"
+DRIVE_WORKDIR = ""  # e.g. "/content/drive/MyDrive/medqa"
+import sys
+COLAB_OVERRIDES: list[str] = []
+if "google.colab" in sys.modules:
+    import os
+    import subprocess
+    if not os.path.isdir("/content/medqa"):
+        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "/content/medqa"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "/content/medqa"], check=True)
+    os.chdir("/content/medqa")
+    from medqa.colab import colab_overrides
+    COLAB_OVERRIDES = colab_overrides(DRIVE_WORKDIR)"""
+
+
+def badge(name: str):
+    return new_markdown_cell(f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+                             f"(https://colab.research.google.com/github/{REPO}/blob/main/notebooks/{name})")
+
+
 SETUP = """\
 import os
 from pathlib import Path
@@ -23,7 +48,7 @@ logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(messag
 import pandas as pd
 import matplotlib.pyplot as plt
 from medqa.config import load_config
-cfg = load_config(CONFIG, OVERRIDES + (SMOKE_OVERRIDES if SMOKE else []))
+cfg = load_config(CONFIG, COLAB_OVERRIDES + OVERRIDES + (SMOKE_OVERRIDES if SMOKE else []))
 print(cfg.data.source, "->", cfg.workdir)"""
 
 PARAMS = """\
@@ -254,6 +279,7 @@ NOTEBOOKS = {"raytune-peft-finetune-final.ipynb": raytune_final, "peft_finetunin
 def main() -> int:
     for name, build in NOTEBOOKS.items():
         nb = build()
+        nb.cells[:0] = [badge(name), new_code_cell(COLAB)]
         for i, cell in enumerate(nb.cells):
             cell["id"] = f"{Path(name).stem[:20]}-{i}"
         nbformat.write(nb, ROOT / "notebooks" / name)

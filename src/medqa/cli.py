@@ -15,7 +15,7 @@ import textwrap
 from collections.abc import Callable
 
 from medqa.config import Config, describe_fields, load_config
-from medqa.errors import ConfigError, MedqaError
+from medqa.errors import ConfigError, Interrupted, MedqaError
 
 log = logging.getLogger("medqa")
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
@@ -160,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         log.info("config: %s", json.dumps(cfg.to_dict()))
         COMMANDS[args.command][0](cfg, args)
+    except Interrupted as exc:
+        print(f"medqa {args.command}: {exc}", file=sys.stderr)
+        return 130
     except MedqaError as exc:
         print(f"medqa {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -203,6 +203,9 @@ class TrainConfig:
     save_total_limit: int = _f(2, "Checkpoints kept on disk (the best is always kept).")
     early_stopping_patience: int = _f(0, "Stop after this many evaluations without improvement (0 = off).")
     group_by_length: bool = _f(True, "Batch examples of similar length together, so little is padded.")
+    packing: bool = _f(False, "Pack several examples into each row of up to data.max_length tokens (block-diagonal "
+                              "attention, positions restart per example); batch_size then counts packed rows. "
+                              "Changes no metric: evaluation is never packed.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, ~30% slower.")
     mixed_precision: str = _f("auto", "auto (bf16 or fp16 on CUDA, none on CPU), no, bf16, fp16.")
     qlora: bool = _f(False, "Load the base model in 4-bit (bitsandbytes, CUDA only) and train LoRA on top.")

@@ -252,7 +252,8 @@ def prepare(cfg: Config) -> PrepareResult:
     with atomic_dir(tok_dir) as tmp:
         for split, rows in keep_rows.items():
             part = tokenized.select(rows).select_columns(TOKENIZED_COLUMNS)
-            part.save_to_disk(str(tmp / f"tokenized_{split}"))
+            # An empty split (e.g. test_fraction=0) saves as one empty shard; datasets' shard count fails on it.
+            part.save_to_disk(str(tmp / f"tokenized_{split}"), **({"num_shards": 1} if not rows else {}))
         write_json(tmp / "prepare_report.json", report)
         write_manifest(tmp, "prepare", cfg, inputs)
 

@@ -13,5 +13,9 @@ class DataError(MedqaError):
     """Input data that cannot be read at all (record-level problems go to rejected.jsonl instead)."""
 
 
+class Interrupted(MedqaError):
+    """Stopped on request (Ctrl-C, a notebook's stop button) after saving what can be resumed."""
+
+
 class ModelError(MedqaError):
     """A model or tokenizer that cannot be loaded, or does not match the tokenized data."""

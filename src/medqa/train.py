@@ -15,8 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -24,9 +27,10 @@ import yaml
 from medqa.artifacts import atomic_dir, write_json
 from medqa.baseline import EVAL_SPLITS, load_tokenized, metrics_table, per_example_rows
 from medqa.config import Config
-from medqa.errors import ConfigError
+from medqa.errors import ConfigError, Interrupted, MedqaError
 from medqa.manifest import fingerprint_model, write_manifest
 from medqa.metrics import evaluate_answer_loss, pad_batch
+from medqa.packing import PackedCollator, pack_dataset
 from medqa.modeling import count_parameters, load_model, load_tokenizer, model_path, resolve_lora_targets
 
 log = logging.getLogger(__name__)
@@ -53,6 +57,14 @@ def _precision(cfg: Config) -> dict:
     if mp != "no" and not torch.cuda.is_available():
         raise ConfigError(f"train.mixed_precision={mp} needs a CUDA GPU; use auto or no on this machine.")
     return {"bf16": mp == "bf16", "fp16": mp == "fp16"}
+
+
+def _compute_dtype(cfg: Config):
+    """The dtype attention runs in: the additive packing mask must match it."""
+    import torch
+
+    precision = _precision(cfg)
+    return torch.bfloat16 if precision["bf16"] else (torch.float16 if precision["fp16"] else torch.float32)
 
 
 def build_lora_model(cfg: Config):
@@ -156,6 +168,57 @@ def _history_callback(path: Path, tokens_per_example: float):
     return History()
 
 
+class _GracefulStop:
+    """Ctrl-C (SIGINT) or a notebook's stop button: finish the current step, save a checkpoint, then stop.
+    A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("Stopping after this step and saving a checkpoint (Ctrl-C again to abort at once).")
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        stop = self
+
+        class StopOnRequest(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                if stop.requested:
+                    control.should_save = True
+                    control.should_training_stop = True
+
+        return StopOnRequest()
+
+
+def check_disk(cfg: Config, folder: Path, trainable: int, total_steps: int) -> None:
+    """Stop before training when the disk cannot hold the checkpoints and logs.
+
+    A checkpoint holds the adapter plus AdamW's two moments (3 x 4 bytes per trainable parameter) and small state
+    files; `save_total_limit` of them, plus the best, plus the final adapter, plus logs of ~1 KB per step."""
+    per_checkpoint = 12 * trainable + (1 << 20)
+    need = (cfg.train.save_total_limit + 2) * per_checkpoint + 4 * trainable + 1024 * total_steps + (20 << 20)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise MedqaError(f"Not enough disk space in {folder}: training needs about {need / 2**20:,.0f} MiB for "
+                         f"{cfg.train.save_total_limit} checkpoints, the adapter and logs, and {free / 2**20:,.0f} MiB "
+                         "are free. Free some space, lower train.save_total_limit, or set workdir to a larger disk.")
+
+
 def _training_args(cfg: Config, work: Path, trial: bool):
     """Trainer settings from the config. A Tune trial saves no Trainer checkpoints: it reports its adapter to
     Ray at each evaluation and Ray keeps the best one, so a search never fills the disk with optimizer states."""
@@ -209,14 +272,29 @@ def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None
     extra = [_history_callback(history_path, tokens_per_example)] + list(callbacks or [])
     if cfg.train.early_stopping_patience:
         extra.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
+    trainable = count_parameters(model)[0]
+    check_disk(cfg, work, trainable, cfg.train.max_steps or len(train_ds))
+    stop = _GracefulStop()
+    extra.append(stop.callback())
+    if cfg.train.packing:
+        # ~data.max_length / mean length examples per row; the block mask keeps them from seeing each other.
+        train_ds = pack_dataset(train_ds, cfg.data.max_length)
+        collate = PackedCollator(tokenizer.pad_token_id, mask_dtype=_compute_dtype(cfg))
+        log.info("packing: %d rows of up to %d tokens", len(train_ds), cfg.data.max_length)
+    else:
+        collate = partial(pad_batch, pad_id=tokenizer.pad_token_id)
     trainer = _trainer_class()(
         model=model, args=_training_args(cfg, work, trial), train_dataset=train_ds,
-        eval_dataset=evals["val"], data_collator=lambda rows: pad_batch(rows, tokenizer.pad_token_id),
+        eval_dataset=evals["val"], data_collator=collate,
         processing_class=tokenizer, callbacks=extra)
     resume = cfg.train.resume and has_checkpoint
     if cfg.train.resume and not has_checkpoint:
         log.warning("train.resume=true but no checkpoint in %s; starting from scratch.", work)
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    with stop:
+        trainer.train(resume_from_checkpoint=True if resume else None)
+    if stop.requested:
+        raise Interrupted(f"stopped at step {trainer.state.global_step} after saving a checkpoint in {work}; run "
+                          "again with train.resume=true to continue.")
     history = [json.loads(x) for x in history_path.read_text().splitlines()]
     if trial:
         return TrainResult({"steps": trainer.state.global_step}, work, history)

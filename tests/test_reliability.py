@@ -1,0 +1,184 @@
+"""Reliability: atomic artifacts, manifests that refuse stale inputs, kill-and-resume, disk checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, SAMPLE, demo_config
+from medqa.errors import DataError, Interrupted, MedqaError
+from medqa.manifest import StaleArtifactError
+
+FAST = ["train.epochs=2", "train.eval_steps=20", "train.logging_steps=10", "eval.bootstrap_samples=100"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    from medqa.baseline import baseline
+    from medqa.data import prepare
+
+    workdir = tmp_path_factory.mktemp("reliable")
+    cfg = demo_config(workdir, *FAST)
+    prepare(cfg)
+    baseline(cfg)
+    return workdir
+
+
+def copy_of(prepared: Path, dst: Path) -> Path:
+    for sub in ("data", "tokenized", "models", "outputs"):
+        if (prepared / sub).exists():
+            shutil.copytree(prepared / sub, dst / sub, dirs_exist_ok=True)
+    return dst
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_crash_while_writing_tokenized_keeps_the_previous_artifact(prepared, tmp_path, monkeypatch):
+    import datasets
+
+    from medqa.data import prepare
+
+    workdir = copy_of(prepared, tmp_path)
+    before = snapshot(workdir / "tokenized")
+    calls = []
+    real_save = datasets.Dataset.save_to_disk
+
+    def crash_on_second_split(self, path, *a, **kw):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("simulated crash while writing")
+        return real_save(self, path, *a, **kw)
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", crash_on_second_split)
+    with pytest.raises(OSError, match="simulated crash"):
+        prepare(demo_config(workdir, *FAST, "data.seed=7"))
+    assert snapshot(workdir / "tokenized") == before
+    assert not [p for p in workdir.iterdir() if ".tmp-" in p.name]  # no half-written folder left behind
+
+
+def test_crash_while_writing_baseline_keeps_the_previous_artifact(prepared, tmp_path, monkeypatch):
+    import medqa.baseline as baseline_module
+
+    workdir = copy_of(prepared, tmp_path)
+    before = snapshot(workdir / "outputs" / "baseline")
+    monkeypatch.setattr(baseline_module, "write_manifest", lambda *a, **k: (_ for _ in ()).throw(OSError("crash")))
+    with pytest.raises(OSError, match="crash"):
+        baseline_module.baseline(demo_config(workdir, *FAST))
+    assert snapshot(workdir / "outputs" / "baseline") == before
+
+
+def test_data_from_another_source_is_refused_unless_forced(prepared, tmp_path, caplog):
+    from medqa.baseline import baseline
+
+    workdir = copy_of(prepared, tmp_path)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(json.loads(SAMPLE.read_text())[:50]))
+    with pytest.raises(StaleArtifactError, match=r"the data it was prepared from differs.*`medqa prepare"):
+        baseline(demo_config(workdir, *FAST, f"data.source={other}"))
+    result = baseline(demo_config(workdir, *FAST, f"data.source={other}", "force=true"))
+    assert result.metrics["test"]["examples"] > 0
+    assert "force=true" in caplog.text
+
+
+def test_adapter_trained_on_another_base_model_is_refused(prepared, tmp_path):
+    from medqa.modeling import load_adapter_model
+    from medqa.tiny import build_tiny_model
+    from medqa.train import train
+
+    workdir = copy_of(prepared, tmp_path)
+    cfg = demo_config(workdir, *FAST, "train.max_steps=20")
+    train(cfg)
+    # Same architecture and vocabulary, other weights: the adapter would load, silently wrong.
+    texts = [json.dumps(r) for r in json.loads((workdir / "data" / "train_data.json").read_text())]
+    other = build_tiny_model(texts, cfg.model.tiny, tmp_path / "other-base", seed=123)
+    other_cfg = demo_config(workdir, *FAST, f"model.name_or_path={other}")
+    shutil.copy(workdir / "models" / "tiny-biogpt" / "vocab.json", other / "vocab.json")
+    with pytest.raises(StaleArtifactError, match="its base model differs.*`medqa train"):
+        load_adapter_model(other_cfg, workdir / "outputs" / "finetune")
+    load_adapter_model(demo_config(workdir, *FAST, f"model.name_or_path={other}", "force=true"),
+                       workdir / "outputs" / "finetune")
+
+
+def test_disk_check_stops_before_training(prepared, tmp_path, monkeypatch):
+    from medqa.train import train
+
+    workdir = copy_of(prepared, tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
+    with pytest.raises(MedqaError, match="Not enough disk space.*save_total_limit"):
+        train(demo_config(workdir, *FAST))
+
+
+def test_empty_test_split_is_a_clear_error(prepared, tmp_path):
+    from medqa.baseline import baseline
+    from medqa.data import prepare
+
+    workdir = copy_of(prepared, tmp_path)
+    cfg = demo_config(workdir, "data.train_fraction=0.9", "data.val_fraction=0.1", "data.test_fraction=0.0")
+    prepare(cfg)
+    with pytest.raises(DataError, match="tokenized_test is empty.*data.test_fraction"):
+        baseline(cfg)
+
+
+def _run_cli(args: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "medqa", *args], stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            env=os.environ.copy(), cwd=REPO)
+
+
+def _wait_for(path_glob: Path, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not list(path_glob.parent.glob(path_glob.name)):
+        assert proc.poll() is None, "the run ended before the interruption:\n" + log.read_text()[-3000:]
+        assert time.time() < deadline, "timed out waiting for " + str(path_glob)
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_train_killed_then_resumed_matches_uninterrupted(prepared, tmp_path, sig):
+    from medqa.train import train
+
+    steps = [*FAST, "train.max_steps=60", "train.epochs=1"]
+    full = train(demo_config(copy_of(prepared, tmp_path / "full"), *steps))
+    workdir = copy_of(prepared, tmp_path / "cut")
+    log = tmp_path / "train.log"
+    proc = _run_cli(["train", "--config", "configs/demo.yaml", f"workdir={workdir}", f"data.source={SAMPLE}", *steps],
+                    log)
+    try:
+        _wait_for(workdir / "outputs" / "finetune_checkpoints" / "checkpoint-20" / "trainer_state.json", proc, log)
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if sig == signal.SIGINT:  # a clean stop: exit code 130, a checkpoint saved, no finished run
+        assert rc == 130 and "train.resume=true" in log.read_text()
+    assert not (workdir / "outputs" / "finetune").exists()
+    resumed = train(demo_config(workdir, *steps, "train.resume=true"))
+    for split in ("val", "test"):
+        assert resumed.metrics[split]["answer_loss"] == pytest.approx(full.metrics[split]["answer_loss"], abs=1e-4)
+
+
+def test_interrupted_in_process_raises_interrupted(prepared, tmp_path):
+    """The notebook stop button sends SIGINT to the kernel: the stage stops after a checkpoint."""
+    from transformers import TrainerCallback
+
+    from medqa.train import train
+
+    class PressStop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 5:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    workdir = copy_of(prepared, tmp_path)
+    with pytest.raises(Interrupted, match="resume=true"):
+        train(demo_config(workdir, *FAST), callbacks=[PressStop()])
+    assert list((workdir / "outputs" / "finetune_checkpoints").glob("checkpoint-*"))
