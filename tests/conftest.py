@@ -61,11 +61,10 @@ def demo_config(workdir: Path, *overrides: str) -> Config:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny BioGPT whose tokenizer is learned from the sample's train split, built once per session."""
-    from medqa.data import clean_and_dedupe
+    from medqa.data import clean_and_dedupe, tiny_training_texts
     from medqa.sources import read_records
     from medqa.tiny import build_tiny_model
 
     cfg = demo_config(tmp_path_factory.mktemp("tiny"))
     cands, _ = clean_and_dedupe(read_records(str(SAMPLE)), cfg)
-    texts = [cfg.prompt.template.format(question=c.question) + " " + c.answer for c in cands if c.split == "train"]
-    return build_tiny_model(texts, cfg.model.tiny, cfg.resolve(cfg.model.tiny.path), seed=0)
+    return build_tiny_model(tiny_training_texts(cands, cfg), cfg.model.tiny, cfg.resolve(cfg.model.tiny.path), seed=0)

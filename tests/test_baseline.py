@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from conftest import REAL_500, demo_config
+from conftest import REAL_500, REPO, demo_config
 from medqa.cli import main
 from medqa.errors import ModelError
 
@@ -113,7 +113,7 @@ def test_missing_folder_and_unreachable_hub(tmp_path, capsys):
         load_tokenizer(cfg)
     with pytest.raises(ModelError, match=r"(?s)microsoft/biogpt.*offline"):
         load_model(cfg)
-    rc = main(["baseline", "--config", "configs/demo.yaml", f"workdir={tmp_path}", "model.name_or_path=microsoft/biogpt"])
+    rc = main(["baseline", "--config", str(REPO / "configs" / "demo.yaml"), f"workdir={tmp_path}", "model.name_or_path=microsoft/biogpt"])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err and "offline" in err
 

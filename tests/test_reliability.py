@@ -146,7 +146,9 @@ def _wait_for(path_glob: Path, proc: subprocess.Popen, log: Path, timeout: float
 def test_train_killed_then_resumed_matches_uninterrupted(prepared, tmp_path, sig):
     from medqa.train import train
 
-    steps = [*FAST, "train.max_steps=60", "train.epochs=1"]
+    # 120 steps leave a wide window after the first checkpoint; resume picks the newest complete checkpoint, so
+    # a kill that lands while a later one is being written is fine too.
+    steps = [*FAST, "train.max_steps=120", "train.epochs=1"]
     full = train(demo_config(copy_of(prepared, tmp_path / "full"), *steps))
     workdir = copy_of(prepared, tmp_path / "cut")
     log = tmp_path / "train.log"
@@ -182,3 +184,23 @@ def test_interrupted_in_process_raises_interrupted(prepared, tmp_path):
     with pytest.raises(Interrupted, match="resume=true"):
         train(demo_config(workdir, *FAST), callbacks=[PressStop()])
     assert list((workdir / "outputs" / "finetune_checkpoints").glob("checkpoint-*"))
+
+
+def test_resume_ignores_a_half_written_checkpoint(tmp_path):
+    from medqa.train import last_complete_checkpoint
+
+    for step, complete in ((20, True), (40, True), (60, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-40"
+    assert last_complete_checkpoint(tmp_path / "none") is None
+
+
+def test_eval_max_examples_never_shrinks_training(prepared):
+    from medqa.baseline import load_tokenized
+
+    cfg = demo_config(prepared, "eval.max_examples=5")
+    assert len(load_tokenized(cfg, "val")) == 5
+    assert len(load_tokenized(cfg, "train")) > 100

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import demo_config
+from conftest import REPO, SAMPLE, demo_config
 
 QUICK = ["train.epochs=1", "train.eval_steps=20", "train.logging_steps=10", "eval.bootstrap_samples=200",
          "tune.num_samples=2", "evaluate.num_questions=6"]
@@ -99,8 +99,9 @@ def test_interrupted_search_resumes_without_rerunning(prepared, tmp_path):
     workdir = fresh(prepared, tmp_path)
     args = [f"workdir={workdir}", *QUICK, "tune.max_concurrent=1", "tune.grace_period=5", "train.epochs=2"]
     log = open(tmp_path / "tune.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "medqa", "tune", "--config", "configs/demo.yaml", *args],
-                            stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    proc = subprocess.Popen([sys.executable, "-m", "medqa", "tune", "--config", str(REPO / "configs" / "demo.yaml"),
+                             f"data.source={SAMPLE}", *args], stdout=log, stderr=subprocess.STDOUT,
+                            env=os.environ.copy(), cwd=REPO)
     try:
         deadline = time.time() + 240
         while not list((workdir / "outputs").glob(f"ray_*/{FINISHED}")):
@@ -116,7 +117,7 @@ def test_interrupted_search_resumes_without_rerunning(prepared, tmp_path):
     experiment = next((workdir / "outputs").glob("ray_*"))
     finished_first = (experiment / FINISHED).read_text().split()
     assert len(finished_first) == 1
-    result = tune(demo_config(workdir, *args[1:], "tune.resume=true"))
+    result = tune(demo_config(workdir, *args[1:], "tune.resume=true"))  # demo_config passes the same data.source
     assert result.experiment_dir == experiment
     attempts = (experiment / ATTEMPTS).read_text().split()
     assert attempts.count(finished_first[0]) == 1  # the finished trial was not run again
@@ -153,7 +154,7 @@ def test_ask_ends_with_disclaimer(searched, tmp_path, capsys):
     cfg, result = searched
     questions = tmp_path / "q.txt"
     questions.write_text("I have a sore throat since two days.\n\nMy knee hurts when I climb stairs.\n")
-    rc = main(["ask", "--config", "configs/demo.yaml", f"workdir={cfg.root}", "--file", str(questions),
+    rc = main(["ask", "--config", str(REPO / "configs" / "demo.yaml"), f"workdir={cfg.root}", "--file", str(questions),
                "What helps against a dry cough?", "--adapter", str(result.best_dir), "generate.max_new_tokens=12"])
     out = capsys.readouterr().out
     assert rc == 0 and out.count(DISCLAIMER) == 3 and "dry cough" in out and "knee" in out

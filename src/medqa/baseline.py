@@ -35,7 +35,8 @@ class BaselineResult:
 
 
 def load_tokenized(cfg: Config, split: str, tokenizer=None):
-    """A tokenized split, checked against the tokenizer when one is given; `eval.max_examples` applies."""
+    """A tokenized split, checked against the tokenizer when one is given; `eval.max_examples` applies to the
+    val and test splits only (it is a scoring shortcut, never a way to shrink training)."""
     import datasets
 
     path = Path(cfg.workdir) / "tokenized" / f"tokenized_{split}"
@@ -49,7 +50,7 @@ def load_tokenized(cfg: Config, split: str, tokenizer=None):
     if len(ds) == 0:
         raise DataError(f"{path} is empty: the {split} split has no examples. Use more records or change "
                         "data.val_fraction / data.test_fraction, then re-run `medqa prepare`.")
-    if cfg.eval.max_examples and len(ds) > cfg.eval.max_examples:
+    if split != "train" and cfg.eval.max_examples and len(ds) > cfg.eval.max_examples:
         ds = ds.select(range(cfg.eval.max_examples))
     return ds
 

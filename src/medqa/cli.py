@@ -82,14 +82,13 @@ def _export(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _make_tiny_model(cfg: Config, args: argparse.Namespace) -> None:
-    from medqa.data import clean_and_dedupe
+    from medqa.data import clean_and_dedupe, tiny_training_texts
     from medqa.modeling import model_path
     from medqa.sources import read_records
     from medqa.tiny import build_tiny_model
 
     cands, _ = clean_and_dedupe(read_records(cfg.data.source, cfg.data.hub_split), cfg)
-    texts = [cfg.prompt.template.format(question=c.question) + " " + c.answer for c in cands if c.split == "train"]
-    out = build_tiny_model(texts, cfg.model.tiny, model_path(cfg), seed=cfg.seed)
+    out = build_tiny_model(tiny_training_texts(cands, cfg), cfg.model.tiny, model_path(cfg), seed=cfg.seed)
     print(f"built the tiny model at {out}")
 
 

@@ -304,18 +304,6 @@ class Config:
     def root(self) -> Path:
         return Path(self.workdir)
 
-    @property
-    def data_dir(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def tokenized_dir(self) -> Path:
-        return self.root / "tokenized"
-
-    @property
-    def outputs_dir(self) -> Path:
-        return self.root / "outputs"
-
     def resolve(self, path: str) -> str:
         """Expand `${workdir}` and `~` in a path field."""
         return os.path.expanduser(path.replace("${workdir}", str(self.workdir)))

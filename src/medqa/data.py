@@ -138,13 +138,6 @@ def clean_and_dedupe(records: list[Any], cfg: Config) -> tuple[list[Candidate], 
 # ------------------------------------------------------------------------------------------ tokenization
 
 
-def _tokenizer_fingerprint(tokenizer) -> str:
-    h = hashlib.sha256(type(tokenizer).__name__.encode())
-    h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
-    h.update(json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]).encode())
-    return h.hexdigest()
-
-
 def _encode_batch(batch: dict[str, list], tokenizer, cfg: Config) -> dict[str, list]:
     out: dict[str, list] = {k: [] for k in ("input_ids", "attention_mask", "labels", "length",
                                             "question_tokens", "answer_tokens", "truncated")}
@@ -172,8 +165,7 @@ def tokenize(cands: list[Candidate], tokenizer, cfg: Config):
         "question": [c.question for c in cands],
         "answer": [c.answer for c in cands],
     })
-    h = hashlib.sha256(_tokenizer_fingerprint(tokenizer).encode())
-    h.update(json.dumps([cfg.prompt.template, cfg.prompt.min_question_tokens, cfg.data.max_length]).encode())
+    h = hashlib.sha256(json.dumps(prepared_inputs(cfg, tokenizer), sort_keys=True).encode())
     h.update(json.dumps([(c.question, c.answer) for c in cands]).encode())
     fingerprint = h.hexdigest()[:32]
     cache_dir = Path(cfg.workdir) / ".cache" / "prepare"
@@ -188,11 +180,16 @@ def tokenize(cands: list[Candidate], tokenizer, cfg: Config):
 # ------------------------------------------------------------------------------------------ the stage
 
 
+def tiny_training_texts(cands: list[Candidate], cfg: Config) -> list[str]:
+    """What the tiny model's vocabulary is learned from: the train split as the model will see it."""
+    return [cfg.prompt.template.replace("{question}", c.question) + " " + c.answer for c in cands if c.split == "train"]
+
+
 def _ensure_tokenizer(cfg: Config, cands: list[Candidate]):
     if wants_tiny(cfg):
         from medqa.tiny import build_tiny_model
 
-        texts = [cfg.prompt.template.format(question=c.question) + " " + c.answer for c in cands if c.split == "train"]
+        texts = tiny_training_texts(cands, cfg)
         log.info("Building the tiny demo model from %d training records.", len(texts))
         build_tiny_model(texts, cfg.model.tiny, cfg.resolve(cfg.model.tiny.path), seed=cfg.seed)
     return load_tokenizer(cfg)
@@ -265,9 +262,12 @@ def prepare(cfg: Config) -> PrepareResult:
 
 def prepared_inputs(cfg: Config, tokenizer) -> dict[str, str]:
     """The inputs `prepare` output depends on; later stages recompute these and compare."""
+    d = cfg.data
     settings = json.dumps([cfg.prompt.template, cfg.prompt.use_chat_template, cfg.prompt.system,
-                           cfg.prompt.min_question_tokens, cfg.data.max_length, cfg.data.question_field,
-                           cfg.data.answer_field, cfg.data.seed, cfg.data.train_fraction, cfg.data.val_fraction])
+                           getattr(tokenizer, "chat_template", None) if cfg.prompt.use_chat_template else None,
+                           cfg.prompt.min_question_tokens, d.max_length, d.question_field, d.answer_field, d.seed,
+                           d.train_fraction, d.val_fraction, d.hub_split, d.max_records, d.min_question_chars,
+                           d.min_answer_chars, d.max_question_tokens, d.max_answer_tokens])
     return {"source": fingerprint_source(cfg.data.source), "tokenizer": tokenizer_info(tokenizer)["vocab_sha256"],
             "prompt_and_split": hashlib.sha256(settings.encode()).hexdigest()}
 

@@ -19,6 +19,7 @@ import numpy as np
 from medqa.artifacts import write_json, write_text_atomic
 from medqa.baseline import load_tokenized
 from medqa.config import Config
+from medqa.errors import DataError
 from medqa.generate import generate_answers
 from medqa.metrics import evaluate_answer_loss, paired_bootstrap
 from medqa.modeling import load_adapter_model, load_model, load_tokenizer, model_path
@@ -51,15 +52,27 @@ def evaluate(cfg: Config) -> EvaluateResult:
     start = time.perf_counter()
     tokenizer = load_tokenizer(cfg)
     test = load_tokenized(cfg, "test", tokenizer)
-    records = {r["id"]: r for r in json.loads((Path(cfg.workdir) / "data" / "test_data.json").read_text())}
+    test_file = Path(cfg.workdir) / "data" / "test_data.json"
+    if not test_file.exists():
+        raise DataError(f"{test_file} not found. Run `medqa prepare --config <your config>` first (same workdir).")
+    records = {r["id"]: r for r in json.loads(test_file.read_text())}
     ids = list(test["id"])
     n_gen = len(ids) if cfg.evaluate.num_questions == 0 else min(cfg.evaluate.num_questions, len(ids))
     questions = [records[i]["question"] for i in ids[:n_gen]]
     references = [records[i]["answer"] for i in ids[:n_gen]]
 
+    from medqa.train import adapter_inputs
+
+    expected = adapter_inputs(cfg, tokenizer)
+    missing = [i for i in ids if i not in records]
+    if missing:
+        raise DataError(f"{Path(cfg.workdir) / 'data' / 'test_data.json'} does not hold {len(missing)} of the "
+                        "tokenized test examples (data/ and tokenized/ are out of step). Re-run `medqa prepare`.")
     models, answers, scores = {}, {}, {}
     for name, adapter in candidate_models(cfg).items():
-        model = load_model(cfg) if adapter is None else load_adapter_model(cfg, adapter)
+        # An adapter must come from this base model AND these splits: one trained on other splits may have
+        # seen these test questions.
+        model = load_model(cfg) if adapter is None else load_adapter_model(cfg, adapter, expected)
         metrics, per_example = evaluate_answer_loss(model, test, tokenizer.pad_token_id, cfg.eval.batch_size,
                                                     cfg.eval.bootstrap_samples, cfg.seed, progress=True)
         scores[name] = per_example
@@ -93,7 +106,7 @@ def model_card(cfg: Config) -> dict:
         "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout, "targets": cfg.lora.targets},
         "training": {k: getattr(cfg.train, k) for k in ("learning_rate", "weight_decay", "epochs", "max_steps",
                                                         "batch_size", "grad_accum", "warmup_ratio", "scheduler")},
-        "prompt_template": cfg.prompt.template,
+        "prompt_template": "the tokenizer's chat template" if cfg.prompt.use_chat_template else cfg.prompt.template,
         "intended_use": "Research on fine-tuning language models for patient-question answering. Not for "
                         "diagnosis, treatment or any clinical decision.",
         "limits": "Answers can be wrong, outdated or unsafe while sounding confident; the training answers are "

@@ -93,7 +93,12 @@ def write_manifest(folder: Path, stage: str, cfg: Config, inputs: dict[str, str]
 
 def read_manifest(folder: Path) -> dict | None:
     path = Path(folder) / MANIFEST
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return {"inputs": {}, "corrupt": True}  # treated as stale: every input then differs
 
 
 # What each input means, and the command that rebuilds an artifact made from another one.
@@ -101,6 +106,7 @@ _EXPLAIN = {
     "source": ("the data it was prepared from", "the config's data.source"),
     "tokenizer": ("its tokenizer", "the config's model tokenizer"),
     "base_model": ("its base model", "the config's model.name_or_path"),
+    "prompt_and_split": ("its prompt, length and split settings", "the config's prompt.* and data.* settings"),
 }
 
 

@@ -270,8 +270,9 @@ def lora_presets_table(model, r: int) -> list[dict]:
     return rows
 
 
-def load_adapter_model(cfg: Config, adapter_dir: str | Path):
-    """The base model with a saved LoRA adapter on top (for scoring, generation and export)."""
+def load_adapter_model(cfg: Config, adapter_dir: str | Path, expected: dict[str, str] | None = None):
+    """The base model with a saved LoRA adapter on top (for scoring, generation and export). The adapter's
+    manifest must name the same base model (and, when `expected` is given, the same data and prompt)."""
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
@@ -281,7 +282,7 @@ def load_adapter_model(cfg: Config, adapter_dir: str | Path):
                          "(outputs/finetune).")
     from medqa.manifest import check_inputs, fingerprint_model
 
-    check_inputs(cfg, adapter_dir, {"base_model": fingerprint_model(model_path(cfg), cfg.model.revision)},
+    check_inputs(cfg, adapter_dir, expected or {"base_model": fingerprint_model(model_path(cfg), cfg.model.revision)},
                  "medqa train --config <your config>")
     base = load_model(cfg)
     model = PeftModel.from_pretrained(base, str(adapter_dir))

@@ -205,6 +205,13 @@ class _GracefulStop:
         return StopOnRequest()
 
 
+def last_complete_checkpoint(work: Path) -> Path | None:
+    """The newest checkpoint that finished writing (its trainer_state.json is written last). A run killed while
+    saving leaves a partial folder, which Trainer's own `resume_from_checkpoint=True` would pick."""
+    done = [p for p in work.glob("checkpoint-*") if (p / "trainer_state.json").exists()] if work.is_dir() else []
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
 def check_disk(cfg: Config, folder: Path, trainable: int, total_steps: int) -> None:
     """Stop before training when the disk cannot hold the checkpoints and logs.
 
@@ -263,7 +270,7 @@ def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None
 
     outputs = Path(run_dir) if run_dir else Path(cfg.workdir) / "outputs"
     work = outputs / "finetune_checkpoints"
-    has_checkpoint = work.is_dir() and any(work.glob("checkpoint-*"))
+    checkpoint = last_complete_checkpoint(work)
     if not cfg.train.resume and work.exists():
         shutil.rmtree(work)  # a fresh run must not mix its history with an old one
     work.mkdir(parents=True, exist_ok=True)
@@ -287,11 +294,11 @@ def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None
         model=model, args=_training_args(cfg, work, trial), train_dataset=train_ds,
         eval_dataset=evals["val"], data_collator=collate,
         processing_class=tokenizer, callbacks=extra)
-    resume = cfg.train.resume and has_checkpoint
-    if cfg.train.resume and not has_checkpoint:
+    resume = cfg.train.resume and checkpoint is not None
+    if cfg.train.resume and checkpoint is None:
         log.warning("train.resume=true but no checkpoint in %s; starting from scratch.", work)
     with stop:
-        trainer.train(resume_from_checkpoint=True if resume else None)
+        trainer.train(resume_from_checkpoint=str(checkpoint) if resume else None)
     if stop.requested:
         raise Interrupted(f"stopped at step {trainer.state.global_step} after saving a checkpoint in {work}; run "
                           "again with train.resume=true to continue.")

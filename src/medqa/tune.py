@@ -32,6 +32,8 @@ FAIL_ENV = "MEDQA_INJECT_TRIAL_FAILURE"  # tests: the first trial attempt of an 
 ATTEMPTS = "trial_attempts.log"  # one line per trial start: trial id (a retried trial appears twice)
 FINISHED = "trial_finished.log"  # one line per trial whose training ran to its end
 
+_TEMP_DIRS: list[Path] = []
+
 # Search-space entries: our config key -> (config field in `tune`, sampler).
 SEARCHED = {"train.learning_rate": "learning_rate", "train.weight_decay": "weight_decay", "lora.r": "lora_r",
             "lora.alpha": "lora_alpha", "lora.dropout": "lora_dropout", "lora.targets": "lora_targets"}
@@ -126,10 +128,26 @@ def _init_ray(cfg: Config) -> bool:
     temp = Path(cfg.workdir).resolve() / ".cache" / "ray"
     if len(str(temp)) > 40:
         temp = Path(tempfile.mkdtemp(prefix="medqa-ray-"))
+        _TEMP_DIRS.append(temp)  # removed after ray.shutdown()
     temp.mkdir(parents=True, exist_ok=True)
     ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, _temp_dir=str(temp),
              runtime_env={"env_vars": env}, log_to_driver=False, configure_logging=False)
     return True
+
+
+def _with_absolute_paths(cfg: Config) -> Config:
+    """Make workdir and every local input path absolute, so trials resolve them from their own folders."""
+    values = cfg.to_dict()
+    values["workdir"] = str(Path(cfg.workdir).resolve())
+    for section, key in (("data", "source"), ("model", "name_or_path"), ("model", "tokenizer"),
+                         ("model", "gguf_file")):
+        value = values[section][key]
+        if value and "${" not in value and not value.startswith("pkg://") and Path(value).exists():
+            values[section][key] = str(Path(value).resolve())
+    tiny = values["model"]["tiny"]
+    if tiny["tokenizer_files"] and Path(tiny["tokenizer_files"]).exists():
+        tiny["tokenizer_files"] = str(Path(tiny["tokenizer_files"]).resolve())
+    return config_from_dict(values)
 
 
 def _latest_experiment(outputs: Path) -> Path | None:
@@ -145,7 +163,7 @@ def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    cfg = config_from_dict({**cfg.to_dict(), "workdir": str(Path(cfg.workdir).resolve())})  # trials chdir
+    cfg = _with_absolute_paths(cfg)  # Ray runs each trial in its own folder
     outputs = Path(cfg.workdir) / "outputs"
     from medqa.baseline import load_tokenized
     from medqa.modeling import load_tokenizer
@@ -192,6 +210,8 @@ def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
             import ray
 
             ray.shutdown()
+            while _TEMP_DIRS:
+                shutil.rmtree(_TEMP_DIRS.pop(), ignore_errors=True)
     return _summarize(cfg, grid, experiment)
 
 
@@ -220,14 +240,16 @@ def _summarize(cfg: Config, grid, experiment: Path) -> TuneResult:
                                                 else "stopped early")
         row.update(status=status, attempts=attempts.count(short), path=result.path)
         rows.append(row)
-    table = pd.DataFrame(rows).sort_values("best_val_answer_loss", na_position="last")
+    table = pd.DataFrame(rows)
+    if "best_val_answer_loss" not in table or table["best_val_answer_loss"].isna().all():
+        table.to_csv(experiment / "results.csv", index=False)
+        errors = "; ".join(str(r.error)[:200] for r in grid if r.error)
+        raise MedqaError(f"No trial of {experiment} reported a val answer_loss (errors: {errors or 'none'}). See "
+                         f"{experiment / 'results.csv'} and the trial folders there.")
+    table = table.sort_values("best_val_answer_loss", na_position="last")
     table.to_csv(experiment / "results.csv", index=False)
     plot_search(table, curves, experiment)
-    try:
-        best = grid.get_best_result(metric=METRIC, mode="min", scope="all")
-    except RuntimeError as exc:
-        raise MedqaError(f"No trial of {experiment} reported a val answer_loss ({exc}). See results.csv and the "
-                         "trial logs there.") from None
+    best = grid.get_best_result(metric=METRIC, mode="min", scope="all")
     checkpoint = best.get_best_checkpoint(METRIC, "min")
     best_row = table.iloc[0].to_dict()
     best_dir = Path(cfg.workdir) / "outputs" / "best"
