@@ -85,9 +85,10 @@ def test_crashing_trial_is_retried_and_reported(prepared, tmp_path, monkeypatch)
     assert (result.best_dir / "adapter_model.safetensors").exists()
 
 
-def test_interrupted_search_resumes_without_rerunning(prepared, tmp_path):
-    """`medqa tune` is stopped with Ctrl-C (SIGINT) once its first trial has finished; tune.resume=true then
-    restores the experiment, runs only the unfinished trial, and ends with both."""
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
+def test_interrupted_search_resumes_without_rerunning(prepared, tmp_path, sig):
+    """`medqa tune` is stopped with Ctrl-C (SIGINT) or killed (SIGKILL) once its first trial has finished;
+    tune.resume=true then restores the experiment, runs only the unfinished trial, and ends with both."""
     import os
     import signal
     import subprocess
@@ -108,7 +109,7 @@ def test_interrupted_search_resumes_without_rerunning(prepared, tmp_path):
             assert proc.poll() is None and time.time() < deadline, \
                 "the search ended before it could be interrupted:\n" + (tmp_path / "tune.log").read_text()[-3000:]
             time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(getattr(signal, sig))
         proc.wait(timeout=120)
     finally:
         if proc.poll() is None:

@@ -83,11 +83,16 @@ def score_examples(model, dataset, pad_id: int, batch_size: int = 8, progress: b
             batch = pad_batch([dataset[i] for i in idx], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            a = token_nll(logits, batch["labels"]).double().cpu()
+            # One pass over the vocabulary for every real token; answer positions are a subset of them (their
+            # label is the input token itself), so the answer NLL is a masked sum of the same numbers.
+            scored = batch["labels"] != IGNORE_INDEX
+            if (scored & (batch["labels"] != batch["input_ids"])).any():
+                raise ValueError("labels must equal input_ids wherever they are not -100 (causal LM labels)")
             seq_labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
             s = token_nll(logits, seq_labels).double().cpu()
             a_mask = (batch["labels"][:, 1:] != IGNORE_INDEX).cpu()
             s_mask = (batch["attention_mask"][:, 1:] == 1).cpu()
+            a = s * a_mask
             for row, i in enumerate(idx):
                 answer_nll[i], answer_tok[i] = a[row].sum().item(), a_mask[row].sum().item()
                 seq_nll[i], seq_tok[i] = s[row].sum().item(), s_mask[row].sum().item()
