@@ -28,7 +28,8 @@ def prepared(tmp_path_factory):
 
 
 def fresh(prepared, dst):
-    for sub in ("data", "tokenized", "models", "outputs"):
+    """A workdir with the prepared data, model and baseline, but none of the searches run in `prepared`."""
+    for sub in ("data", "tokenized", "models", "outputs/baseline"):
         shutil.copytree(prepared / sub, dst / sub, dirs_exist_ok=True)
     return dst
 
@@ -85,6 +86,16 @@ def test_crashing_trial_is_retried_and_reported(prepared, tmp_path, monkeypatch)
     assert (result.best_dir / "adapter_model.safetensors").exists()
 
 
+def _ray_state(workdir) -> str:
+    text = ""
+    for path in (workdir / "outputs").glob("ray_*/experiment_state-*.json"):
+        try:
+            text += path.read_text()
+        except OSError:  # replaced while we read it
+            pass
+    return text
+
+
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
 def test_interrupted_search_resumes_without_rerunning(prepared, tmp_path, sig):
     """`medqa tune` is stopped with Ctrl-C (SIGINT) or killed (SIGKILL) once its first trial has finished;
@@ -105,7 +116,8 @@ def test_interrupted_search_resumes_without_rerunning(prepared, tmp_path, sig):
                             env=os.environ.copy(), cwd=REPO)
     try:
         deadline = time.time() + 240
-        while not list((workdir / "outputs").glob(f"ray_*/{FINISHED}")):
+        # Finished for Ray means recorded as TERMINATED in its experiment state (the trial's own log comes first).
+        while not list((workdir / "outputs").glob(f"ray_*/{FINISHED}")) or "TERMINATED" not in _ray_state(workdir):
             assert proc.poll() is None and time.time() < deadline, \
                 "the search ended before it could be interrupted:\n" + (tmp_path / "tune.log").read_text()[-3000:]
             time.sleep(0.5)
