@@ -27,6 +27,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), os.e
 for var, sub in (("JUPYTER_RUNTIME_DIR", "jupyter/runtime"), ("JUPYTER_DATA_DIR", "jupyter/data"),
                  ("IPYTHONDIR", "ipython")):
     os.environ.setdefault(var, str(REPO / ".cache" / sub))
+    Path(os.environ[var]).mkdir(parents=True, exist_ok=True)
 
 from medqa.config import Config, load_config  # noqa: E402
 
@@ -68,3 +69,24 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     cfg = demo_config(tmp_path_factory.mktemp("tiny"))
     cands, _ = clean_and_dedupe(read_records(str(SAMPLE)), cfg)
     return build_tiny_model(tiny_training_texts(cands, cfg), cfg.model.tiny, cfg.resolve(cfg.model.tiny.path), seed=0)
+
+
+def prepare_demo(workdir: Path, *overrides: str) -> Path:
+    """Run prepare and baseline on the demo config in `workdir` (for module fixtures)."""
+    from medqa.baseline import baseline
+    from medqa.data import prepare
+
+    cfg = demo_config(workdir, *overrides)
+    prepare(cfg)
+    baseline(cfg)
+    return workdir
+
+
+def copy_workdir(src: Path, dst: Path) -> Path:
+    """A new workdir with `src`'s prepared data, tiny model and baseline, and none of its later runs."""
+    import shutil
+
+    for sub in ("data", "tokenized", "models", "outputs/baseline"):
+        if (src / sub).exists():
+            shutil.copytree(src / sub, dst / sub, dirs_exist_ok=True)
+    return dst

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SAMPLE, demo_config
+from conftest import copy_workdir, prepare_demo, REPO, SAMPLE, demo_config
 from medqa.errors import DataError, Interrupted, MedqaError
 from medqa.manifest import StaleArtifactError
 
@@ -22,21 +22,8 @@ FAST = ["train.epochs=2", "train.eval_steps=20", "train.logging_steps=10", "eval
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    from medqa.baseline import baseline
-    from medqa.data import prepare
+    return prepare_demo(tmp_path_factory.mktemp("reliable"), *FAST)
 
-    workdir = tmp_path_factory.mktemp("reliable")
-    cfg = demo_config(workdir, *FAST)
-    prepare(cfg)
-    baseline(cfg)
-    return workdir
-
-
-def copy_of(prepared: Path, dst: Path) -> Path:
-    for sub in ("data", "tokenized", "models", "outputs"):
-        if (prepared / sub).exists():
-            shutil.copytree(prepared / sub, dst / sub, dirs_exist_ok=True)
-    return dst
 
 
 def snapshot(folder: Path) -> dict:
@@ -48,7 +35,7 @@ def test_crash_while_writing_tokenized_keeps_the_previous_artifact(prepared, tmp
 
     from medqa.data import prepare
 
-    workdir = copy_of(prepared, tmp_path)
+    workdir = copy_workdir(prepared, tmp_path)
     before = snapshot(workdir / "tokenized")
     calls = []
     real_save = datasets.Dataset.save_to_disk
@@ -69,7 +56,7 @@ def test_crash_while_writing_tokenized_keeps_the_previous_artifact(prepared, tmp
 def test_crash_while_writing_baseline_keeps_the_previous_artifact(prepared, tmp_path, monkeypatch):
     import medqa.baseline as baseline_module
 
-    workdir = copy_of(prepared, tmp_path)
+    workdir = copy_workdir(prepared, tmp_path)
     before = snapshot(workdir / "outputs" / "baseline")
     monkeypatch.setattr(baseline_module, "write_manifest", lambda *a, **k: (_ for _ in ()).throw(OSError("crash")))
     with pytest.raises(OSError, match="crash"):
@@ -80,7 +67,7 @@ def test_crash_while_writing_baseline_keeps_the_previous_artifact(prepared, tmp_
 def test_data_from_another_source_is_refused_unless_forced(prepared, tmp_path, caplog):
     from medqa.baseline import baseline
 
-    workdir = copy_of(prepared, tmp_path)
+    workdir = copy_workdir(prepared, tmp_path)
     other = tmp_path / "other.json"
     other.write_text(json.dumps(json.loads(SAMPLE.read_text())[:50]))
     with pytest.raises(StaleArtifactError, match=r"the data it was prepared from differs.*`medqa prepare"):
@@ -95,7 +82,7 @@ def test_adapter_trained_on_another_base_model_is_refused(prepared, tmp_path):
     from medqa.tiny import build_tiny_model
     from medqa.train import train
 
-    workdir = copy_of(prepared, tmp_path)
+    workdir = copy_workdir(prepared, tmp_path)
     cfg = demo_config(workdir, *FAST, "train.max_steps=20")
     train(cfg)
     # Same architecture and vocabulary, other weights: the adapter would load, silently wrong.
@@ -112,7 +99,7 @@ def test_adapter_trained_on_another_base_model_is_refused(prepared, tmp_path):
 def test_disk_check_stops_before_training(prepared, tmp_path, monkeypatch):
     from medqa.train import train
 
-    workdir = copy_of(prepared, tmp_path)
+    workdir = copy_workdir(prepared, tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
     with pytest.raises(MedqaError, match="Not enough disk space.*save_total_limit"):
         train(demo_config(workdir, *FAST))
@@ -122,7 +109,7 @@ def test_empty_test_split_is_a_clear_error(prepared, tmp_path):
     from medqa.baseline import baseline
     from medqa.data import prepare
 
-    workdir = copy_of(prepared, tmp_path)
+    workdir = copy_workdir(prepared, tmp_path)
     cfg = demo_config(workdir, "data.train_fraction=0.9", "data.val_fraction=0.1", "data.test_fraction=0.0")
     prepare(cfg)
     with pytest.raises(DataError, match="tokenized_test is empty.*data.test_fraction"):
@@ -149,8 +136,8 @@ def test_train_killed_then_resumed_matches_uninterrupted(prepared, tmp_path, sig
     # 120 steps leave a wide window after the first checkpoint; resume picks the newest complete checkpoint, so
     # a kill that lands while a later one is being written is fine too.
     steps = [*FAST, "train.max_steps=120", "train.epochs=1"]
-    full = train(demo_config(copy_of(prepared, tmp_path / "full"), *steps))
-    workdir = copy_of(prepared, tmp_path / "cut")
+    full = train(demo_config(copy_workdir(prepared, tmp_path / "full"), *steps))
+    workdir = copy_workdir(prepared, tmp_path / "cut")
     log = tmp_path / "train.log"
     proc = _run_cli(["train", "--config", "configs/demo.yaml", f"workdir={workdir}", f"data.source={SAMPLE}", *steps],
                     log)
@@ -180,7 +167,7 @@ def test_interrupted_in_process_raises_interrupted(prepared, tmp_path):
             if state.global_step == 5:
                 os.kill(os.getpid(), signal.SIGINT)
 
-    workdir = copy_of(prepared, tmp_path)
+    workdir = copy_workdir(prepared, tmp_path)
     with pytest.raises(Interrupted, match="resume=true"):
         train(demo_config(workdir, *FAST), callbacks=[PressStop()])
     assert list((workdir / "outputs" / "finetune_checkpoints").glob("checkpoint-*"))

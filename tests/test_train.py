@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import demo_config
+from conftest import copy_workdir, prepare_demo, demo_config
 from medqa.errors import ModelError
 
 FAST = ["train.epochs=2", "train.eval_steps=20", "train.logging_steps=5", "eval.bootstrap_samples=200"]
@@ -16,21 +16,8 @@ FAST = ["train.epochs=2", "train.eval_steps=20", "train.logging_steps=5", "eval.
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    from medqa.baseline import baseline
-    from medqa.data import prepare
+    return prepare_demo(tmp_path_factory.mktemp("train"), *FAST)
 
-    workdir = tmp_path_factory.mktemp("train")
-    cfg = demo_config(workdir, *FAST)
-    prepare(cfg)
-    baseline(cfg)
-    return workdir
-
-
-def clone(src, dst):
-    for sub in ("data", "tokenized", "models", "outputs"):
-        if (src / sub).exists():
-            shutil.copytree(src / sub, dst / sub, dirs_exist_ok=True)
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -157,8 +144,8 @@ def test_resume_after_interruption_matches_uninterrupted(prepared, tmp_path):
                 raise RuntimeError("simulated crash after the checkpoint at step 40")
 
     steps = ["train.max_steps=60", "train.epochs=1"]
-    full = train(demo_config(clone(prepared, tmp_path / "full"), *FAST, *steps))
-    cut_dir = clone(prepared, tmp_path / "cut")
+    full = train(demo_config(copy_workdir(prepared, tmp_path / "full"), *FAST, *steps))
+    cut_dir = copy_workdir(prepared, tmp_path / "cut")
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(demo_config(cut_dir, *FAST, *steps), callbacks=[Crash()])
     class Count(TrainerCallback):
@@ -178,7 +165,7 @@ def test_resume_after_interruption_matches_uninterrupted(prepared, tmp_path):
 def test_packed_training_learns_and_keeps_metrics_unpacked(prepared, tmp_path):
     from medqa.train import train
 
-    result = train(demo_config(clone(prepared, tmp_path), *FAST, "train.packing=true", "train.batch_size=2"))
+    result = train(demo_config(copy_workdir(prepared, tmp_path), *FAST, "train.packing=true", "train.batch_size=2"))
     base = json.loads((prepared / "outputs" / "baseline" / "metrics.json").read_text())
     assert result.metrics["val"]["answer_loss"] < base["val"]["answer_loss"] - 0.5
     assert result.metrics["test"]["answer_tokens"] == base["test"]["answer_tokens"]  # scored unpacked

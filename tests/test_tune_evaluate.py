@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO, SAMPLE, demo_config
+from conftest import copy_workdir, prepare_demo, REPO, SAMPLE, demo_config
 
 QUICK = ["train.epochs=1", "train.eval_steps=20", "train.logging_steps=10", "eval.bootstrap_samples=200",
          "tune.num_samples=2", "evaluate.num_questions=6"]
@@ -17,21 +17,8 @@ QUICK = ["train.epochs=1", "train.eval_steps=20", "train.logging_steps=10", "eva
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    from medqa.baseline import baseline
-    from medqa.data import prepare
+    return prepare_demo(tmp_path_factory.mktemp("tune"), *QUICK)
 
-    workdir = tmp_path_factory.mktemp("tune")
-    cfg = demo_config(workdir, *QUICK)
-    prepare(cfg)
-    baseline(cfg)
-    return workdir
-
-
-def fresh(prepared, dst):
-    """A workdir with the prepared data, model and baseline, but none of the searches run in `prepared`."""
-    for sub in ("data", "tokenized", "models", "outputs/baseline"):
-        shutil.copytree(prepared / sub, dst / sub, dirs_exist_ok=True)
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +64,7 @@ def test_crashing_trial_is_retried_and_reported(prepared, tmp_path, monkeypatch)
     from medqa.tune import FAIL_ENV, tune
 
     monkeypatch.setenv(FAIL_ENV, "1")
-    cfg = demo_config(fresh(prepared, tmp_path), *QUICK)
+    cfg = demo_config(copy_workdir(prepared, tmp_path), *QUICK)
     result = tune(cfg)
     table = result.results
     assert (result.experiment_dir / "injected_failure").exists()
@@ -108,7 +95,7 @@ def test_interrupted_search_resumes_without_rerunning(prepared, tmp_path, sig):
 
     from medqa.tune import ATTEMPTS, FINISHED, tune
 
-    workdir = fresh(prepared, tmp_path)
+    workdir = copy_workdir(prepared, tmp_path)
     args = [f"workdir={workdir}", *QUICK, "tune.max_concurrent=1", "tune.grace_period=5", "train.epochs=2"]
     log = open(tmp_path / "tune.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "medqa", "tune", "--config", str(REPO / "configs" / "demo.yaml"),
