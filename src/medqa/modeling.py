@@ -112,12 +112,11 @@ def load_tokenizer(cfg: Config, path: str | None = None):
     if tok.model_max_length is None or tok.model_max_length > 1_000_000:
         tok.model_max_length = cfg.data.max_length
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        # Never pad with EOS: masking pads would then also hide the EOS the model must learn to emit.
+        # Prefer a pad token other than EOS, so a pad can never be mistaken for the EOS the model must learn.
+        # Our batches mask padding by length (labels -100, attention 0), never by pad id, so where the vocabulary
+        # has no other spare token EOS is safe; adding a new token would not fit the model's embedding.
         candidate = tok.unk_token if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id else None
-        if candidate is not None:
-            tok.pad_token = candidate
-        else:
-            tok.add_special_tokens({"pad_token": "<pad>"})
+        tok.pad_token = candidate if candidate is not None else tok.eos_token
         log.info("Tokenizer %s had no separate pad token; using %r (id %d).", name, tok.pad_token, tok.pad_token_id)
     return tok
 

@@ -275,6 +275,13 @@ def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None
         shutil.rmtree(work)  # a fresh run must not mix its history with an old one
     work.mkdir(parents=True, exist_ok=True)
     history_path = work / HISTORY
+    if cfg.train.packing:
+        # ~data.max_length / mean length examples per row; the block mask keeps them from seeing each other.
+        train_ds = pack_dataset(train_ds, cfg.data.max_length)
+        collate = PackedCollator(tokenizer.pad_token_id, mask_dtype=_compute_dtype(cfg))
+        log.info("packing: %d rows of up to %d tokens", len(train_ds), cfg.data.max_length)
+    else:
+        collate = partial(pad_batch, pad_id=tokenizer.pad_token_id)
     tokens_per_example = sum(train_ds["length"]) / len(train_ds)
     extra = [_history_callback(history_path, tokens_per_example)] + list(callbacks or [])
     if cfg.train.early_stopping_patience:
@@ -283,13 +290,6 @@ def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None
     check_disk(cfg, work, trainable, cfg.train.max_steps or len(train_ds))
     stop = _GracefulStop()
     extra.append(stop.callback())
-    if cfg.train.packing:
-        # ~data.max_length / mean length examples per row; the block mask keeps them from seeing each other.
-        train_ds = pack_dataset(train_ds, cfg.data.max_length)
-        collate = PackedCollator(tokenizer.pad_token_id, mask_dtype=_compute_dtype(cfg))
-        log.info("packing: %d rows of up to %d tokens", len(train_ds), cfg.data.max_length)
-    else:
-        collate = partial(pad_batch, pad_id=tokenizer.pad_token_id)
     trainer = _trainer_class()(
         model=model, args=_training_args(cfg, work, trial), train_dataset=train_ds,
         eval_dataset=evals["val"], data_collator=collate,
