@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from conftest import demo_config
 from medqa.errors import ConfigError, ModelError

@@ -5,7 +5,6 @@ real HealthCareMagic records: fine-tuning must lower test answer perplexity sign
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 
 import pytest

@@ -25,7 +25,6 @@ def prepared(tmp_path_factory):
     return prepare_demo(tmp_path_factory.mktemp("reliable"), *FAST)
 
 
-
 def snapshot(folder: Path) -> dict:
     return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -17,7 +16,6 @@ FAST = ["train.epochs=2", "train.eval_steps=20", "train.logging_steps=5", "eval.
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     return prepare_demo(tmp_path_factory.mktemp("train"), *FAST)
-
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import shutil
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -18,7 +16,6 @@ QUICK = ["train.epochs=1", "train.eval_steps=20", "train.logging_steps=10", "eva
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     return prepare_demo(tmp_path_factory.mktemp("tune"), *QUICK)
-
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,14 @@ class BaselineResult:
         return metrics_table({"baseline": self.metrics})
 
 
+def check_tokenized(cfg: Config, tokenizer) -> None:
+    """Stop when tokenized/ was prepared from other data, settings or tokenizer than this config names."""
+    from medqa.data import prepared_inputs
+
+    check_inputs(cfg, Path(cfg.workdir) / "tokenized", prepared_inputs(cfg, tokenizer),
+                 "medqa prepare --config <your config>")
+
+
 def load_tokenized(cfg: Config, split: str, tokenizer=None):
     """A tokenized split, checked against the tokenizer when one is given; `eval.max_examples` applies to the
     val and test splits only (it is a scoring shortcut, never a way to shrink training)."""
@@ -43,9 +51,7 @@ def load_tokenized(cfg: Config, split: str, tokenizer=None):
     if not path.is_dir():
         raise DataError(f"{path} not found. Run `medqa prepare --config <your config>` first (same workdir).")
     if tokenizer is not None:
-        from medqa.data import prepared_inputs
-
-        check_inputs(cfg, path.parent, prepared_inputs(cfg, tokenizer), "medqa prepare --config <your config>")
+        check_tokenized(cfg, tokenizer)
     ds = datasets.load_from_disk(str(path))
     if len(ds) == 0:
         raise DataError(f"{path} is empty: the {split} split has no examples. Use more records or change "
@@ -81,7 +87,8 @@ def baseline(cfg: Config) -> BaselineResult:
     """Score the untuned model on val and test with the shared answer-loss function."""
     start = time.perf_counter()
     tokenizer = load_tokenizer(cfg)
-    splits = {s: load_tokenized(cfg, s, tokenizer) for s in EVAL_SPLITS}
+    check_tokenized(cfg, tokenizer)  # once for the folder: every split comes from the same prepare run
+    splits = {s: load_tokenized(cfg, s) for s in EVAL_SPLITS}
     model = load_model(cfg)
     trainable, total = count_parameters(model)
     log.info("baseline: model %s, %d parameters, %s on %s", model_path(cfg), total,

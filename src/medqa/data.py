@@ -153,7 +153,7 @@ def _encode_batch(batch: dict[str, list], tokenizer, cfg: Config) -> dict[str, l
     return out
 
 
-def tokenize(cands: list[Candidate], tokenizer, cfg: Config):
+def tokenize(cands: list[Candidate], tokenizer, cfg: Config, inputs: dict[str, str]):
     """Tokenize with datasets.map (batched, num_proc). The cache file is keyed on a hash of the texts, the
     tokenizer's vocabulary and the prompt/length settings, so a re-run with the same inputs only reads it.
     (datasets' own fingerprint hashes the pickled function, which for a slow tokenizer changes as its memo
@@ -165,7 +165,7 @@ def tokenize(cands: list[Candidate], tokenizer, cfg: Config):
         "question": [c.question for c in cands],
         "answer": [c.answer for c in cands],
     })
-    h = hashlib.sha256(json.dumps(prepared_inputs(cfg, tokenizer), sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode())  # prepared_inputs(): data, settings, tokenizer
     h.update(json.dumps([(c.question, c.answer) for c in cands]).encode())
     fingerprint = h.hexdigest()[:32]
     cache_dir = Path(cfg.workdir) / ".cache" / "prepare"
@@ -211,7 +211,8 @@ def prepare(cfg: Config) -> PrepareResult:
                         "every record and its reason is listed in data/rejected.jsonl only when some are kept.")
 
     tokenizer = _ensure_tokenizer(cfg, cands)
-    tokenized = tokenize(cands, tokenizer, cfg)
+    inputs = prepared_inputs(cfg, tokenizer)
+    tokenized = tokenize(cands, tokenizer, cfg, inputs)
     q_tokens, a_tokens = tokenized["question_tokens"], tokenized["answer_tokens"]
     keep_rows: dict[str, list[int]] = {s: [] for s in SPLITS}
     for row, cand in enumerate(cands):
@@ -244,7 +245,6 @@ def prepare(cfg: Config) -> PrepareResult:
                         "records or raise data.train_fraction.")
 
     data_dir, tok_dir = Path(cfg.workdir) / "data", Path(cfg.workdir) / "tokenized"
-    inputs = prepared_inputs(cfg, tokenizer)
     _write_data(data_dir, splits, rejected, report, cfg, inputs)
     with atomic_dir(tok_dir) as tmp:
         for split, rows in keep_rows.items():

@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
