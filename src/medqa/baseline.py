@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medqa.artifacts import atomic_dir, write_json
+from medqa.batching import eval_tokens_per_batch
 from medqa.config import Config
 from medqa.errors import DataError
 from medqa.metrics import ExampleScores, evaluate_answer_loss
@@ -100,7 +101,9 @@ def baseline(cfg: Config) -> BaselineResult:
     results, rows = {}, []
     for split, ds in splits.items():
         results[split], scores = evaluate_answer_loss(model, ds, tokenizer.pad_token_id, cfg.eval.batch_size,
-                                                      cfg.eval.bootstrap_samples, cfg.seed, progress=True)
+                                                      cfg.eval.bootstrap_samples, cfg.seed, progress=True,
+                                                      tokens_per_batch=eval_tokens_per_batch(cfg.eval.tokens_per_batch,
+                                                                                             model))
         rows += per_example_rows(split, scores)
     metrics = {**results, "model": model_path(cfg), "tokenizer": tokenizer_info(tokenizer),
                "parameters": total, "dtype": str(next(model.parameters()).dtype),

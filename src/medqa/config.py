@@ -156,9 +156,11 @@ class EvalConfig:
     batch_size: int = _f(8, "Examples per scoring batch; batches are formed from examples sorted by length.")
     bootstrap_samples: int = _f(1000, "Bootstrap resamples (over examples) for the 95% confidence intervals.")
     max_examples: int = _f(0, "Score at most this many examples per split (0 = all); for smoke runs.")
+    tokens_per_batch: int = _f(0, "Padded tokens per scoring batch (examples sorted by length fill it); 0 = auto: "
+                                  "sized from the free memory on CUDA, eval.batch_size examples elsewhere.")
 
     def validate(self) -> None:
-        if self.batch_size < 1 or self.bootstrap_samples < 0 or self.max_examples < 0:
+        if self.batch_size < 1 or self.bootstrap_samples < 0 or self.max_examples < 0 or self.tokens_per_batch < 0:
             raise ConfigError(f"eval.batch_size must be >= 1 and eval.bootstrap_samples, eval.max_examples >= 0; got "
                               f"{self.batch_size}, {self.bootstrap_samples}, {self.max_examples}.")
 
@@ -175,10 +177,14 @@ class GenerateConfig:
     repetition_penalty: float = _f(1.0, "Penalty > 1 discourages repeating tokens.")
     no_repeat_ngram_size: int = _f(0, "Forbid repeating n-grams of this size (0 = off).")
     batch_size: int = _f(8, "Prompts per generation batch (grouped by length, left-padded).")
+    static_cache: bool | str = _f("auto", "Decode with a static KV cache (fixed shapes, compiled by transformers): "
+                                          "auto = on CUDA, true, false.")
 
     def validate(self) -> None:
         if self.max_new_tokens < 1 or self.num_beams < 1 or self.batch_size < 1:
             raise ConfigError("generate.max_new_tokens, generate.num_beams and generate.batch_size must be >= 1.")
+        if self.static_cache not in (True, False, "auto"):
+            raise ConfigError(f"generate.static_cache must be auto, true or false; got {self.static_cache!r}.")
         if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
             raise ConfigError(f"generate.temperature must be > 0, 0 < generate.top_p <= 1 and "
                               f"generate.repetition_penalty > 0; got {self.temperature}, {self.top_p}, "
@@ -193,8 +199,25 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     epochs: float = _f(1.0, "Training epochs (ignored when max_steps > 0).")
     max_steps: int = _f(0, "Optimizer steps to run; 0 = use epochs.")
-    batch_size: int = _f(8, "Examples per device batch (batches are grouped by length and padded dynamically).")
-    grad_accum: int = _f(1, "Gradient accumulation steps: effective batch = batch_size x grad_accum.")
+    batch_size: int = _f(8, "Examples per device batch (batches are grouped by length and padded dynamically); "
+                            "with packing, packed rows per micro-batch when train.tokens_per_batch is 0 off CUDA.")
+    grad_accum: int = _f(1, "Gradient accumulation steps: effective batch = batch_size x grad_accum (with packing "
+                            "and train.tokens_per_step set, derived instead).")
+    tokens_per_batch: int = _f(0, "With packing: tokens per micro-batch, as rows of data.max_length tokens (every "
+                                  "step has this one shape). 0 = auto: sized from the GPU's free memory on CUDA, "
+                                  "train.batch_size rows elsewhere.")
+    tokens_per_step: int = _f(0, "With packing: tokens per optimizer step (the effective batch); gradient "
+                                 "accumulation = tokens_per_step / tokens_per_batch, so the step is the same on every "
+                                 "card. 0 = tokens_per_batch x train.grad_accum.")
+    compile: bool | str = _f("auto", "torch.compile the model for the one packed micro-batch shape: auto = on CUDA "
+                                     "with packing, true, false. The compile time is reported apart.")
+    compile_mode: str = _f("default", "torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, "
+                                      "max-autotune-no-cudagraphs.")
+    attention: str = _f("auto", "Attention for packed rows: sdpa (a block-diagonal mask), flex (FlexAttention "
+                                "document mask, CUDA only), auto (= sdpa; see BENCHMARKS.md).")
+    loss_chunk_tokens: int = _f(0, "Compute the training loss over this many tokens at a time, recomputing each "
+                                   "chunk's logits in backward, so a large micro-batch never holds all its fp32 "
+                                   "logits at once (0 = the model's own loss).")
     warmup_ratio: float = _f(0.05, "Share of steps for linear warmup.")
     scheduler: str = _f("cosine", "Learning-rate schedule after warmup: cosine, linear, constant_with_warmup.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
@@ -223,6 +246,20 @@ class TrainConfig:
             raise ConfigError("train.max_steps and train.early_stopping_patience must be >= 0 and train.epochs > 0.")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ConfigError(f"train.mixed_precision must be auto, no, bf16 or fp16; got {self.mixed_precision!r}.")
+        if self.tokens_per_batch < 0 or self.tokens_per_step < 0 or self.loss_chunk_tokens < 0:
+            raise ConfigError("train.tokens_per_batch, train.tokens_per_step and train.loss_chunk_tokens must be >= 0 "
+                              "(0 = auto / off).")
+        if self.compile not in (True, False, "auto"):
+            raise ConfigError(f"train.compile must be auto, true or false; got {self.compile!r}.")
+        if self.compile is True and not self.packing:
+            raise ConfigError("train.compile=true needs train.packing=true: compiling is worth it only for one static "
+                              "batch shape, and unpacked batches change shape every step. Set train.packing=true or "
+                              "train.compile=auto.")
+        if self.compile_mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+            raise ConfigError(f"train.compile_mode must be default, reduce-overhead, max-autotune or "
+                              f"max-autotune-no-cudagraphs; got {self.compile_mode!r}.")
+        if self.attention not in ("auto", "sdpa", "flex"):
+            raise ConfigError(f"train.attention must be auto, sdpa or flex; got {self.attention!r}.")
         if self.scheduler not in ("cosine", "linear", "constant_with_warmup", "constant"):
             raise ConfigError(f"train.scheduler must be cosine, linear, constant_with_warmup or constant; "
                               f"got {self.scheduler!r}.")

@@ -18,6 +18,7 @@ import numpy as np
 
 from medqa.artifacts import write_json, write_text_atomic
 from medqa.baseline import load_tokenized
+from medqa.batching import eval_tokens_per_batch
 from medqa.config import Config
 from medqa.errors import DataError
 from medqa.generate import generate_answers
@@ -74,7 +75,9 @@ def evaluate(cfg: Config) -> EvaluateResult:
         # seen these test questions.
         model = load_model(cfg) if adapter is None else load_adapter_model(cfg, adapter, expected)
         metrics, per_example = evaluate_answer_loss(model, test, tokenizer.pad_token_id, cfg.eval.batch_size,
-                                                    cfg.eval.bootstrap_samples, cfg.seed, progress=True)
+                                                    cfg.eval.bootstrap_samples, cfg.seed, progress=True,
+                                                    tokens_per_batch=eval_tokens_per_batch(cfg.eval.tokens_per_batch,
+                                                                                           model))
         scores[name] = per_example
         answers[name] = generate_answers(model, tokenizer, cfg, questions)
         models[name] = {"adapter": str(adapter) if adapter else None, "test": metrics,

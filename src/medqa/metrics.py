@@ -32,10 +32,12 @@ class ExampleScores:
     sequence_tokens: np.ndarray
 
 
-def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (sorted, longest first), so padding is minimal."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+def length_batches(lengths: list[int], batch_size: int, max_tokens: int = 0) -> list[list[int]]:
+    """Indices grouped into batches of similar length (sorted, longest first), so padding is minimal: `batch_size`
+    examples each, or with `max_tokens` as many as fit in that many padded tokens (`medqa.batching`)."""
+    from medqa.batching import length_budget_batches
+
+    return length_budget_batches(lengths, batch_size, max_tokens)
 
 
 def pad_batch(rows: list[dict], pad_id: int) -> dict:
@@ -52,20 +54,30 @@ def pad_batch(rows: list[dict], pad_id: int) -> dict:
     return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
 
 
-def token_nll(logits, labels):
-    """Per-position NLL of labels[:, 1:] under logits[:, :-1] (computed in fp32); 0 where the label is -100."""
+def token_nll(logits, labels, chunk_tokens: int = 4096):
+    """Per-position NLL of labels[:, 1:] under logits[:, :-1] (computed in fp32); 0 where the label is -100.
+    Rows are converted to fp32 a few at a time (about `chunk_tokens` positions), so a large scoring batch never
+    holds an fp32 copy of all its logits (each position's NLL is independent: chunking changes no number)."""
+    import torch
     import torch.nn.functional as F
 
-    shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
-    nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                          ignore_index=IGNORE_INDEX, reduction="none")
-    return nll.view(shift_labels.shape)
+    rows = max(1, chunk_tokens // max(shift_labels.shape[1], 1))
+    out = []
+    for r in range(0, logits.shape[0], rows):
+        chunk = logits[r:r + rows, :-1].float()
+        nll = F.cross_entropy(chunk.reshape(-1, chunk.size(-1)), shift_labels[r:r + rows].reshape(-1),
+                              ignore_index=IGNORE_INDEX, reduction="none")
+        out.append(nll.view(chunk.shape[:2]))
+    return torch.cat(out)
 
 
-def score_examples(model, dataset, pad_id: int, batch_size: int = 8, progress: bool = False) -> ExampleScores:
+def score_examples(model, dataset, pad_id: int, batch_size: int = 8, progress: bool = False,
+                   tokens_per_batch: int = 0) -> ExampleScores:
     """Sum of answer and sequence NLL per example. Right padding with an attention mask leaves every real
-    position's logits unchanged in a causal LM, so results do not depend on batch size."""
+    position's logits unchanged in a causal LM, so results do not depend on batch size. Batches hold
+    `batch_size` examples, or with `tokens_per_batch` as many as fit in that many padded tokens (a GPU scores
+    short answers hundreds at a time)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -77,7 +89,7 @@ def score_examples(model, dataset, pad_id: int, batch_size: int = 8, progress: b
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    batches = length_batches(list(dataset["length"]), batch_size)
+    batches = length_batches(list(dataset["length"]), batch_size, tokens_per_batch)
     with torch.inference_mode():
         for idx in tqdm(batches, desc="score", disable=not progress, leave=False):
             batch = pad_batch([dataset[i] for i in idx], pad_id)
@@ -133,9 +145,9 @@ def summarize(scores: ExampleScores, bootstrap_samples: int = 1000, seed: int = 
 
 
 def evaluate_answer_loss(model, dataset, pad_id: int, batch_size: int = 8, bootstrap_samples: int = 1000,
-                         seed: int = 0, progress: bool = False) -> tuple[dict, ExampleScores]:
+                         seed: int = 0, progress: bool = False, tokens_per_batch: int = 0) -> tuple[dict, ExampleScores]:
     """Score a tokenized split: the one metric function for the baseline, training and final evaluation."""
-    scores = score_examples(model, dataset, pad_id, batch_size, progress)
+    scores = score_examples(model, dataset, pad_id, batch_size, progress, tokens_per_batch)
     return summarize(scores, bootstrap_samples, seed), scores
 
 

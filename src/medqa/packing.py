@@ -139,13 +139,18 @@ class PackedCollator:
     only runs without a KV cache: call the model with use_cache=False (Trainer sets model.config.use_cache from
     TrainingArguments.use_cache, False by default).
     Rows without `position_ids` are treated as one example each, so unpacked rows work too.
+
+    For static shapes (torch.compile), `pad_to_multiple_of=data.max_length` pads every row to max_length and
+    `rows=N` pads every batch to N rows: then every batch of the epoch has the shape (N, max_length).
     """
 
-    def __init__(self, pad_id: int, block_mask: bool = True, mask_dtype=None, pad_to_multiple_of: int | None = None):
+    def __init__(self, pad_id: int, block_mask: bool = True, mask_dtype=None, pad_to_multiple_of: int | None = None,
+                 rows: int | None = None):
         self.pad_id = pad_id
         self.block_mask = block_mask
         self.mask_dtype = mask_dtype
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.rows = rows
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict:
         import torch
@@ -153,6 +158,12 @@ class PackedCollator:
         width = max(len(r["input_ids"]) for r in rows)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        if self.rows is not None:
+            if len(rows) > self.rows:
+                raise ValueError(f"a batch of {len(rows)} rows for a collator of {self.rows} rows per batch")
+            # Static shape: the epoch's last, partial batch gets empty rows (all padding, no label), so the
+            # compiled step sees one shape and the loss (a sum over labelled tokens) is unchanged.
+            rows = list(rows) + [{"input_ids": [], "labels": []}] * (self.rows - len(rows))
         input_ids, labels, position_ids = [], [], []
         for r in rows:
             n, pad = len(r["input_ids"]), width - len(r["input_ids"])

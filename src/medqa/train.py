@@ -6,8 +6,11 @@ Reads `tokenized/tokenized_{train,val,test}`. Checkpoints go to `outputs/finetun
 logging step and per evaluation), `metrics.json` (val and test, as the baseline's), `per_example.jsonl`,
 `loss_curves.png` and `tensorboard/`.
 
-Effective batch = train.batch_size x train.grad_accum; e.g. 8 x 4 = 32 examples x ~225 tokens = ~7,200 tokens
-per optimizer step on HealthCareMagic with BioGPT's tokenizer.
+The module reads setup (`setup_training`: pack, plan the batch shape, build the step), fit (`fit`: the Trainer),
+score and write. Batches: unpacked, train.batch_size x train.grad_accum examples per optimizer step (e.g. 8 x 4 =
+32 examples x ~225 tokens = ~7,200 tokens on HealthCareMagic with BioGPT's tokenizer); packed (the GPU default),
+a token budget of rows of data.max_length tokens, one static shape, compiled on CUDA (`medqa.batching`,
+`medqa.trainer`).
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ from medqa.baseline import EVAL_SPLITS, load_tokenized, metrics_table, per_examp
 from medqa.config import Config
 from medqa.errors import ConfigError, Interrupted, MedqaError
 from medqa.manifest import fingerprint_model, write_manifest
+from medqa.batching import BatchPlan, eval_tokens_per_batch
 from medqa.metrics import evaluate_answer_loss, pad_batch
-from medqa.packing import PackedCollator, pack_dataset
+from medqa.packing import PackedCollator, pack_dataset, plan_packs
 from medqa.modeling import count_parameters, load_model, load_tokenizer, model_path, resolve_lora_targets
 
 log = logging.getLogger(__name__)
@@ -108,66 +112,6 @@ def _load_4bit(cfg: Config):
                                                 trust_remote_code=cfg.model.trust_remote_code)
 
 
-def _trainer_class():
-    from transformers import Trainer
-
-    class AnswerLossTrainer(Trainer):
-        """Trainer whose evaluation is our `answer_loss` (summed over all answer tokens of the split, then
-        divided by their count). Trainer's own eval loss is a mean of per-batch means, which depends on how
-        the examples fall into batches, so it would not be comparable with the baseline."""
-
-        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
-            ds = eval_dataset if eval_dataset is not None else self.eval_dataset
-            m, _ = evaluate_answer_loss(self.model, ds, self.processing_class.pad_token_id,
-                                        self.args.per_device_eval_batch_size, bootstrap_samples=0)
-            metrics = {f"{metric_key_prefix}_answer_loss": m["answer_loss"],
-                       f"{metric_key_prefix}_answer_perplexity": m["answer_perplexity"]}
-            self.log(metrics)
-            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-            return metrics
-
-    return AnswerLossTrainer
-
-
-def _history_callback(path: Path, tokens_per_example: float):
-    from transformers import TrainerCallback
-
-    class History(TrainerCallback):
-        """Appends one JSON line per logging step (train) and per evaluation to metrics.jsonl."""
-
-        def __init__(self):
-            self.last_time, self.last_step = None, 0
-
-        def on_train_begin(self, args, state, control, **kw):
-            # On resume, drop lines logged after the checkpoint we restart from, so no step appears twice.
-            if path.exists():
-                keep = [x for x in path.read_text().splitlines() if json.loads(x)["step"] <= state.global_step]
-                path.write_text("".join(x + "\n" for x in keep))
-            self.last_time, self.last_step = time.perf_counter(), state.global_step
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            logs = logs or {}
-            row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
-            if "loss" in logs:
-                now = time.perf_counter()
-                steps = max(state.global_step - self.last_step, 1)
-                secs = max(now - self.last_time, 1e-9)
-                examples = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
-                row.update(train_loss=logs["loss"], learning_rate=logs.get("learning_rate"),
-                           grad_norm=logs.get("grad_norm"), examples_per_s=examples / secs,
-                           tokens_per_s=examples * tokens_per_example / secs)
-                self.last_time, self.last_step = now, state.global_step
-            elif "eval_answer_loss" in logs:
-                row.update(eval_answer_loss=logs["eval_answer_loss"],
-                           eval_answer_perplexity=logs["eval_answer_perplexity"])
-            else:
-                return
-            with open(path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    return History()
-
-
 class _GracefulStop:
     """Ctrl-C (SIGINT) or a notebook's stop button: finish the current step, save a checkpoint, then stop.
     A second Ctrl-C interrupts at once."""
@@ -226,31 +170,156 @@ def check_disk(cfg: Config, folder: Path, trainable: int, total_steps: int) -> N
                          "are free. Free some space, lower train.save_total_limit, or set workdir to a larger disk.")
 
 
-def _training_args(cfg: Config, work: Path, trial: bool):
+def _training_args(cfg: Config, work: Path, trial: bool, plan: BatchPlan | None):
     """Trainer settings from the config. A Tune trial saves no Trainer checkpoints: it reports its adapter to
-    Ray at each evaluation and Ray keeps the best one, so a search never fills the disk with optimizer states."""
+    Ray at each evaluation and Ray keeps the best one, so a search never fills the disk with optimizer states.
+    With packing, `plan` sets the micro-batch (rows) and the accumulation."""
     import torch
     from transformers import TrainingArguments
 
     t = cfg.train
+    cuda = torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(work), seed=cfg.seed, data_seed=cfg.seed,
         learning_rate=t.learning_rate, weight_decay=t.weight_decay, lr_scheduler_type=t.scheduler,
         warmup_steps=t.warmup_ratio, max_grad_norm=t.max_grad_norm,
         num_train_epochs=t.epochs, max_steps=t.max_steps if t.max_steps > 0 else -1,
-        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=cfg.eval.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random", length_column_name="length",
+        per_device_train_batch_size=plan.rows_per_batch if plan else t.batch_size,
+        per_device_eval_batch_size=cfg.eval.batch_size,
+        gradient_accumulation_steps=plan.grad_accum if plan else t.grad_accum,
+        # Packed rows are all ~data.max_length tokens: grouping them by length would only remove randomness.
+        train_sampling_strategy="group_by_length" if t.group_by_length and not plan else "random",
+        length_column_name="length",
         eval_strategy="steps", eval_steps=t.eval_steps, save_strategy="no" if trial else "steps",
         save_steps=t.eval_steps, save_total_limit=t.save_total_limit, load_best_model_at_end=not trial,
         metric_for_best_model="eval_answer_loss", greater_is_better=False,
         logging_strategy="steps", logging_steps=t.logging_steps, logging_first_step=True,
-        report_to=["tensorboard"], remove_unused_columns=False, dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
+        report_to=["tensorboard"], remove_unused_columns=False,
+        # On a GPU, collate the next batches (padding, the 4D mask) in two worker processes while the GPU computes.
+        dataloader_num_workers=2 if cuda else 0, dataloader_pin_memory=cuda,
+        optim="adamw_torch_fused",  # one kernel for all LoRA tensors instead of several per tensor
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         disable_tqdm=False, **_precision(cfg),
     )
+
+
+def _use_compile(cfg: Config) -> bool:
+    import torch
+
+    c = cfg.train.compile
+    return c is True or (c == "auto" and cfg.train.packing and torch.cuda.is_available())
+
+
+def _attention(cfg: Config) -> str:
+    """sdpa (block-diagonal 4D mask) or flex (FlexAttention document mask; CUDA only)."""
+    import torch
+
+    if cfg.train.attention != "flex":
+        return "sdpa"  # auto: the measured path; flex is opt-in until the GPU table shows it pays (BENCHMARKS.md)
+    if not torch.cuda.is_available():
+        raise ConfigError("train.attention=flex needs a CUDA GPU: torch's FlexAttention has no backward on CPU. "
+                          "Use train.attention=sdpa (or auto) here.")
+    return "flex"
+
+
+@dataclass
+class Setup:
+    """Everything `fit` needs, built from the config: the training rows (packed or not), the collator, the batch
+    plan (packed only) and how the step runs."""
+
+    train_ds: object
+    collate: object
+    plan: BatchPlan | None
+    fast_step: object | None
+    tokens_per_row: float
+    examples_per_row: float
+
+    def describe(self) -> dict:
+        fs = self.fast_step
+        return {"packing": self.plan is not None, "batch_plan": self.plan.to_dict() if self.plan else None,
+                "compiled": bool(fs and fs.compiled), "attention": fs.attention if fs else "model default",
+                "loss_chunk_tokens": fs.chunk if fs else 0, "train_rows": len(self.train_ds)}
+
+
+def setup_training(cfg: Config, model, train_ds, pad_id: int) -> Setup:
+    """Pack (or not) the tokenized train split and decide the batch shape and the training step."""
+    from medqa.batching import cuda_free_bytes, plan_batches
+    from medqa.trainer import FAST_LOSS_MODEL_TYPES, FastStep, supports_fast_step
+
+    t = cfg.train
+    if not t.packing:
+        collate = partial(pad_batch, pad_id=pad_id)
+        return Setup(train_ds, collate, None, None, sum(train_ds["length"]) / len(train_ds), 1.0)
+    # ~data.max_length / mean length examples per row; the block mask keeps them from seeing each other.
+    train_ds = pack_dataset(train_ds, cfg.data.max_length)
+    examples_per_row = sum(train_ds["num_examples"]) / len(train_ds)
+    device = next(model.parameters()).device
+    free = cuda_free_bytes(device) if device.type == "cuda" else None
+    plan = plan_batches(t, cfg.data.max_length, model.config, free)
+    attention = _attention(cfg)
+    fast = None
+    if supports_fast_step(model):
+        compile_ = _use_compile(cfg)
+        if attention == "flex":
+            model.get_base_model().set_attn_implementation("flex_attention")
+        fast = FastStep(model, compile=compile_, compile_mode=t.compile_mode, loss_chunk_tokens=t.loss_chunk_tokens,
+                        attention=attention)
+    elif t.compile is True or t.loss_chunk_tokens or attention == "flex":
+        log.warning("train.compile, train.loss_chunk_tokens and train.attention=flex apply to %s only; model type "
+                    "%r trains through its own forward.", ", ".join(sorted(FAST_LOSS_MODEL_TYPES)),
+                    getattr(model.config, "model_type", "?"))
+    # Every batch: plan.rows_per_batch rows x data.max_length tokens (one shape for the compiled step).
+    collate = PackedCollator(pad_id, block_mask=attention == "sdpa", mask_dtype=_compute_dtype(cfg),
+                             pad_to_multiple_of=cfg.data.max_length, rows=plan.rows_per_batch)
+    msg = (f"packing: {len(train_ds):,} rows of up to {cfg.data.max_length} tokens ({examples_per_row:.2f} examples "
+           f"per row); {plan.describe()}; step: {'compiled' if fast and fast.compiled else 'eager'}, "
+           f"attention {attention}")
+    log.info(msg)
+    print(msg)
+    return Setup(train_ds, collate, plan, fast, sum(train_ds["length"]) / len(train_ds), examples_per_row)
+
+
+def fit(cfg: Config, model, tokenizer, setup: Setup, eval_ds, work: Path, callbacks: list | None = None,
+        trial: bool = False, resume_from: Path | None = None):
+    """Run transformers' Trainer on the set-up rows; returns (trainer, timer). Used by `train` and by
+    bench/gpu.py, which times exactly this path."""
+    from transformers import EarlyStoppingCallback
+
+    from medqa.trainer import AnswerLossTrainer, History, StepTimer
+
+    timer = StepTimer()
+    history = History(work / HISTORY, setup.tokens_per_row, setup.examples_per_row, timer)
+    extra = [timer, history] + list(callbacks or [])
+    if cfg.train.early_stopping_patience:
+        extra.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
+    stop = _GracefulStop()
+    extra.append(stop.callback())
+    trainer = AnswerLossTrainer(
+        model=model, args=_training_args(cfg, work, trial, setup.plan), train_dataset=setup.train_ds,
+        eval_dataset=eval_ds, data_collator=setup.collate, processing_class=tokenizer, callbacks=extra,
+        fast_step=setup.fast_step, eval_tokens_per_batch=cfg.eval.tokens_per_batch)
+    with stop:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if stop.requested:
+        raise Interrupted(f"stopped at step {trainer.state.global_step} after saving a checkpoint in {work}; run "
+                          "again with train.resume=true to continue.")
+    return trainer, timer
+
+
+def planned_steps(cfg: Config, train_ds, model_config=None) -> int:
+    """The optimizer steps `medqa train` will run on this tokenized train split (as the Trainer counts them), for
+    ASHA's max_t and the disk check. With packing and an auto micro-batch on CUDA without train.tokens_per_step,
+    the count depends on the card; it is then computed for this process's card."""
+    from medqa.batching import cuda_free_bytes, optimizer_steps, plan_batches
+
+    t = cfg.train
+    if not t.packing:
+        n_batches = -(-len(train_ds) // t.batch_size)
+        return optimizer_steps(n_batches, t.grad_accum, t.epochs, t.max_steps)
+    rows = len(plan_packs(list(train_ds["length"]), cfg.data.max_length))
+    plan = plan_batches(t, cfg.data.max_length, model_config, cuda_free_bytes())
+    return optimizer_steps(rows, plan.rows_per_batch * plan.grad_accum, t.epochs, t.max_steps)
 
 
 def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None = None,
@@ -260,69 +329,56 @@ def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None
     `run_dir` (default `outputs/`) holds `finetune_checkpoints/` and `finetune/`. A Ray Tune trial passes its own
     folder and `trial=True`: it only trains and evaluates val (reported to Tune by a callback, with the adapter);
     the test split is not looked at while searching, and no run folder is written."""
-    from transformers import EarlyStoppingCallback
-
     start = time.perf_counter()
+    # setup
     tokenizer = load_tokenizer(cfg)
     train_ds = load_tokenized(cfg, "train", tokenizer)
     evals = {s: load_tokenized(cfg, s) for s in EVAL_SPLITS}
     model = build_lora_model(cfg)
-
     outputs = Path(run_dir) if run_dir else Path(cfg.workdir) / "outputs"
     work = outputs / "finetune_checkpoints"
     checkpoint = last_complete_checkpoint(work)
     if not cfg.train.resume and work.exists():
         shutil.rmtree(work)  # a fresh run must not mix its history with an old one
     work.mkdir(parents=True, exist_ok=True)
-    history_path = work / HISTORY
-    if cfg.train.packing:
-        # ~data.max_length / mean length examples per row; the block mask keeps them from seeing each other.
-        train_ds = pack_dataset(train_ds, cfg.data.max_length)
-        collate = PackedCollator(tokenizer.pad_token_id, mask_dtype=_compute_dtype(cfg))
-        log.info("packing: %d rows of up to %d tokens", len(train_ds), cfg.data.max_length)
-    else:
-        collate = partial(pad_batch, pad_id=tokenizer.pad_token_id)
-    tokens_per_example = sum(train_ds["length"]) / len(train_ds)
-    extra = [_history_callback(history_path, tokens_per_example)] + list(callbacks or [])
-    if cfg.train.early_stopping_patience:
-        extra.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
-    trainable = count_parameters(model)[0]
-    check_disk(cfg, work, trainable, cfg.train.max_steps or len(train_ds))
-    stop = _GracefulStop()
-    extra.append(stop.callback())
-    trainer = _trainer_class()(
-        model=model, args=_training_args(cfg, work, trial), train_dataset=train_ds,
-        eval_dataset=evals["val"], data_collator=collate,
-        processing_class=tokenizer, callbacks=extra)
-    resume = cfg.train.resume and checkpoint is not None
+    setup = setup_training(cfg, model, train_ds, tokenizer.pad_token_id)
+    check_disk(cfg, work, count_parameters(model)[0], cfg.train.max_steps or len(setup.train_ds))
     if cfg.train.resume and checkpoint is None:
         log.warning("train.resume=true but no checkpoint in %s; starting from scratch.", work)
-    with stop:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if resume else None)
-    if stop.requested:
-        raise Interrupted(f"stopped at step {trainer.state.global_step} after saving a checkpoint in {work}; run "
-                          "again with train.resume=true to continue.")
-    history = [json.loads(x) for x in history_path.read_text().splitlines()]
-    if trial:
-        return TrainResult({"steps": trainer.state.global_step}, work, history)
 
-    # The best checkpoint is loaded (load_best_model_at_end); score it with the baseline's function.
+    # fit
+    trainer, timer = fit(cfg, model, tokenizer, setup, evals["val"], work, callbacks, trial,
+                         checkpoint if cfg.train.resume else None)
+    history = [json.loads(x) for x in (work / HISTORY).read_text().splitlines()]
+    timing = timer.summary(setup.describe()["compiled"])
+    if timing.get("compile_seconds"):
+        log.info("torch.compile took about %.1f s (first step %.1f s, then %.3f s per step)",
+                 timing["compile_seconds"], timing["first_step_seconds"], timing["median_step_seconds"])
+    if trial:
+        return TrainResult({"steps": trainer.state.global_step, "timing": timing}, work, history)
+
+    # score: the best checkpoint is loaded (load_best_model_at_end); score it with the baseline's function.
     results, rows = {}, []
+    eval_tokens = eval_tokens_per_batch(cfg.eval.tokens_per_batch, trainer.model)
     for split, ds in evals.items():
         results[split], scores = evaluate_answer_loss(trainer.model, ds, tokenizer.pad_token_id, cfg.eval.batch_size,
-                                                      cfg.eval.bootstrap_samples, cfg.seed, progress=True)
+                                                      cfg.eval.bootstrap_samples, cfg.seed, progress=True,
+                                                      tokens_per_batch=eval_tokens)
         rows += per_example_rows(split, scores)
     trainable, total = count_parameters(trainer.model)
     metrics = {**results, "model": model_path(cfg), "adapter": str(outputs / "finetune"),
                "best_checkpoint": trainer.state.best_model_checkpoint, "best_val_answer_loss": trainer.state.best_metric,
                "steps": trainer.state.global_step, "trainable_parameters": trainable, "total_parameters": total,
-               "seconds": round(time.perf_counter() - start, 2), "config": cfg.to_dict()}
+               "training": {**setup.describe(), **timing}, "seconds": round(time.perf_counter() - start, 2),
+               "config": cfg.to_dict()}
+
+    # write
     out_dir = outputs / "finetune"
     with atomic_dir(out_dir) as tmp:
         trainer.model.save_pretrained(tmp)  # adapter_model.safetensors + adapter_config.json
         tokenizer.save_pretrained(tmp)
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-        shutil.copyfile(history_path, tmp / HISTORY)
+        shutil.copyfile(work / HISTORY, tmp / HISTORY)
         write_json(tmp / "metrics.json", metrics)
         (tmp / "per_example.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         write_manifest(tmp, "train", cfg, adapter_inputs(cfg, tokenizer))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -22,7 +21,7 @@ from medqa.artifacts import atomic_dir, write_json
 from medqa.config import Config, config_from_dict
 from medqa.errors import MedqaError
 from medqa.manifest import write_manifest
-from medqa.train import adapter_inputs
+from medqa.train import adapter_inputs, planned_steps
 
 log = logging.getLogger(__name__)
 
@@ -167,10 +166,12 @@ def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
     from medqa.baseline import load_tokenized
     from medqa.modeling import load_tokenizer
 
-    n_train = len(load_tokenized(cfg, "train", load_tokenizer(cfg)))  # fail here, clearly, not in every trial
+    train_ds = load_tokenized(cfg, "train", load_tokenizer(cfg))  # fail here, clearly, not in every trial
     t = cfg.train
     grace_steps = cfg.tune.grace_period * t.eval_steps
-    total_steps = t.max_steps or math.ceil(math.ceil(n_train / t.batch_size) / t.grad_accum * t.epochs)
+    # The Trainer's own count of optimizer steps (packed rows and token budgets included), so ASHA's last rung is
+    # the trial's last step and never cuts its final evaluation.
+    total_steps = planned_steps(cfg, train_ds)
     started = _init_ray(cfg)
     try:
         experiment = _latest_experiment(outputs) if cfg.tune.resume else None

@@ -1,0 +1,221 @@
+"""The Trainer medqa trains with, and its callbacks: answer-loss evaluation, a fast packed training step
+(compiled, static shapes, optionally chunked loss and FlexAttention), step timing and metrics.jsonl.
+
+The fast step (`FastStep`) replaces `model(**batch).loss` in training only. It computes the same number: the
+decoder's hidden states, the output layer, cross-entropy summed over labelled tokens and divided by the labelled
+tokens of the whole accumulated batch (`num_items_in_batch`, as transformers' ForCausalLMLoss does); tests check
+that losses and gradients equal the model's own. Evaluation never goes through it: `medqa.metrics` scores the
+plain model, whose shapes vary by batch and would make a compiled graph recompile.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback
+
+from medqa.batching import eval_tokens_per_batch
+from medqa.metrics import evaluate_answer_loss
+from medqa.prompts import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+# Architectures whose logits are exactly output_embeddings(last hidden state): no logit scaling or soft-capping
+# after the output layer, so the fast step's loss is the model's. Others train through model(**batch).
+FAST_LOSS_MODEL_TYPES = {"biogpt", "llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "opt", "phi3"}
+
+
+def supports_fast_step(model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base.config, "model_type", "") in FAST_LOSS_MODEL_TYPES and base.get_output_embeddings() is not None
+
+
+def _chunk_loss_sum(hidden, labels, weight, bias):
+    logits = F.linear(hidden, weight, bias).float()
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def lm_loss_sum(hidden, labels, lm_head, chunk_tokens: int = 0):
+    """Sum over labelled positions of -log p(labels[:, t+1] | hidden[:, t]) (fp32 cross-entropy), the numerator of
+    the causal-LM loss. With `chunk_tokens`, the logits are made `chunk_tokens` rows at a time and recomputed in
+    backward (activation checkpointing), so at most one chunk's fp32 logits exist at once: for a 32k-token
+    micro-batch and BioGPT's 42,384-token vocabulary that is 0.7 GB per 4k-token chunk instead of 5.6 GB."""
+    from torch.utils.checkpoint import checkpoint
+
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    y = labels[:, 1:].reshape(-1)
+    if not chunk_tokens or chunk_tokens >= h.shape[0]:
+        return _chunk_loss_sum(h, y, lm_head.weight, lm_head.bias)
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.shape[0], chunk_tokens):
+        total = total + checkpoint(_chunk_loss_sum, h[start:start + chunk_tokens], y[start:start + chunk_tokens],
+                                   lm_head.weight, lm_head.bias, use_reentrant=False)
+    return total
+
+
+def document_block_mask(position_ids):
+    """FlexAttention BlockMask for packed rows: causal within each example (a new one starts where position_ids is
+    0), nothing across examples. Only the blocks that hold allowed pairs are computed."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    segment = (position_ids == 0).cumsum(dim=1)
+
+    def same_example_causal(b, h, q, k):
+        return (segment[b, q] == segment[b, k]) & (q >= k)
+
+    batch, length = position_ids.shape
+    return create_block_mask(same_example_causal, batch, None, length, length, device=position_ids.device,
+                             _compile=position_ids.is_cuda)
+
+
+class FastStep:
+    """The training loss of a packed micro-batch: decoder -> output layer -> summed cross-entropy, optionally
+    compiled (one static shape: every batch is rows x data.max_length) and with a chunked loss."""
+
+    def __init__(self, model, compile: bool = False, compile_mode: str = "default", loss_chunk_tokens: int = 0,
+                 attention: str = "sdpa"):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.base = base
+        self.decoder = base.base_model  # BioGptModel, LlamaModel, ...: LoRA layers live inside it
+        self.lm_head = base.get_output_embeddings()
+        self.chunk = loss_chunk_tokens
+        self.attention = attention
+        self.compiled = compile
+        fn = self._loss_sum
+        if compile:
+            # One shape for the whole run (dynamic=False); a changed shape would recompile, so the collator pads
+            # every batch to rows_per_batch x data.max_length.
+            fn = torch.compile(fn, dynamic=False, mode=None if compile_mode == "default" else compile_mode)
+        self.fn = fn
+
+    def _loss_sum(self, input_ids, attention_mask, position_ids, labels):
+        hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).last_hidden_state
+        return lm_loss_sum(hidden, labels, self.lm_head, self.chunk)
+
+    def __call__(self, inputs: dict, num_items_in_batch=None):
+        labels = inputs["labels"]
+        position_ids = inputs.get("position_ids")
+        mask = inputs.get("attention_mask")
+        if self.attention == "flex":
+            mask = document_block_mask(position_ids)
+        loss_sum = self.fn(inputs["input_ids"], mask, position_ids, labels)
+        if num_items_in_batch is None:  # a mean over this micro-batch; the Trainer divides by grad_accum
+            return loss_sum / (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
+        return loss_sum / num_items_in_batch
+
+
+class AnswerLossTrainer(Trainer):
+    """Trainer whose evaluation is our `answer_loss` (summed over all answer tokens of the split, then divided by
+    their count). Trainer's own eval loss is a mean of per-batch means, which depends on how the examples fall
+    into batches, so it would not be comparable with the baseline. With `fast_step`, training losses come from
+    `FastStep` (same value, compiled and static-shaped)."""
+
+    def __init__(self, *args, fast_step: FastStep | None = None, eval_tokens_per_batch: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fast_step = fast_step
+        self.eval_tokens = eval_tokens_per_batch
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # The fast step talks to the unwrapped model's modules; under DDP (several processes) the wrapper's own
+        # forward must run, so it is used only when Trainer hands us the model itself.
+        if self.fast_step is None or return_outputs or not model.training or model is not self.model:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return self.fast_step(inputs, num_items_in_batch)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        ds = eval_dataset if eval_dataset is not None else self.eval_dataset
+        flex = self.fast_step is not None and self.fast_step.attention == "flex"
+        if flex:  # scoring pads by length with 2D masks: the SDPA path, never a recompiled flex kernel
+            self.fast_step.base.set_attn_implementation("sdpa")
+        try:
+            m, _ = evaluate_answer_loss(self.model, ds, self.processing_class.pad_token_id,
+                                        self.args.per_device_eval_batch_size, bootstrap_samples=0,
+                                        tokens_per_batch=eval_tokens_per_batch(self.eval_tokens, self.model))
+        finally:
+            if flex:
+                self.fast_step.base.set_attn_implementation("flex_attention")
+        metrics = {f"{metric_key_prefix}_answer_loss": m["answer_loss"],
+                   f"{metric_key_prefix}_answer_perplexity": m["answer_perplexity"]}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of each optimizer step, from its first micro-batch to the optimizer update (so evaluation and
+    checkpoint saving, which run after on_step_end, are never counted). The first step of a compiled run includes
+    the compilation: `compile_seconds` = first step - median of the others."""
+
+    def __init__(self):
+        self.durations: list[float] = []
+        self._start = None
+
+    def on_step_begin(self, args, state, control, **kw):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        if self._start is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # one sync per optimizer step: honest timings for a few microseconds
+        self.durations.append(time.perf_counter() - self._start)
+        self._start = None
+
+    def summary(self, compiled: bool) -> dict:
+        d = self.durations
+        if not d:
+            return {"steps_timed": 0}
+        steady = statistics.median(d[1:]) if len(d) > 1 else d[0]
+        return {"steps_timed": len(d), "first_step_seconds": round(d[0], 4),
+                "median_step_seconds": round(steady, 5), "train_seconds": round(sum(d), 3),
+                "compile_seconds": round(max(d[0] - steady, 0.0), 3) if compiled else 0.0}
+
+
+class History(TrainerCallback):
+    """Appends one JSON line per logging step (train) and per evaluation to metrics.jsonl.
+
+    Throughput counts only the time inside optimizer steps (from `StepTimer`: evaluation and checkpoint saving are
+    left out) and real tokens and examples: a packed row holds `examples_per_row` examples and `tokens_per_row`
+    real tokens on average (padding is not counted)."""
+
+    def __init__(self, path: Path, tokens_per_row: float, examples_per_row: float, timer: StepTimer):
+        self.path = path
+        self.tokens_per_row = tokens_per_row
+        self.examples_per_row = examples_per_row
+        self.timer = timer
+        self.last_step, self.last_timed = 0, 0
+
+    def on_train_begin(self, args, state, control, **kw):
+        # On resume, drop lines logged after the checkpoint we restart from, so no step appears twice.
+        if self.path.exists():
+            keep = [x for x in self.path.read_text().splitlines() if json.loads(x)["step"] <= state.global_step]
+            self.path.write_text("".join(x + "\n" for x in keep))
+        self.last_step, self.last_timed = state.global_step, len(self.timer.durations)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        logs = logs or {}
+        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        if "loss" in logs:
+            steps = max(state.global_step - self.last_step, 1)
+            secs = max(sum(self.timer.durations[self.last_timed:]), 1e-9)
+            rows = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
+            row.update(train_loss=logs["loss"], learning_rate=logs.get("learning_rate"),
+                       grad_norm=logs.get("grad_norm"), examples_per_s=rows * self.examples_per_row / secs,
+                       tokens_per_s=rows * self.tokens_per_row / secs, step_seconds=secs / steps)
+            self.last_step, self.last_timed = state.global_step, len(self.timer.durations)
+        elif "eval_answer_loss" in logs:
+            row.update(eval_answer_loss=logs["eval_answer_loss"],
+                       eval_answer_perplexity=logs["eval_answer_perplexity"])
+        else:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
