@@ -141,14 +141,14 @@ def batches(rows: list[dict], strategy: str, batch_size: int, mask_dtype, seed: 
     return out
 
 
-def add_lora(model):
+def add_lora(model, r: int = 8, alpha: int = 16):
     import torch
     from peft import LoraConfig, get_peft_model
 
     from medqa.modeling import resolve_lora_targets
 
     targets = resolve_lora_targets(model, "all-linear")
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=targets,
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.05, target_modules=targets,
                                              task_type="CAUSAL_LM"))
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
@@ -200,12 +200,85 @@ def bench_train(model, rows: list[dict], args, device, n_params: int, peak: floa
     return out
 
 
+# ------------------------------------------------------------------------------------------ the Trainer path
+
+HCM_EPOCH_TOKENS = 27_000_000  # HealthCareMagic-100k train split under BioGPT's tokenizer (issue 11's count)
+TRAINER_VARIANTS = {  # name: config overrides on top of configs/biogpt.yaml's train section
+    "unpacked_grouped": ["train.packing=false", "train.batch_size=8", "train.grad_accum=4", "train.compile=false"],
+    "packed_eager": ["train.packing=true", "train.compile=false"],
+    "packed_compiled": ["train.packing=true", "train.compile=true"],
+    "packed_compiled_flex": ["train.packing=true", "train.compile=true", "train.attention=flex"],
+    "packed_compiled_cudagraphs": ["train.packing=true", "train.compile=true", "train.compile_mode=reduce-overhead"],
+}
+
+
+def bench_trainer(dims: dict, rows: list[dict], args, device, n_params: int, peak: float | None) -> dict:
+    """`medqa train`'s own path (medqa.train.setup_training + fit: transformers' Trainer, LoRA as in
+    configs/biogpt.yaml, its batch plan, compile and loss settings) on a fresh fp32 model with bf16 autocast, as
+    `medqa train` loads it. Each variant runs --trainer-steps optimizer steps; the first step (compilation) is
+    reported apart, and tokens/s is the steady state: real tokens per step / median step time."""
+    import tempfile
+
+    import datasets
+    import torch
+
+    from medqa.config import load_config
+    from medqa.train import fit, setup_training
+
+    train_ds = datasets.Dataset.from_list(rows)
+    eval_ds = train_ds.select(range(min(8, len(rows))))
+    real_per_example = sum(r["length"] for r in rows) / len(rows)
+    out: dict = {"examples": len(rows), "mean_tokens": real_per_example}
+    for name in args.trainer_variants.split(","):
+        if name not in TRAINER_VARIANTS:
+            raise SystemExit(f"unknown --trainer-variants entry {name!r}; choose from {', '.join(TRAINER_VARIANTS)}")
+        if device.type != "cuda" and ("compiled" in name or "flex" in name) and not args.trainer_compile_on_cpu:
+            continue
+        with tempfile.TemporaryDirectory() as work:
+            overrides = [f"workdir={work}", "data.max_length=512", f"train.max_steps={args.trainer_steps}",
+                         "train.logging_steps=1000000", "train.eval_steps=1000000", "train.early_stopping_patience=0",
+                         "train.warmup_ratio=0.0", *TRAINER_VARIANTS[name]]
+            if device.type != "cuda":
+                overrides += ["train.mixed_precision='no'", "train.tokens_per_batch=1024", "train.tokens_per_step=2048",
+                              "train.loss_chunk_tokens=512", "lora.r=8"]
+            if args.tokens_per_batch:
+                overrides.append(f"train.tokens_per_batch={args.tokens_per_batch}")
+            cfg = load_config(REPO / "configs" / "biogpt.yaml", overrides)
+            model = build_model(dims, device, torch.float32).train()
+            lora_model, _, _ = add_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha)
+            setup = setup_training(cfg, lora_model, train_ds, PAD)
+            trainer, timer = fit(cfg, lora_model, None, setup, eval_ds, Path(work), trial=True, pad_id=PAD)
+            summary = timer.summary(setup.describe()["compiled"])
+            steps = trainer.state.global_step
+            if setup.plan:
+                rows_per_step = setup.plan.rows_per_batch * setup.plan.grad_accum
+                real_per_step = rows_per_step * setup.tokens_per_row
+            else:
+                real_per_step = cfg.train.batch_size * cfg.train.grad_accum * real_per_example
+            tps = real_per_step / summary["median_step_seconds"]
+            r = {**setup.describe(), **summary, "steps": steps, "real_tokens_per_step": real_per_step,
+                 "tokens_per_s": tps, "mfu_6n": 6 * n_params * tps / (peak * 1e12) if peak else None,
+                 "projected_hcm100k_epoch_minutes": (HCM_EPOCH_TOKENS / tps + summary.get("compile_seconds", 0)) / 60}
+            if device.type == "cuda":
+                r["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                torch.cuda.reset_peak_memory_stats(device)
+            out[name] = r
+            print(f"  medqa train {name:26s}: {tps:9,.0f} tokens/s, step {summary['median_step_seconds'] * 1e3:7.1f} ms, "
+                  f"first step {summary['first_step_seconds']:.1f} s, HealthCareMagic-100k epoch "
+                  f"{r['projected_hcm100k_epoch_minutes']:.1f} min", flush=True)
+            del trainer, lora_model, model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return out
+
+
 # ------------------------------------------------------------------------------------------ eval, generation
 
 
 def bench_eval(model, rows: list[dict], args, device, n_params: int, peak: float | None) -> dict:
     import datasets
 
+    from medqa.batching import eval_tokens_per_batch
     from medqa.metrics import score_examples
 
     ds = datasets.Dataset.from_list(rows)
@@ -220,8 +293,22 @@ def bench_eval(model, rows: list[dict], args, device, n_params: int, peak: float
     t = statistics.median(secs)
     real = sum(len(r["input_ids"]) for r in rows)
     print(f"  eval (score_examples, batch {args.batch_size}): {real / t:9,.0f} tokens/s", flush=True)
-    return {"examples": len(rows), "tokens": real, "batch_size": args.batch_size, "tokens_per_s": real / t,
-            "seconds": secs, "mfu": 2 * n_params * real / t / (peak * 1e12) if peak else None}
+    res = {"examples": len(rows), "tokens": real, "batch_size": args.batch_size, "tokens_per_s": real / t,
+           "seconds": secs, "mfu": 2 * n_params * real / t / (peak * 1e12) if peak else None}
+    # What `medqa baseline/evaluate` run: batches filled to a token budget (auto from free memory on CUDA).
+    budget = eval_tokens_per_batch(0, model) or 2048
+    secs = []
+    for _ in range(args.repeats):
+        sync(device)
+        start = time.perf_counter()
+        score_examples(model, ds, PAD, batch_size=args.batch_size, tokens_per_batch=budget)
+        sync(device)
+        secs.append(time.perf_counter() - start)
+    t = statistics.median(secs)
+    res["token_budget"] = {"tokens_per_batch": budget, "tokens_per_s": real / t, "seconds": secs,
+                           "mfu": 2 * n_params * real / t / (peak * 1e12) if peak else None}
+    print(f"  eval (score_examples, {budget:,} tokens per batch): {real / t:9,.0f} tokens/s", flush=True)
+    return res
 
 
 def bench_generate(model, rows: list[dict], args, device) -> dict:
@@ -230,15 +317,19 @@ def bench_generate(model, rows: list[dict], args, device) -> dict:
 
     prompts = [r["input_ids"][:prompt_length(r)] for r in rows]
     out = {}
-    for bs in (1, 16):
+    for bs, cache in ((1, "dynamic"), (32, "dynamic"), (1, "static"), (32, "static")):
+        if cache == "static" and device.type != "cuda" and not args.tiny:
+            continue
         group = prompts[:bs]
-        width = max(len(p) for p in group)
+        width = -(-max(len(p) for p in group) // 64) * 64  # as medqa.generate rounds prompt widths
         ids = torch.tensor([[PAD] * (width - len(p)) + p for p in group], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=device)
         kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, use_cache=True,
-                  pad_token_id=PAD)
+                  pad_token_id=PAD, cache_implementation="static" if cache == "static" else None)
         with torch.inference_mode():
-            model.generate(input_ids=ids, attention_mask=mask, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
+            warm = time.perf_counter()  # the static cache's first call compiles (reported apart)
+            model.generate(input_ids=ids, attention_mask=mask, **kw)
+            warm = time.perf_counter() - warm
             secs = []
             for _ in range(args.repeats):
                 sync(device)
@@ -247,9 +338,11 @@ def bench_generate(model, rows: list[dict], args, device) -> dict:
                 sync(device)
                 secs.append(time.perf_counter() - start)
         t = statistics.median(secs)
-        out[f"batch_{bs}"] = {"new_tokens_per_s": bs * args.new_tokens / t, "seconds": secs,
-                              "prompt_tokens_mean": statistics.mean(len(p) for p in group)}
-        print(f"  generate batch {bs:2d}: {bs * args.new_tokens / t:9,.0f} new tokens/s", flush=True)
+        key = f"batch_{bs}" if cache == "dynamic" else f"batch_{bs}_static"
+        out[key] = {"new_tokens_per_s": bs * args.new_tokens / t, "seconds": secs, "first_call_seconds": warm,
+                    "prompt_tokens_mean": statistics.mean(len(p) for p in group)}
+        print(f"  generate batch {bs:2d} ({cache} cache): {bs * args.new_tokens / t:9,.0f} new tokens/s, first call "
+              f"{warm:.1f} s", flush=True)
     return {"new_tokens": args.new_tokens, **out}
 
 
@@ -260,19 +353,34 @@ def table(res: dict) -> str:
     def pct(x):
         return f"{100 * x:.1f}%" if x is not None else "n/a"
 
-    tr = res["train"]
+    tr = res.get("train")
     lines = [f"{res['device']} ({res['dtype']}), {res['parameters'] / 1e6:.1f}M parameters, N = "
              f"{res['matmul_parameters'] / 1e6:.1f}M, peak {res['peak_tflops'] or 'unknown'} TFLOPS",
              "| training (LoRA) | tokens/s | answer tokens/s | padding efficiency | MFU 6N | MFU LoRA | speedup |",
              "|---|---|---|---|---|---|---|"]
-    for s in ("padded_512", "grouped", "packed"):
+    for s in ("padded_512", "grouped", "packed") if tr else ():
         r = tr[s]
         lines.append(f"| {s} | {r['tokens_per_s']:,.0f} | {r['answer_tokens_per_s']:,.0f} | {r['padding_efficiency']:.3f} "
                      f"| {pct(r['mfu_6n'])} | {pct(r['mfu_lora'])} | {r.get('speedup_vs_padded_512', 1.0):.2f}x |")
     ev, gen = res["eval"], res["generate"]
-    lines += ["", f"eval (score_examples, batch {ev['batch_size']}): {ev['tokens_per_s']:,.0f} tokens/s, MFU {pct(ev['mfu'])}",
-              f"generation ({gen['new_tokens']} new tokens, greedy): batch 1 {gen['batch_1']['new_tokens_per_s']:,.0f}, "
-              f"batch 16 {gen['batch_16']['new_tokens_per_s']:,.0f} new tokens/s"]
+    tb = ev["token_budget"]
+    lines += ["", f"eval (score_examples, batch {ev['batch_size']}): {ev['tokens_per_s']:,.0f} tokens/s, MFU {pct(ev['mfu'])}; "
+              f"by token budget ({tb['tokens_per_batch']:,} tokens): {tb['tokens_per_s']:,.0f} tokens/s, MFU {pct(tb['mfu'])}",
+              f"generation ({gen['new_tokens']} new tokens, greedy), new tokens/s: " + ", ".join(
+                  f"{k.replace('_', ' ')} {v['new_tokens_per_s']:,.0f}" for k, v in gen.items() if k.startswith("batch"))]
+    tt = res.get("trainer")
+    if tt:
+        lines += ["", "| `medqa train` (Trainer path) | tokens/s | MFU 6N | step | first step | micro-batch x accum | "
+                      "HealthCareMagic-100k epoch |", "|---|---|---|---|---|---|---|"]
+        for name, r in tt.items():
+            if not isinstance(r, dict):
+                continue
+            plan = r.get("batch_plan")
+            shape = (f"{plan['rows_per_batch']} x {plan['row_tokens']} x {plan['grad_accum']}" if plan
+                     else "8 examples x 4")
+            lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {pct(r['mfu_6n'])} | "
+                         f"{r['median_step_seconds'] * 1e3:,.0f} ms | {r['first_step_seconds']:.1f} s | {shape} | "
+                         f"{r['projected_hcm100k_epoch_minutes']:.1f} min |")
     return "\n".join(lines)
 
 
@@ -289,6 +397,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: 1 on --device cpu, else torch's)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="override the card's peak bf16 TFLOPS")
     ap.add_argument("--out", default=str(REPO / "outputs" / "bench" / "gpu.json"), help="JSON results file")
+    ap.add_argument("--results-dir", default=None, help="also write <card>.json here (e.g. bench/results)")
+    ap.add_argument("--skip-hand-loop", action="store_true", help="skip the hand-written training loop")
+    ap.add_argument("--trainer-variants", default=None,
+                    help=f"comma-separated Trainer-path variants: {', '.join(TRAINER_VARIANTS)} (default: "
+                         "unpacked_grouped,packed_eager,packed_compiled on CUDA; the first two on CPU)")
+    ap.add_argument("--trainer-steps", type=int, default=None, help="optimizer steps per variant (default 25; tiny 3)")
+    ap.add_argument("--trainer-examples", type=int, default=None, help="examples for the Trainer path (default "
+                                                                        "12000; tiny 64)")
+    ap.add_argument("--trainer-compile-on-cpu", action="store_true", help="run compiled variants on CPU too")
+    ap.add_argument("--tokens-per-batch", type=int, default=0, help="fix train.tokens_per_batch (default: auto)")
     args = ap.parse_args(argv)
 
     import torch
@@ -300,8 +418,12 @@ def main(argv: list[str] | None = None) -> int:
         # On a CPU smoke test one thread is the safe choice: with other jobs on the cores, two threads that
         # spin-wait for each other run several times slower than one.
         torch.set_num_threads(args.threads or 1)
-    defaults = dict(examples=16, eval_examples=8, batch_size=4, new_tokens=4, repeats=1, warmup=1) if args.tiny else \
-        dict(examples=1024, eval_examples=512, batch_size=16, new_tokens=128, repeats=3, warmup=3)
+    defaults = dict(examples=16, eval_examples=8, batch_size=4, new_tokens=4, repeats=1, warmup=1, trainer_steps=3,
+                    trainer_examples=64) if args.tiny else \
+        dict(examples=1024, eval_examples=512, batch_size=16, new_tokens=128, repeats=3, warmup=3, trainer_steps=25,
+             trainer_examples=12000)
+    if args.trainer_variants is None:
+        args.trainer_variants = "unpacked_grouped,packed_eager" + (",packed_compiled" if args.device != "cpu" else "")
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -322,16 +444,27 @@ def main(argv: list[str] | None = None) -> int:
     res["eval"] = bench_eval(model, synthetic_rows(args.eval_examples, dims["vocab_size"], seed=1), args, device,
                              n_params, peak)
     res["generate"] = bench_generate(model, synthetic_rows(16, dims["vocab_size"], seed=2), args, device)
-    res["train"] = bench_train(model, synthetic_rows(args.examples, dims["vocab_size"], seed=0), args, device,
-                               n_params, peak)
+    if not args.skip_hand_loop:
+        res["train"] = bench_train(model, synthetic_rows(args.examples, dims["vocab_size"], seed=0), args, device,
+                                   n_params, peak)
     if device.type == "cuda":
         res["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    res["trainer"] = bench_trainer(dims, synthetic_rows(args.trainer_examples, dims["vocab_size"], seed=3), args,
+                                   device, n_params, peak)
     res["seconds"] = time.perf_counter() - start
     res["args"] = vars(args)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
+    if args.results_dir:
+        card = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+        Path(args.results_dir).mkdir(parents=True, exist_ok=True)
+        (Path(args.results_dir) / f"{card}.json").write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
     print(table(res))
     print(f"wrote {out} in {res['seconds']:.0f} s")
     return 0

@@ -1,4 +1,5 @@
-"""Answering questions: the same prompt as training (`prompts.prompt_ids`), batched with left padding."""
+"""Answering questions: the same prompt as training (`prompts.prompt_ids`), batched with left padding; on CUDA
+with a static KV cache (`generate.static_cache`), which transformers compiles."""
 
 from __future__ import annotations
 
@@ -18,11 +19,15 @@ def generate_answers(model, tokenizer, cfg: Config, questions: list[str], max_ne
     room = max(cfg.data.max_length - max_new, 16)
     prompts = [prompt_ids(tokenizer, cfg.prompt, q, room) for q in questions]
     device = next(model.parameters()).device
+    # A static KV cache has one shape per (batch, prompt width) pair, which transformers compiles on CUDA; prompt
+    # widths rounded up to a multiple of 64 (more left padding, masked) keep the number of compiled shapes small.
+    static = g.static_cache is True or (g.static_cache == "auto" and device.type == "cuda")
+    round_to = 64 if static else 1
     answers: list[str] = [""] * len(questions)
     was_training = model.training
     model.eval()
     for idx in length_batches([len(p) for p in prompts], batch_size or g.batch_size):
-        width = max(len(prompts[i]) for i in idx)
+        width = -(-max(len(prompts[i]) for i in idx) // round_to) * round_to
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(prompts[i])) + prompts[i] for i in idx])
         mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx])
         with torch.inference_mode():
@@ -31,7 +36,8 @@ def generate_answers(model, tokenizer, cfg: Config, questions: list[str], max_ne
                 do_sample=g.do_sample, temperature=g.temperature if g.do_sample else None,
                 top_p=g.top_p if g.do_sample else None, num_beams=g.num_beams,
                 repetition_penalty=g.repetition_penalty, no_repeat_ngram_size=g.no_repeat_ngram_size,
-                eos_token_id=eos_id(tokenizer), pad_token_id=tokenizer.pad_token_id)
+                eos_token_id=eos_id(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                cache_implementation="static" if static else None)
         for row, i in enumerate(idx):
             answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
     model.train(was_training)

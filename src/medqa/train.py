@@ -281,9 +281,9 @@ def setup_training(cfg: Config, model, train_ds, pad_id: int) -> Setup:
 
 
 def fit(cfg: Config, model, tokenizer, setup: Setup, eval_ds, work: Path, callbacks: list | None = None,
-        trial: bool = False, resume_from: Path | None = None):
+        trial: bool = False, resume_from: Path | None = None, pad_id: int | None = None):
     """Run transformers' Trainer on the set-up rows; returns (trainer, timer). Used by `train` and by
-    bench/gpu.py, which times exactly this path."""
+    bench/gpu.py, which times exactly this path (with `tokenizer=None` and the `pad_id` of its synthetic rows)."""
     from transformers import EarlyStoppingCallback
 
     from medqa.trainer import AnswerLossTrainer, History, StepTimer
@@ -298,7 +298,7 @@ def fit(cfg: Config, model, tokenizer, setup: Setup, eval_ds, work: Path, callba
     trainer = AnswerLossTrainer(
         model=model, args=_training_args(cfg, work, trial, setup.plan), train_dataset=setup.train_ds,
         eval_dataset=eval_ds, data_collator=setup.collate, processing_class=tokenizer, callbacks=extra,
-        fast_step=setup.fast_step, eval_tokens_per_batch=cfg.eval.tokens_per_batch)
+        fast_step=setup.fast_step, eval_tokens_per_batch=cfg.eval.tokens_per_batch, pad_id=pad_id)
     with stop:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if stop.requested:

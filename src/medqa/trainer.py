@@ -117,8 +117,10 @@ class AnswerLossTrainer(Trainer):
     into batches, so it would not be comparable with the baseline. With `fast_step`, training losses come from
     `FastStep` (same value, compiled and static-shaped)."""
 
-    def __init__(self, *args, fast_step: FastStep | None = None, eval_tokens_per_batch: int = 0, **kwargs):
+    def __init__(self, *args, fast_step: FastStep | None = None, eval_tokens_per_batch: int = 0,
+                 pad_id: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.pad_id = pad_id if pad_id is not None else self.processing_class.pad_token_id
         self.fast_step = fast_step
         self.eval_tokens = eval_tokens_per_batch
 
@@ -135,7 +137,7 @@ class AnswerLossTrainer(Trainer):
         if flex:  # scoring pads by length with 2D masks: the SDPA path, never a recompiled flex kernel
             self.fast_step.base.set_attn_implementation("sdpa")
         try:
-            m, _ = evaluate_answer_loss(self.model, ds, self.processing_class.pad_token_id,
+            m, _ = evaluate_answer_loss(self.model, ds, self.pad_id,
                                         self.args.per_device_eval_batch_size, bootstrap_samples=0,
                                         tokens_per_batch=eval_tokens_per_batch(self.eval_tokens, self.model))
         finally:
