@@ -102,7 +102,7 @@ def test_record_level_problems_are_rejected_not_fatal(tmp_path, tiny_model_dir):
     assert rejected[0]["record"] == "just a string"
 
 
-def test_too_long_in_tokens_rejected_and_truncation_keeps_eos(tmp_path, tiny_model_dir):
+def test_too_long_in_tokens_rejected_and_no_eos_label_after_a_cut_answer(tmp_path, tiny_model_dir):
     import datasets
 
     long_answer = " ".join([GOOD_A] * 40)
@@ -117,7 +117,11 @@ def test_too_long_in_tokens_rejected_and_truncation_keeps_eos(tmp_path, tiny_mod
     assert report["truncated"] == 1
     ds = datasets.load_from_disk(str(tmp_path / "tokenized" / "tokenized_train"))
     assert max(ds["length"]) == 64
-    assert all(labels[-1] == 2 for labels in ds["labels"])
+    assert all(ids[-1] == 2 for ids in ds["input_ids"])  # the sequence still ends with EOS...
+    by_length = {len(ids): labels for ids, labels in zip(ds["input_ids"], ds["labels"])}
+    cut, whole = by_length[64], by_length[min(by_length)]
+    assert cut[-1] == -100 and cut[-2] != -100  # ...but after a cut answer EOS is not a target
+    assert whole[-1] == 2  # a whole answer still learns to stop
 
 
 @pytest.mark.parametrize("content, message", [

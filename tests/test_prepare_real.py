@@ -112,9 +112,12 @@ def test_tokenized_rows_mask_prompt_and_end_with_eos(prepared):
             assert len(ids) == len(labels) == row["length"] == sum(row["attention_mask"]) <= cfg.data.max_length
             first = next(i for i, l in enumerate(labels) if l != IGNORE_INDEX)
             assert all(l == IGNORE_INDEX for l in labels[:first])
-            assert all(l != IGNORE_INDEX for l in labels[first:])
-            assert labels[first:] == ids[first:]
-            assert labels[-1] == tok.eos_token_id
+            assert all(l != IGNORE_INDEX for l in labels[first:-1])
+            assert labels[first:-1] == ids[first:-1]
+            assert ids[-1] == tok.eos_token_id
+            # EOS is a target only after a whole answer (a cut one must not learn to stop mid-sentence)
+            whole = len(tok(rec["answer"], add_special_tokens=False)["input_ids"]) == len(ids) - first - 1
+            assert labels[-1] == (tok.eos_token_id if whole else IGNORE_INDEX)
             assert tok.pad_token_id not in labels
             # The first labelled token is the first answer token: the prompt is exactly what generation sees.
             assert ids[:first] == prompt_ids(tok, cfg.prompt, rec["question"], cfg.data.max_length - (len(ids) - first))

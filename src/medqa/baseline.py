@@ -17,9 +17,10 @@ from medqa.artifacts import atomic_dir, write_json
 from medqa.batching import eval_tokens_per_batch
 from medqa.config import Config
 from medqa.errors import DataError
-from medqa.metrics import ExampleScores, evaluate_answer_loss
+from medqa.metrics import ExampleScores, evaluate_answer_loss, perplexity_warning
 from medqa.manifest import check_inputs, fingerprint_model, write_manifest
-from medqa.modeling import count_parameters, load_model, load_tokenizer, model_path, tokenizer_info
+from medqa.modeling import (count_parameters, load_model, load_tokenizer, model_path, scoring_dtype,
+                            tokenizer_info)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,28 @@ def per_example_rows(split: str, scores: ExampleScores) -> list[dict]:
             for i, n, t in zip(scores.ids, scores.answer_nll, scores.answer_tokens)]
 
 
+def sanity_check(metrics: dict, vocab_size: int, what: str, quiet: bool = False) -> str | None:
+    """Warn loudly (log and stderr) when a split's answer perplexity is above the vocabulary size, and record the
+    warning in `metrics["sanity_warnings"]`. `quiet`: a randomly initialised model, where it is expected (logged
+    at info level and recorded as such)."""
+    import sys
+
+    warnings = [w for split in EVAL_SPLITS if split in metrics
+                for w in [perplexity_warning(metrics[split], vocab_size, f"{what} {split}")] if w]
+    if not warnings:
+        return None
+    text = "\n".join(warnings)
+    if quiet:
+        log.info("%s answer perplexity is above the vocabulary size, as expected for a randomly initialised model.",
+                 what)
+        metrics["sanity_warnings"] = ["above uniform, expected: randomly initialised model"]
+        return None
+    log.warning(text)
+    print(text, file=sys.stderr)
+    metrics["sanity_warnings"] = warnings
+    return text
+
+
 def metrics_table(runs: dict[str, dict]) -> str:
     """A small fixed-width table: one row per (run, split)."""
     lines = [f"{'model':<12} {'split':<5} {'examples':>8} {'tokens':>8} {'answer_loss':>11} {'answer_ppl':>10} "
@@ -106,9 +129,13 @@ def baseline(cfg: Config) -> BaselineResult:
                                                                                              model))
         rows += per_example_rows(split, scores)
     metrics = {**results, "model": model_path(cfg), "tokenizer": tokenizer_info(tokenizer),
-               "parameters": total, "dtype": str(next(model.parameters()).dtype),
+               "parameters": total, "dtype": scoring_dtype(cfg),
                "device": str(next(model.parameters()).device), "seconds": round(time.perf_counter() - start, 2),
                "config": cfg.to_dict()}
+    # A randomly initialised model (the demo's tiny one) is expected to be worse than uniform before training.
+    random_init = bool(cfg.model.tiny.enabled) and Path(model_path(cfg)).resolve() == \
+        Path(cfg.resolve(cfg.model.tiny.path)).resolve()
+    sanity_check(metrics, len(tokenizer), "baseline", quiet=random_init)
     out_dir = Path(cfg.workdir) / "outputs" / "baseline"
     with atomic_dir(out_dir) as tmp:
         write_json(tmp / "metrics.json", metrics)

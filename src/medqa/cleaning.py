@@ -56,13 +56,28 @@ _GREETING_ONLY = re.compile(
 )
 
 
+# Terminal escape sequences (ESC [ ... letter, ESC ] ... BEL) and then any other control character: C0 and C1
+# controls (NUL, bell, backspace, ...), lone UTF-16 surrogates (from "\ud800"-style JSON escapes; they cannot be
+# written as UTF-8) and invisible format marks (zero-width space, word joiner, byte-order mark). Tabs and line
+# breaks are white space and collapse to one space.
+_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f\ud800-\udfff\u200b\u2060\ufeff]")
+
+
+def has_control_chars(text: str) -> bool:
+    """True when `normalize_text` would remove control characters or escape sequences from `text`."""
+    return bool(_CONTROL.search(text) or "\x1b" in text)
+
+
 def normalize_text(text: str) -> str:
-    """NFC, HTML tags and entities removed, white space collapsed. Case and punctuation are kept."""
+    """NFC, HTML tags and entities removed, control characters and escape sequences removed, white space
+    collapsed. Case and punctuation are kept."""
+    text = _CONTROL.sub("", _ANSI.sub("", text))
     text = unicodedata.normalize("NFC", text)
     text = _TAG.sub(" ", text)
     text = html.unescape(text)
-    text = unicodedata.normalize("NFC", text)  # entities can decode to combining sequences
-    text = text.replace("\u00a0", " ").replace("\u200b", "").replace("\x00", "")
+    text = _CONTROL.sub("", unicodedata.normalize("NFC", text))  # entities can decode to controls or combinings
+    text = text.replace("\u00a0", " ")
     return _WS.sub(" ", text).strip()
 
 

@@ -24,7 +24,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from medqa.artifacts import atomic_dir, write_json
-from medqa.cleaning import clean_text, is_greeting_only, normalize_key
+from medqa.cleaning import clean_text, has_control_chars, is_greeting_only, normalize_key
 from medqa.config import Config
 from medqa.errors import DataError
 from medqa.manifest import fingerprint_source, write_manifest
@@ -112,27 +112,45 @@ def _check_fields_present(records: list[Any], cfg: Config) -> None:
                             f"{role}, e.g. `{key}={guess}`.")
 
 
-def clean_and_dedupe(records: list[Any], cfg: Config) -> tuple[list[Candidate], list[dict]]:
-    """Validate and clean every record; keep the first of each normalised question."""
+def clean_records(records: list[Any], cfg: Config) -> tuple[list[Candidate], list[dict]]:
+    """Validate and clean every record (character-level checks); duplicates are kept here, so that a later
+    length filter can never drop the only valid copy of a question."""
     kept: list[Candidate] = []
     rejected: list[dict] = []
-    first_seen: dict[str, Candidate] = {}
     for index, rec in enumerate(tqdm(records, desc="clean", disable=len(records) < 5000, leave=False)):
         q, reason_or_a = _check_record(rec, cfg)
         if q is None:
             rejected.append({"index": index, "reason": reason_or_a, "record": rec})
             continue
         cand = Candidate(index, q, reason_or_a, normalize_key(q))
-        first = first_seen.get(cand.key)
-        if first is not None:
-            reason = "duplicate_exact" if (first.question, first.answer) == (q, cand.answer) else "duplicate_question"
-            rejected.append({"index": index, "reason": reason, "detail": f"same question as record {first.index}",
-                             "record": rec})
-            continue
-        first_seen[cand.key] = cand
         cand.split = split_of(cand.key, cfg)
         kept.append(cand)
     return kept, rejected
+
+
+def dedupe(cands: list[Candidate], records: list[Any]) -> tuple[list[Candidate], list[dict]]:
+    """Keep the first candidate of each normalised question (candidates that passed every filter, in source
+    order); the others are rejected as duplicates of it."""
+    kept: list[Candidate] = []
+    rejected: list[dict] = []
+    first_seen: dict[str, Candidate] = {}
+    for cand in cands:
+        first = first_seen.get(cand.key)
+        if first is not None:
+            same = (first.question, first.answer) == (cand.question, cand.answer)
+            rejected.append({"index": cand.index, "reason": "duplicate_exact" if same else "duplicate_question",
+                             "detail": f"same question as record {first.index}", "record": records[cand.index]})
+            continue
+        first_seen[cand.key] = cand
+        kept.append(cand)
+    return kept, rejected
+
+
+def clean_and_dedupe(records: list[Any], cfg: Config) -> tuple[list[Candidate], list[dict]]:
+    """`clean_records` then `dedupe` (no token-length filter: for the tiny model's vocabulary and the tests)."""
+    cands, rejected = clean_records(records, cfg)
+    kept, duplicates = dedupe(cands, records)
+    return kept, sorted(rejected + duplicates, key=lambda r: r["index"])
 
 
 # ------------------------------------------------------------------------------------------ tokenization
@@ -203,18 +221,20 @@ def prepare(cfg: Config) -> PrepareResult:
     if cfg.data.max_records:
         records = records[: cfg.data.max_records]
     _check_fields_present(records, cfg)
-    cands, rejected = clean_and_dedupe(records, cfg)
+    cands, rejected = clean_records(records, cfg)
     if not cands:
         reasons = Counter(r["reason"] for r in rejected).most_common(3)
         raise DataError(f"{cfg.data.source}: none of its {len(records)} records survived cleaning (top reasons: "
                         f"{reasons}). Check data.question_field/data.answer_field and the min_*_chars limits; "
                         "every record and its reason is listed in data/rejected.jsonl only when some are kept.")
 
-    tokenizer = _ensure_tokenizer(cfg, cands)
+    tokenizer = _ensure_tokenizer(cfg, dedupe(cands, records)[0])
     inputs = prepared_inputs(cfg, tokenizer)
     tokenized = tokenize(cands, tokenizer, cfg, inputs)
     q_tokens, a_tokens = tokenized["question_tokens"], tokenized["answer_tokens"]
-    keep_rows: dict[str, list[int]] = {s: [] for s in SPLITS}
+    # Filter first, then deduplicate: when the first copy of a question is too long, a valid later copy is kept.
+    valid: list[Candidate] = []
+    row_of: dict[int, int] = {}
     for row, cand in enumerate(cands):
         if q_tokens[row] > cfg.data.max_question_tokens:
             rejected.append({"index": cand.index, "reason": "question_too_long",
@@ -223,11 +243,17 @@ def prepare(cfg: Config) -> PrepareResult:
             rejected.append({"index": cand.index, "reason": "answer_too_long",
                              "detail": f"{a_tokens[row]} tokens", "record": records[cand.index]})
         else:
-            keep_rows[cand.split].append(row)
-    rejected.sort(key=lambda r: r["index"])
+            valid.append(cand)
+            row_of[cand.index] = row
+    unique, duplicates = dedupe(valid, records)
+    rejected = sorted(rejected + duplicates, key=lambda r: r["index"])
+    keep_rows: dict[str, list[int]] = {s: [] for s in SPLITS}
+    by_row = {row_of[cand.index]: cand for cand in unique}
+    for row, cand in by_row.items():
+        keep_rows[cand.split].append(row)
 
-    splits = {s: [{"id": tokenized[r]["id"], "index": cands[r].index, "question": cands[r].question,
-                   "answer": cands[r].answer} for r in rows] for s, rows in keep_rows.items()}
+    splits = {s: [{"id": tokenized[r]["id"], "index": by_row[r].index, "question": by_row[r].question,
+                   "answer": by_row[r].answer} for r in rows] for s, rows in keep_rows.items()}
     truncated = sum(tokenized["truncated"][r] for rows in keep_rows.values() for r in rows)
     report = {
         "source": cfg.data.source,
@@ -235,6 +261,8 @@ def prepare(cfg: Config) -> PrepareResult:
         "kept": {s: len(rows) for s, rows in keep_rows.items()},
         "rejected": dict(sorted(Counter(r["reason"] for r in rejected).items())),
         "truncated": truncated,
+        # records kept or not whose question or answer had control characters or escape sequences removed
+        "control_characters_removed": _count_control(records, cfg),
         "tokenizer": tokenizer_path(cfg),
         "tokenizer_info": tokenizer_info(tokenizer),
         "max_length": cfg.data.max_length,
@@ -258,6 +286,12 @@ def prepare(cfg: Config) -> PrepareResult:
     log.info("prepare: read %d, kept %s, rejected %d (%s), truncated %d, in %.1fs", report["read"], report["kept"],
              sum(report["rejected"].values()), report["rejected"], truncated, secs)
     return PrepareResult(report=report, data_dir=data_dir, tokenized_dir=tok_dir, splits=splits)
+
+
+def _count_control(records: list[Any], cfg: Config) -> int:
+    fields = (cfg.data.question_field, cfg.data.answer_field)
+    return sum(1 for r in records if isinstance(r, dict) and not isinstance(r, MalformedLine)
+               and any(isinstance(r.get(f), str) and has_control_chars(r[f]) for f in fields))
 
 
 def prepared_inputs(cfg: Config, tokenizer) -> dict[str, str]:
@@ -284,7 +318,8 @@ def _write_data(data_dir: Path, splits: dict[str, list[dict]], rejected: list[di
         for split, rows in splits.items():
             (tmp / f"{split}_data.json").write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n",
                                                     encoding="utf-8")
-        with open(tmp / "rejected.jsonl", "w", encoding="utf-8") as f:
+        # backslashreplace: a lone surrogate in a rejected raw record is written as its JSON escape (\\ud800).
+        with open(tmp / "rejected.jsonl", "w", encoding="utf-8", errors="backslashreplace") as f:
             for r in rejected:
                 f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
         write_json(tmp / "prepare_report.json", report)

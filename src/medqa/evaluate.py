@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,8 @@ from medqa.batching import eval_tokens_per_batch
 from medqa.config import Config
 from medqa.errors import DataError
 from medqa.generate import generate_answers
-from medqa.metrics import evaluate_answer_loss, paired_bootstrap
-from medqa.modeling import load_adapter_model, load_model, load_tokenizer, model_path
+from medqa.metrics import evaluate_answer_loss, paired_bootstrap, perplexity_warning
+from medqa.modeling import load_adapter_model, load_model, load_tokenizer, model_path, scoring_dtype
 from medqa.textmetrics import generation_scores
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def evaluate(cfg: Config) -> EvaluateResult:
     if missing:
         raise DataError(f"{Path(cfg.workdir) / 'data' / 'test_data.json'} does not hold {len(missing)} of the "
                         "tokenized test examples (data/ and tokenized/ are out of step). Re-run `medqa prepare`.")
-    models, answers, scores = {}, {}, {}
+    models, answers, scores, warnings = {}, {}, {}, []
     for name, adapter in candidate_models(cfg).items():
         # An adapter must come from this base model AND these splits: one trained on other splits may have
         # seen these test questions.
@@ -80,8 +81,15 @@ def evaluate(cfg: Config) -> EvaluateResult:
                                                                                            model))
         scores[name] = per_example
         answers[name] = generate_answers(model, tokenizer, cfg, questions)
-        models[name] = {"adapter": str(adapter) if adapter else None, "test": metrics,
+        models[name] = {"adapter": str(adapter) if adapter else None, "test": metrics, "dtype": scoring_dtype(cfg),
                         "generation": generation_scores(answers[name], references)}
+        expected_random = adapter is None and cfg.model.tiny.enabled and \
+            Path(model_path(cfg)).resolve() == Path(cfg.resolve(cfg.model.tiny.path)).resolve()
+        warning = None if expected_random else perplexity_warning(metrics, len(tokenizer), f"{name} test")
+        if warning:
+            log.warning(warning)
+            print(warning, file=sys.stderr)
+            warnings.append(warning)
         log.info("evaluate: %s test answer_loss %.4f", name, metrics["answer_loss"])
         del model
     base = scores["base"]
@@ -91,7 +99,8 @@ def evaluate(cfg: Config) -> EvaluateResult:
                                                        cfg.eval.bootstrap_samples, cfg.seed)
     samples = [{"question": q, "reference": r, **{name: answers[name][i] for name in models}}
                for i, (q, r) in enumerate(zip(questions, references))]
-    report = {"model": model_path(cfg), "test_examples": len(ids), "generated": n_gen, "models": models,
+    report = {"model": model_path(cfg), "dtype": scoring_dtype(cfg), "sanity_warnings": warnings,
+              "test_examples": len(ids), "generated": n_gen, "models": models,
               "samples": samples, "model_card": model_card(cfg),
               "seconds": round(time.perf_counter() - start, 2)}
     out = Path(cfg.workdir) / "outputs"
@@ -124,8 +133,11 @@ def _fmt(x, spec=".3f") -> str:
 
 
 def render_markdown(report: dict, n_samples: int) -> str:
-    lines = ["# medqa evaluation report", "",
-             f"Test split: {report['test_examples']} examples; answers generated for {report['generated']}.", "",
+    lines = ["# medqa evaluation report", ""]
+    for warning in report.get("sanity_warnings") or []:
+        lines += [f"> **{warning}**", ""]
+    lines += [f"Test split: {report['test_examples']} examples; answers generated for {report['generated']}; every "
+              f"model scored in {report.get('dtype', 'its load dtype')}.", "",
              "| model | test answer_loss | answer perplexity | 95% CI | Δ loss vs base | p (paired bootstrap) | "
              "ROUGE-1 | ROUGE-2 | ROUGE-L | BLEU | mean words | empty | looping |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

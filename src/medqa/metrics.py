@@ -174,3 +174,19 @@ def paired_bootstrap(base_nll: np.ndarray, tuned_nll: np.ndarray, tokens: np.nda
     return {"loss_delta": float((tuned_nll.sum() - base_nll.sum()) / tokens.sum()),
             "p_value": (not_better + 1) / (samples + 1),
             "loss_delta_ci95": [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))]}
+
+
+def perplexity_warning(metrics: dict, vocab_size: int, what: str = "") -> str | None:
+    """The original project's bug signature: an answer perplexity above the vocabulary size is worse than
+    guessing every token uniformly at random (perplexity = V). A trained or pretrained model never gets there on
+    its own data; a pipeline fault does. Returns the warning text (None when the number is plausible)."""
+    ppl = metrics.get("answer_perplexity")
+    if ppl is None or not vocab_size or ppl <= vocab_size:
+        return None
+    return (f"WARNING: {what + ' ' if what else ''}answer perplexity {ppl:,.1f} is above the vocabulary size "
+            f"{vocab_size:,}: worse than guessing uniformly at random. This is the signature of a pipeline fault, "
+            "not of a weak model: usual causes are the wrong question/answer field (data.question_field, "
+            "data.answer_field), padding or prompt tokens in the loss, a tokenizer that does not belong to the model, "
+            "or text mangled before tokenization (e.g. lower-cased). A randomly initialised model (the tiny demo "
+            "model before training) is the one expected exception.")
+

@@ -144,8 +144,20 @@ def tokenizer_info(tokenizer) -> dict:
 # ------------------------------------------------------------------------------------------ model
 
 
+def cuda_half_dtype():
+    """The 16-bit dtype this CUDA GPU computes natively: bf16 on Ampere and newer, fp16 before (a T4, V100).
+
+    The one place medqa decides precision: training's mixed precision, the scoring dtype and QLoRA's compute dtype
+    all come from here. `is_bf16_supported()` alone also counts bf16 *emulation*, which a T4 offers at a fraction
+    of its fp16 speed, so emulation is excluded."""
+    import torch
+
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
 def pick_device_dtype(cfg: Config):
-    """auto: CUDA with bf16 where supported (Ampere+), fp16 on older GPUs such as a T4, fp32 on CPU/MPS."""
+    """auto: CUDA with bf16 where supported (Ampere+), fp16 on older GPUs such as a T4, fp32 on CPU/MPS. Every
+    model that is scored (baseline, fine-tuned, best trial) is scored in this dtype."""
     import torch
 
     device = cfg.model.device
@@ -153,11 +165,13 @@ def pick_device_dtype(cfg: Config):
         device = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
     name = cfg.model.dtype
     if name == "auto":
-        if device.startswith("cuda"):
-            name = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        else:
-            name = "float32"
+        return torch.device(device), cuda_half_dtype() if device.startswith("cuda") else torch.float32
     return torch.device(device), getattr(torch, name)
+
+
+def scoring_dtype(cfg: Config) -> str:
+    """The dtype every metrics file records: the one models are scored in (`pick_device_dtype`)."""
+    return str(pick_device_dtype(cfg)[1]).replace("torch.", "")
 
 
 def load_model(cfg: Config, path: str | None = None, for_training: bool = False):

@@ -78,7 +78,8 @@ def encode_example(tokenizer, prompt: PromptConfig, question: str, answer: str, 
     """Prompt + answer + EOS, with prompt labels masked.
 
     Over `max_length`, the question is cut first (from its start, keeping at least `min_question_tokens` of its
-    end, which usually holds the actual question), then the answer's tail; EOS always ends the sequence.
+    end, which usually holds the actual question), then the answer's tail; EOS always ends the sequence, and is
+    labelled (trained) only when the answer is whole.
     """
     before, q, after = prompt_parts(tokenizer, prompt, question)
     a = _ids(tokenizer, answer, False)
@@ -96,9 +97,11 @@ def encode_example(tokenizer, prompt: PromptConfig, question: str, answer: str, 
         a = a[: n_a - excess]
     prompt_tokens = before + q + after
     answer_tokens = a + [eos_id(tokenizer)]
+    # EOS is trained only after a whole answer: after a cut one it would teach the model to stop mid-sentence.
+    answer_labels = a + ([eos_id(tokenizer)] if len(a) == n_a else [IGNORE_INDEX])
     return Encoded(
         input_ids=prompt_tokens + answer_tokens,
-        labels=[IGNORE_INDEX] * len(prompt_tokens) + answer_tokens,
+        labels=[IGNORE_INDEX] * len(prompt_tokens) + answer_labels,
         question_tokens=n_q,
         answer_tokens=n_a,
         truncated=len(q) < n_q or len(a) < n_a,

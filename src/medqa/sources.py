@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,21 @@ OFFLINE_HINT = ("To work offline, point data.source at a local copy (JSON list, 
                 "or run the embedded demo with `--config configs/demo.yaml`.")
 
 
+_BINARY_KINDS = {b"PAR1": "a Parquet file", b"\x1f\x8b": "a gzip-compressed file", b"PK\x03\x04": "a zip archive",
+                 b"\x89HDF": "an HDF5 file", b"ARROW1": "an Arrow file"}
+
+
 def _decode(path: Path) -> str:
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"Could not read {path}: {exc.strerror or exc}. Check that the file is readable by this user "
+                        "(permissions) and is not being written, then run again.") from None
+    kind = next((k for magic, k in _BINARY_KINDS.items() if raw.startswith(magic)), None)
+    if kind:
+        raise DataError(f"{path} is {kind}, not JSON, JSONL or CSV text. Convert it (e.g. with pandas: "
+                        "`pd.read_parquet(path).to_json('records.json', orient='records')`, or unpack it) and point "
+                        "data.source at the result.")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -77,16 +91,38 @@ def _read_jsonl(path: Path, text: str) -> list[Any]:
 
 
 def _read_csv(path: Path, text: str) -> list[Any]:
-    reader = csv.DictReader(io.StringIO(text))
-    if not reader.fieldnames:
-        raise DataError(f"{path} has no CSV header row. Add a header naming the columns (e.g. input,output).")
-    return [dict(row) for row in reader]
+    # Long answers exceed the csv module's default field limit (128 KiB); our token limits reject them later.
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    # NUL bytes stop the csv module; they carry nothing, so they go (as the cleaning removes them from JSON).
+    reader = csv.DictReader(io.StringIO(text.replace("\x00", "")))
+    try:
+        if not reader.fieldnames:
+            raise DataError(f"{path} has no CSV header row. Add a header naming the columns (e.g. input,output).")
+        return [dict(row) for row in reader]
+    except csv.Error as exc:
+        raise DataError(f"{path} is not valid CSV near line {reader.line_num}: {exc}. Fix that line (quotes must be "
+                        "closed and doubled inside a field), or save the records as JSONL, where one bad line is "
+                        "rejected instead of stopping the run.") from None
 
 
 def _read_datasets_folder(path: Path, split: str) -> list[Any]:
     import datasets
 
-    ds = datasets.load_from_disk(str(path))
+    markers = ("dataset_info.json", "state.json", "dataset_dict.json")
+    if not any((path / m).exists() for m in markers):
+        files = sorted(p.name for p in path.iterdir())[:8]
+        readable = [f for f in files if f.lower().endswith((".json", ".jsonl", ".csv"))]
+        hint = (f"To read a file in it, set data.source={path / readable[0]}." if readable else
+                "Give a JSON, JSONL or CSV file instead.")
+        raise DataError(f"data.source {path} is a folder but not a saved `datasets` folder (no {' or '.join(markers)}; "
+                        f"it holds {', '.join(files) or 'nothing'}). {hint} A `datasets` folder is what "
+                        "Dataset.save_to_disk writes.")
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as exc:  # a damaged or partial save_to_disk folder
+        raise DataError(f"data.source {path} looks like a `datasets` folder but could not be loaded "
+                        f"({type(exc).__name__}: {str(exc)[:200]}). Save it again with Dataset.save_to_disk, or "
+                        "export the records to JSONL and point data.source at that file.") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(f"{path} is a DatasetDict without split {split!r} (it has {list(ds)}). "

@@ -28,14 +28,15 @@ from pathlib import Path
 import yaml
 
 from medqa.artifacts import atomic_dir, write_json
-from medqa.baseline import EVAL_SPLITS, load_tokenized, metrics_table, per_example_rows
+from medqa.baseline import EVAL_SPLITS, load_tokenized, metrics_table, per_example_rows, sanity_check
 from medqa.config import Config
 from medqa.errors import ConfigError, Interrupted, MedqaError
 from medqa.manifest import fingerprint_model, write_manifest
 from medqa.batching import BatchPlan, eval_tokens_per_batch
 from medqa.metrics import evaluate_answer_loss, pad_batch
 from medqa.packing import PackedCollator, pack_dataset, plan_packs
-from medqa.modeling import count_parameters, load_model, load_tokenizer, model_path, resolve_lora_targets
+from medqa.modeling import (count_parameters, cuda_half_dtype, load_model, load_tokenizer, model_path,
+                            resolve_lora_targets, scoring_dtype)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def _precision(cfg: Config) -> dict:
 
     mp = cfg.train.mixed_precision
     if mp == "auto":
-        mp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if torch.cuda.is_available() else "no"
+        mp = ("bf16" if cuda_half_dtype() == torch.bfloat16 else "fp16") if torch.cuda.is_available() else "no"
     if mp != "no" and not torch.cuda.is_available():
         raise ConfigError(f"train.mixed_precision={mp} needs a CUDA GPU; use auto or no on this machine.")
     return {"bf16": mp == "bf16", "fp16": mp == "fp16"}
@@ -105,7 +106,7 @@ def _load_4bit(cfg: Config):
         raise ConfigError("train.qlora=true needs bitsandbytes: pip install 'medqa[gpu]'.") from None
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    compute = cuda_half_dtype()
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
                                bnb_4bit_use_double_quant=True)
     return AutoModelForCausalLM.from_pretrained(model_path(cfg), quantization_config=quant, device_map={"": 0},
@@ -193,6 +194,8 @@ def _training_args(cfg: Config, work: Path, trial: bool, plan: BatchPlan | None)
         eval_strategy="steps", eval_steps=t.eval_steps, save_strategy="no" if trial else "steps",
         save_steps=t.eval_steps, save_total_limit=t.save_total_limit, load_best_model_at_end=not trial,
         metric_for_best_model="eval_answer_loss", greater_is_better=False,
+        # Early stopping's patience counter (and the other stateful callbacks) continue from the checkpoint.
+        restore_callback_states_from_checkpoint=True,
         logging_strategy="steps", logging_steps=t.logging_steps, logging_first_step=True,
         report_to=["tensorboard"], remove_unused_columns=False,
         # On a GPU, collate the next batches (padding, the 4D mask) in two worker processes while the GPU computes.
@@ -357,20 +360,26 @@ def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None
     if trial:
         return TrainResult({"steps": trainer.state.global_step, "timing": timing}, work, history)
 
-    # score: the best checkpoint is loaded (load_best_model_at_end); score it with the baseline's function.
+    # score: the best checkpoint is loaded (load_best_model_at_end). It is scored as `medqa baseline` and
+    # `medqa evaluate` score models: the base model loaded in model.dtype with the adapter on top, by the same
+    # function, so base and fine-tuned numbers never mix precisions (training ran fp32 weights under autocast).
+    trainable, total = count_parameters(trainer.model)
+    scored = _as_scored(cfg, trainer.model, work)
     results, rows = {}, []
-    eval_tokens = eval_tokens_per_batch(cfg.eval.tokens_per_batch, trainer.model)
+    eval_tokens = eval_tokens_per_batch(cfg.eval.tokens_per_batch, scored)
     for split, ds in evals.items():
-        results[split], scores = evaluate_answer_loss(trainer.model, ds, tokenizer.pad_token_id, cfg.eval.batch_size,
+        results[split], scores = evaluate_answer_loss(scored, ds, tokenizer.pad_token_id, cfg.eval.batch_size,
                                                       cfg.eval.bootstrap_samples, cfg.seed, progress=True,
                                                       tokens_per_batch=eval_tokens)
         rows += per_example_rows(split, scores)
-    trainable, total = count_parameters(trainer.model)
-    metrics = {**results, "model": model_path(cfg), "adapter": str(outputs / "finetune"),
+    del scored
+    metrics = {**results, "dtype": scoring_dtype(cfg), "model": model_path(cfg), "adapter": str(outputs / "finetune"),
                "best_checkpoint": trainer.state.best_model_checkpoint, "best_val_answer_loss": trainer.state.best_metric,
                "steps": trainer.state.global_step, "trainable_parameters": trainable, "total_parameters": total,
                "training": {**setup.describe(), **timing}, "seconds": round(time.perf_counter() - start, 2),
                "config": cfg.to_dict()}
+
+    sanity_check(metrics, len(tokenizer), "fine-tuned")
 
     # write
     out_dir = outputs / "finetune"
@@ -393,6 +402,20 @@ def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None
     log.info("train: %d steps in %.0fs; test answer_loss %.4f (perplexity %.2f)", metrics["steps"],
              metrics["seconds"], results["test"]["answer_loss"], results["test"]["answer_perplexity"])
     return result
+
+
+def _as_scored(cfg: Config, trained, work: Path):
+    """The trained adapter on a fresh base model in the scoring dtype (`modeling.pick_device_dtype`), exactly as
+    `medqa evaluate` will load it from outputs/finetune."""
+    import tempfile
+
+    from peft import PeftModel
+
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        trained.save_pretrained(tmp)
+        base = load_model(cfg)
+        model = PeftModel.from_pretrained(base, tmp)
+        return model.to(next(base.parameters()).device).eval()
 
 
 def adapter_inputs(cfg: Config, tokenizer) -> dict[str, str]:
