@@ -190,3 +190,90 @@ def test_eval_max_examples_never_shrinks_training(prepared):
     cfg = demo_config(prepared, "eval.max_examples=5")
     assert len(load_tokenized(cfg, "val")) == 5
     assert len(load_tokenized(cfg, "train")) > 100
+
+
+def test_resume_under_changed_settings_refuses_and_never_relabels(prepared, tmp_path):
+    """Train, then "resume" with another learning rate: refused with the changed key named; the finished run's
+    adapter and metrics are untouched. Resuming with the same settings continues (here: rewrites the same run),
+    and train.resume=false starts fresh."""
+    from medqa.manifest import StaleArtifactError
+    from medqa.train import train
+
+    steps = [*FAST, "train.max_steps=20", "train.epochs=1", "eval.bootstrap_samples=0"]
+    workdir = copy_workdir(prepared, tmp_path / "w")
+    first = train(demo_config(workdir, *steps))
+    adapter = (workdir / "outputs" / "finetune" / "adapter_model.safetensors").read_bytes()
+    metrics = (workdir / "outputs" / "finetune" / "metrics.json").read_text()
+    run = json.loads((workdir / "outputs" / "finetune_checkpoints" / "run.json").read_text())
+    assert run["finished"] is True and run["config"]["train.learning_rate"] == pytest.approx(1e-2)
+    with pytest.raises(StaleArtifactError) as info:
+        train(demo_config(workdir, *steps, "train.resume=true", "train.learning_rate=0.05"))
+    message = str(info.value)
+    assert "train.learning_rate: 0.01 -> 0.05" in message and "train.resume=false" in message
+    assert (workdir / "outputs" / "finetune" / "adapter_model.safetensors").read_bytes() == adapter
+    assert (workdir / "outputs" / "finetune" / "metrics.json").read_text() == metrics
+    # Settings that change no result (evaluation, compile) do not block a resume.
+    again = train(demo_config(workdir, *steps, "train.resume=true", "eval.batch_size=3"))
+    assert again.metrics["test"]["answer_loss"] == pytest.approx(first.metrics["test"]["answer_loss"], abs=1e-6)
+    fresh = train(demo_config(workdir, *steps, "train.learning_rate=0.05"))
+    assert fresh.metrics["config"]["train"]["learning_rate"] == 0.05
+    assert fresh.metrics["test"]["answer_loss"] != pytest.approx(first.metrics["test"]["answer_loss"], abs=1e-6)
+
+
+def test_checkpoints_without_a_run_record_are_not_resumed(prepared, tmp_path):
+    from medqa.manifest import StaleArtifactError
+    from medqa.train import train
+
+    workdir = copy_workdir(prepared, tmp_path / "w")
+    steps = [*FAST, "train.max_steps=20", "train.epochs=1", "eval.bootstrap_samples=0"]
+    train(demo_config(workdir, *steps))
+    (workdir / "outputs" / "finetune_checkpoints" / "run.json").unlink()  # as an older medqa left them
+    with pytest.raises(StaleArtifactError, match="no run.json"):
+        train(demo_config(workdir, *steps, "train.resume=true"))
+
+
+def test_early_stopping_patience_survives_a_resume(prepared, tmp_path, monkeypatch):
+    """Stop (Ctrl-C) after two evaluations without improvement, resume with the same settings: the patience counter
+    continues from the checkpoint instead of restarting at 0 (restore_callback_states_from_checkpoint)."""
+    import transformers
+    from transformers import TrainerCallback
+
+    from medqa.train import train
+
+    counters: list[int] = []
+
+    class EarlyStoppingCallback(transformers.EarlyStoppingCallback):  # same name: Trainer restores by class name
+        def on_step_begin(self, args, state, control, **kw):
+            counters.append(self.early_stopping_patience_counter)
+
+    monkeypatch.setattr(transformers, "EarlyStoppingCallback", EarlyStoppingCallback)
+    # In-training evaluations that only get worse (1, 2, 3, ...), so the counter's value is known at every step.
+    import medqa.trainer
+
+    evaluations = []
+
+    def worse_each_time(*args, **kwargs):
+        evaluations.append(1)
+        loss = float(len(evaluations))
+        return {"answer_loss": loss, "answer_perplexity": 2.718281828 ** loss}, None
+
+    monkeypatch.setattr(medqa.trainer, "evaluate_answer_loss", worse_each_time)
+
+    class PressStop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 15:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    workdir = copy_workdir(prepared, tmp_path / "w")
+    steps = [*FAST, "train.epochs=1", "train.max_steps=30", "train.eval_steps=5",
+             "train.early_stopping_patience=50", "eval.bootstrap_samples=0"]
+    with pytest.raises(Interrupted):
+        train(demo_config(workdir, *steps), callbacks=[PressStop()])
+    state = json.loads((workdir / "outputs" / "finetune_checkpoints" / "checkpoint-15" / "trainer_state.json")
+                       .read_text())
+    saved = state["stateful_callbacks"]["EarlyStoppingCallback"]["attributes"]["early_stopping_patience_counter"]
+    assert saved == 2  # evaluations at 5 (the best), 10 and 15
+    counters.clear()
+    train(demo_config(workdir, *steps, "train.resume=true"))
+    assert counters[0] == saved  # the first step after the resume sees the saved counter, not 0
+    assert counters[-1] == 4  # and it keeps counting: evaluations at 20 and 25 added to it

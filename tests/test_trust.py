@@ -183,3 +183,31 @@ def test_perplexity_above_uniform_warns():
     assert "1,960,000.0" in text and "42,384" in text and "data.question_field" in text and "padding" in text
     assert perplexity_warning({"answer_perplexity": 42383.0}, 42384) is None
     assert perplexity_warning({"answer_perplexity": 12.5}, 42384) is None
+
+
+# ------------------------------------------------------------------------------------------ reproducibility
+
+
+def test_two_demo_prepares_in_two_folders_are_byte_identical(tmp_path):
+    """Same config and seed: the same tiny model (weights, vocab.json, merges.txt), splits and tokenized data,
+    byte for byte (manifests record the time and the folder, so they are left out)."""
+    from conftest import demo_config
+
+    for name in ("a", "b"):
+        prepare(demo_config(tmp_path / name))
+
+    def files(root):
+        return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*"))
+                if p.is_file() and p.name != "manifest.json" and ".cache" not in p.parts}
+
+    a, b = files(tmp_path / "a"), files(tmp_path / "b")
+    assert set(a) == set(b)
+    for name in ("data/prepare_report.json", "tokenized/prepare_report.json"):  # they name their own folder
+        key = next(p for p in a if str(p) == name)
+        a[key] = a[key].replace(str(tmp_path / "a").encode(), b"WORKDIR")
+        b[key] = b[key].replace(str(tmp_path / "b").encode(), b"WORKDIR")
+    for must in ("models/tiny-biogpt/vocab.json", "models/tiny-biogpt/merges.txt",
+                 "models/tiny-biogpt/model.safetensors", "data/train_data.json"):
+        assert any(str(p) == must for p in a), must
+    differ = sorted(str(p) for p in a if a[p] != b[p])
+    assert not differ, differ

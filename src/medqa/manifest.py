@@ -127,3 +127,74 @@ def check_inputs(cfg: Config, folder: Path, current: dict[str, str], rebuild: st
         log.warning("force=true: %s", message)
         return
     raise StaleArtifactError(message)
+
+
+# ------------------------------------------------------------------------------------------ resumable runs
+
+RUN_RECORD = "run.json"
+# Settings that change how fast a run goes or how it is evaluated and reported, never what it learns: a resumed
+# run may differ in these. Everything else (data, model, prompt, LoRA, optimisation, seeds) must match.
+_NOT_DETERMINING = {"workdir", "force", "eval", "evaluate", "generate", "data.num_proc", "model.device", "model.dtype",
+                    "train.resume", "train.compile", "train.compile_mode", "train.logging_steps",
+                    "tune.resume", "tune.address", "tune.max_concurrent", "tune.max_failures"}
+
+
+def determining_config(cfg: Config, sections: tuple[str, ...]) -> dict:
+    """The part of the config that determines a run's result, flattened to dotted keys (`sections`: the top-level
+    sections that matter for this kind of run, e.g. no `tune` for a plain training run)."""
+    flat: dict = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if name in _NOT_DETERMINING:
+                continue
+            if isinstance(value, dict):
+                walk(value, name + ".")
+            else:
+                flat[name] = value
+
+    walk({k: v for k, v in cfg.to_dict().items() if k in sections or not isinstance(v, dict)}, "")
+    return flat
+
+
+def run_record(cfg: Config, sections: tuple[str, ...], inputs: dict[str, str]) -> dict:
+    determining = determining_config(cfg, sections)
+    digest = hashlib.sha256(json.dumps([determining, inputs], sort_keys=True, default=str).encode()).hexdigest()
+    return {"fingerprint": digest, "config": determining, "inputs": inputs, "finished": False}
+
+
+def write_run_record(folder: Path, record: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (RUN_RECORD + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
+    tmp.replace(folder / RUN_RECORD)
+
+
+def read_run_record(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / RUN_RECORD).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def check_resumable(folder: Path, record: dict, what: str, fresh: str) -> dict | None:
+    """Stop unless `folder` holds a run with the same fingerprint as `record`: resuming another run's checkpoints
+    would report its result under this config's name. Returns the stored record (None when there is none)."""
+    stored = read_run_record(folder)
+    if stored is None:
+        raise StaleArtifactError(
+            f"{folder} holds {what} but no {RUN_RECORD}, so the settings it was made with are unknown and resuming "
+            f"it could report another run's result under this config. Start fresh with {fresh} (its checkpoints are "
+            "then replaced).")
+    if stored.get("fingerprint") == record["fingerprint"]:
+        return stored
+    old, new = stored.get("config", {}), record["config"]
+    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    changed += [f"input {k} differs" for k in sorted(set(stored.get("inputs", {})) | set(record["inputs"]))
+                if stored.get("inputs", {}).get(k) != record["inputs"].get(k)]
+    state = "finished" if stored.get("finished") else "interrupted"
+    raise StaleArtifactError(
+        f"Cannot resume: {folder} holds an {state} {what} made with other settings ({'; '.join(changed[:8])}"
+        f"{'; ...' if len(changed) > 8 else ''}). Resuming would label its result with this config. Either restore "
+        f"those settings to continue it, or start fresh with {fresh}.")

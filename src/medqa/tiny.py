@@ -2,8 +2,8 @@
 
 The tokenizer is a real `BioGptTokenizer`: either the real BioGPT vocab.json/merges.txt (when
 `model.tiny.tokenizer_files` names them) or files in the same format learned from the training split: Moses
-pre-tokenisation exactly as BioGptTokenizer does it, then BPE with `</w>` word ends (the `tokenizers` library's
-trainer, whose merges are in the same "a b" format). Special ids follow BioGPT: <s>=0, <pad>=1, </s>=2, <unk>=3.
+pre-tokenisation exactly as BioGptTokenizer does it, then BPE with `</w>` word ends (`learn_bpe`, deterministic:
+the same texts give byte-identical files on every run). Special ids follow BioGPT: <s>=0, <pad>=1, </s>=2, <unk>=3.
 """
 
 from __future__ import annotations
@@ -22,26 +22,84 @@ log = logging.getLogger(__name__)
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0..3, as in microsoft/biogpt
 
 
+def learn_bpe(word_counts: dict[str, int], vocab_size: int) -> tuple[list[str], list[tuple[str, str]]]:
+    """Byte-pair encoding learned from word counts, deterministically: (vocabulary, merges).
+
+    Words are split into characters with `</w>` on the last one (BioGPT's format); the vocabulary is the special
+    tokens, the sorted alphabet, then one token per merge, until `vocab_size`. Each step merges the most frequent
+    adjacent pair; ties go to the smallest pair in string order. (The `tokenizers` library's trainer breaks ties
+    by hash-map order, which differs between processes: two identical runs learned different vocabularies.)"""
+    import heapq
+    from collections import defaultdict
+
+    words = [tuple(w[:-1]) + (w[-1] + "</w>",) for w in sorted(word_counts) if w]
+    counts = [word_counts[w] for w in sorted(word_counts) if w]
+    alphabet = sorted({sym for w in words for sym in w})
+    vocab = SPECIAL_TOKENS + [a for a in alphabet if a not in SPECIAL_TOKENS]
+    pair_count: dict[tuple[str, str], int] = defaultdict(int)
+    where: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for i, w in enumerate(words):
+        for pair in zip(w, w[1:]):
+            pair_count[pair] += counts[i]
+            where[pair].add(i)
+    heap = [(-c, pair) for pair, c in pair_count.items()]
+    heapq.heapify(heap)
+    merges: list[tuple[str, str]] = []
+    while len(vocab) < vocab_size and heap:
+        neg, pair = heapq.heappop(heap)
+        if pair_count.get(pair, 0) != -neg:  # stale entry: the count changed since it was pushed
+            continue
+        if -neg < 1:
+            break
+        a, b = pair
+        merged = a + b
+        merges.append(pair)
+        vocab.append(merged)
+        changed: set[tuple[str, str]] = set()
+        for i in sorted(where.pop(pair, ())):
+            w, n = words[i], counts[i]
+            for old in zip(w, w[1:]):
+                pair_count[old] -= n
+                changed.add(old)
+            out, k = [], 0
+            while k < len(w):
+                if k + 1 < len(w) and w[k] == a and w[k + 1] == b:
+                    out.append(merged)
+                    k += 2
+                else:
+                    out.append(w[k])
+                    k += 1
+            words[i] = w = tuple(out)
+            for new in zip(w, w[1:]):
+                pair_count[new] += n
+                where[new].add(i)
+                changed.add(new)
+        pair_count.pop(pair, None)
+        for p in changed:
+            c = pair_count.get(p, 0)
+            if c > 0:
+                heapq.heappush(heap, (-c, p))
+            else:
+                pair_count.pop(p, None)
+    return vocab, merges
+
+
 def learn_biogpt_vocab(texts: Iterable[str], vocab_size: int, out_dir: Path) -> None:
-    """Write BioGPT-format vocab.json and merges.txt learned from `texts`."""
+    """Write BioGPT-format vocab.json and merges.txt learned from `texts` (byte-identical on every run)."""
+    from collections import Counter
+
     from sacremoses import MosesTokenizer
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     moses = MosesTokenizer(lang="en")
     # Same call as BioGptTokenizer.moses_tokenize, so the learned pieces match what it will look up.
-    words = (" ".join(moses.tokenize(t, aggressive_dash_splits=True, return_str=False, escape=True)) for t in texts)
-    tok = Tokenizer(models.BPE(unk_token="<unk>", end_of_word_suffix="</w>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  end_of_word_suffix="</w>", show_progress=False)
-    tok.train_from_iterator(words, trainer=trainer)
-    model = json.loads(tok.to_str())["model"]
-    vocab = dict(sorted(model["vocab"].items(), key=lambda kv: kv[1]))
+    word_counts = Counter(w for t in texts
+                          for w in moses.tokenize(t, aggressive_dash_splits=True, return_str=False, escape=True))
+    tokens, merges = learn_bpe(word_counts, vocab_size)
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
     assert [vocab[t] for t in SPECIAL_TOKENS] == [0, 1, 2, 3]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=0), encoding="utf-8")
-    (out_dir / "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
+    (out_dir / "merges.txt").write_text("\n".join(f"{a} {b}" for a, b in merges) + "\n", encoding="utf-8")
 
 
 def build_tiny_model(texts: list[str], cfg: TinyModelConfig, out_dir: str | Path, seed: int = 0) -> Path:

@@ -31,7 +31,7 @@ from medqa.artifacts import atomic_dir, write_json
 from medqa.baseline import EVAL_SPLITS, load_tokenized, metrics_table, per_example_rows, sanity_check
 from medqa.config import Config
 from medqa.errors import ConfigError, Interrupted, MedqaError
-from medqa.manifest import fingerprint_model, write_manifest
+from medqa.manifest import check_resumable, fingerprint_model, run_record, write_manifest, write_run_record
 from medqa.batching import BatchPlan, eval_tokens_per_batch
 from medqa.metrics import evaluate_answer_loss, pad_batch
 from medqa.packing import PackedCollator, pack_dataset, plan_packs
@@ -41,6 +41,7 @@ from medqa.modeling import (count_parameters, cuda_half_dtype, load_model, load_
 log = logging.getLogger(__name__)
 
 HISTORY = "metrics.jsonl"
+RUN_SECTIONS = ("data", "prompt", "model", "lora", "train")  # the config sections a training run depends on
 
 
 @dataclass
@@ -340,18 +341,27 @@ def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None
     model = build_lora_model(cfg)
     outputs = Path(run_dir) if run_dir else Path(cfg.workdir) / "outputs"
     work = outputs / "finetune_checkpoints"
+    # What determines this run (settings and inputs), kept beside its checkpoints: a resume must continue the
+    # same run, never report another run's adapter under this config's name.
+    record = run_record(cfg, RUN_SECTIONS, adapter_inputs(cfg, tokenizer))
     checkpoint = last_complete_checkpoint(work)
-    if not cfg.train.resume and work.exists():
+    if cfg.train.resume and checkpoint is not None:
+        stored = check_resumable(work, record, "training run", "train.resume=false")
+        if stored and stored.get("finished"):
+            log.info("train.resume=true: the run in %s already finished with these settings; its outputs are "
+                     "written again.", work)
+    elif cfg.train.resume:
+        log.warning("train.resume=true but no checkpoint in %s; starting from scratch.", work)
+    if (not cfg.train.resume or checkpoint is None) and work.exists():
         shutil.rmtree(work)  # a fresh run must not mix its history with an old one
-    work.mkdir(parents=True, exist_ok=True)
+    write_run_record(work, record)
     setup = setup_training(cfg, model, train_ds, tokenizer.pad_token_id)
     check_disk(cfg, work, count_parameters(model)[0], cfg.train.max_steps or len(setup.train_ds))
-    if cfg.train.resume and checkpoint is None:
-        log.warning("train.resume=true but no checkpoint in %s; starting from scratch.", work)
 
     # fit
     trainer, timer = fit(cfg, model, tokenizer, setup, evals["val"], work, callbacks, trial,
                          checkpoint if cfg.train.resume else None)
+    write_run_record(work, {**record, "finished": True})
     history = [json.loads(x) for x in (work / HISTORY).read_text().splitlines()]
     timing = timer.summary(setup.describe()["compiled"])
     if timing.get("compile_seconds"):

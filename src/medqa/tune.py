@@ -20,7 +20,7 @@ from pathlib import Path
 from medqa.artifacts import atomic_dir, write_json
 from medqa.config import Config, config_from_dict
 from medqa.errors import MedqaError
-from medqa.manifest import write_manifest
+from medqa.manifest import check_resumable, run_record, write_manifest, write_run_record
 from medqa.train import adapter_inputs, planned_steps
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,11 @@ def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
     from medqa.baseline import load_tokenized
     from medqa.modeling import load_tokenizer
 
-    train_ds = load_tokenized(cfg, "train", load_tokenizer(cfg))  # fail here, clearly, not in every trial
+    tokenizer = load_tokenizer(cfg)
+    train_ds = load_tokenized(cfg, "train", tokenizer)  # fail here, clearly, not in every trial
+    # What determines the search (its space, ASHA, the training settings, the data and base model): a resume
+    # must continue the same search, never relabel another one's results.
+    record = run_record(cfg, ("data", "prompt", "model", "lora", "train", "tune"), adapter_inputs(cfg, tokenizer))
     t = cfg.train
     grace_steps = cfg.tune.grace_period * t.eval_steps
     # The Trainer's own count of optimizer steps (packed rows and token budgets included), so ASHA's last rung is
@@ -177,9 +181,12 @@ def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
         experiment = _latest_experiment(outputs) if cfg.tune.resume else None
         if cfg.tune.resume and experiment is None:
             log.warning("tune.resume=true but no restorable experiment under %s; starting a new one.", outputs)
+        if experiment is not None:
+            check_resumable(experiment, record, "Ray Tune experiment", "tune.resume=false (a new experiment folder)")
         if experiment is None:
             experiment = outputs / f"ray_{time.strftime('%Y%m%d-%H%M%S')}"
             experiment.mkdir(parents=True)
+            write_run_record(experiment, record)
         trainable = rt.with_resources(
             rt.with_parameters(run_trial, base=cfg.to_dict(), experiment_dir=str(experiment)),
             {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial})
@@ -205,6 +212,7 @@ def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
                                                           checkpoint_score_order="min"),
                     verbose=1))
         grid = tuner.fit()
+        write_run_record(experiment, {**record, "finished": True})
     finally:
         if started:
             import ray
