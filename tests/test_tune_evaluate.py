@@ -34,6 +34,12 @@ def test_search_writes_results_and_best(searched):
             "status", "attempts"} <= set(table.columns)
     assert table["learning_rate"].between(*cfg.tune.learning_rate).all()
     assert set(table["status"]) <= {"completed", "stopped early"}
+    # ASHA's max_t is the Trainer's own step count, so no trial is cut before its last steps by rounding.
+    from medqa.baseline import load_tokenized
+    from medqa.train import planned_steps
+
+    assert (table["max_steps"] == planned_steps(cfg, load_tokenized(cfg, "train"))).all()
+    assert (table.loc[table["status"] == "completed", "steps"] == table["max_steps"].max()).all()
     assert (result.experiment_dir / "search.png").exists() and (result.experiment_dir / "curves.png").exists()
     assert result.experiment_dir.parent == cfg.root / "outputs" and result.experiment_dir.name.startswith("ray_")
     best = json.loads((result.best_dir / "trial.json").read_text())
@@ -42,6 +48,20 @@ def test_search_writes_results_and_best(searched):
     # Only adapters are kept: no optimizer states or full model weights anywhere in the experiment.
     assert not list(result.experiment_dir.rglob("optimizer.pt"))
     assert not list(result.experiment_dir.rglob("model.safetensors"))
+
+
+def test_resuming_a_search_under_changed_settings_refuses(searched):
+    """A finished (or interrupted) experiment is only restored for the same search: another search space, or
+    other training settings, would rewrite outputs/best under labels that are not its own."""
+    from medqa.manifest import StaleArtifactError
+    from medqa.tune import tune
+
+    cfg, result = searched
+    best = (result.best_dir / "trial.json").read_text()
+    with pytest.raises(StaleArtifactError) as info:
+        tune(demo_config(cfg.root, *QUICK, "tune.resume=true", "tune.learning_rate=[0.001, 0.002]"))
+    assert "tune.learning_rate" in str(info.value) and "tune.resume=false" in str(info.value)
+    assert (result.best_dir / "trial.json").read_text() == best
 
 
 def test_best_adapter_reloads_and_scores_as_reported(searched):

@@ -118,7 +118,8 @@ def plan_batches(train_cfg, row_tokens: int, model_config=None, free_bytes: int 
     if t.tokens_per_batch:
         rows, how = max(1, t.tokens_per_batch // row_tokens), f"train.tokens_per_batch={t.tokens_per_batch}"
     elif free_bytes is not None and model_config is not None:
-        chunk_bytes = 12 * _dims(model_config)[3] * t.loss_chunk_tokens  # one loss chunk's logits and gradients
+        # one loss chunk: bf16 logits, their fp32 copy, its gradient and the bf16 gradient (16 bytes per entry)
+        chunk_bytes = 16 * _dims(model_config)[3] * t.loss_chunk_tokens
         per_token = train_bytes_per_token(model_config, t.loss_chunk_tokens)
         cap = t.tokens_per_step or MAX_AUTO_TOKENS
         tokens = budget_from_memory(free_bytes, per_token, row_tokens, fixed_bytes=chunk_bytes, cap=cap)

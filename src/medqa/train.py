@@ -227,6 +227,21 @@ def _attention(cfg: Config) -> str:
     return "flex"
 
 
+def _use_flex(model) -> None:
+    """FlexAttention for training. transformers' flex path has no attention dropout, so it is set to 0 (BioGPT's
+    default is 0.1), and said so."""
+    base = model.get_base_model()
+    base.set_attn_implementation("flex_attention")
+    dropped = {m.dropout for m in base.modules()
+               if type(m).__name__.endswith("Attention") and isinstance(getattr(m, "dropout", None), float)}
+    for m in base.modules():
+        if type(m).__name__.endswith("Attention") and isinstance(getattr(m, "dropout", None), float):
+            m.dropout = 0.0
+    if any(dropped):
+        log.warning("train.attention=flex: FlexAttention has no attention dropout; attention dropout %s -> 0 for "
+                    "this run (hidden-state dropout is unchanged).", sorted(dropped))
+
+
 @dataclass
 class Setup:
     """Everything `fit` needs, built from the config: the training rows (packed or not), the collator, the batch
@@ -266,15 +281,16 @@ def setup_training(cfg: Config, model, train_ds, pad_id: int) -> Setup:
     if supports_fast_step(model):
         compile_ = _use_compile(cfg)
         if attention == "flex":
-            model.get_base_model().set_attn_implementation("flex_attention")
+            _use_flex(model)
         fast = FastStep(model, compile=compile_, compile_mode=t.compile_mode, loss_chunk_tokens=t.loss_chunk_tokens,
-                        attention=attention)
+                        attention=attention, mask_dtype=_compute_dtype(cfg))
     elif t.compile is True or t.loss_chunk_tokens or attention == "flex":
         log.warning("train.compile, train.loss_chunk_tokens and train.attention=flex apply to %s only; model type "
                     "%r trains through its own forward.", ", ".join(sorted(FAST_LOSS_MODEL_TYPES)),
                     getattr(model.config, "model_type", "?"))
-    # Every batch: plan.rows_per_batch rows x data.max_length tokens (one shape for the compiled step).
-    collate = PackedCollator(pad_id, block_mask=attention == "sdpa", mask_dtype=_compute_dtype(cfg),
+    # Every batch: plan.rows_per_batch rows x data.max_length tokens (one shape for the compiled step). The fast
+    # step builds the attention mask on the device; only the model's own forward needs it from the collator.
+    collate = PackedCollator(pad_id, block_mask=fast is None and attention == "sdpa", mask_dtype=_compute_dtype(cfg),
                              pad_to_multiple_of=cfg.data.max_length, rows=plan.rows_per_batch)
     msg = (f"packing: {len(train_ds):,} rows of up to {cfg.data.max_length} tokens ({examples_per_row:.2f} examples "
            f"per row); {plan.describe()}; step: {'compiled' if fast and fast.compiled else 'eager'}, "
@@ -303,8 +319,14 @@ def fit(cfg: Config, model, tokenizer, setup: Setup, eval_ds, work: Path, callba
         model=model, args=_training_args(cfg, work, trial, setup.plan), train_dataset=setup.train_ds,
         eval_dataset=eval_ds, data_collator=setup.collate, processing_class=tokenizer, callbacks=extra,
         fast_step=setup.fast_step, eval_tokens_per_batch=cfg.eval.tokens_per_batch, pad_id=pad_id)
+    if setup.fast_step is not None and trainer.fast_step is None:
+        setup.fast_step = None  # several processes: the model's own forward trains (describe() says so)
     with stop:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        try:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        finally:
+            if setup.fast_step is not None and setup.fast_step.attention == "flex":
+                setup.fast_step.base.set_attn_implementation("sdpa")  # later scoring: padded batches, SDPA
     if stop.requested:
         raise Interrupted(f"stopped at step {trainer.state.global_step} after saving a checkpoint in {work}; run "
                           "again with train.resume=true to continue.")

@@ -22,6 +22,7 @@ from transformers import Trainer, TrainerCallback
 
 from medqa.batching import eval_tokens_per_batch
 from medqa.metrics import evaluate_answer_loss
+from medqa.packing import block_causal_mask
 from medqa.prompts import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -79,13 +80,14 @@ class FastStep:
     compiled (one static shape: every batch is rows x data.max_length) and with a chunked loss."""
 
     def __init__(self, model, compile: bool = False, compile_mode: str = "default", loss_chunk_tokens: int = 0,
-                 attention: str = "sdpa"):
+                 attention: str = "sdpa", mask_dtype=None):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.base = base
         self.decoder = base.base_model  # BioGptModel, LlamaModel, ...: LoRA layers live inside it
         self.lm_head = base.get_output_embeddings()
         self.chunk = loss_chunk_tokens
         self.attention = attention
+        self.mask_dtype = mask_dtype or torch.float32  # the attention's compute dtype (bf16 under bf16 autocast)
         self.compiled = compile
         fn = self._loss_sum
         if compile:
@@ -95,6 +97,10 @@ class FastStep:
         self.fn = fn
 
     def _loss_sum(self, input_ids, attention_mask, position_ids, labels):
+        if attention_mask is None and self.attention == "sdpa":
+            # The block-diagonal mask, built on the device from the position ids (inside the compiled graph):
+            # nothing of L x L size is made on the host or copied to the GPU.
+            attention_mask = block_causal_mask(position_ids, self.mask_dtype)
         hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=False).last_hidden_state
         return lm_loss_sum(hidden, labels, self.lm_head, self.chunk)
@@ -121,15 +127,24 @@ class AnswerLossTrainer(Trainer):
                  pad_id: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.pad_id = pad_id if pad_id is not None else self.processing_class.pad_token_id
+        if fast_step is not None and self.accelerator.num_processes > 1:
+            log.warning("%d processes: training through the model's own forward (the fast step is single-process).",
+                        self.accelerator.num_processes)
+            fast_step = None
         self.fast_step = fast_step
         self.eval_tokens = eval_tokens_per_batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # The fast step talks to the unwrapped model's modules; under DDP (several processes) the wrapper's own
-        # forward must run, so it is used only when Trainer hands us the model itself.
-        if self.fast_step is None or return_outputs or not model.training or model is not self.model:
+        # The fast step talks to the unwrapped model's modules; with several processes (DDP, FSDP) the wrapper's
+        # own forward and the Trainer's loss scaling must run, so it is used only by one process that holds the
+        # model itself.
+        if (self.fast_step is None or return_outputs or not model.training or model is not self.model
+                or self.accelerator.num_processes > 1):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        return self.fast_step(inputs, num_items_in_batch)
+        # accelerate applies mixed precision around the model's own forward, which the fast step does not call:
+        # the same autocast, here.
+        with self.accelerator.autocast():
+            return self.fast_step(inputs, num_items_in_batch)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         ds = eval_dataset if eval_dataset is not None else self.eval_dataset
@@ -151,26 +166,35 @@ class AnswerLossTrainer(Trainer):
 
 
 class StepTimer(TrainerCallback):
-    """Wall time of each optimizer step, from its first micro-batch to the optimizer update (so evaluation and
-    checkpoint saving, which run after on_step_end, are never counted). The first step of a compiled run includes
-    the compilation: `compile_seconds` = first step - median of the others."""
+    """Wall time of each optimizer step: from the end of the previous step (or of the evaluation or checkpoint
+    saving that followed it) to the end of this one. So waiting for the data loader counts, and evaluation and
+    saving never do. The first step of a compiled run includes the compilation: `compile_seconds` = first step
+    minus the median of the others."""
 
     def __init__(self):
         self.durations: list[float] = []
-        self._start = None
+        self._last = None
 
-    def on_step_begin(self, args, state, control, **kw):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self._start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kw):
-        if self._start is None:
-            return
+    @staticmethod
+    def _now() -> float:
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # one sync per optimizer step: honest timings for a few microseconds
-        self.durations.append(time.perf_counter() - self._start)
-        self._start = None
+        return time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kw):
+        self._last = self._now()
+
+    def on_step_end(self, args, state, control, **kw):
+        now = self._now()
+        if self._last is not None:
+            self.durations.append(now - self._last)
+        self._last = now
+
+    def on_evaluate(self, args, state, control, **kw):
+        self._last = self._now()  # the evaluation just ended: the next step's time starts here
+
+    def on_save(self, args, state, control, **kw):
+        self._last = self._now()
 
     def summary(self, compiled: bool) -> dict:
         d = self.durations
