@@ -176,6 +176,10 @@ def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
     # The Trainer's own count of optimizer steps (packed rows and token budgets included), so ASHA's last rung is
     # the trial's last step and never cuts its final evaluation.
     total_steps = planned_steps(cfg, train_ds)
+    if t.packing and not t.tokens_per_step and not t.tokens_per_batch and cfg.tune.gpus_per_trial:
+        log.warning("train.tokens_per_batch=0 sizes each trial's batches from its GPU's free memory, so the step "
+                    "count ASHA plans with (%d) may differ from the trials'. Set train.tokens_per_step (as "
+                    "configs/biogpt.yaml does) to make every trial's step the same.", total_steps)
     started = _init_ray(cfg)
     try:
         experiment = _latest_experiment(outputs) if cfg.tune.resume else None
