@@ -133,6 +133,14 @@ def test_csv_with_nul_bytes_and_huge_fields(tmp_path, tiny_model_dir):
     assert result.report["kept"]["train"] + sum(result.report["rejected"].values()) == 2
 
 
+def test_empty_sources(tmp_path, tiny_model_dir):
+    for name, content in (("empty.json", "[]"), ("empty.jsonl", "\n\n"), ("empty.csv", "input,output\n")):
+        path = tmp_path / name
+        path.write_text(content)
+        message = _error(cfg_for(tmp_path, path, tiny_model_dir))
+        assert "holds no records" in message and str(path) in message
+
+
 def test_unreadable_file(tmp_path, tiny_model_dir):
     path = write_records(tmp_path / "r.json", [{"input": GOOD_Q, "output": GOOD_A}])
     with mock.patch("pathlib.Path.read_bytes", side_effect=PermissionError(13, "Permission denied")):
@@ -211,3 +219,103 @@ def test_two_demo_prepares_in_two_folders_are_byte_identical(tmp_path):
         assert any(str(p) == must for p in a), must
     differ = sorted(str(p) for p in a if a[p] != b[p])
     assert not differ, differ
+
+
+# ------------------------------------------------------------------------------------------ runs on the demo
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """prepare, baseline, train (packed, bf16 scoring) and evaluate on the demo, in one workdir."""
+    from conftest import demo_config, prepare_demo
+    from medqa.evaluate import evaluate
+    from medqa.train import train
+
+    extra = ["model.dtype=bfloat16", "train.packing=true", "train.tokens_per_batch=1024", "train.max_steps=24",
+             "train.eval_steps=8", "train.logging_steps=4", "eval.bootstrap_samples=0", "evaluate.num_questions=2",
+             "generate.max_new_tokens=4"]
+    workdir = prepare_demo(tmp_path_factory.mktemp("trust"), *extra)
+    cfg = demo_config(workdir, *extra)
+    return cfg, train(cfg), evaluate(cfg)
+
+
+def test_every_metrics_file_names_one_dtype_and_base_and_tuned_use_it(demo_run):
+    """Scored in model.dtype (bf16 here, on CPU): baseline, the fine-tuned run and the report say so, and the
+    fine-tuned test loss train reports is exactly what evaluate measures on the saved adapter."""
+    cfg, trained, evaluated = demo_run
+    baseline = json.loads((cfg.root / "outputs" / "baseline" / "metrics.json").read_text())
+    finetune = json.loads((cfg.root / "outputs" / "finetune" / "metrics.json").read_text())
+    report = json.loads((cfg.root / "outputs" / "report.json").read_text())
+    assert baseline["dtype"] == finetune["dtype"] == report["dtype"] == "bfloat16"
+    assert {m["dtype"] for m in report["models"].values()} == {"bfloat16"}
+    tuned = report["models"]["fine-tuned"]["test"]["answer_loss"]
+    assert finetune["test"]["answer_loss"] == pytest.approx(tuned, abs=1e-6)
+    assert report["models"]["base"]["test"]["answer_loss"] == pytest.approx(baseline["test"]["answer_loss"],
+                                                                            abs=1e-6)
+
+
+def test_packed_throughput_counts_examples_and_real_tokens(demo_run):
+    """metrics.jsonl on a packed run: examples (not rows) and real tokens (not padding) per second, so their ratio
+    is the train split's mean example length; step time never includes evaluation."""
+    import datasets
+
+    cfg, trained, _ = demo_run
+    rows = [json.loads(x) for x in (trained.out_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train_loss" in r]
+    lengths = datasets.load_from_disk(str(cfg.root / "tokenized" / "tokenized_train"))["length"]
+    for r in train_rows:
+        assert r["tokens_per_s"] / r["examples_per_s"] == pytest.approx(sum(lengths) / len(lengths), rel=1e-6)
+        assert r["step_seconds"] > 0
+    training = trained.metrics["training"]
+    assert training["steps_timed"] == 24 and training["batch_plan"]["rows_per_batch"] == 4
+
+
+def test_step_time_excludes_evaluation(tmp_path, monkeypatch):
+    """Evaluations that take 100 s (on a fake clock, so the test does not depend on the machine's load) never
+    show up in the step times or the throughput."""
+    import time as real_time
+    import types
+
+    import medqa.trainer
+    from conftest import demo_config, prepare_demo
+    from medqa.train import train
+
+    offset = [0.0]
+    monkeypatch.setattr(medqa.trainer, "time", types.SimpleNamespace(perf_counter=lambda: real_time.perf_counter()
+                                                                     + offset[0]))
+    real = medqa.trainer.evaluate_answer_loss
+
+    def slow(*args, **kwargs):
+        offset[0] += 100.0
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(medqa.trainer, "evaluate_answer_loss", slow)
+    extra = ["train.max_steps=8", "train.eval_steps=2", "train.logging_steps=2", "eval.bootstrap_samples=0"]
+    workdir = prepare_demo(tmp_path, *extra)
+    result = train(demo_config(workdir, *extra))
+    assert offset[0] >= 400  # four evaluations happened
+    steps = [r["step_seconds"] for r in result.history if "step_seconds" in r]
+    assert steps and max(steps) < 50
+    assert result.metrics["training"]["train_seconds"] < 100
+
+
+def test_sanity_warning_in_the_cli_and_metrics(tmp_path, capsys):
+    """A model worse than uniform guessing (the random tiny model, not flagged as the demo's) is reported loudly."""
+    from conftest import demo_config
+    from medqa.cli import main
+
+    prepare(demo_config(tmp_path))
+    capsys.readouterr()
+    args = ["baseline", "--config", str(REPO / "configs" / "demo.yaml"), f"workdir={tmp_path}",
+            f"data.source={REPO / 'data' / 'sample' / 'healthcaremagic_sample.json'}", "model.tiny.enabled=false",
+            "eval.bootstrap_samples=0"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "worse than guessing uniformly" in err and "data.question_field" in err
+    metrics = json.loads((tmp_path / "outputs" / "baseline" / "metrics.json").read_text())
+    assert len(metrics["sanity_warnings"]) == 2  # val and test
+    # The demo itself (the tiny model flagged as randomly initialised) records it as expected, quietly.
+    assert main(args[:-2] + ["eval.bootstrap_samples=0"]) == 0
+    assert "worse than guessing" not in capsys.readouterr().err
+    metrics = json.loads((tmp_path / "outputs" / "baseline" / "metrics.json").read_text())
+    assert metrics["sanity_warnings"] == ["above uniform, expected: randomly initialised model"]

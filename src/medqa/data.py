@@ -220,6 +220,9 @@ def prepare(cfg: Config) -> PrepareResult:
     records = read_records(cfg.data.source, cfg.data.hub_split)
     if cfg.data.max_records:
         records = records[: cfg.data.max_records]
+    if not records:
+        raise DataError(f"{cfg.data.source} holds no records (an empty list or file). Point data.source at the file "
+                        "with the question/answer records.")
     _check_fields_present(records, cfg)
     cands, rejected = clean_records(records, cfg)
     if not cands:
