@@ -3,6 +3,7 @@ with a static KV cache (`generate.static_cache`), which transformers compiles.""
 
 from __future__ import annotations
 
+from medqa.batching import eval_tokens_per_batch
 from medqa.config import Config
 from medqa.metrics import length_batches
 from medqa.prompts import eos_id, prompt_ids
@@ -26,7 +27,11 @@ def generate_answers(model, tokenizer, cfg: Config, questions: list[str], max_ne
     answers: list[str] = [""] * len(questions)
     was_training = model.training
     model.eval()
-    for idx in length_batches([len(p) for p in prompts], batch_size or g.batch_size):
+    # At most generate.batch_size prompts, and no more than fit the scoring token budget (prompt + new tokens per
+    # row): a small GPU gets smaller batches instead of running out of memory.
+    budget = eval_tokens_per_batch(cfg.eval.tokens_per_batch, model)
+    for idx in _capped(length_batches([len(p) + max_new for p in prompts], batch_size or g.batch_size, budget),
+                       batch_size or g.batch_size):
         width = -(-max(len(prompts[i]) for i in idx) // round_to) * round_to
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(prompts[i])) + prompts[i] for i in idx])
         mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx])
@@ -42,3 +47,9 @@ def generate_answers(model, tokenizer, cfg: Config, questions: list[str], max_ne
             answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
     model.train(was_training)
     return answers
+
+
+def _capped(batches: list[list[int]], size: int) -> list[list[int]]:
+    """Token-budget batches split further so none holds more than `size` prompts."""
+    return [b[i:i + size] for b in batches for i in range(0, len(b), size)]
+
