@@ -20,6 +20,7 @@ from pathlib import Path
 from medqa.artifacts import atomic_dir, write_json
 from medqa.config import Config, config_from_dict
 from medqa.errors import MedqaError
+from medqa.modeling import scoring_dtype
 from medqa.manifest import check_resumable, run_record, write_manifest, write_run_record
 from medqa.train import adapter_inputs, planned_steps
 
@@ -276,7 +277,11 @@ def _summarize(cfg: Config, grid, experiment: Path) -> TuneResult:
         write_manifest(tmp, "tune", cfg, adapter_inputs(cfg, tokenizer))
         best_cfg = config_from_dict(cfg.to_dict(), [f"{k}={json.dumps(v)}" for k, v in best.config.items()])
         write_json(tmp / "trial.json", {"experiment": str(experiment), **{k: v for k, v in best_row.items()
-                                        if not isinstance(v, float) or v == v}, "config": best_cfg.to_dict()})
+                                        if not isinstance(v, float) or v == v}, "config": best_cfg.to_dict(),
+                                        # the search compares trials by their in-training evaluations, on the
+                                        # fp32 training weights; `medqa evaluate` re-scores this adapter in
+                                        # model.dtype beside the base model
+                                        "dtype": "float32", "scored_by_evaluate_in": scoring_dtype(cfg)})
     log.info("tune: %d trials; best %s val answer_loss %.4f -> %s", len(table), best_row["trial"],
              best_row["best_val_answer_loss"], best_dir)
     return TuneResult(experiment, table, best_dir, best_row)
