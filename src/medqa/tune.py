@@ -281,7 +281,8 @@ def _summarize(cfg: Config, grid, experiment: Path) -> TuneResult:
                                         # the search compares trials by their in-training evaluations, on the
                                         # fp32 training weights; `medqa evaluate` re-scores this adapter in
                                         # model.dtype beside the base model
-                                        "dtype": "float32", "scored_by_evaluate_in": scoring_dtype(cfg)})
+                                        "dtype": "nf4 base, float32 adapter" if cfg.train.qlora else "float32",
+                                        "scored_by_evaluate_in": scoring_dtype(cfg)})
     log.info("tune: %d trials; best %s val answer_loss %.4f -> %s", len(table), best_row["trial"],
              best_row["best_val_answer_loss"], best_dir)
     return TuneResult(experiment, table, best_dir, best_row)
