@@ -284,13 +284,15 @@ def setup_training(cfg: Config, model, train_ds, pad_id: int) -> Setup:
             _use_flex(model)
         fast = FastStep(model, compile=compile_, compile_mode=t.compile_mode, loss_chunk_tokens=t.loss_chunk_tokens,
                         attention=attention, mask_dtype=_compute_dtype(cfg))
-    elif t.compile is True or t.loss_chunk_tokens or attention == "flex":
+    else:
+        attention = "sdpa"  # the model's own forward, with the block mask from the collator
+    if fast is None and (t.compile is True or t.loss_chunk_tokens or cfg.train.attention == "flex"):
         log.warning("train.compile, train.loss_chunk_tokens and train.attention=flex apply to %s only; model type "
                     "%r trains through its own forward.", ", ".join(sorted(FAST_LOSS_MODEL_TYPES)),
                     getattr(model.config, "model_type", "?"))
     # Every batch: plan.rows_per_batch rows x data.max_length tokens (one shape for the compiled step). The fast
     # step builds the attention mask on the device; only the model's own forward needs it from the collator.
-    collate = PackedCollator(pad_id, block_mask=fast is None and attention == "sdpa", mask_dtype=_compute_dtype(cfg),
+    collate = PackedCollator(pad_id, block_mask=fast is None, mask_dtype=_compute_dtype(cfg),
                              pad_to_multiple_of=cfg.data.max_length, rows=plan.rows_per_batch)
     msg = (f"packing: {len(train_ds):,} rows of up to {cfg.data.max_length} tokens ({examples_per_row:.2f} examples "
            f"per row); {plan.describe()}; step: {'compiled' if fast and fast.compiled else 'eager'}, "
