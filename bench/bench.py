@@ -2,8 +2,9 @@
 
     python bench/bench.py [--quick] [--out outputs/bench/bench.json] [--markdown BENCHMARKS.md]
 
-Runs on the real records in ../shared/data (both JSON files, 5,952 records; or $MEDQA_SHARED) with a tiny
-BioGPT (2 layers, hidden 64) built on the real BioGPT tokenizer (42,384 tokens), in a temporary workdir:
+Runs on the 500 shipped real records plus, when ../shared is there, the 5,452 synthetic ones (5,952 records; or
+$MEDQA_SHARED) with a tiny BioGPT (2 layers, hidden 64) built on the real BioGPT tokenizer (42,384 tokens, shipped
+in assets/), in a temporary workdir:
 
   a. padding efficiency of training batches (real tokens / tokens computed) at 8 examples per batch:
      original (every example padded to 512), ours grouped by length (Trainer's sampler, dynamic padding),
@@ -11,7 +12,8 @@ BioGPT (2 layers, hidden 64) built on the real BioGPT tokenizer (42,384 tokens),
   b. one training epoch over a subset, LoRA + AdamW, the same step code for every strategy: examples/s and
      answer tokens/s, the strategies interleaved in each repeat, speedups as paired ratios;
   c. evaluation tokens/s: medqa.metrics.score_examples (length-batched) vs one example at a time vs pad-to-512;
-  d. `prepare` records/s with data.num_proc 1 and 2, and a cached re-run in the same workdir;
+  d. `prepare` records/s with BioGPT's tokenizer through medqa's fast path and as it is (identical ids checked),
+     each with data.num_proc 1 and 2, and a cached re-run in the same workdir;
   e. scaling: prepare and one packed training epoch at 1x, 2x, 4x of a base size.
 
 Every figure is the median of 3 repeats (2 with --quick) with its min and max. On 2 cores that another job
@@ -47,8 +49,11 @@ warnings.filterwarnings("ignore", category=FutureWarning)  # peft calls a deprec
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 SHARED = Path(os.environ.get("MEDQA_SHARED", REPO.parent / "shared"))
-DATA_FILES = ["healthcaremagic_test500_sachink1729.json", "genmedgpt5k_SYNTHETIC_chatdoctor5k.json"]
-TOKENIZER = SHARED / "biogpt-tokenizer" / "hf-format-derived"
+# The 500 real records and BioGPT's tokenizer ship with the repository; the 5,452 synthetic GenMedGPT records are
+# added from ../shared when it is there (our machines and CI), for scale.
+DATA_FILES = [REPO / "data" / "real" / "healthcaremagic_500.json",
+              SHARED / "data" / "genmedgpt5k_SYNTHETIC_chatdoctor5k.json"]
+TOKENIZER = REPO / "assets" / "biogpt-tokenizer"
 MAX_LENGTH = 512  # data.max_length: what the original padded every example to, and our packing budget
 BATCH = 8  # examples per training batch (train.batch_size)
 MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -102,7 +107,7 @@ def machine() -> dict:
 def write_source(work: Path) -> Path:
     """Both record files as one JSON list, shuffled (seeded) so that any prefix has the same mix of the
     longer real HealthCareMagic records and the shorter GenMedGPT ones (prefixes are used for scaling)."""
-    records = [r for name in DATA_FILES for r in json.loads((SHARED / "data" / name).read_text())]
+    records = [r for path in DATA_FILES if path.exists() for r in json.loads(path.read_text())]
     random.Random(0).shuffle(records)
     path = work / "records.json"
     path.write_text(json.dumps(records), encoding="utf-8")
@@ -116,12 +121,13 @@ def build_model_dir(work: Path) -> Path:
     return build_tiny_model([], TinyModelConfig(tokenizer_files=str(TOKENIZER)), work / "tiny-biogpt", seed=0)
 
 
-def prepare_cfg(workdir: Path, source: Path, model_dir: Path, num_proc: int = 1, records: int | None = None):
+def prepare_cfg(workdir: Path, source: Path, model_dir: Path, num_proc: int = 1, records: int | None = None,
+                fast: bool = True):
     from medqa.config import load_config
 
     return load_config(None, [f"workdir={workdir}", f"data.source={source}", f"model.name_or_path={model_dir}",
                               f"data.num_proc={num_proc}", f"data.max_records={records or 0}",
-                              f"data.max_length={MAX_LENGTH}"])
+                              f"data.max_length={MAX_LENGTH}", f"data.fast_tokenizer={str(fast).lower()}"])
 
 
 def load_base_model(model_dir: Path):
@@ -324,23 +330,37 @@ def run_prepare(cfg_args: tuple, rerun: bool = False) -> tuple[float, float | No
 
 def bench_prepare(work: Path, source: Path, model_dir: Path, records: int | None, repeats: int) -> tuple[dict, Path]:
     """Returns the results and the first workdir (kept: the other sections read its tokenized splits).
-    The cached re-run is timed after the num_proc=1 run (a cache hit does not tokenize, so num_proc is moot)."""
-    rate: dict[str, list[float]] = {"1": [], "2": []}
+    Both tokenizer paths (medqa's fast path for BioGPT's tokenizer, and the tokenizer as it is), each with
+    data.num_proc 1 and 2, interleaved within each repeat; the tokenized outputs of the two paths must be equal.
+    The cached re-run is timed after the fast num_proc=1 run (a cache hit does not tokenize)."""
+    import datasets
+
+    rate: dict[str, list[float]] = {f"{p}-{n}": [] for p in ("fast", "slow") for n in (1, 2)}
     cached: list[float] = []
-    keep = work / "prepare-np1-r0"
+    keep = work / "prepare-fast-np1-r0"
     read = 0
+    identical = True
     for rep in range(repeats):
-        for num_proc in (1, 2):
-            workdir = work / f"prepare-np{num_proc}-r{rep}"
-            secs, again, read = run_prepare((workdir, source, model_dir, num_proc, records), rerun=num_proc == 1)
-            rate[str(num_proc)].append(read / secs)
-            if again is not None:
-                cached.append(again)
-            log(f"prepare num_proc={num_proc} repeat {rep}: {read / secs:.0f} records/s"
-                + (f", cached re-run {again:.1f} s" if again is not None else ""))
-            if workdir != keep:
-                shutil.rmtree(workdir)
+        for path in ("fast", "slow"):
+            for num_proc in (1, 2):
+                workdir = work / f"prepare-{path}-np{num_proc}-r{rep}"
+                secs, again, read = run_prepare((workdir, source, model_dir, num_proc, records, path == "fast"),
+                                                rerun=num_proc == 1 and path == "fast")
+                rate[f"{path}-{num_proc}"].append(read / secs)
+                if again is not None:
+                    cached.append(again)
+                log(f"prepare {path} num_proc={num_proc} repeat {rep}: {read / secs:.0f} records/s"
+                    + (f", cached re-run {again:.1f} s" if again is not None else ""))
+                if rep == 0 and path == "slow" and num_proc == 1:
+                    for split in ("train", "val", "test"):
+                        a = datasets.load_from_disk(str(keep / "tokenized" / f"tokenized_{split}"))["input_ids"]
+                        b = datasets.load_from_disk(str(workdir / "tokenized" / f"tokenized_{split}"))["input_ids"]
+                        identical &= a == b
+                if workdir != keep:
+                    shutil.rmtree(workdir)
+    fast_over_slow = [f / s for f, s in zip(rate["fast-1"], rate["slow-1"])]
     return {"records": read, "records_per_s": {k: stats(v) for k, v in rate.items()},
+            "fast_over_slow": stats(fast_over_slow), "identical_token_ids": identical,
             "cached_rerun_seconds": stats(cached)}, keep
 
 
@@ -424,9 +444,13 @@ def markdown_section(res: dict) -> str:
         "",
         f"`prepare` on {pr['records']:,} records (cached re-run: {fmt(pr['cached_rerun_seconds'], 1)} s):",
         "",
-        "| data.num_proc | records/s |",
-        "|---|---|",
-        *[f"| {k} | {fmt(pr['records_per_s'][k], 0)} |" for k in ("1", "2")],
+        "| data.num_proc | fast path (medqa.fasttok) records/s | BioGptTokenizer as it is, records/s |",
+        "|---|---|---|",
+        *[f"| {n} | {fmt(pr['records_per_s'][f'fast-{n}'], 0)} | {fmt(pr['records_per_s'][f'slow-{n}'], 0)} |"
+          for n in (1, 2)],
+        "",
+        f"Fast path / slow path, num_proc 1, paired per repeat: {fmt(pr['fast_over_slow'], 2)}x; token ids "
+        f"{'identical' if pr['identical_token_ids'] else 'DIFFERENT'} in all three splits.",
         "",
         "Scaling (time per unit; 4x / 1x = 1.00 is linear, below 1 means fixed costs are being amortised):",
         "",
@@ -480,11 +504,8 @@ def main(argv: list[str] | None = None) -> int:
                          "other jobs, where threads that spin-wait for each other are several times slower")
     args = ap.parse_args(argv)
 
-    missing = [p for p in [TOKENIZER] + [SHARED / "data" / f for f in DATA_FILES] if not p.exists()]
-    if missing:
-        print(f"bench skipped: {missing[0]} not found. The benchmark reads the shared data folder beside the repo "
-              f"(../shared); set MEDQA_SHARED to its location.")
-        return 0
+    if not DATA_FILES[1].exists():
+        print(f"bench: {DATA_FILES[1]} not found (../shared); running on the 500 shipped real records only.")
 
     import datasets
     import torch

@@ -1,4 +1,5 @@
-"""Shared fixtures: offline environment, the real records and tokenizer from ../shared, a tiny model."""
+"""Shared fixtures: offline environment, the shipped real records and BioGPT tokenizer, a tiny model; the synthetic
+records from ../shared when it is there (CI has it; users do not)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MEDQA_SHARED", REPO.parent / "shared"))
-REAL_500 = SHARED / "data" / "healthcaremagic_test500_sachink1729.json"
+REAL_500 = REPO / "data" / "real" / "healthcaremagic_500.json"  # shipped
 SYNTHETIC_5K = SHARED / "data" / "genmedgpt5k_SYNTHETIC_chatdoctor5k.json"
-BIOGPT_TOKENIZER = SHARED / "biogpt-tokenizer" / "hf-format-derived"
+BIOGPT_TOKENIZER = REPO / "assets" / "biogpt-tokenizer"  # shipped
 SAMPLE = REPO / "data" / "sample" / "healthcaremagic_sample.json"
 
 # Tests never touch the network, and every cache goes to the repo's ignored .cache/.

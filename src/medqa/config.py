@@ -50,6 +50,8 @@ class DataConfig:
                               "question first (from its start), then the answer's tail.")
     max_records: int = _f(0, "Read at most this many records (0 = all); for smoke runs.")
     num_proc: int = _f(1, "Processes for tokenization (datasets.map num_proc).")
+    fast_tokenizer: bool = _f(True, "Tokenize with medqa's fast path for BioGPT's tokenizer (the same ids, ~4x "
+                                    "sooner) when it applies; false = the tokenizer as it is.")
 
     def validate(self) -> None:
         fracs = (self.train_fraction, self.val_fraction, self.test_fraction)
@@ -93,7 +95,7 @@ class TinyModelConfig:
     path: str = _f("${workdir}/models/tiny-biogpt", "Folder of the tiny model.")
     vocab_size: int = _f(2000, "BPE vocabulary size learned from the train split (incl. 4 special tokens).")
     tokenizer_files: str = _f("", "Folder with real BioGPT vocab.json/merges.txt to use instead of learning "
-                                  "a vocabulary (e.g. ../shared/biogpt-tokenizer/hf-format-derived).")
+                                  "a vocabulary (e.g. assets/biogpt-tokenizer, shipped).")
     hidden_size: int = _f(64, "Hidden size.")
     num_layers: int = _f(2, "Transformer layers.")
     num_heads: int = _f(4, "Attention heads.")

@@ -27,6 +27,7 @@ from medqa.artifacts import atomic_dir, write_json
 from medqa.cleaning import clean_text, has_control_chars, is_greeting_only, normalize_key
 from medqa.config import Config
 from medqa.errors import DataError
+from medqa.fasttok import fast_encoder
 from medqa.manifest import fingerprint_source, write_manifest
 from medqa.modeling import load_tokenizer, tokenizer_info, tokenizer_path, wants_tiny
 from medqa.prompts import encode_example
@@ -190,8 +191,11 @@ def tokenize(cands: list[Candidate], tokenizer, cfg: Config, inputs: dict[str, s
     cache_dir.mkdir(parents=True, exist_ok=True)
     cache_file = cache_dir / f"tokenized-{fingerprint}.arrow"
     num_proc = cfg.data.num_proc if len(cands) >= 200 * cfg.data.num_proc else 1
+    # BioGPT's tokenizer has a fast path with the same ids (medqa.fasttok); any other tokenizer runs as it is.
+    encoder = (fast_encoder(tokenizer) if cfg.data.fast_tokenizer else None) or tokenizer
+    log.info("tokenize: %s path (%s)", "fast" if encoder is not tokenizer else "slow", type(tokenizer).__name__)
     return ds.map(_encode_batch, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
-                  fn_kwargs={"tokenizer": tokenizer, "cfg": cfg}, cache_file_name=str(cache_file),
+                  fn_kwargs={"tokenizer": encoder, "cfg": cfg}, cache_file_name=str(cache_file),
                   new_fingerprint=fingerprint, load_from_cache_file=True, desc="tokenize")
 
 
@@ -268,6 +272,7 @@ def prepare(cfg: Config) -> PrepareResult:
         "control_characters_removed": _count_control(records, cfg),
         "tokenizer": tokenizer_path(cfg),
         "tokenizer_info": tokenizer_info(tokenizer),
+        "tokenizer_path": "fast" if cfg.data.fast_tokenizer and fast_encoder(tokenizer) is not None else "slow",
         "max_length": cfg.data.max_length,
     }
     assert report["read"] == sum(report["kept"].values()) + sum(report["rejected"].values())

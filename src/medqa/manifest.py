@@ -134,7 +134,7 @@ def check_inputs(cfg: Config, folder: Path, current: dict[str, str], rebuild: st
 RUN_RECORD = "run.json"
 # Settings that change how fast a run goes or how it is evaluated and reported, never what it learns: a resumed
 # run may differ in these. Everything else (data, model, prompt, LoRA, optimisation, seeds) must match.
-_NOT_DETERMINING = {"workdir", "force", "eval", "evaluate", "generate", "data.num_proc", "model.device", "model.dtype",
+_NOT_DETERMINING = {"workdir", "force", "eval", "evaluate", "generate", "data.num_proc", "data.fast_tokenizer", "model.device", "model.dtype",
                     "train.resume", "train.compile", "train.compile_mode", "train.logging_steps",
                     "tune.resume", "tune.address", "tune.max_concurrent", "tune.max_failures"}
 
