@@ -238,7 +238,10 @@ def prepare(cfg: Config) -> PrepareResult:
     tokenizer = _ensure_tokenizer(cfg, dedupe(cands, records)[0])
     inputs = prepared_inputs(cfg, tokenizer)
     tokenized = tokenize(cands, tokenizer, cfg, inputs)
-    q_tokens, a_tokens = tokenized["question_tokens"], tokenized["answer_tokens"]
+    # Whole columns as lists, read once: indexing a Dataset column row by row costs a copy of its schema each time,
+    # which made these loops most of prepare's time.
+    columns = tokenized.select_columns(["id", "question_tokens", "answer_tokens", "truncated"]).to_dict()
+    q_tokens, a_tokens = columns["question_tokens"], columns["answer_tokens"]
     # Filter first, then deduplicate: when the first copy of a question is too long, a valid later copy is kept.
     valid: list[Candidate] = []
     row_of: dict[int, int] = {}
@@ -259,9 +262,10 @@ def prepare(cfg: Config) -> PrepareResult:
     for row, cand in by_row.items():
         keep_rows[cand.split].append(row)
 
-    splits = {s: [{"id": tokenized[r]["id"], "index": by_row[r].index, "question": by_row[r].question,
+    ids, cut = columns["id"], columns["truncated"]
+    splits = {s: [{"id": ids[r], "index": by_row[r].index, "question": by_row[r].question,
                    "answer": by_row[r].answer} for r in rows] for s, rows in keep_rows.items()}
-    truncated = sum(tokenized["truncated"][r] for rows in keep_rows.values() for r in rows)
+    truncated = sum(cut[r] for rows in keep_rows.values() for r in rows)
     report = {
         "source": cfg.data.source,
         "read": len(records),
