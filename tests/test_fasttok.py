@@ -130,6 +130,12 @@ def test_other_tokenizers_take_the_slow_path(tmp_path):
         pass
 
     assert fast_encoder(MyBioGpt.from_pretrained(str(BIOGPT_TOKENIZER))) is None
+    # tokens added to BioGPT's tokenizer (with their strip rules) are not the fast path's business
+    from transformers import AddedToken
+
+    added = BioGptTokenizer.from_pretrained(str(BIOGPT_TOKENIZER))
+    added.add_tokens([AddedToken("covid19", lstrip=True, rstrip=True)])
+    assert fast_encoder(added) is None
 
 
 def test_prepare_says_which_path_ran_and_both_give_the_same_data(tmp_path):

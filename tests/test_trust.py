@@ -65,6 +65,17 @@ def test_control_characters_never_reach_the_splits_or_the_tokenizer(tmp_path, ti
     assert len(ds) == 2
 
 
+def test_cleaning_keeps_text_around_odd_controls():
+    from medqa.cleaning import clean_text
+
+    # an operating-system command without its terminator must not eat the rest of the question
+    assert clean_text("I have fever \x1b]and a long question about it") == "I have fever and a long question about it"
+    assert clean_text("title \x1b]0;x\x07 kept") == "title kept"
+    # controls that are white space separate words instead of gluing them
+    for ws in ("\x0b", "\x1c", "\x1d", "\x1e", "\x1f", "\x85"):
+        assert clean_text(f"Dose{ws}10 mg") == "Dose 10 mg"
+
+
 def test_lone_surrogate_in_a_rejected_record_is_written(tmp_path, tiny_model_dir):
     records = [{"input": "short \ud83d", "output": GOOD_A}, {"input": GOOD_Q, "output": GOOD_A}]
     cfg = cfg_for(tmp_path, write_records(tmp_path / "r.json", records), tiny_model_dir, *_one_split())
@@ -105,18 +116,23 @@ def test_damaged_datasets_folder(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize("name, content, expected", [
     ("records.json", b"PAR1\x00\x00binary", "a Parquet file"),
     ("records.json", b"\x1f\x8b\x08\x00gz", "gzip-compressed"),
-    ("records.csv", b'input,output\n"unterminated,x\n' + b"a" * 10, None),
+    ("records.csv", b'input,output\n"unterminated,x\n' + b"a" * 10, "not valid CSV"),
 ])
 def test_binary_and_broken_files(tmp_path, tiny_model_dir, name, content, expected):
     path = tmp_path / name
     path.write_bytes(content)
-    if expected is None:  # an unterminated quote swallows the rest: the csv module reads it as one field
-        with pytest.raises(DataError) as info:
-            prepare(cfg_for(tmp_path, path, tiny_model_dir))
-        assert str(path) in str(info.value)
-        return
     message = _error(cfg_for(tmp_path, path, tiny_model_dir))
     assert expected in message and str(path) in message
+
+
+def test_csv_stray_quote_does_not_swallow_later_rows(tmp_path, tiny_model_dir):
+    """A quote that is never closed is an error naming the record, not one giant field holding every later row."""
+    path = tmp_path / "records.csv"
+    rows = [f'"{GOOD_Q}","{GOOD_A}"' for _ in range(5)]
+    rows[1] = f'"{GOOD_Q} (oops),"{GOOD_A}"'
+    path.write_text("input,output\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    message = _error(cfg_for(tmp_path, path, tiny_model_dir))
+    assert "not valid CSV" in message and "line 3" in message
 
 
 def test_csv_with_nul_bytes_and_huge_fields(tmp_path, tiny_model_dir):
@@ -319,3 +335,35 @@ def test_sanity_warning_in_the_cli_and_metrics(tmp_path, capsys):
     assert "worse than guessing" not in capsys.readouterr().err
     metrics = json.loads((tmp_path / "outputs" / "baseline" / "metrics.json").read_text())
     assert metrics["sanity_warnings"] == ["above uniform, expected: randomly initialised model"]
+
+
+def test_run_fingerprint_covers_what_picks_the_checkpoint_and_ignores_paths():
+    from medqa.manifest import determining_config
+
+    base = load_config(REPO / "configs" / "demo.yaml")
+    from medqa.train import RUN_SECTIONS as sections
+
+    def same(*overrides):
+        return determining_config(load_config(REPO / "configs" / "demo.yaml", list(overrides)), sections) == \
+            determining_config(base, sections)
+
+    assert not same("eval.max_examples=5")  # it sets the validation examples that choose the best checkpoint
+    assert not same("train.learning_rate=0.5") and not same("lora.r=4") and not same("data.seed=1")
+    assert same("eval.batch_size=3", "train.compile=false", "train.save_total_limit=5", "data.num_proc=2")
+    assert same("data.source=/elsewhere/same_file.json", "workdir=/moved")  # the content is in the inputs
+
+
+def test_old_encoding_rule_makes_tokenized_data_stale():
+    """The encoding rule's version is part of the prepared data's fingerprint (and so of prepare's cache key)."""
+    from unittest import mock
+
+    from conftest import demo_config
+    from medqa import data as data_mod
+
+    cfg = demo_config(REPO)
+    tok = mock.Mock()
+    with mock.patch.object(data_mod, "tokenizer_info", return_value={"vocab_sha256": "x"}):
+        now = data_mod.prepared_inputs(cfg, tok)
+        with mock.patch.object(data_mod, "ENCODE_VERSION", 1):
+            old = data_mod.prepared_inputs(cfg, tok)
+    assert now["prompt_and_split"] != old["prompt_and_split"]

@@ -60,19 +60,23 @@ _GREETING_ONLY = re.compile(
 # controls (NUL, bell, backspace, ...), lone UTF-16 surrogates (from "\ud800"-style JSON escapes; they cannot be
 # written as UTF-8) and invisible format marks (zero-width space, word joiner, byte-order mark). Tabs and line
 # breaks are white space and collapse to one space.
-_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f\ud800-\udfff\u200b\u2060\ufeff]")
+# An operating-system command (ESC ] ... BEL) is removed only with its terminator: an unterminated one must not eat
+# the rest of the text (its ESC alone goes, as a control character). Controls that Python counts as white space
+# (vertical tab, file/group/record/unit separators, next line) become a space, so words are not glued together.
+_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
+_SPACE_CONTROL = re.compile(r"[\x0b\x1c-\x1f\x85]")
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f\ud800-\udfff\u200b\u2060\ufeff]")
 
 
 def has_control_chars(text: str) -> bool:
     """True when `normalize_text` would remove control characters or escape sequences from `text`."""
-    return bool(_CONTROL.search(text) or "\x1b" in text)
+    return bool(_CONTROL.search(text) or _SPACE_CONTROL.search(text))
 
 
 def normalize_text(text: str) -> str:
     """NFC, HTML tags and entities removed, control characters and escape sequences removed, white space
     collapsed. Case and punctuation are kept."""
-    text = _CONTROL.sub("", _ANSI.sub("", text))
+    text = _CONTROL.sub("", _SPACE_CONTROL.sub(" ", _ANSI.sub("", text)))
     text = unicodedata.normalize("NFC", text)
     text = _TAG.sub(" ", text)
     text = html.unescape(text)

@@ -30,7 +30,7 @@ from medqa.errors import DataError
 from medqa.fasttok import fast_encoder
 from medqa.manifest import fingerprint_source, write_manifest
 from medqa.modeling import load_tokenizer, tokenizer_info, tokenizer_path, wants_tiny
-from medqa.prompts import encode_example
+from medqa.prompts import ENCODE_VERSION, encode_example
 from medqa.sources import MalformedLine, read_records
 
 log = logging.getLogger(__name__)
@@ -309,7 +309,7 @@ def _count_control(records: list[Any], cfg: Config) -> int:
 def prepared_inputs(cfg: Config, tokenizer) -> dict[str, str]:
     """The inputs `prepare` output depends on; later stages recompute these and compare."""
     d = cfg.data
-    settings = json.dumps([cfg.prompt.template, cfg.prompt.use_chat_template, cfg.prompt.system,
+    settings = json.dumps([ENCODE_VERSION, cfg.prompt.template, cfg.prompt.use_chat_template, cfg.prompt.system,
                            getattr(tokenizer, "chat_template", None) if cfg.prompt.use_chat_template else None,
                            cfg.prompt.min_question_tokens, d.max_length, d.question_field, d.answer_field, d.seed,
                            d.train_fraction, d.val_fraction, d.hub_split, d.max_records, d.min_question_chars,

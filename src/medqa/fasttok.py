@@ -34,6 +34,11 @@ def fast_encoder(tokenizer) -> "FastBioGptEncoder | None":
         return None
     if getattr(tokenizer, "do_lower_case", False) or tokenizer.init_kwargs.get("do_lower_case"):
         return None  # not BioGPT's setting; the generic path handles it
+    if set(tokenizer.added_tokens_encoder) != set(_BIOGPT_SPECIALS.values()) or \
+            getattr(tokenizer, "split_special_tokens", False):
+        return None  # tokens added to it (with their strip rules) are the generic path's business
+    if any(str(getattr(tokenizer, name)) != token for name, token in _BIOGPT_SPECIALS.items()):
+        return None
     return FastBioGptEncoder(tokenizer)
 
 
@@ -134,6 +139,8 @@ def _nonbreaking_prefixes(moses):
 
 
 _DIGITS = frozenset("0123456789")
+# BioGPT's special tokens: the only added tokens the fast path knows (and rebuilds in worker processes).
+_BIOGPT_SPECIALS = {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
 
 
 class _Guarded:

@@ -132,11 +132,17 @@ def check_inputs(cfg: Config, folder: Path, current: dict[str, str], rebuild: st
 # ------------------------------------------------------------------------------------------ resumable runs
 
 RUN_RECORD = "run.json"
-# Settings that change how fast a run goes or how it is evaluated and reported, never what it learns: a resumed
-# run may differ in these. Everything else (data, model, prompt, LoRA, optimisation, seeds) must match.
-_NOT_DETERMINING = {"workdir", "force", "eval", "evaluate", "generate", "data.num_proc", "data.fast_tokenizer", "model.device", "model.dtype",
-                    "train.resume", "train.compile", "train.compile_mode", "train.logging_steps",
-                    "tune.resume", "tune.address", "tune.max_concurrent", "tune.max_failures"}
+# Settings that change how fast a run goes, where its files are, or how it is reported, never what it learns: a
+# resumed run may differ in these. Everything else (data, model, prompt, LoRA, optimisation, seeds, and
+# eval.max_examples, which sets the validation examples that pick the best checkpoint) must match. Paths are left
+# out because what they point at is fingerprinted in the inputs (data content, tokenizer vocabulary, model files).
+_NOT_DETERMINING = {"workdir", "force", "evaluate", "generate", "eval.batch_size", "eval.bootstrap_samples",
+                    "eval.tokens_per_batch", "data.source", "data.num_proc", "data.fast_tokenizer",
+                    "model.name_or_path", "model.tokenizer", "model.gguf_file", "model.dtype", "model.tiny.path",
+                    "model.tiny.tokenizer_files", "train.resume", "train.compile", "train.compile_mode",
+                    "train.logging_steps", "train.save_total_limit", "train.gradient_checkpointing",
+                    "train.loss_chunk_tokens", "tune.resume", "tune.address", "tune.max_concurrent",
+                    "tune.max_failures", "tune.cpus_per_trial", "tune.gpus_per_trial"}
 
 
 def determining_config(cfg: Config, sections: tuple[str, ...]) -> dict:

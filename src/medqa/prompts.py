@@ -13,6 +13,9 @@ from medqa.config import PromptConfig
 from medqa.errors import ConfigError
 
 IGNORE_INDEX = -100  # the label value that torch's cross-entropy skips
+# Version of what `encode_example` produces, part of the prepared data's fingerprint: a change in how examples are
+# encoded (2: no EOS target after a cut answer) makes tokenized data of the old rule stale, cache included.
+ENCODE_VERSION = 2
 
 
 @dataclass

@@ -94,15 +94,16 @@ def _read_csv(path: Path, text: str) -> list[Any]:
     # Long answers exceed the csv module's default field limit (128 KiB); our token limits reject them later.
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     # NUL bytes stop the csv module; they carry nothing, so they go (as the cleaning removes them from JSON).
-    reader = csv.DictReader(io.StringIO(text.replace("\x00", "")))
+    # strict: a quote that is never closed is an error, not one giant field swallowing every later row.
+    reader = csv.DictReader(io.StringIO(text.replace("\x00", "")), strict=True)
     try:
         if not reader.fieldnames:
             raise DataError(f"{path} has no CSV header row. Add a header naming the columns (e.g. input,output).")
         return [dict(row) for row in reader]
     except csv.Error as exc:
-        raise DataError(f"{path} is not valid CSV near line {reader.line_num}: {exc}. Fix that line (quotes must be "
-                        "closed and doubled inside a field), or save the records as JSONL, where one bad line is "
-                        "rejected instead of stopping the run.") from None
+        raise DataError(f"{path} is not valid CSV in the record that starts on line {reader.line_num + 1}: {exc}. "
+                        "Fix that record (a quote opened and never closed? quotes inside a field must be doubled), or "
+                        "save the records as JSONL, where one bad line is rejected instead of stopping the run.") from None
 
 
 def _read_datasets_folder(path: Path, split: str) -> list[Any]:

@@ -41,7 +41,7 @@ from medqa.modeling import (count_parameters, cuda_half_dtype, load_model, load_
 log = logging.getLogger(__name__)
 
 HISTORY = "metrics.jsonl"
-RUN_SECTIONS = ("data", "prompt", "model", "lora", "train")  # the config sections a training run depends on
+RUN_SECTIONS = ("data", "prompt", "model", "lora", "train", "eval")  # the config sections a training run depends on
 
 
 @dataclass

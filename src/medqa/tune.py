@@ -22,7 +22,7 @@ from medqa.config import Config, config_from_dict
 from medqa.errors import MedqaError
 from medqa.modeling import scoring_dtype
 from medqa.manifest import check_resumable, run_record, write_manifest, write_run_record
-from medqa.train import adapter_inputs, planned_steps
+from medqa.train import RUN_SECTIONS, adapter_inputs, planned_steps
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
     train_ds = load_tokenized(cfg, "train", tokenizer)  # fail here, clearly, not in every trial
     # What determines the search (its space, ASHA, the training settings, the data and base model): a resume
     # must continue the same search, never relabel another one's results.
-    record = run_record(cfg, ("data", "prompt", "model", "lora", "train", "tune"), adapter_inputs(cfg, tokenizer))
+    record = run_record(cfg, (*RUN_SECTIONS, "tune"), adapter_inputs(cfg, tokenizer))
     t = cfg.train
     grace_steps = cfg.tune.grace_period * t.eval_steps
     # The Trainer's own count of optimizer steps (packed rows and token budgets included), so ASHA's last rung is
