@@ -212,18 +212,15 @@ TRAINER_VARIANTS = {  # name: config overrides on top of configs/biogpt.yaml's t
 }
 
 
-def bench_trainer(dims: dict, rows: list[dict], args, device, n_params: int, peak: float | None) -> dict:
+def bench_trainer(dims: dict, rows: list[dict], args, device, n_params: int, peak: float | None,
+                  on_progress=None) -> dict:
     """`medqa train`'s own path (medqa.train.setup_training + fit: transformers' Trainer, LoRA as in
     configs/biogpt.yaml, its batch plan, compile and loss settings) on a fresh fp32 model with bf16 autocast, as
     `medqa train` loads it. Each variant runs --trainer-steps optimizer steps; the first step (compilation) is
-    reported apart, and tokens/s is the steady state: real tokens per step / median step time."""
-    import tempfile
-
+    reported apart, and tokens/s is the steady state: real tokens per step / median step time. A variant that
+    fails is recorded with its error and the others still run."""
     import datasets
     import torch
-
-    from medqa.config import load_config
-    from medqa.train import fit, setup_training
 
     train_ds = datasets.Dataset.from_list(rows)
     eval_ds = train_ds.select(range(min(8, len(rows))))
@@ -234,42 +231,60 @@ def bench_trainer(dims: dict, rows: list[dict], args, device, n_params: int, pea
             raise SystemExit(f"unknown --trainer-variants entry {name!r}; choose from {', '.join(TRAINER_VARIANTS)}")
         if device.type != "cuda" and ("compiled" in name or "flex" in name) and not args.trainer_compile_on_cpu:
             continue
-        with tempfile.TemporaryDirectory() as work:
-            overrides = [f"workdir={work}", "data.max_length=512", f"train.max_steps={args.trainer_steps}",
-                         "train.logging_steps=1000000", "train.eval_steps=1000000", "train.early_stopping_patience=0",
-                         "train.warmup_ratio=0.0", *TRAINER_VARIANTS[name]]
-            if device.type != "cuda":
-                overrides += ["train.mixed_precision='no'", "train.tokens_per_batch=1024", "train.tokens_per_step=2048",
-                              "train.loss_chunk_tokens=512", "lora.r=8"]
-            if args.tokens_per_batch:
-                overrides.append(f"train.tokens_per_batch={args.tokens_per_batch}")
-            cfg = load_config(REPO / "configs" / "biogpt.yaml", overrides)
-            model = build_model(dims, device, torch.float32).train()
-            lora_model, _, _ = add_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha)
-            setup = setup_training(cfg, lora_model, train_ds, PAD)
-            trainer, timer = fit(cfg, lora_model, None, setup, eval_ds, Path(work), trial=True, pad_id=PAD)
-            summary = timer.summary(setup.describe()["compiled"])
-            steps = trainer.state.global_step
-            if setup.plan:
-                rows_per_step = setup.plan.rows_per_batch * setup.plan.grad_accum
-                real_per_step = rows_per_step * setup.tokens_per_row
-            else:
-                real_per_step = cfg.train.batch_size * cfg.train.grad_accum * real_per_example
-            tps = real_per_step / summary["median_step_seconds"]
-            r = {**setup.describe(), **summary, "steps": steps, "real_tokens_per_step": real_per_step,
-                 "tokens_per_s": tps, "mfu_6n": 6 * n_params * tps / (peak * 1e12) if peak else None,
-                 "projected_hcm100k_epoch_minutes": (HCM_EPOCH_TOKENS / tps + summary.get("compile_seconds", 0)) / 60}
-            if device.type == "cuda":
-                r["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                torch.cuda.reset_peak_memory_stats(device)
-            out[name] = r
-            print(f"  medqa train {name:26s}: {tps:9,.0f} tokens/s, step {summary['median_step_seconds'] * 1e3:7.1f} ms, "
-                  f"first step {summary['first_step_seconds']:.1f} s, HealthCareMagic-100k epoch "
-                  f"{r['projected_hcm100k_epoch_minutes']:.1f} min", flush=True)
-            del trainer, lora_model, model
+        try:  # one variant failing (e.g. a compile mode on this card) must not cost the others' figures
+            out[name] = _trainer_variant(name, dims, train_ds, eval_ds, real_per_example, args, device, n_params,
+                                         peak)
+        except Exception as exc:  # noqa: BLE001 - reported in the results, and the run goes on
+            import traceback
+
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"[:2000], "traceback": traceback.format_exc()[-4000:]}
+            print(f"  medqa train {name:26s}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+        finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+        if on_progress:
+            on_progress(out)
     return out
+
+
+def _trainer_variant(name, dims, train_ds, eval_ds, real_per_example, args, device, n_params, peak) -> dict:
+    import tempfile
+
+    import torch
+
+    from medqa.config import load_config
+    from medqa.train import fit, setup_training
+
+    with tempfile.TemporaryDirectory() as work:
+        overrides = [f"workdir={work}", "data.max_length=512", f"train.max_steps={args.trainer_steps}",
+                     "train.logging_steps=1000000", "train.eval_steps=1000000", "train.early_stopping_patience=0",
+                     "train.warmup_ratio=0.0", *TRAINER_VARIANTS[name]]
+        if device.type != "cuda":
+            overrides += ["train.mixed_precision='no'", "train.tokens_per_batch=1024", "train.tokens_per_step=2048",
+                          "train.loss_chunk_tokens=512", "lora.r=8"]
+        if args.tokens_per_batch:
+            overrides.append(f"train.tokens_per_batch={args.tokens_per_batch}")
+        cfg = load_config(REPO / "configs" / "biogpt.yaml", overrides)
+        model = build_model(dims, device, torch.float32).train()
+        lora_model, _, _ = add_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha)
+        setup = setup_training(cfg, lora_model, train_ds, PAD)
+        trainer, timer = fit(cfg, lora_model, None, setup, eval_ds, Path(work), trial=True, pad_id=PAD)
+        summary = timer.summary(setup.describe()["compiled"])
+        if setup.plan:
+            real_per_step = setup.plan.rows_per_batch * setup.plan.grad_accum * setup.tokens_per_row
+        else:
+            real_per_step = cfg.train.batch_size * cfg.train.grad_accum * real_per_example
+        tps = real_per_step / summary["median_step_seconds"]
+        r = {**setup.describe(), **summary, "steps": trainer.state.global_step, "real_tokens_per_step": real_per_step,
+             "tokens_per_s": tps, "mfu_6n": 6 * n_params * tps / (peak * 1e12) if peak else None,
+             "projected_hcm100k_epoch_minutes": (HCM_EPOCH_TOKENS / tps + summary.get("compile_seconds", 0)) / 60}
+        if device.type == "cuda":
+            r["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        print(f"  medqa train {name:26s}: {tps:9,.0f} tokens/s, step {summary['median_step_seconds'] * 1e3:7.1f} ms, "
+              f"first step {summary['first_step_seconds']:.1f} s, HealthCareMagic-100k epoch "
+              f"{r['projected_hcm100k_epoch_minutes']:.1f} min", flush=True)
+        return r
 
 
 # ------------------------------------------------------------------------------------------ eval, generation
@@ -326,19 +341,24 @@ def bench_generate(model, rows: list[dict], args, device) -> dict:
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=device)
         kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, use_cache=True,
                   pad_token_id=PAD, cache_implementation="static" if cache == "static" else None)
-        with torch.inference_mode():
-            warm = time.perf_counter()  # the static cache's first call compiles (reported apart)
-            model.generate(input_ids=ids, attention_mask=mask, **kw)
-            warm = time.perf_counter() - warm
-            secs = []
-            for _ in range(args.repeats):
-                sync(device)
-                start = time.perf_counter()
-                model.generate(input_ids=ids, attention_mask=mask, **kw)
-                sync(device)
-                secs.append(time.perf_counter() - start)
-        t = statistics.median(secs)
         key = f"batch_{bs}" if cache == "dynamic" else f"batch_{bs}_static"
+        try:
+            with torch.inference_mode():
+                warm = time.perf_counter()  # the static cache's first call compiles (reported apart)
+                model.generate(input_ids=ids, attention_mask=mask, **kw)
+                warm = time.perf_counter() - warm
+                secs = []
+                for _ in range(args.repeats):
+                    sync(device)
+                    start = time.perf_counter()
+                    model.generate(input_ids=ids, attention_mask=mask, **kw)
+                    sync(device)
+                    secs.append(time.perf_counter() - start)
+        except Exception as exc:  # noqa: BLE001 - recorded; the other settings still run
+            out[key] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+            print(f"  generate batch {bs:2d} ({cache} cache): FAILED {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+            continue
+        t = statistics.median(secs)
         out[key] = {"new_tokens_per_s": bs * args.new_tokens / t, "seconds": secs, "first_call_seconds": warm,
                     "prompt_tokens_mean": statistics.mean(len(p) for p in group)}
         print(f"  generate batch {bs:2d} ({cache} cache): {bs * args.new_tokens / t:9,.0f} new tokens/s, first call "
@@ -367,13 +387,17 @@ def table(res: dict) -> str:
     lines += ["", f"eval (score_examples, batch {ev['batch_size']}): {ev['tokens_per_s']:,.0f} tokens/s, MFU {pct(ev['mfu'])}; "
               f"by token budget ({tb['tokens_per_batch']:,} tokens): {tb['tokens_per_s']:,.0f} tokens/s, MFU {pct(tb['mfu'])}",
               f"generation ({gen['new_tokens']} new tokens, greedy), new tokens/s: " + ", ".join(
-                  f"{k.replace('_', ' ')} {v['new_tokens_per_s']:,.0f}" for k, v in gen.items() if k.startswith("batch"))]
+                  f"{k.replace('_', ' ')} {v['new_tokens_per_s']:,.0f}" if "error" not in v else f"{k} failed"
+                  for k, v in gen.items() if k.startswith("batch"))]
     tt = res.get("trainer")
     if tt:
         lines += ["", "| `medqa train` (Trainer path) | tokens/s | MFU 6N | step | first step | micro-batch x accum | "
                       "HealthCareMagic-100k epoch |", "|---|---|---|---|---|---|---|"]
         for name, r in tt.items():
             if not isinstance(r, dict):
+                continue
+            if "error" in r:
+                lines.append(f"| {name} | failed: {r['error'][:80]} | | | | | |")
                 continue
             plan = r.get("batch_plan")
             shape = (f"{plan['rows_per_batch']} x {plan['row_tokens']} x {plan['grad_accum']}" if plan
@@ -423,7 +447,9 @@ def main(argv: list[str] | None = None) -> int:
         dict(examples=1024, eval_examples=512, batch_size=16, new_tokens=128, repeats=3, warmup=3, trainer_steps=25,
              trainer_examples=12000)
     if args.trainer_variants is None:
-        args.trainer_variants = "unpacked_grouped,packed_eager" + (",packed_compiled" if args.device != "cpu" else "")
+        # On a GPU the default path first, so a run cut short by its time limit still has it.
+        args.trainer_variants = ("packed_compiled,packed_eager,unpacked_grouped" if args.device != "cpu"
+                                 else "unpacked_grouped,packed_eager")
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -434,37 +460,49 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     dims = TINY if args.tiny else BIOGPT
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    card = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+
+    def save() -> None:
+        """Results so far, after every section: a run cut short by its time limit keeps what it measured."""
+        res["seconds"] = time.perf_counter() - start
+        text = json.dumps(res, indent=1) + "\n"
+        out.write_text(text, encoding="utf-8")
+        if args.results_dir:
+            Path(args.results_dir).mkdir(parents=True, exist_ok=True)
+            (Path(args.results_dir) / f"{card}.json").write_text(text, encoding="utf-8")
+
+    res = {"device": name, "dtype": str(dtype).replace("torch.", ""), "peak_tflops": peak, "dims": dims,
+           "parameters": None, "matmul_parameters": None, "torch": torch.__version__,
+           "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "args": vars(args)}
     model = build_model(dims, device, dtype)
     n_params = matmul_params(model)
-    res = {"device": name, "dtype": str(dtype).replace("torch.", ""), "peak_tflops": peak, "dims": dims,
-           "parameters": sum(p.numel() for p in model.parameters()), "matmul_parameters": n_params,
-           "torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    res.update(parameters=sum(p.numel() for p in model.parameters()), matmul_parameters=n_params)
     print(f"{name}: BioGPT {dims}, {res['parameters']:,} parameters", flush=True)
-    # Eval and generation first, on the plain model; training then wraps the same weights with LoRA.
+    del model
+    # `medqa train`'s own path first (what issue 11 is about), each variant on a fresh model.
+    res["trainer"] = {}
+    res["trainer"] = bench_trainer(dims, synthetic_rows(args.trainer_examples, dims["vocab_size"], seed=3), args,
+                                   device, n_params, peak,
+                                   on_progress=lambda partial: (res.__setitem__("trainer", partial), save()))
+    save()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    # Eval and generation on the plain model; the hand loop then wraps the same weights with LoRA.
+    model = build_model(dims, device, dtype)
     res["eval"] = bench_eval(model, synthetic_rows(args.eval_examples, dims["vocab_size"], seed=1), args, device,
                              n_params, peak)
-    res["generate"] = bench_generate(model, synthetic_rows(16, dims["vocab_size"], seed=2), args, device)
+    save()
+    res["generate"] = bench_generate(model, synthetic_rows(32, dims["vocab_size"], seed=2), args, device)
+    save()
     if not args.skip_hand_loop:
         res["train"] = bench_train(model, synthetic_rows(args.examples, dims["vocab_size"], seed=0), args, device,
                                    n_params, peak)
     if device.type == "cuda":
         res["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    res["trainer"] = bench_trainer(dims, synthetic_rows(args.trainer_examples, dims["vocab_size"], seed=3), args,
-                                   device, n_params, peak)
-    res["seconds"] = time.perf_counter() - start
-    res["args"] = vars(args)
-
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
-    if args.results_dir:
-        card = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
-        Path(args.results_dir).mkdir(parents=True, exist_ok=True)
-        (Path(args.results_dir) / f"{card}.json").write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
+    save()
     print(table(res))
     print(f"wrote {out} in {res['seconds']:.0f} s")
     return 0

@@ -28,7 +28,7 @@ with torch.device("cuda"):
     m = BioGptForCausalLM(cfg)
 m.to("cpu").save_pretrained("/tmp/biogpt-rand")
 for f in ("vocab.json", "merges.txt", "tokenizer_config.json"):
-    shutil.copy(f".shared/biogpt-tokenizer/hf-format-derived/{f}", "/tmp/biogpt-rand/")
+    shutil.copy(f"assets/biogpt-tokenizer/{f}", "/tmp/biogpt-rand/")
 PYEOF
 M="$PY -m medqa"
 C="--config configs/biogpt.yaml workdir=/tmp/run model.name_or_path=/tmp/biogpt-rand data.source=$S/data/genmedgpt5k_SYNTHETIC_chatdoctor5k.json data.num_proc=8 eval.max_examples=256"
