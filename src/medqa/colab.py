@@ -13,15 +13,16 @@ log = logging.getLogger(__name__)
 
 
 def gpu_overrides(gpu_name: str | None) -> list[str]:
-    """Settings for the GPU Colab gave us: fp16 on a T4 (no bf16), bf16 and larger batches on Ampere or newer."""
+    """Settings for the GPU Colab gave us: fp16 on a T4 (no bf16), bf16 on Ampere or newer. Batch sizes are not
+    set here: on CUDA the GPU config sizes its micro-batches and scoring batches from the card's free memory."""
     if not gpu_name:
         log.warning("No GPU in this runtime: Runtime > Change runtime type > T4 GPU. Running on the CPU.")
         return []
     name = gpu_name.upper()
     if "T4" in name or "V100" in name or "P100" in name:
-        return ["train.mixed_precision=fp16", "train.batch_size=8", "eval.batch_size=16"]
+        return ["train.mixed_precision=fp16"]
     if any(card in name for card in ("A100", "H100", "L4", "A10", "H200")):
-        return ["train.mixed_precision=bf16", "train.batch_size=16", "eval.batch_size=32"]
+        return ["train.mixed_precision=bf16"]
     return ["train.mixed_precision=auto"]
 
 
