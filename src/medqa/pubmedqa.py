@@ -1,0 +1,154 @@
+"""PubMedQA zero-shot: did fine-tuning keep the base model's biomedical knowledge?
+
+The 500 expert-labelled test questions ship in `data/pubmedqa/` (MIT). Each is scored as lm-evaluation-harness's
+`pubmedqa` task defines it (a `multiple_choice` task):
+
+- context  = "Abstract: " + the abstract's sections joined by newlines + "\\nQuestion: " + question + "\\nAnswer:"
+- choices  = "yes", "no", "maybe", each continued after the target delimiter " "
+- loglik(choice) = sum of log p(continuation token | everything before it), where the continuation's tokens are
+  those of tokenize(context + " " + choice) after the tokens of tokenize(context) (lm-eval's `_encode_pair`)
+- acc      = mean over questions of [argmax_choice loglik == gold]; acc_norm divides each loglik by the
+  continuation's length in UTF-8 bytes first.
+
+One deliberate difference: the context is tokenized with the tokenizer's own special start tokens (BioGPT's `</s>`),
+as medqa's training and scoring prompts are, where lm-eval's HF backend adds none by default; both models compared
+are scored the same way. A context longer than the model's window keeps its end (left truncation, as lm-eval).
+
+Beside accuracy: macro-F1 over the three classes, bootstrap 95% intervals over questions, and a paired bootstrap
+between two models on the same questions. Scores use `medqa.metrics.token_nll`, the function every medqa
+perplexity is built on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medqa.prompts import IGNORE_INDEX
+
+CHOICES = ("yes", "no", "maybe")
+DEFAULT_TEST = Path(__file__).resolve().parents[2] / "data" / "pubmedqa" / "pubmedqa_test.json"
+
+
+def load_items(path: str | Path = DEFAULT_TEST) -> list[dict]:
+    """The questions: dicts with id, question, contexts (list of str) and answer (yes/no/maybe)."""
+    items = json.loads(Path(path).read_text(encoding="utf-8"))
+    bad = [i for i, x in enumerate(items) if x.get("answer") not in CHOICES or not isinstance(x.get("contexts"), list)]
+    if bad:
+        from medqa.errors import DataError
+
+        raise DataError(f"{path}: item {bad[0]} (of {len(bad)} bad ones) needs `contexts` (a list of strings) and an "
+                        f"`answer` in {CHOICES}. Use data/pubmedqa/pubmedqa_test.json's layout.")
+    return items
+
+
+def context_text(item: dict) -> str:
+    """lm-eval's doc_to_text for pubmedqa."""
+    return "Abstract: {}\nQuestion: {}\nAnswer:".format("\n".join(item["contexts"]), item["question"])
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's `_encode_pair`: trailing white space of the context moves to the continuation; the continuation's
+    tokens are those of the whole string after the context's own tokens."""
+    n_space = len(context) - len(context.rstrip())
+    if n_space:
+        context, continuation = context[:-n_space], context[-n_space:] + continuation
+    whole = list(tokenizer(context + continuation)["input_ids"])
+    ctx = list(tokenizer(context)["input_ids"])
+    return ctx, whole[len(ctx):]
+
+
+@dataclass
+class PubMedQAScores:
+    ids: list[str]
+    gold: np.ndarray  # index into CHOICES
+    loglik: np.ndarray  # (n, 3)
+    byte_lengths: np.ndarray  # (3,): UTF-8 bytes of " yes", " no", " maybe"
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.loglik.argmax(axis=1)
+
+    @property
+    def predicted_norm(self) -> np.ndarray:
+        return (self.loglik / self.byte_lengths).argmax(axis=1)
+
+
+def score_items(model, tokenizer, items: list[dict], batch_size: int = 8, max_length: int | None = None) -> PubMedQAScores:
+    """Log-likelihood of each choice for each question (see the module docstring)."""
+    import torch
+
+    from medqa.metrics import length_batches, pad_batch, token_nll
+
+    max_length = max_length or getattr(model.config, "max_position_embeddings", 1024)
+    rows, owners = [], []
+    for q, item in enumerate(items):
+        for c, choice in enumerate(CHOICES):
+            ctx, cont = encode_pair(tokenizer, context_text(item), " " + choice)
+            ids = (ctx + cont)[-max_length:]
+            labels = ([IGNORE_INDEX] * len(ctx) + cont)[-max_length:]
+            rows.append({"input_ids": ids, "labels": labels})
+            owners.append((q, c))
+    loglik = np.zeros((len(items), len(CHOICES)))
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for idx in length_batches([len(r["input_ids"]) for r in rows], batch_size):
+            batch = {k: v.to(device) for k, v in pad_batch([rows[i] for i in idx], pad).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            nll = token_nll(logits, batch["labels"]).double().sum(dim=1).cpu().numpy()
+            for row, i in enumerate(idx):
+                q, c = owners[i]
+                loglik[q, c] = -nll[row]
+    model.train(was_training)
+    gold = np.array([CHOICES.index(item["answer"]) for item in items])
+    lengths = np.array([len((" " + c).encode("utf-8")) for c in CHOICES], dtype=float)
+    return PubMedQAScores([str(item.get("id", i)) for i, item in enumerate(items)], gold, loglik, lengths)
+
+
+def macro_f1(gold: np.ndarray, predicted: np.ndarray) -> float:
+    """Mean over the three classes of F1 = 2PR / (P + R); a class with P + R = 0 counts 0."""
+    f1 = []
+    for c in range(len(CHOICES)):
+        tp = float(((predicted == c) & (gold == c)).sum())
+        p = tp / max(int((predicted == c).sum()), 1)
+        r = tp / max(int((gold == c).sum()), 1)
+        f1.append(2 * p * r / (p + r) if p + r else 0.0)
+    return float(np.mean(f1))
+
+
+def summarize(scores: PubMedQAScores, bootstrap_samples: int = 1000, seed: int = 0) -> dict:
+    """acc, acc_norm and macro-F1 with 95% bootstrap intervals over questions."""
+    gold, pred = scores.gold, scores.predicted
+    out = {"questions": len(gold), "acc": float((pred == gold).mean()),
+           "acc_norm": float((scores.predicted_norm == gold).mean()), "macro_f1": macro_f1(gold, pred),
+           "predicted_share": {c: float((pred == i).mean()) for i, c in enumerate(CHOICES)}}
+    if bootstrap_samples:
+        rng = np.random.default_rng(seed)
+        idx = rng.integers(0, len(gold), size=(bootstrap_samples, len(gold)))
+        accs = (pred[idx] == gold[idx]).mean(axis=1)
+        f1s = [macro_f1(gold[i], pred[i]) for i in idx]
+        out["acc_ci95"] = [float(np.percentile(accs, 2.5)), float(np.percentile(accs, 97.5))]
+        out["macro_f1_ci95"] = [float(np.percentile(f1s, 2.5)), float(np.percentile(f1s, 97.5))]
+    return out
+
+
+def paired_comparison(base: PubMedQAScores, tuned: PubMedQAScores, samples: int = 1000, seed: int = 0) -> dict:
+    """Accuracy difference (tuned - base) on the same questions, its 95% paired-bootstrap interval, and the share
+    of resamples in which the tuned model is not worse (one-sided p for "fine-tuning lost accuracy", +1
+    corrected)."""
+    if base.ids != tuned.ids:
+        raise ValueError("paired comparison needs the same questions in the same order")
+    a = (base.predicted == base.gold).astype(float)
+    b = (tuned.predicted == tuned.gold).astype(float)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(samples, len(a)))
+    delta = b[idx].mean(axis=1) - a[idx].mean(axis=1)
+    return {"acc_delta": float(b.mean() - a.mean()),
+            "acc_delta_ci95": [float(np.percentile(delta, 2.5)), float(np.percentile(delta, 97.5))],
+            "p_value_lost": (int((delta >= 0).sum()) + 1) / (samples + 1)}

@@ -1,0 +1,107 @@
+"""PubMedQA zero-shot scoring: lm-evaluation-harness's definition checked on hand-built items with known
+log-likelihoods, and run on the tiny model."""
+
+from __future__ import annotations
+
+import math
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from medqa.pubmedqa import (CHOICES, DEFAULT_TEST, context_text, encode_pair, load_items, macro_f1,
+                            paired_comparison, score_items, summarize)
+
+
+class WordTokenizer:
+    """Words and punctuation, one id each (ids given on first sight); a start token 1 like BioGPT's </s>."""
+
+    pad_token_id = 0
+
+    def __init__(self):
+        self.vocab = {"<pad>": 0, "</s>": 1}
+
+    def __call__(self, text):
+        ids = [self.vocab.setdefault(w, len(self.vocab)) for w in re.findall(r"\w+|[^\w\s]", text)]
+        return {"input_ids": [1] + ids}
+
+
+class UnigramModel(torch.nn.Module):
+    """Every position predicts the same distribution: log p(token) = log_softmax(scores)[token], whatever came
+    before, so a continuation's log-likelihood is a sum we can write down."""
+
+    def __init__(self, scores):
+        super().__init__()
+        self.scores = torch.nn.Parameter(torch.tensor(scores, dtype=torch.float32))
+        self.config = SimpleNamespace(max_position_embeddings=1024)
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(logits=self.scores.expand(*input_ids.shape, -1))
+
+
+ITEMS = [{"id": "a", "question": "Does X help?", "contexts": ["One sentence.", "Two."], "answer": "yes"},
+         {"id": "b", "question": "Is Y bad?", "contexts": ["Only one."], "answer": "no"},
+         {"id": "c", "question": "Z?", "contexts": ["Unclear."], "answer": "maybe"}]
+
+
+def test_prompt_and_pair_encoding_follow_lm_eval():
+    assert context_text(ITEMS[0]) == "Abstract: One sentence.\nTwo.\nQuestion: Does X help?\nAnswer:"
+    tok = WordTokenizer()
+    ctx, cont = encode_pair(tok, context_text(ITEMS[1]), " no")
+    assert tok("Abstract: Only one.\nQuestion: Is Y bad?\nAnswer: no")["input_ids"] == ctx + cont
+    assert cont == [tok.vocab["no"]]
+    # trailing white space of the context moves to the continuation
+    assert encode_pair(tok, "Answer: ", "yes") == encode_pair(tok, "Answer:", " yes")
+
+
+def test_loglik_accuracy_and_norm_on_known_probabilities():
+    tok = WordTokenizer()
+    for item in ITEMS:  # fix the ids first
+        for choice in CHOICES:
+            tok(context_text(item) + " " + choice)
+    scores = np.zeros(len(tok.vocab))
+    scores[tok.vocab["yes"]], scores[tok.vocab["no"]], scores[tok.vocab["maybe"]] = 3.0, 2.5, 2.9
+    model = UnigramModel(scores.tolist())
+    result = score_items(model, tok, ITEMS, batch_size=2)
+    log_z = math.log(np.exp(scores).sum())
+    expected = [3.0 - log_z, 2.5 - log_z, 2.9 - log_z]  # one token each
+    assert result.loglik == pytest.approx(np.array([expected] * 3), abs=1e-5)
+    assert list(result.predicted) == [0, 0, 0]  # always "yes": right on item a only
+    assert summarize(result, 0)["acc"] == pytest.approx(1 / 3)
+    # acc_norm divides by the continuation's UTF-8 bytes: " yes" 4, " no" 3, " maybe" 6
+    normed = np.array(expected) / np.array([4, 3, 6])
+    assert list(result.predicted_norm) == [int(np.argmax(normed))] * 3
+    assert summarize(result, 0)["acc_norm"] == pytest.approx(
+        np.mean([int(np.argmax(normed)) == g for g in (0, 1, 2)]))
+
+
+def test_macro_f1_by_hand():
+    gold = np.array([0, 0, 1, 1, 2])
+    pred = np.array([0, 1, 1, 1, 0])
+    # yes: P 1/2 R 1/2 F 0.5; no: P 2/3 R 1 F 0.8; maybe: P 0 R 0 F 0
+    assert macro_f1(gold, pred) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+
+
+def test_shipped_test_split():
+    items = load_items()
+    assert len(items) == 500 and DEFAULT_TEST.parent.joinpath("LICENSE").is_file()
+    assert {c: sum(i["answer"] == c for i in items) for c in CHOICES} == {"yes": 276, "no": 169, "maybe": 55}
+
+
+def test_tiny_model_scores_and_paired_comparison(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    items = load_items()[:12]
+    scores = score_items(model, tok, items, batch_size=5, max_length=128)
+    assert scores.loglik.shape == (12, 3) and np.isfinite(scores.loglik).all() and (scores.loglik < 0).all()
+    summary = summarize(scores, bootstrap_samples=200)
+    assert 0 <= summary["acc_ci95"][0] <= summary["acc"] <= summary["acc_ci95"][1] <= 1
+    # batching does not change a number
+    again = score_items(model, tok, items, batch_size=1, max_length=128)
+    assert again.loglik == pytest.approx(scores.loglik, abs=1e-4)
+    same = paired_comparison(scores, again, samples=200)
+    assert same["acc_delta"] == 0 and same["p_value_lost"] == 1.0
