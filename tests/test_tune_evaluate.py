@@ -162,6 +162,11 @@ def test_evaluate_report(searched):
     assert len(report["samples"]) == 6 and {"question", "reference", "base", "fine-tuned"} <= set(report["samples"][0])
     md = result.report_md.read_text()
     assert "| fine-tuned |" in md and "Model card" in md and "academic research only" in md
+    # knowledge kept: PubMedQA before vs after (demo: 8 questions), next to the answer-loss change
+    assert report["models"]["base"]["pubmedqa"]["questions"] == cfg.evaluate.pubmedqa_questions == 8
+    kept = tuned["pubmedqa"]["vs_base"]
+    assert kept["acc_delta"] == pytest.approx(tuned["pubmedqa"]["acc"] - report["models"]["base"]["pubmedqa"]["acc"])
+    assert "## Knowledge kept" in md and "PubMedQA (8 expert-labelled test questions" in md
 
 
 def test_ask_ends_with_disclaimer(searched, tmp_path, capsys):

@@ -308,10 +308,13 @@ class EvaluateConfig:
 
     num_questions: int = _f(20, "Test questions to answer and score with ROUGE and BLEU (0 = all).")
     samples_in_report: int = _f(3, "Side-by-side answers shown in report.md.")
+    pubmedqa_questions: int = _f(0, "PubMedQA test questions (of the 500 shipped in data/pubmedqa/) each model answers "
+                                    "zero-shot, for the report's \"knowledge kept\" table (0 = off).")
 
     def validate(self) -> None:
-        if self.num_questions < 0 or self.samples_in_report < 0:
-            raise ConfigError("evaluate.num_questions and evaluate.samples_in_report must be >= 0.")
+        if self.num_questions < 0 or self.samples_in_report < 0 or not 0 <= self.pubmedqa_questions <= 500:
+            raise ConfigError("evaluate.num_questions and evaluate.samples_in_report must be >= 0, and "
+                              "evaluate.pubmedqa_questions between 0 and 500.")
 
 
 @dataclass

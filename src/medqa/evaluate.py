@@ -24,6 +24,10 @@ from medqa.config import Config
 from medqa.errors import DataError
 from medqa.generate import generate_answers
 from medqa.metrics import evaluate_answer_loss, paired_bootstrap, perplexity_warning
+from medqa.pubmedqa import load_items as load_pubmedqa
+from medqa.pubmedqa import paired_comparison
+from medqa.pubmedqa import score_items as score_pubmedqa
+from medqa.pubmedqa import summarize as summarize_pubmedqa
 from medqa.modeling import load_adapter_model, load_model, load_tokenizer, model_path, scoring_dtype
 from medqa.textmetrics import generation_scores
 
@@ -71,6 +75,8 @@ def evaluate(cfg: Config) -> EvaluateResult:
         raise DataError(f"{Path(cfg.workdir) / 'data' / 'test_data.json'} does not hold {len(missing)} of the "
                         "tokenized test examples (data/ and tokenized/ are out of step). Re-run `medqa prepare`.")
     models, answers, scores, warnings = {}, {}, {}, []
+    pubmedqa_items = load_pubmedqa()[:cfg.evaluate.pubmedqa_questions] if cfg.evaluate.pubmedqa_questions else []
+    knowledge = {}
     for name, adapter in candidate_models(cfg).items():
         # An adapter must come from this base model AND these splits: one trained on other splits may have
         # seen these test questions.
@@ -90,6 +96,9 @@ def evaluate(cfg: Config) -> EvaluateResult:
             log.warning(warning)
             print(warning, file=sys.stderr)
             warnings.append(warning)
+        if pubmedqa_items:  # did fine-tuning keep the base model's biomedical knowledge?
+            knowledge[name] = score_pubmedqa(model, tokenizer, pubmedqa_items, cfg.eval.batch_size)
+            models[name]["pubmedqa"] = summarize_pubmedqa(knowledge[name], cfg.eval.bootstrap_samples, cfg.seed)
         log.info("evaluate: %s test answer_loss %.4f", name, metrics["answer_loss"])
         del model
     base = scores["base"]
@@ -97,6 +106,9 @@ def evaluate(cfg: Config) -> EvaluateResult:
         if name != "base":
             models[name]["vs_base"] = paired_bootstrap(base.answer_nll, scores[name].answer_nll, base.answer_tokens,
                                                        cfg.eval.bootstrap_samples, cfg.seed)
+            if knowledge:
+                models[name]["pubmedqa"]["vs_base"] = paired_comparison(knowledge["base"], knowledge[name],
+                                                                        cfg.eval.bootstrap_samples or 1000, cfg.seed)
     samples = [{"question": q, "reference": r, **{name: answers[name][i] for name in models}}
                for i, (q, r) in enumerate(zip(questions, references))]
     report = {"model": model_path(cfg), "dtype": scoring_dtype(cfg), "sanity_warnings": warnings,
@@ -107,6 +119,28 @@ def evaluate(cfg: Config) -> EvaluateResult:
     write_json(out / "report.json", report)
     write_text_atomic(out / "report.md", render_markdown(report, cfg.evaluate.samples_in_report))
     return EvaluateResult(report, out / "report.md")
+
+
+def _knowledge_table(report: dict) -> list[str]:
+    """PubMedQA before and after fine-tuning, next to the HealthCareMagic gain (when it was measured)."""
+    rows = {name: m for name, m in report["models"].items() if "pubmedqa" in m}
+    if not rows:
+        return []
+    n = next(iter(rows.values()))["pubmedqa"]["questions"]
+    lines = ["## Knowledge kept", "",
+             f"PubMedQA ({n} expert-labelled test questions, zero-shot, lm-evaluation-harness's definition: the "
+             "answer with the highest log-likelihood among yes/no/maybe), beside the test answer-loss change.", "",
+             "| model | PubMedQA accuracy (95% CI) | macro-F1 | Δ accuracy vs base (95% CI) | p (lost accuracy) | "
+             "Δ answer_loss vs base |", "|---|---|---|---|---|---|"]
+    for name, m in rows.items():
+        p, vs = m["pubmedqa"], m["pubmedqa"].get("vs_base", {})
+        ci = p.get("acc_ci95")
+        dci = vs.get("acc_delta_ci95")
+        lines.append(f"| {name} | {p['acc']:.3f}{f' ({ci[0]:.3f}–{ci[1]:.3f})' if ci else ''} | {p['macro_f1']:.3f} | "
+                     f"{_fmt(vs.get('acc_delta'), '+.3f')}{f' ({dci[0]:+.3f} to {dci[1]:+.3f})' if dci else ''} | "
+                     f"{_fmt(vs.get('p_value_lost'), '.3f')} | {_fmt(m.get('vs_base', {}).get('loss_delta'), '+.4f')} |")
+    return lines + ["", "p (lost accuracy): share of paired bootstrap resamples in which the model is not worse than "
+                        "the base; a small p means fine-tuning cost PubMedQA accuracy.", ""]
 
 
 def model_card(cfg: Config) -> dict:
@@ -151,7 +185,9 @@ def render_markdown(report: dict, n_samples: int) -> str:
             f"{g['bleu']:.2f} | {g['mean_words']:.1f} | {g['empty_share']:.0%} | {g['repetitive_share']:.0%} |")
     lines += ["", "answer_loss: mean negative log-likelihood per answer token (nats) over all answer tokens of the "
               "test split; perplexity = exp(answer_loss). p: share of paired bootstrap resamples in which the "
-              "model is not better than the base (one-sided).", "", "## Samples", ""]
+              "model is not better than the base (one-sided).", ""]
+    lines += _knowledge_table(report)
+    lines += ["## Samples", ""]
     for s in report["samples"][:n_samples]:
         lines += [f"**Question.** {s['question']}", "", f"**Reference (doctor).** {s['reference']}", ""]
         lines += [f"**{name}.** {s[name] or '(empty)'}" + "\n" for name in report["models"]]
