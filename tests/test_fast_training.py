@@ -344,3 +344,23 @@ def test_fast_step_trains_like_the_models_own_forward_in_the_trainer(prepared, t
     assert losses["bf16", "fast"] == pytest.approx(losses["bf16", "model"], rel=2e-4)
     assert losses["bf16", "fast"] != pytest.approx(losses["fp32", "fast"], rel=2e-5)
 
+
+
+def test_report_to_reaches_the_trainer(tmp_path):
+    from medqa.errors import ConfigError
+    from medqa.train import _training_args
+
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"workdir={tmp_path}"])
+    assert _training_args(cfg, tmp_path, False, None).report_to == ["tensorboard"]
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"workdir={tmp_path}", "train.report_to=[]"])
+    assert _training_args(cfg, tmp_path, False, None).report_to in ([], ["none"], "none")
+    for tracker, message in (("wandb", "pip install wandb"), ("not-a-tracker", "not a tracker")):
+        cfg = load_config(REPO / "configs" / "demo.yaml", [f"workdir={tmp_path}", f"train.report_to=[{tracker}]"])
+        if tracker == "wandb":
+            pytest.importorskip("transformers.integrations")
+            from transformers.integrations import get_available_reporting_integrations
+
+            if "wandb" in get_available_reporting_integrations():
+                continue  # installed here: nothing to refuse
+        with pytest.raises(ConfigError, match=message):
+            _training_args(cfg, tmp_path, False, None)

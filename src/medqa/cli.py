@@ -76,9 +76,17 @@ def _ask(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _export(cfg: Config, args: argparse.Namespace) -> None:
-    from medqa.export import export
+    from pathlib import Path
 
-    print(f"wrote the merged model to {export(cfg)}")
+    from medqa.export import export, push_to_hub
+
+    if args.push_to_hub and not args.merged:  # the adapter as trained, with a model card
+        print(f"pushed {push_to_hub(cfg, args.push_to_hub, Path(cfg.workdir) / 'outputs' / 'finetune')}")
+        return
+    merged = export(cfg)
+    print(f"wrote the merged model to {merged}")
+    if args.push_to_hub:
+        print(f"pushed {push_to_hub(cfg, args.push_to_hub, merged)}")
 
 
 def _make_tiny_model(cfg: Config, args: argparse.Namespace) -> None:
@@ -100,7 +108,8 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], None], str]] = 
     "tune": (_tune, "Ray Tune search over the training function; best adapter to outputs/best/"),
     "evaluate": (_evaluate, "final test comparison (perplexity, ROUGE, BLEU); writes outputs/report.md"),
     "ask": (_ask, 'answer questions: medqa ask "question" [--adapter DIR] or --file questions.txt'),
-    "export": (_export, "merge outputs/finetune into the base model; save outputs/merged/"),
+    "export": (_export, "merge outputs/finetune into the base model; save outputs/merged/; --push-to-hub REPO_ID "
+                        "uploads the adapter (or with --merged the merged model) with a model card (token: HF_TOKEN)"),
     "make-tiny-model": (_make_tiny_model, "build the tiny offline BioGPT (tokenizer learned from the train split) "
                                           "at model.name_or_path"),
 }
@@ -126,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML config file, e.g. configs/demo.yaml (default: built-in defaults)")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        if name == "export":
+            p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload to this Hub repository (e.g. user/medqa-biogpt)")
+            p.add_argument("--merged", action="store_true", help="with --push-to-hub: upload the merged model, not "
+                                                                   "the adapter")
         if name == "ask":
             p.add_argument("--adapter", help="LoRA adapter folder, e.g. outputs/finetune or outputs/best")
             p.add_argument("--file", help="text file with one question per line")

@@ -235,6 +235,9 @@ class TrainConfig:
     mixed_precision: str = _f("auto", "auto (bf16 or fp16 on CUDA, none on CPU), no, bf16, fp16.")
     qlora: bool = _f(False, "Load the base model in 4-bit (bitsandbytes, CUDA only) and train LoRA on top.")
     resume: bool = _f(False, "Continue from the last checkpoint in outputs/finetune_checkpoints/.")
+    report_to: list[str] = _f(["tensorboard"], "Experiment trackers the Trainer logs to: tensorboard, wandb, mlflow, or "
+                                               "any other transformers supports when it is installed; [] or [none] = "
+                                               "only medqa's own metrics.jsonl.")
 
     def validate(self) -> None:
         if self.learning_rate <= 0:

@@ -198,7 +198,7 @@ def _training_args(cfg: Config, work: Path, trial: bool, plan: BatchPlan | None)
         # Early stopping's patience counter (and the other stateful callbacks) continue from the checkpoint.
         restore_callback_states_from_checkpoint=True,
         logging_strategy="steps", logging_steps=t.logging_steps, logging_first_step=True,
-        report_to=["tensorboard"], remove_unused_columns=False,
+        report_to=_report_to(cfg), remove_unused_columns=False,
         # On a GPU, collate the next batches (padding, the 4D mask) in two worker processes while the GPU computes.
         dataloader_num_workers=2 if cuda else 0, dataloader_pin_memory=cuda,
         optim="adamw_torch_fused",  # one kernel for all LoRA tensors instead of several per tensor
@@ -206,6 +206,23 @@ def _training_args(cfg: Config, work: Path, trial: bool, plan: BatchPlan | None)
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         disable_tqdm=False, **_precision(cfg),
     )
+
+
+def _report_to(cfg: Config) -> list[str]:
+    """train.report_to, checked: every tracker must be one transformers knows and be installed here."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    wanted = [r for r in cfg.train.report_to if r != "none"]
+    unknown = [r for r in wanted if r not in INTEGRATION_TO_CALLBACK]
+    if unknown:
+        raise ConfigError(f"train.report_to: {unknown[0]!r} is not a tracker transformers supports; choose from "
+                          f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}, or [] for none.")
+    missing = [r for r in wanted if r not in get_available_reporting_integrations()]
+    if missing:
+        raise ConfigError(f"train.report_to: {missing[0]} is not installed here (pip install {missing[0].replace('_', '-')}"
+                          f"), or remove it from train.report_to (tensorboard is installed with medqa).")
+    return wanted or ["none"]
 
 
 def _use_compile(cfg: Config) -> bool:
