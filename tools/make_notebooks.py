@@ -265,6 +265,15 @@ def raytune_final() -> nbformat.NotebookNode:
             "               **{k: m['generation'][k] for k in ('rouge1', 'rouge2', 'rougeL', 'bleu', 'repetitive_share')}}\n"
             "        for name, m in final.report['models'].items()}\n"
             "pd.DataFrame(rows).T"),
+        new_markdown_cell("## Knowledge kept: PubMedQA before and after fine-tuning\n\n"
+                          "Zero-shot accuracy on PubMedQA's expert-labelled test questions "
+                          "(`evaluate.pubmedqa_questions`), beside the HealthCareMagic answer-loss gain: a fine-tune "
+                          "that lowers the answer loss but loses PubMedQA accuracy has traded knowledge for style."),
+        new_code_cell("kept = {name: {'PubMedQA acc': m['pubmedqa']['acc'], 'macro-F1': m['pubmedqa']['macro_f1'],\n"
+                      "               'Δ acc vs base': m['pubmedqa'].get('vs_base', {}).get('acc_delta'),\n"
+                      "               'Δ answer_loss vs base': m.get('vs_base', {}).get('loss_delta')}\n"
+                      "        for name, m in final.report['models'].items() if 'pubmedqa' in m}\n"
+                      "pd.DataFrame(kept).T"),
         new_markdown_cell("## Answers side by side"),
         new_code_cell("pd.set_option('display.max_colwidth', 400)\n"
                       "pd.DataFrame(final.report['samples']).head(3)"),

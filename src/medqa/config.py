@@ -311,6 +311,11 @@ class EvaluateConfig:
 
     num_questions: int = _f(20, "Test questions to answer and score with ROUGE and BLEU (0 = all).")
     samples_in_report: int = _f(3, "Side-by-side answers shown in report.md.")
+    external_test: str = _f("", "Another source's test records (JSON, JSONL, CSV, a datasets folder or a Hub id), "
+                                "cleaned as prepare cleans, never re-split, scored beside the test split (e.g. iCliniq).")
+    external_name: str = _f("external", "Name of that data set in the report.")
+    external_question_field: str = _f("input", "Its field holding the question.")
+    external_answer_field: str = _f("output", "Its field holding the answer (iCliniq: answer_icliniq).")
     pubmedqa_questions: int = _f(0, "PubMedQA test questions (of the 500 shipped in data/pubmedqa/) each model answers "
                                     "zero-shot, for the report's \"knowledge kept\" table (0 = off).")
 

@@ -22,6 +22,7 @@ from medqa.baseline import load_tokenized
 from medqa.batching import eval_tokens_per_batch
 from medqa.config import Config
 from medqa.errors import DataError
+from medqa.external import load_external
 from medqa.generate import generate_answers
 from medqa.metrics import evaluate_answer_loss, paired_bootstrap, perplexity_warning
 from medqa.pubmedqa import load_items as load_pubmedqa
@@ -77,6 +78,8 @@ def evaluate(cfg: Config) -> EvaluateResult:
     models, answers, scores, warnings = {}, {}, {}, []
     pubmedqa_items = load_pubmedqa()[:cfg.evaluate.pubmedqa_questions] if cfg.evaluate.pubmedqa_questions else []
     knowledge = {}
+    external, external_report = load_external(cfg, tokenizer) if cfg.evaluate.external_test else (None, None)
+    external_scores = {}
     for name, adapter in candidate_models(cfg).items():
         # An adapter must come from this base model AND these splits: one trained on other splits may have
         # seen these test questions.
@@ -96,6 +99,10 @@ def evaluate(cfg: Config) -> EvaluateResult:
             log.warning(warning)
             print(warning, file=sys.stderr)
             warnings.append(warning)
+        if external is not None:  # another data set: does the gain generalise?
+            models[name]["external"], external_scores[name] = evaluate_answer_loss(
+                model, external, tokenizer.pad_token_id, cfg.eval.batch_size, cfg.eval.bootstrap_samples, cfg.seed,
+                tokens_per_batch=eval_tokens_per_batch(cfg.eval.tokens_per_batch, model))
         if pubmedqa_items:  # did fine-tuning keep the base model's biomedical knowledge?
             knowledge[name] = score_pubmedqa(model, tokenizer, pubmedqa_items, cfg.eval.batch_size)
             models[name]["pubmedqa"] = summarize_pubmedqa(knowledge[name], cfg.eval.bootstrap_samples, cfg.seed)
@@ -106,12 +113,18 @@ def evaluate(cfg: Config) -> EvaluateResult:
         if name != "base":
             models[name]["vs_base"] = paired_bootstrap(base.answer_nll, scores[name].answer_nll, base.answer_tokens,
                                                        cfg.eval.bootstrap_samples, cfg.seed)
+            if external_scores:
+                ext = external_scores["base"]
+                models[name]["external"]["vs_base"] = paired_bootstrap(
+                    ext.answer_nll, external_scores[name].answer_nll, ext.answer_tokens, cfg.eval.bootstrap_samples,
+                    cfg.seed)
             if knowledge:
                 models[name]["pubmedqa"]["vs_base"] = paired_comparison(knowledge["base"], knowledge[name],
                                                                         cfg.eval.bootstrap_samples or 1000, cfg.seed)
     samples = [{"question": q, "reference": r, **{name: answers[name][i] for name in models}}
                for i, (q, r) in enumerate(zip(questions, references))]
     report = {"model": model_path(cfg), "dtype": scoring_dtype(cfg), "sanity_warnings": warnings,
+              "external": external_report,
               "test_examples": len(ids), "generated": n_gen, "models": models,
               "samples": samples, "model_card": model_card(cfg),
               "seconds": round(time.perf_counter() - start, 2)}
@@ -119,6 +132,25 @@ def evaluate(cfg: Config) -> EvaluateResult:
     write_json(out / "report.json", report)
     write_text_atomic(out / "report.md", render_markdown(report, cfg.evaluate.samples_in_report))
     return EvaluateResult(report, out / "report.md")
+
+
+def _external_table(report: dict) -> list[str]:
+    """The same answer-loss comparison on another source's test records (evaluate.external_test)."""
+    ext = report.get("external")
+    if not ext:
+        return []
+    lines = [f"## Another data set: {ext['name']}", "",
+             f"`{ext['source']}`: {ext['read']} records read, {ext['kept']} scored (rejected: {ext['rejected']}), "
+             "cleaned as the training data, never split; questions also in our train split left out.", "",
+             "| model | answer_loss | answer perplexity | 95% CI | Δ loss vs base | p (paired bootstrap) |",
+             "|---|---|---|---|---|---|"]
+    for name, m in report["models"].items():
+        t, vs = m["external"], m["external"].get("vs_base", {})
+        ci = t.get("answer_perplexity_ci95")
+        lines.append(f"| {name} | {t['answer_loss']:.4f} | {t['answer_perplexity']:.2f} | "
+                     f"{f'{ci[0]:.2f}–{ci[1]:.2f}' if ci else '-'} | {_fmt(vs.get('loss_delta'), '+.4f')} | "
+                     f"{_fmt(vs.get('p_value'), '.4f')} |")
+    return lines + [""]
 
 
 def _knowledge_table(report: dict) -> list[str]:
@@ -186,6 +218,7 @@ def render_markdown(report: dict, n_samples: int) -> str:
     lines += ["", "answer_loss: mean negative log-likelihood per answer token (nats) over all answer tokens of the "
               "test split; perplexity = exp(answer_loss). p: share of paired bootstrap resamples in which the "
               "model is not better than the base (one-sided).", ""]
+    lines += _external_table(report)
     lines += _knowledge_table(report)
     lines += ["## Samples", ""]
     for s in report["samples"][:n_samples]:

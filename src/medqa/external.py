@@ -1,0 +1,88 @@
+"""A test set from another source, scored beside the in-domain test split (`evaluate.external_test`).
+
+ChatDoctor shows generalisation on iCliniq (fields `input`, `answer_icliniq`, ...): point `evaluate.external_test` at
+such a file and name its fields (`evaluate.external_question_field`, `evaluate.external_answer_field`). Its records
+are read, checked and cleaned exactly as `medqa prepare` does (same cleaning, same length limits, first valid copy of
+a question kept), never re-split: every kept record is a test example. A question that is also in our train split
+is left out (`in_training_data`), so the score measures generalisation. Every record read is kept or written to
+`outputs/external/rejected.jsonl` with its reason, and the counts add up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from pathlib import Path
+
+from medqa.config import Config
+from medqa.errors import DataError
+
+
+def load_external(cfg: Config, tokenizer) -> tuple[object, dict]:
+    """(tokenized Dataset of the kept records, report {read, kept, rejected}); writes outputs/external/."""
+    import datasets
+
+    from medqa.cleaning import normalize_key
+    from medqa.data import _check_record, dedupe, Candidate
+    from medqa.prompts import encode_example
+    from medqa.sources import MalformedLine, read_records
+
+    e = cfg.evaluate
+    records = read_records(e.external_test)
+    objects = [r for r in records if isinstance(r, dict) and not isinstance(r, MalformedLine)]
+    for key, name in (("evaluate.external_question_field", e.external_question_field),
+                      ("evaluate.external_answer_field", e.external_answer_field)):
+        if objects and not any(name in r for r in objects):
+            seen = sorted({str(k) for r in objects[:1000] for k in r})
+            raise DataError(f"{e.external_test}: field {name!r} ({key}) appears in none of its {len(objects)} records. "
+                            f"Fields present: {', '.join(seen)}. Set {key} to the field that holds it (iCliniq: "
+                            "input and answer_icliniq).")
+    if not records:
+        raise DataError(f"{e.external_test} holds no records. Point evaluate.external_test at a file of question/answer "
+                        "records.")
+    # The same checks and cleaning as prepare, with this file's field names.
+    as_data = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, question_field=e.external_question_field,
+                                                                answer_field=e.external_answer_field))
+    train_file = Path(cfg.workdir) / "data" / "train_data.json"
+    in_train = {normalize_key(r["question"]) for r in json.loads(train_file.read_text())} if train_file.exists() else set()
+    cands, rejected = [], []
+    for index, rec in enumerate(records):
+        q, reason_or_a = _check_record(rec, as_data)
+        if q is None:
+            rejected.append({"index": index, "reason": reason_or_a, "record": rec})
+        elif normalize_key(q) in in_train:
+            rejected.append({"index": index, "reason": "in_training_data", "record": rec})
+        else:
+            cands.append(Candidate(index, q, reason_or_a, normalize_key(q), split="test"))
+    rows, kept_cands = [], []
+    for cand in cands:
+        enc = encode_example(tokenizer, cfg.prompt, cand.question, cand.answer, cfg.data.max_length)
+        if enc.question_tokens > cfg.data.max_question_tokens:
+            rejected.append({"index": cand.index, "reason": "question_too_long", "record": records[cand.index]})
+        elif enc.answer_tokens > cfg.data.max_answer_tokens:
+            rejected.append({"index": cand.index, "reason": "answer_too_long", "record": records[cand.index]})
+        else:
+            kept_cands.append(cand)
+            rows.append(enc)
+    unique, duplicates = dedupe(kept_cands, records)
+    rejected = sorted(rejected + duplicates, key=lambda r: r["index"])
+    keep = {c.index for c in unique}
+    ds = datasets.Dataset.from_list([
+        {"id": f"x{c.index}", "input_ids": enc.input_ids, "attention_mask": [1] * len(enc.input_ids),
+         "labels": enc.labels, "length": len(enc.input_ids)}
+        for c, enc in zip(kept_cands, rows) if c.index in keep])
+    report = {"source": e.external_test, "name": e.external_name, "read": len(records), "kept": len(ds),
+              "rejected": dict(sorted(Counter(r["reason"] for r in rejected).items()))}
+    assert report["read"] == report["kept"] + sum(report["rejected"].values())
+    out = Path(cfg.workdir) / "outputs" / "external"
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "rejected.jsonl", "w", encoding="utf-8", errors="backslashreplace") as f:
+        for r in rejected:
+            f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    if len(ds) == 0:
+        raise DataError(f"{e.external_test}: none of its {len(records)} records could be scored (reasons: "
+                        f"{report['rejected']}); every one is listed in {out / 'rejected.jsonl'}. Check the field "
+                        "names (evaluate.external_question_field, evaluate.external_answer_field).")
+    return ds, report
