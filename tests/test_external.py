@@ -75,3 +75,45 @@ def test_external_file_bad_inputs(trained, tmp_path):
     empty.write_text("[]")
     with pytest.raises(DataError, match="holds no records"):
         load_external(demo_config(trained, f"evaluate.external_test={empty}"), tokenizer)
+
+
+def _tiny_encoder(folder):
+    """A 2-layer BERT with a word-level vocabulary, saved like any encoder folder."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(
+        "rest and drink fluids take paracetamol for the fever see a doctor if it persists your knee needs an x ray".split()))
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=512).save_pretrained(folder)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(folder)
+    return folder
+
+
+def test_bertscore_on_with_a_local_encoder(tmp_path):
+    from medqa.textmetrics import bertscore
+
+    encoder = _tiny_encoder(tmp_path / "enc")
+    same = bertscore(["rest and drink fluids"], ["rest and drink fluids"], str(encoder))
+    assert same["bertscore_precision"] == pytest.approx(1.0, abs=1e-5) and same["bertscore_f1"] == pytest.approx(1.0,
+                                                                                                                  abs=1e-5)
+    other = bertscore(["see a doctor"], ["your knee needs an x ray"], str(encoder), num_layers=1)
+    assert other["bertscore_f1"] < 0.999
+
+
+def test_bertscore_off_offline_with_its_message(trained, tmp_path, monkeypatch):
+    from medqa.errors import ConfigError
+    from medqa.evaluate import render_markdown
+    from medqa.textmetrics import BERTSCORE_OFF, bertscore
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="not a local folder and offline mode is on"):
+        bertscore(["a"], ["b"], "roberta-large")
+    report = {"test_examples": 1, "generated": 0, "models": {}, "samples": [], "bertscore": BERTSCORE_OFF,
+              "model_card": {"base_model": "x", "data": "d", "lora": {}, "training": {}, "prompt_template": "p",
+                             "intended_use": "i", "limits": "l", "licence": "c"}}
+    md = render_markdown(report, 0)
+    assert "BERTScore: off" in md and "evaluate.bertscore_model" in md

@@ -316,6 +316,9 @@ class EvaluateConfig:
     external_name: str = _f("external", "Name of that data set in the report.")
     external_question_field: str = _f("input", "Its field holding the question.")
     external_answer_field: str = _f("output", "Its field holding the answer (iCliniq: answer_icliniq).")
+    bertscore_model: str = _f("", "Encoder for BERTScore of the generated answers (a local folder, or a Hub id when "
+                                  "online); empty = BERTScore off (the report says how to turn it on).")
+    bertscore_layers: int = _f(0, "Encoder layers BERTScore uses (0 = all).")
     pubmedqa_questions: int = _f(0, "PubMedQA test questions (of the 500 shipped in data/pubmedqa/) each model answers "
                                     "zero-shot, for the report's \"knowledge kept\" table (0 = off).")
 

@@ -30,7 +30,7 @@ from medqa.pubmedqa import paired_comparison
 from medqa.pubmedqa import score_items as score_pubmedqa
 from medqa.pubmedqa import summarize as summarize_pubmedqa
 from medqa.modeling import load_adapter_model, load_model, load_tokenizer, model_path, scoring_dtype
-from medqa.textmetrics import generation_scores
+from medqa.textmetrics import BERTSCORE_OFF, bertscore, generation_scores
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,9 @@ def evaluate(cfg: Config) -> EvaluateResult:
         answers[name] = generate_answers(model, tokenizer, cfg, questions)
         models[name] = {"adapter": str(adapter) if adapter else None, "test": metrics, "dtype": scoring_dtype(cfg),
                         "generation": generation_scores(answers[name], references)}
+        if cfg.evaluate.bertscore_model:
+            models[name]["generation"].update(bertscore(answers[name], references, cfg.evaluate.bertscore_model,
+                                                        cfg.evaluate.bertscore_layers))
         expected_random = adapter is None and cfg.model.tiny.enabled and \
             Path(model_path(cfg)).resolve() == Path(cfg.resolve(cfg.model.tiny.path)).resolve()
         warning = None if expected_random else perplexity_warning(metrics, len(tokenizer), f"{name} test")
@@ -125,6 +128,7 @@ def evaluate(cfg: Config) -> EvaluateResult:
                for i, (q, r) in enumerate(zip(questions, references))]
     report = {"model": model_path(cfg), "dtype": scoring_dtype(cfg), "sanity_warnings": warnings,
               "external": external_report,
+              "bertscore": cfg.evaluate.bertscore_model or BERTSCORE_OFF,
               "test_examples": len(ids), "generated": n_gen, "models": models,
               "samples": samples, "model_card": model_card(cfg),
               "seconds": round(time.perf_counter() - start, 2)}
@@ -132,6 +136,18 @@ def evaluate(cfg: Config) -> EvaluateResult:
     write_json(out / "report.json", report)
     write_text_atomic(out / "report.md", render_markdown(report, cfg.evaluate.samples_in_report))
     return EvaluateResult(report, out / "report.md")
+
+
+def _bertscore_lines(report: dict) -> list[str]:
+    setting = report.get("bertscore")
+    if not setting:
+        return []
+    if setting.startswith("BERTScore: off"):
+        return [setting, ""]
+    rows = [f"| {name} | {m['generation']['bertscore_precision']:.4f} | {m['generation']['bertscore_recall']:.4f} | "
+            f"{m['generation']['bertscore_f1']:.4f} |" for name, m in report["models"].items()]
+    return [f"BERTScore of the generated answers (encoder `{setting}`, no idf, no rescaling):", "",
+            "| model | precision | recall | F1 |", "|---|---|---|---|", *rows, ""]
 
 
 def _external_table(report: dict) -> list[str]:
@@ -218,6 +234,7 @@ def render_markdown(report: dict, n_samples: int) -> str:
     lines += ["", "answer_loss: mean negative log-likelihood per answer token (nats) over all answer tokens of the "
               "test split; perplexity = exp(answer_loss). p: share of paired bootstrap resamples in which the "
               "model is not better than the base (one-sided).", ""]
+    lines += _bertscore_lines(report)
     lines += _external_table(report)
     lines += _knowledge_table(report)
     lines += ["## Samples", ""]

@@ -39,3 +39,41 @@ def generation_scores(predictions: list[str], references: list[str]) -> dict[str
             "mean_words": float(np.mean([len(p.split()) for p in predictions])) if predictions else 0.0,
             "empty_share": float(np.mean([not p.strip() for p in predictions])) if predictions else 0.0,
             "repetitive_share": float(np.mean([is_repetitive(p) for p in predictions])) if predictions else 0.0}
+
+
+BERTSCORE_OFF = ("BERTScore: off. It compares answers in an encoder's embedding space and needs that encoder; "
+                 "set evaluate.bertscore_model to a local folder with one (e.g. a saved roberta-large or a biomedical "
+                 "BERT; offline nothing can be downloaded) and `pip install bert-score`.")
+
+
+def bertscore(predictions: list[str], references: list[str], model: str, num_layers: int = 0,
+              batch_size: int = 16) -> dict[str, float]:
+    """Mean BERTScore precision, recall and F1 (PyPI `bert-score`, no idf, no baseline rescaling) with the encoder at
+    `model` (a local folder or a Hub id), using its first `num_layers` layers (0 = all)."""
+    import os
+    from pathlib import Path
+
+    from medqa.errors import ConfigError
+
+    try:
+        import bert_score
+    except ImportError:
+        raise ConfigError("evaluate.bertscore_model is set but the bert-score package is missing: "
+                          "pip install bert-score.") from None
+    if not Path(model).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ConfigError(f"evaluate.bertscore_model={model!r} is not a local folder and offline mode is on "
+                          "(HF_HUB_OFFLINE=1): give the folder of a saved encoder, or leave it empty to skip BERTScore.")
+    if not num_layers:
+        from transformers import AutoConfig
+
+        num_layers = AutoConfig.from_pretrained(model).num_hidden_layers
+    p, r, f = bert_score.score(predictions, references, model_type=model, num_layers=num_layers,
+                               batch_size=batch_size, device="cpu" if not _cuda() else None)
+    return {"bertscore_precision": float(p.mean()), "bertscore_recall": float(r.mean()),
+            "bertscore_f1": float(f.mean())}
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
