@@ -105,3 +105,14 @@ def test_tiny_model_scores_and_paired_comparison(tiny_model_dir):
     assert again.loglik == pytest.approx(scores.loglik, abs=1e-4)
     same = paired_comparison(scores, again, samples=200)
     assert same["acc_delta"] == 0 and same["p_value_lost"] == 1.0
+
+
+def test_bad_question_files(tmp_path):
+    from medqa.errors import DataError
+
+    with pytest.raises(DataError, match="Could not read"):
+        load_items(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"id": "1", "question": "q", "contexts": ["c"], "answer": "perhaps"}]')
+    with pytest.raises(DataError, match="item 0"):
+        load_items(bad)

@@ -321,11 +321,13 @@ class EvaluateConfig:
     bertscore_layers: int = _f(0, "Encoder layers BERTScore uses (0 = all).")
     pubmedqa_questions: int = _f(0, "PubMedQA test questions (of the 500 shipped in data/pubmedqa/) each model answers "
                                     "zero-shot, for the report's \"knowledge kept\" table (0 = off).")
+    pubmedqa_file: str = _f("", "Questions in the same layout ([{id, question, contexts, answer: yes/no/maybe}]) to use "
+                                "instead of the shipped PubMedQA test split.")
 
     def validate(self) -> None:
-        if self.num_questions < 0 or self.samples_in_report < 0 or not 0 <= self.pubmedqa_questions <= 500:
-            raise ConfigError("evaluate.num_questions and evaluate.samples_in_report must be >= 0, and "
-                              "evaluate.pubmedqa_questions between 0 and 500.")
+        if self.num_questions < 0 or self.samples_in_report < 0 or self.pubmedqa_questions < 0:
+            raise ConfigError("evaluate.num_questions, evaluate.samples_in_report and evaluate.pubmedqa_questions "
+                              "must be >= 0.")
 
 
 @dataclass

@@ -25,6 +25,7 @@ from medqa.errors import DataError
 from medqa.external import load_external
 from medqa.generate import generate_answers
 from medqa.metrics import evaluate_answer_loss, paired_bootstrap, perplexity_warning
+from medqa.pubmedqa import DEFAULT_TEST as DEFAULT_PUBMEDQA
 from medqa.pubmedqa import load_items as load_pubmedqa
 from medqa.pubmedqa import paired_comparison
 from medqa.pubmedqa import score_items as score_pubmedqa
@@ -76,7 +77,8 @@ def evaluate(cfg: Config) -> EvaluateResult:
         raise DataError(f"{Path(cfg.workdir) / 'data' / 'test_data.json'} does not hold {len(missing)} of the "
                         "tokenized test examples (data/ and tokenized/ are out of step). Re-run `medqa prepare`.")
     models, answers, scores, warnings = {}, {}, {}, []
-    pubmedqa_items = load_pubmedqa()[:cfg.evaluate.pubmedqa_questions] if cfg.evaluate.pubmedqa_questions else []
+    pubmedqa_items = (load_pubmedqa(cfg.evaluate.pubmedqa_file or DEFAULT_PUBMEDQA)[:cfg.evaluate.pubmedqa_questions]
+                      if cfg.evaluate.pubmedqa_questions else [])
     knowledge = {}
     external, external_report = load_external(cfg, tokenizer) if cfg.evaluate.external_test else (None, None)
     external_scores = {}

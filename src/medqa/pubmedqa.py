@@ -35,11 +35,15 @@ DEFAULT_TEST = Path(__file__).resolve().parents[2] / "data" / "pubmedqa" / "pubm
 
 def load_items(path: str | Path = DEFAULT_TEST) -> list[dict]:
     """The questions: dicts with id, question, contexts (list of str) and answer (yes/no/maybe)."""
-    items = json.loads(Path(path).read_text(encoding="utf-8"))
+    from medqa.errors import DataError
+
+    try:
+        items = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"Could not read PubMedQA-format questions from {path}: {exc}. Point evaluate.pubmedqa_file at "
+                        "a JSON list like data/pubmedqa/pubmedqa_test.json, or leave it empty for the shipped one.") from None
     bad = [i for i, x in enumerate(items) if x.get("answer") not in CHOICES or not isinstance(x.get("contexts"), list)]
     if bad:
-        from medqa.errors import DataError
-
         raise DataError(f"{path}: item {bad[0]} (of {len(bad)} bad ones) needs `contexts` (a list of strings) and an "
                         f"`answer` in {CHOICES}. Use data/pubmedqa/pubmedqa_test.json's layout.")
     return items
