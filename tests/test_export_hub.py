@@ -18,6 +18,8 @@ def run_dir(tmp_path):
     adapter.mkdir(parents=True)
     (adapter / "adapter_model.safetensors").write_bytes(b"weights")
     (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "config.yaml").write_text("workdir: /home/someone/private")  # run files stay home
+    (adapter / "per_example.jsonl").write_text("{}")
     report = {"test_examples": 41, "dtype": "bfloat16", "models": {
         "base": {"test": {"answer_perplexity": 46.16, "answer_perplexity_ci95": [40.2, 54.2]},
                  "generation": {"rougeL": 0.106, "bleu": 0.46}},
@@ -34,17 +36,35 @@ def test_push_uploads_the_adapter_with_a_model_card(run_dir, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     api = mock.MagicMock()
     api.create_repo.return_value = "https://huggingface.co/me/medqa-test"
+    uploaded = {}
+
+    def upload_folder(repo_id, folder_path, commit_message):  # what the one commit holds, read at call time
+        from pathlib import Path
+
+        uploaded.update({p.name: p.read_bytes() for p in Path(folder_path).iterdir()})
+
+    api.upload_folder.side_effect = upload_folder
     with mock.patch("huggingface_hub.HfApi", return_value=api) as cls:
         url = export.push_to_hub(demo_config(run_dir), "me/medqa-test")
     assert url == "https://huggingface.co/me/medqa-test"
     assert cls.call_args.kwargs["token"] == "hf_test_token"  # from the environment
     api.create_repo.assert_called_once_with("me/medqa-test", private=True, exist_ok=True)
-    assert api.upload_folder.call_args.kwargs["folder_path"] == str(run_dir / "outputs" / "finetune")
-    card = api.upload_file.call_args.kwargs["path_or_fileobj"].decode()
-    assert api.upload_file.call_args.kwargs["path_in_repo"] == "README.md"
+    assert set(uploaded) == {"adapter_model.safetensors", "adapter_config.json", "README.md"}
+    assert uploaded["adapter_model.safetensors"] == b"weights"
+    card = uploaded["README.md"].decode()
     for expected in ("library_name: peft", "academic research only", "28.52", "24.60–33.80", "0.512", "bfloat16",
-                     "Not medical advice", "Intended use"):
+                     "Not medical advice", "Intended use", "LoRA adapter for"):
         assert expected in card, expected
+    assert "base_model:" not in card  # the demo's base is a local folder, not a Hub id
+
+
+def test_card_for_a_merged_model_on_a_hub_base(run_dir):
+    from medqa.export import model_card
+
+    cfg = demo_config(run_dir, "model.name_or_path=microsoft/biogpt")
+    card = model_card(cfg, None, merged=True)
+    assert "base_model: microsoft/biogpt" in card and "library_name: peft" not in card
+    assert card.count("Merged model") == 1 and "Intended use" in card
 
 
 def test_push_refuses_offline_and_without_token(run_dir, monkeypatch):

@@ -69,7 +69,7 @@ def test_external_file_bad_inputs(trained, tmp_path):
         load_external(cfg, tokenizer)
     message = str(info.value)
     assert "evaluate.external_answer_field" in message and "answer_icliniq" in message and str(path) in message
-    with pytest.raises(DataError, match="not found"):
+    with pytest.raises(DataError, match="not found.*evaluate.external_test"):
         load_external(demo_config(trained, f"evaluate.external_test={tmp_path / 'missing.json'}"), tokenizer)
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
@@ -102,6 +102,9 @@ def test_bertscore_on_with_a_local_encoder(tmp_path):
                                                                                                                   abs=1e-5)
     other = bertscore(["see a doctor"], ["your knee needs an x ray"], str(encoder), num_layers=1)
     assert other["bertscore_f1"] < 0.999
+    # an empty answer matches nothing: it scores 0, and the others keep their score in the mean
+    mixed = bertscore(["", "rest and drink fluids"], ["see a doctor", "rest and drink fluids"], str(encoder))
+    assert mixed["bertscore_f1"] == pytest.approx(0.5, abs=1e-5)
 
 
 def test_bertscore_off_offline_with_its_message(trained, tmp_path, monkeypatch):
@@ -112,6 +115,10 @@ def test_bertscore_off_offline_with_its_message(trained, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match="not a local folder and offline mode is on"):
         bertscore(["a"], ["b"], "roberta-large")
+    from medqa.textmetrics import check_bertscore_encoder
+
+    with pytest.raises(ConfigError, match="could not be loaded"):  # checked before any model is scored
+        check_bertscore_encoder(str(tmp_path / "no-encoder-here"))
     report = {"test_examples": 1, "generated": 0, "models": {}, "samples": [], "bertscore": BERTSCORE_OFF,
               "model_card": {"base_model": "x", "data": "d", "lora": {}, "training": {}, "prompt_template": "p",
                              "intended_use": "i", "limits": "l", "licence": "c"}}

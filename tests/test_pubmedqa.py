@@ -70,8 +70,8 @@ def test_loglik_accuracy_and_norm_on_known_probabilities():
     assert result.loglik == pytest.approx(np.array([expected] * 3), abs=1e-5)
     assert list(result.predicted) == [0, 0, 0]  # always "yes": right on item a only
     assert summarize(result, 0)["acc"] == pytest.approx(1 / 3)
-    # acc_norm divides by the continuation's UTF-8 bytes: " yes" 4, " no" 3, " maybe" 6
-    normed = np.array(expected) / np.array([4, 3, 6])
+    # acc_norm divides by the choice's characters, as lm-eval does: "yes" 3, "no" 2, "maybe" 5
+    normed = np.array(expected) / np.array([3, 2, 5])
     assert list(result.predicted_norm) == [int(np.argmax(normed))] * 3
     assert summarize(result, 0)["acc_norm"] == pytest.approx(
         np.mean([int(np.argmax(normed)) == g for g in (0, 1, 2)]))
@@ -82,6 +82,8 @@ def test_macro_f1_by_hand():
     pred = np.array([0, 1, 1, 1, 0])
     # yes: P 1/2 R 1/2 F 0.5; no: P 2/3 R 1 F 0.8; maybe: P 0 R 0 F 0
     assert macro_f1(gold, pred) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+    # classes in neither the labels nor the predictions do not count (scikit-learn's macro average)
+    assert macro_f1(np.array([0, 0, 1]), np.array([0, 0, 1])) == 1.0
 
 
 def test_shipped_test_split():
@@ -107,12 +109,53 @@ def test_tiny_model_scores_and_paired_comparison(tiny_model_dir):
     assert same["acc_delta"] == 0 and same["p_value_lost"] == 1.0
 
 
-def test_bad_question_files(tmp_path):
+def test_bad_question_files_and_pubmedqas_own_layout(tmp_path):
     from medqa.errors import DataError
 
     with pytest.raises(DataError, match="Could not read"):
         load_items(tmp_path / "missing.json")
-    bad = tmp_path / "bad.json"
-    bad.write_text('[{"id": "1", "question": "q", "contexts": ["c"], "answer": "perhaps"}]')
-    with pytest.raises(DataError, match="item 0"):
-        load_items(bad)
+    for content, match in (('[{"id": "1", "question": "q", "contexts": ["c"], "answer": "perhaps"}]', "item 0"),
+                           ('["just text"]', "item 0"), ('[{"contexts": ["c"], "answer": "yes"}]', "item 0"),
+                           ('[{"question": "q", "contexts": [1, 2], "answer": "no"}]', "item 0"), ("[]", "at least one")):
+        bad = tmp_path / "bad.json"
+        bad.write_text(content)
+        with pytest.raises(DataError, match=match):
+            load_items(bad)
+    (tmp_path / "latin1.json").write_bytes(b'[{"question": "caf\xe9"}]')
+    with pytest.raises(DataError, match="Could not read"):
+        load_items(tmp_path / "latin1.json")
+    original = tmp_path / "ori_pqal.json"
+    original.write_text('{"123": {"QUESTION": "q?", "CONTEXTS": ["a", "b"], "final_decision": "maybe"}}')
+    assert load_items(original) == [{"id": "123", "question": "q?", "contexts": ["a", "b"], "answer": "maybe"}]
+
+
+class BigramModel(torch.nn.Module):
+    """Logits depend on the previous token: a label shifted by one position gives other numbers."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.table = torch.nn.Parameter(torch.randn(vocab, vocab, generator=generator) * 3)
+        self.config = SimpleNamespace(max_position_embeddings=1024)
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+@pytest.mark.parametrize("max_length", [None, 8, 4])
+def test_loglik_is_each_continuation_token_given_the_one_before(max_length):
+    """By hand: sum over continuation tokens of log p(token | previous token), also when the context is cut from
+    the left to fit max_length."""
+    tok = WordTokenizer()
+    for item in ITEMS:
+        for choice in CHOICES:
+            tok(context_text(item) + " " + choice)
+    model = BigramModel(len(tok.vocab))
+    logp = torch.log_softmax(model.table, -1).detach().numpy()
+    result = score_items(model, tok, ITEMS, batch_size=2, max_length=max_length)
+    for q, item in enumerate(ITEMS):
+        for c, choice in enumerate(CHOICES):
+            ctx, cont = encode_pair(tok, context_text(item), " " + choice)
+            seq = ctx + cont
+            expected = sum(logp[seq[k - 1], seq[k]] for k in range(len(ctx), len(seq)))
+            assert result.loglik[q, c] == pytest.approx(expected, abs=1e-4)

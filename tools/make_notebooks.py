@@ -271,9 +271,10 @@ def raytune_final() -> nbformat.NotebookNode:
                           "that lowers the answer loss but loses PubMedQA accuracy has traded knowledge for style."),
         new_code_cell("kept = {name: {'PubMedQA acc': m['pubmedqa']['acc'], 'macro-F1': m['pubmedqa']['macro_f1'],\n"
                       "               'Δ acc vs base': m['pubmedqa'].get('vs_base', {}).get('acc_delta'),\n"
+                      "               'test answer perplexity': m['test']['answer_perplexity'],\n"
                       "               'Δ answer_loss vs base': m.get('vs_base', {}).get('loss_delta')}\n"
                       "        for name, m in final.report['models'].items() if 'pubmedqa' in m}\n"
-                      "pd.DataFrame(kept).T"),
+                      "pd.DataFrame(kept).T if kept else 'PubMedQA is off: set evaluate.pubmedqa_questions (500 = all).'"),
         new_markdown_cell("## Answers side by side"),
         new_code_cell("pd.set_option('display.max_colwidth', 400)\n"
                       "pd.DataFrame(final.report['samples']).head(3)"),

@@ -78,15 +78,17 @@ def _ask(cfg: Config, args: argparse.Namespace) -> None:
 def _export(cfg: Config, args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from medqa.export import export, push_to_hub
+    from medqa.export import check_push, export, push_to_hub
 
     if args.push_to_hub and not args.merged:  # the adapter as trained, with a model card
         print(f"pushed {push_to_hub(cfg, args.push_to_hub, Path(cfg.workdir) / 'outputs' / 'finetune')}")
         return
+    if args.push_to_hub:
+        check_push(Path(cfg.workdir) / "outputs" / "merged")  # token and network before a long merge
     merged = export(cfg)
     print(f"wrote the merged model to {merged}")
     if args.push_to_hub:
-        print(f"pushed {push_to_hub(cfg, args.push_to_hub, merged)}")
+        print(f"pushed {push_to_hub(cfg, args.push_to_hub, merged, merged=True)}")
 
 
 def _make_tiny_model(cfg: Config, args: argparse.Namespace) -> None:

@@ -28,10 +28,11 @@ from medqa.metrics import evaluate_answer_loss, paired_bootstrap, perplexity_war
 from medqa.pubmedqa import DEFAULT_TEST as DEFAULT_PUBMEDQA
 from medqa.pubmedqa import load_items as load_pubmedqa
 from medqa.pubmedqa import paired_comparison
+from medqa.pubmedqa import subset as pubmedqa_subset
 from medqa.pubmedqa import score_items as score_pubmedqa
 from medqa.pubmedqa import summarize as summarize_pubmedqa
 from medqa.modeling import load_adapter_model, load_model, load_tokenizer, model_path, scoring_dtype
-from medqa.textmetrics import BERTSCORE_OFF, bertscore, generation_scores
+from medqa.textmetrics import BERTSCORE_OFF, bertscore, check_bertscore_encoder, generation_scores
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,11 @@ def evaluate(cfg: Config) -> EvaluateResult:
     if missing:
         raise DataError(f"{Path(cfg.workdir) / 'data' / 'test_data.json'} does not hold {len(missing)} of the "
                         "tokenized test examples (data/ and tokenized/ are out of step). Re-run `medqa prepare`.")
+    if cfg.evaluate.bertscore_model:  # fail now, not after the first model has been scored
+        check_bertscore_encoder(cfg.evaluate.bertscore_model)
     models, answers, scores, warnings = {}, {}, {}, []
-    pubmedqa_items = (load_pubmedqa(cfg.evaluate.pubmedqa_file or DEFAULT_PUBMEDQA)[:cfg.evaluate.pubmedqa_questions]
+    pubmedqa_items = (pubmedqa_subset(load_pubmedqa(cfg.evaluate.pubmedqa_file or DEFAULT_PUBMEDQA),
+                                      cfg.evaluate.pubmedqa_questions, cfg.seed)
                       if cfg.evaluate.pubmedqa_questions else [])
     knowledge = {}
     external, external_report = load_external(cfg, tokenizer) if cfg.evaluate.external_test else (None, None)
@@ -181,14 +185,15 @@ def _knowledge_table(report: dict) -> list[str]:
              f"PubMedQA ({n} expert-labelled test questions, zero-shot, lm-evaluation-harness's definition: the "
              "answer with the highest log-likelihood among yes/no/maybe), beside the test answer-loss change.", "",
              "| model | PubMedQA accuracy (95% CI) | macro-F1 | Δ accuracy vs base (95% CI) | p (lost accuracy) | "
-             "Δ answer_loss vs base |", "|---|---|---|---|---|---|"]
+             "test answer perplexity | Δ answer_loss vs base |", "|---|---|---|---|---|---|---|"]
     for name, m in rows.items():
         p, vs = m["pubmedqa"], m["pubmedqa"].get("vs_base", {})
         ci = p.get("acc_ci95")
         dci = vs.get("acc_delta_ci95")
         lines.append(f"| {name} | {p['acc']:.3f}{f' ({ci[0]:.3f}–{ci[1]:.3f})' if ci else ''} | {p['macro_f1']:.3f} | "
                      f"{_fmt(vs.get('acc_delta'), '+.3f')}{f' ({dci[0]:+.3f} to {dci[1]:+.3f})' if dci else ''} | "
-                     f"{_fmt(vs.get('p_value_lost'), '.3f')} | {_fmt(m.get('vs_base', {}).get('loss_delta'), '+.4f')} |")
+                     f"{_fmt(vs.get('p_value_lost'), '.3f')} | {m['test']['answer_perplexity']:.2f} | "
+                     f"{_fmt(m.get('vs_base', {}).get('loss_delta'), '+.4f')} |")
     return lines + ["", "p (lost accuracy): share of paired bootstrap resamples in which the model is not worse than "
                         "the base; a small p means fine-tuning cost PubMedQA accuracy.", ""]
 

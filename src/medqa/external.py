@@ -4,7 +4,7 @@ ChatDoctor shows generalisation on iCliniq (fields `input`, `answer_icliniq`, ..
 such a file and name its fields (`evaluate.external_question_field`, `evaluate.external_answer_field`). Its records
 are read, checked and cleaned exactly as `medqa prepare` does (same cleaning, same length limits, first valid copy of
 a question kept), never re-split: every kept record is a test example. A question that is also in our train split
-is left out (`in_training_data`), so the score measures generalisation. Every record read is kept or written to
+(or val, which chose the checkpoint) is left out (`in_training_data`), so the score measures generalisation. Every record read is kept or written to
 `outputs/external/rejected.jsonl` with its reason, and the counts add up.
 """
 
@@ -29,7 +29,10 @@ def load_external(cfg: Config, tokenizer) -> tuple[object, dict]:
     from medqa.sources import MalformedLine, read_records
 
     e = cfg.evaluate
-    records = read_records(e.external_test)
+    try:
+        records = read_records(e.external_test)
+    except DataError as exc:  # the reader names data.source; here the setting is evaluate.external_test
+        raise DataError(str(exc).replace("data.source", "evaluate.external_test")) from None
     objects = [r for r in records if isinstance(r, dict) and not isinstance(r, MalformedLine)]
     for key, name in (("evaluate.external_question_field", e.external_question_field),
                       ("evaluate.external_answer_field", e.external_answer_field)):
@@ -44,8 +47,14 @@ def load_external(cfg: Config, tokenizer) -> tuple[object, dict]:
     # The same checks and cleaning as prepare, with this file's field names.
     as_data = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, question_field=e.external_question_field,
                                                                 answer_field=e.external_answer_field))
-    train_file = Path(cfg.workdir) / "data" / "train_data.json"
-    in_train = {normalize_key(r["question"]) for r in json.loads(train_file.read_text())} if train_file.exists() else set()
+    # Questions the fine-tuned model trained on, or that chose its checkpoint (val), are not a test of anything.
+    in_train = set()
+    for split in ("train", "val"):
+        path = Path(cfg.workdir) / "data" / f"{split}_data.json"
+        if not path.exists():
+            raise DataError(f"{path} not found: the external test set is checked against the training data, which "
+                            "`medqa prepare` writes. Run it first (same workdir).")
+        in_train |= {normalize_key(r["question"]) for r in json.loads(path.read_text())}
     cands, rejected = [], []
     for index, rec in enumerate(records):
         q, reason_or_a = _check_record(rec, as_data)

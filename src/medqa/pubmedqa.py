@@ -8,7 +8,7 @@ The 500 expert-labelled test questions ship in `data/pubmedqa/` (MIT). Each is s
 - loglik(choice) = sum of log p(continuation token | everything before it), where the continuation's tokens are
   those of tokenize(context + " " + choice) after the tokens of tokenize(context) (lm-eval's `_encode_pair`)
 - acc      = mean over questions of [argmax_choice loglik == gold]; acc_norm divides each loglik by the
-  continuation's length in UTF-8 bytes first.
+  choice's length in characters first (lm-eval: len("yes"), len("no"), len("maybe"), without the delimiter).
 
 One deliberate difference: the context is tokenized with the tokenizer's own special start tokens (BioGPT's `</s>`),
 as medqa's training and scoring prompts are, where lm-eval's HF backend adds none by default; both models compared
@@ -34,19 +34,40 @@ DEFAULT_TEST = Path(__file__).resolve().parents[2] / "data" / "pubmedqa" / "pubm
 
 
 def load_items(path: str | Path = DEFAULT_TEST) -> list[dict]:
-    """The questions: dicts with id, question, contexts (list of str) and answer (yes/no/maybe)."""
+    """The questions: dicts with id, question, contexts (list of str) and answer (yes/no/maybe). PubMedQA's own
+    `ori_pqal.json` layout (a dict keyed by PubMed id with QUESTION, CONTEXTS, final_decision) is read too."""
     from medqa.errors import DataError
 
     try:
         items = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # missing, unreadable, not UTF-8, not JSON
         raise DataError(f"Could not read PubMedQA-format questions from {path}: {exc}. Point evaluate.pubmedqa_file at "
                         "a JSON list like data/pubmedqa/pubmedqa_test.json, or leave it empty for the shipped one.") from None
-    bad = [i for i, x in enumerate(items) if x.get("answer") not in CHOICES or not isinstance(x.get("contexts"), list)]
-    if bad:
-        raise DataError(f"{path}: item {bad[0]} (of {len(bad)} bad ones) needs `contexts` (a list of strings) and an "
-                        f"`answer` in {CHOICES}. Use data/pubmedqa/pubmedqa_test.json's layout.")
+    if isinstance(items, dict):  # PubMedQA's ori_pqal.json
+        items = [{"id": k, "question": v.get("QUESTION"), "contexts": v.get("CONTEXTS"),
+                  "answer": v.get("final_decision")} if isinstance(v, dict) else v for k, v in items.items()]
+
+    def ok(x) -> bool:
+        return (isinstance(x, dict) and isinstance(x.get("question"), str) and x.get("answer") in CHOICES
+                and isinstance(x.get("contexts"), list) and all(isinstance(c, str) for c in x["contexts"]))
+
+    bad = [i for i, x in enumerate(items if isinstance(items, list) else [items]) if not ok(x)]
+    if not isinstance(items, list) or bad or not items:
+        where = f"item {bad[0]} (of {len(bad)} bad ones)" if bad else "the file"
+        raise DataError(f"{path}: {where} is not a PubMedQA question: each needs `question` (text), `contexts` (a "
+                        f"list of texts) and `answer` in {CHOICES}, and the file at least one. Use "
+                        "data/pubmedqa/pubmedqa_test.json's layout (or PubMedQA's ori_pqal.json).")
     return items
+
+
+def subset(items: list[dict], n: int, seed: int = 0) -> list[dict]:
+    """`n` questions in a seeded random order (all of them when n >= len): a prefix of the file would be all
+    "yes" answers for small n."""
+    import random
+
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    return [items[i] for i in sorted(order[:n])]
 
 
 def context_text(item: dict) -> str:
@@ -70,7 +91,7 @@ class PubMedQAScores:
     ids: list[str]
     gold: np.ndarray  # index into CHOICES
     loglik: np.ndarray  # (n, 3)
-    byte_lengths: np.ndarray  # (3,): UTF-8 bytes of " yes", " no", " maybe"
+    byte_lengths: np.ndarray  # (3,): characters of "yes", "no", "maybe" (lm-eval's acc_norm divisor)
 
     @property
     def predicted(self) -> np.ndarray:
@@ -111,14 +132,15 @@ def score_items(model, tokenizer, items: list[dict], batch_size: int = 8, max_le
                 loglik[q, c] = -nll[row]
     model.train(was_training)
     gold = np.array([CHOICES.index(item["answer"]) for item in items])
-    lengths = np.array([len((" " + c).encode("utf-8")) for c in CHOICES], dtype=float)
+    lengths = np.array([len(c) for c in CHOICES], dtype=float)  # lm-eval's acc_norm: characters of the choice
     return PubMedQAScores([str(item.get("id", i)) for i, item in enumerate(items)], gold, loglik, lengths)
 
 
 def macro_f1(gold: np.ndarray, predicted: np.ndarray) -> float:
-    """Mean over the three classes of F1 = 2PR / (P + R); a class with P + R = 0 counts 0."""
+    """Mean over the classes present in the gold labels or the predictions of F1 = 2PR / (P + R) (a present class
+    with P + R = 0 counts 0), as scikit-learn's f1_score(average="macro") computes it."""
     f1 = []
-    for c in range(len(CHOICES)):
+    for c in sorted(set(gold.tolist()) | set(predicted.tolist())):
         tp = float(((predicted == c) & (gold == c)).sum())
         p = tp / max(int((predicted == c).sum()), 1)
         r = tp / max(int((gold == c).sum()), 1)

@@ -63,14 +63,36 @@ def bertscore(predictions: list[str], references: list[str], model: str, num_lay
     if not Path(model).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise ConfigError(f"evaluate.bertscore_model={model!r} is not a local folder and offline mode is on "
                           "(HF_HUB_OFFLINE=1): give the folder of a saved encoder, or leave it empty to skip BERTScore.")
-    if not num_layers:
-        from transformers import AutoConfig
+    num_layers = num_layers or check_bertscore_encoder(model)
+    # An empty answer has no token to match: it scores 0 (bert-score itself fails on empty strings).
+    keep = [i for i, p in enumerate(predictions) if p.strip()]
+    totals = {"bertscore_precision": 0.0, "bertscore_recall": 0.0, "bertscore_f1": 0.0}
+    if keep:
+        p, r, f = bert_score.score([predictions[i] for i in keep], [references[i] for i in keep], model_type=model,
+                                   num_layers=num_layers, batch_size=batch_size, device="cpu" if not _cuda() else None)
+        totals = {"bertscore_precision": float(p.sum()), "bertscore_recall": float(r.sum()),
+                  "bertscore_f1": float(f.sum())}
+    n = max(len(predictions), 1)
+    return {k: v / n for k, v in totals.items()}
 
-        num_layers = AutoConfig.from_pretrained(model).num_hidden_layers
-    p, r, f = bert_score.score(predictions, references, model_type=model, num_layers=num_layers,
-                               batch_size=batch_size, device="cpu" if not _cuda() else None)
-    return {"bertscore_precision": float(p.mean()), "bertscore_recall": float(r.mean()),
-            "bertscore_f1": float(f.mean())}
+
+def check_bertscore_encoder(model: str) -> int:
+    """The encoder's layer count, or one clear ConfigError (checked before any model is scored)."""
+    from transformers import AutoConfig
+
+    from medqa.errors import ConfigError
+
+    try:
+        import bert_score  # noqa: F401
+    except ImportError:
+        raise ConfigError("evaluate.bertscore_model is set but the bert-score package is missing: "
+                          "pip install bert-score.") from None
+    try:
+        return int(AutoConfig.from_pretrained(model).num_hidden_layers)
+    except Exception as exc:  # a missing folder, no config.json, no network: one paragraph
+        raise ConfigError(f"evaluate.bertscore_model={model!r} could not be loaded ({type(exc).__name__}: "
+                          f"{str(exc)[:200]}). Give the folder of a saved encoder (with config.json), or leave it empty "
+                          "to skip BERTScore.") from None
 
 
 def _cuda() -> bool:
