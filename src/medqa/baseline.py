@@ -19,8 +19,8 @@ from medqa.config import Config
 from medqa.errors import DataError
 from medqa.metrics import ExampleScores, evaluate_answer_loss, perplexity_warning
 from medqa.manifest import check_inputs, fingerprint_model, write_manifest
-from medqa.modeling import (count_parameters, load_model, load_tokenizer, model_path, scoring_dtype,
-                            tokenizer_info)
+from medqa.modeling import (count_parameters, is_tiny_model, load_model, load_tokenizer, model_path,
+                            scoring_dtype, tokenizer_info)
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +133,7 @@ def baseline(cfg: Config) -> BaselineResult:
                "device": str(next(model.parameters()).device), "seconds": round(time.perf_counter() - start, 2),
                "config": cfg.to_dict()}
     # A randomly initialised model (the demo's tiny one) is expected to be worse than uniform before training.
-    random_init = bool(cfg.model.tiny.enabled) and Path(model_path(cfg)).resolve() == \
-        Path(cfg.resolve(cfg.model.tiny.path)).resolve()
-    sanity_check(metrics, len(tokenizer), "baseline", quiet=random_init)
+    sanity_check(metrics, len(tokenizer), "baseline", quiet=is_tiny_model(cfg))
     out_dir = Path(cfg.workdir) / "outputs" / "baseline"
     with atomic_dir(out_dir) as tmp:
         write_json(tmp / "metrics.json", metrics)

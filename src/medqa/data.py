@@ -97,20 +97,41 @@ def split_of(key: str, cfg: Config) -> str:
     return "val" if u < cfg.data.train_fraction + cfg.data.val_fraction else "test"
 
 
-def _check_fields_present(records: list[Any], cfg: Config) -> None:
+def check_fields_present(records: list[Any], source: str, fields: dict[str, tuple[str, str]]) -> None:
+    """Stop when a configured field is in none of the records: `fields` maps a role (question, answer) to
+    (field name, the config key that names it)."""
     objects = [r for r in records if isinstance(r, dict) and not isinstance(r, MalformedLine)]
     if not objects:
         return
-    fields = {"question": (cfg.data.question_field, "data.question_field"),
-              "answer": (cfg.data.answer_field, "data.answer_field")}
+    configured = [name for name, _ in fields.values()]
     for role, (name, key) in fields.items():
         if not any(name in r for r in objects):
             seen = sorted({str(k) for r in objects[:1000] for k in r})
-            others = [k for k in seen if k not in (cfg.data.question_field, cfg.data.answer_field)] or seen
+            others = [k for k in seen if k not in configured] or seen
             guess = (difflib.get_close_matches(role, others, n=1, cutoff=0.3) or others)[0]
-            raise DataError(f"{cfg.data.source}: field {name!r} ({key}) appears in none of its {len(objects)} "
+            raise DataError(f"{source}: field {name!r} ({key}) appears in none of its {len(objects)} "
                             f"records. Fields present: {', '.join(seen)}. Set {key} to the field that holds the "
                             f"{role}, e.g. `{key}={guess}`.")
+
+
+def length_reject(cand: Candidate, question_tokens: int, answer_tokens: int, cfg: Config,
+                  records: list[Any]) -> dict | None:
+    """The reject entry for a candidate over data.max_question_tokens or data.max_answer_tokens, else None."""
+    if question_tokens > cfg.data.max_question_tokens:
+        reason, tokens = "question_too_long", question_tokens
+    elif answer_tokens > cfg.data.max_answer_tokens:
+        reason, tokens = "answer_too_long", answer_tokens
+    else:
+        return None
+    return {"index": cand.index, "reason": reason, "detail": f"{tokens} tokens", "record": records[cand.index]}
+
+
+def write_rejects(path: Path, rejected: list[dict]) -> None:
+    """One JSON line per rejected record (index, reason, detail, the record as read)."""
+    # backslashreplace: a lone surrogate in a rejected raw record is written as its JSON escape (\\ud800).
+    with open(path, "w", encoding="utf-8", errors="backslashreplace") as f:
+        for r in rejected:
+            f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
 
 
 def clean_records(records: list[Any], cfg: Config) -> tuple[list[Candidate], list[dict]]:
@@ -172,8 +193,9 @@ def _encode_batch(batch: dict[str, list], tokenizer, cfg: Config) -> dict[str, l
     return out
 
 
-def tokenize(cands: list[Candidate], tokenizer, cfg: Config, inputs: dict[str, str]):
-    """Tokenize with datasets.map (batched, num_proc). The cache file is keyed on a hash of the texts, the
+def tokenize(cands: list[Candidate], encoder, cfg: Config, inputs: dict[str, str]):
+    """Tokenize with datasets.map (batched, num_proc); `encoder` is the tokenizer or its fast path (same ids).
+    The cache file is keyed on a hash of the texts, the
     tokenizer's vocabulary and the prompt/length settings, so a re-run with the same inputs only reads it.
     (datasets' own fingerprint hashes the pickled function, which for a slow tokenizer changes as its memo
     fills, so it would miss.)"""
@@ -191,9 +213,6 @@ def tokenize(cands: list[Candidate], tokenizer, cfg: Config, inputs: dict[str, s
     cache_dir.mkdir(parents=True, exist_ok=True)
     cache_file = cache_dir / f"tokenized-{fingerprint}.arrow"
     num_proc = cfg.data.num_proc if len(cands) >= 200 * cfg.data.num_proc else 1
-    # BioGPT's tokenizer has a fast path with the same ids (medqa.fasttok); any other tokenizer runs as it is.
-    encoder = (fast_encoder(tokenizer) if cfg.data.fast_tokenizer else None) or tokenizer
-    log.info("tokenize: %s path (%s)", "fast" if encoder is not tokenizer else "slow", type(tokenizer).__name__)
     return ds.map(_encode_batch, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
                   fn_kwargs={"tokenizer": encoder, "cfg": cfg}, cache_file_name=str(cache_file),
                   new_fingerprint=fingerprint, load_from_cache_file=True, desc="tokenize")
@@ -227,7 +246,8 @@ def prepare(cfg: Config) -> PrepareResult:
     if not records:
         raise DataError(f"{cfg.data.source} holds no records (an empty list or file). Point data.source at the file "
                         "with the question/answer records.")
-    _check_fields_present(records, cfg)
+    check_fields_present(records, cfg.data.source, {"question": (cfg.data.question_field, "data.question_field"),
+                                                    "answer": (cfg.data.answer_field, "data.answer_field")})
     cands, rejected = clean_records(records, cfg)
     if not cands:
         reasons = Counter(r["reason"] for r in rejected).most_common(3)
@@ -237,7 +257,11 @@ def prepare(cfg: Config) -> PrepareResult:
 
     tokenizer = _ensure_tokenizer(cfg, dedupe(cands, records)[0])
     inputs = prepared_inputs(cfg, tokenizer)
-    tokenized = tokenize(cands, tokenizer, cfg, inputs)
+    # BioGPT's tokenizer has a fast path with the same ids (medqa.fasttok); any other tokenizer runs as it is.
+    encoder = (fast_encoder(tokenizer) if cfg.data.fast_tokenizer else None) or tokenizer
+    path = "fast" if encoder is not tokenizer else "slow"
+    log.info("tokenize: %s path (%s)", path, type(tokenizer).__name__)
+    tokenized = tokenize(cands, encoder, cfg, inputs)
     # Whole columns as lists, read once: indexing a Dataset column row by row costs a copy of its schema each time,
     # which made these loops most of prepare's time.
     columns = tokenized.select_columns(["id", "question_tokens", "answer_tokens", "truncated"]).to_dict()
@@ -246,12 +270,9 @@ def prepare(cfg: Config) -> PrepareResult:
     valid: list[Candidate] = []
     row_of: dict[int, int] = {}
     for row, cand in enumerate(cands):
-        if q_tokens[row] > cfg.data.max_question_tokens:
-            rejected.append({"index": cand.index, "reason": "question_too_long",
-                             "detail": f"{q_tokens[row]} tokens", "record": records[cand.index]})
-        elif a_tokens[row] > cfg.data.max_answer_tokens:
-            rejected.append({"index": cand.index, "reason": "answer_too_long",
-                             "detail": f"{a_tokens[row]} tokens", "record": records[cand.index]})
+        reject = length_reject(cand, q_tokens[row], a_tokens[row], cfg, records)
+        if reject:
+            rejected.append(reject)
         else:
             valid.append(cand)
             row_of[cand.index] = row
@@ -276,7 +297,7 @@ def prepare(cfg: Config) -> PrepareResult:
         "control_characters_removed": _count_control(records, cfg),
         "tokenizer": tokenizer_path(cfg),
         "tokenizer_info": tokenizer_info(tokenizer),
-        "tokenizer_path": "fast" if cfg.data.fast_tokenizer and fast_encoder(tokenizer) is not None else "slow",
+        "tokenizer_path": path,  # medqa.fasttok or the tokenizer as it is
         "max_length": cfg.data.max_length,
     }
     assert report["read"] == sum(report["kept"].values()) + sum(report["rejected"].values())
@@ -330,10 +351,7 @@ def _write_data(data_dir: Path, splits: dict[str, list[dict]], rejected: list[di
         for split, rows in splits.items():
             (tmp / f"{split}_data.json").write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n",
                                                     encoding="utf-8")
-        # backslashreplace: a lone surrogate in a rejected raw record is written as its JSON escape (\\ud800).
-        with open(tmp / "rejected.jsonl", "w", encoding="utf-8", errors="backslashreplace") as f:
-            for r in rejected:
-                f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+        write_rejects(tmp / "rejected.jsonl", rejected)
         write_json(tmp / "prepare_report.json", report)
         write_manifest(tmp, "prepare", cfg, inputs)
         for name in [f"{s}_data.json" for s in splits] + ["rejected.jsonl", "prepare_report.json", "manifest.json"]:

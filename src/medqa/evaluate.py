@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,20 +17,20 @@ from pathlib import Path
 import numpy as np
 
 from medqa.artifacts import write_json, write_text_atomic
-from medqa.baseline import load_tokenized
+from medqa.baseline import load_tokenized, sanity_check
 from medqa.batching import eval_tokens_per_batch
 from medqa.config import Config
 from medqa.errors import DataError
 from medqa.external import load_external
 from medqa.generate import generate_answers
-from medqa.metrics import evaluate_answer_loss, paired_bootstrap, perplexity_warning
+from medqa.metrics import evaluate_answer_loss, paired_bootstrap
 from medqa.pubmedqa import DEFAULT_TEST as DEFAULT_PUBMEDQA
 from medqa.pubmedqa import load_items as load_pubmedqa
 from medqa.pubmedqa import paired_comparison
 from medqa.pubmedqa import subset as pubmedqa_subset
 from medqa.pubmedqa import score_items as score_pubmedqa
 from medqa.pubmedqa import summarize as summarize_pubmedqa
-from medqa.modeling import load_adapter_model, load_model, load_tokenizer, model_path, scoring_dtype
+from medqa.modeling import is_tiny_model, load_adapter_model, load_model, load_tokenizer, model_path, scoring_dtype
 from medqa.textmetrics import BERTSCORE_OFF, bertscore, check_bertscore_encoder, generation_scores
 
 log = logging.getLogger(__name__)
@@ -90,10 +89,10 @@ def evaluate(cfg: Config) -> EvaluateResult:
         # An adapter must come from this base model AND these splits: one trained on other splits may have
         # seen these test questions.
         model = load_model(cfg) if adapter is None else load_adapter_model(cfg, adapter, expected)
+        budget = eval_tokens_per_batch(cfg.eval.tokens_per_batch, model)
         metrics, per_example = evaluate_answer_loss(model, test, tokenizer.pad_token_id, cfg.eval.batch_size,
                                                     cfg.eval.bootstrap_samples, cfg.seed, progress=True,
-                                                    tokens_per_batch=eval_tokens_per_batch(cfg.eval.tokens_per_batch,
-                                                                                           model))
+                                                    tokens_per_batch=budget)
         scores[name] = per_example
         answers[name] = generate_answers(model, tokenizer, cfg, questions)
         models[name] = {"adapter": str(adapter) if adapter else None, "test": metrics, "dtype": scoring_dtype(cfg),
@@ -101,17 +100,14 @@ def evaluate(cfg: Config) -> EvaluateResult:
         if cfg.evaluate.bertscore_model:
             models[name]["generation"].update(bertscore(answers[name], references, cfg.evaluate.bertscore_model,
                                                         cfg.evaluate.bertscore_layers))
-        expected_random = adapter is None and cfg.model.tiny.enabled and \
-            Path(model_path(cfg)).resolve() == Path(cfg.resolve(cfg.model.tiny.path)).resolve()
-        warning = None if expected_random else perplexity_warning(metrics, len(tokenizer), f"{name} test")
+        # The same gate as baseline and train (log, stderr); only the untrained tiny demo model is expected to fail.
+        warning = sanity_check({"test": metrics}, len(tokenizer), name, quiet=adapter is None and is_tiny_model(cfg))
         if warning:
-            log.warning(warning)
-            print(warning, file=sys.stderr)
             warnings.append(warning)
         if external is not None:  # another data set: does the gain generalise?
             models[name]["external"], external_scores[name] = evaluate_answer_loss(
                 model, external, tokenizer.pad_token_id, cfg.eval.batch_size, cfg.eval.bootstrap_samples, cfg.seed,
-                tokens_per_batch=eval_tokens_per_batch(cfg.eval.tokens_per_batch, model))
+                tokens_per_batch=budget)
         if pubmedqa_items:  # did fine-tuning keep the base model's biomedical knowledge?
             knowledge[name] = score_pubmedqa(model, tokenizer, pubmedqa_items, cfg.eval.batch_size)
             models[name]["pubmedqa"] = summarize_pubmedqa(knowledge[name], cfg.eval.bootstrap_samples, cfg.seed)

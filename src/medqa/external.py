@@ -24,23 +24,18 @@ def load_external(cfg: Config, tokenizer) -> tuple[object, dict]:
     import datasets
 
     from medqa.cleaning import normalize_key
-    from medqa.data import _check_record, dedupe, Candidate
+    from medqa.data import Candidate, _check_record, check_fields_present, dedupe, length_reject, write_rejects
     from medqa.prompts import encode_example
-    from medqa.sources import MalformedLine, read_records
+    from medqa.sources import read_records
 
     e = cfg.evaluate
     try:
         records = read_records(e.external_test)
     except DataError as exc:  # the reader names data.source; here the setting is evaluate.external_test
         raise DataError(str(exc).replace("data.source", "evaluate.external_test")) from None
-    objects = [r for r in records if isinstance(r, dict) and not isinstance(r, MalformedLine)]
-    for key, name in (("evaluate.external_question_field", e.external_question_field),
-                      ("evaluate.external_answer_field", e.external_answer_field)):
-        if objects and not any(name in r for r in objects):
-            seen = sorted({str(k) for r in objects[:1000] for k in r})
-            raise DataError(f"{e.external_test}: field {name!r} ({key}) appears in none of its {len(objects)} records. "
-                            f"Fields present: {', '.join(seen)}. Set {key} to the field that holds it (iCliniq: "
-                            "input and answer_icliniq).")
+    check_fields_present(records, e.external_test,
+                         {"question": (e.external_question_field, "evaluate.external_question_field"),
+                          "answer": (e.external_answer_field, "evaluate.external_answer_field")})
     if not records:
         raise DataError(f"{e.external_test} holds no records. Point evaluate.external_test at a file of question/answer "
                         "records.")
@@ -67,10 +62,9 @@ def load_external(cfg: Config, tokenizer) -> tuple[object, dict]:
     rows, kept_cands = [], []
     for cand in cands:
         enc = encode_example(tokenizer, cfg.prompt, cand.question, cand.answer, cfg.data.max_length)
-        if enc.question_tokens > cfg.data.max_question_tokens:
-            rejected.append({"index": cand.index, "reason": "question_too_long", "record": records[cand.index]})
-        elif enc.answer_tokens > cfg.data.max_answer_tokens:
-            rejected.append({"index": cand.index, "reason": "answer_too_long", "record": records[cand.index]})
+        reject = length_reject(cand, enc.question_tokens, enc.answer_tokens, cfg, records)
+        if reject:
+            rejected.append(reject)
         else:
             kept_cands.append(cand)
             rows.append(enc)
@@ -86,9 +80,7 @@ def load_external(cfg: Config, tokenizer) -> tuple[object, dict]:
     assert report["read"] == report["kept"] + sum(report["rejected"].values())
     out = Path(cfg.workdir) / "outputs" / "external"
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "rejected.jsonl", "w", encoding="utf-8", errors="backslashreplace") as f:
-        for r in rejected:
-            f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+    write_rejects(out / "rejected.jsonl", rejected)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     if len(ds) == 0:
         raise DataError(f"{e.external_test}: none of its {len(records)} records could be scored (reasons: "

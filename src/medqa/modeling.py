@@ -20,11 +20,15 @@ def tokenizer_path(cfg: Config) -> str:
     return cfg.resolve(cfg.model.tokenizer_path)
 
 
+def is_tiny_model(cfg: Config) -> bool:
+    """True when the configured model is the tiny demo model (randomly initialised, built offline)."""
+    tiny = cfg.model.tiny
+    return bool(tiny.enabled) and Path(model_path(cfg)).resolve() == Path(cfg.resolve(tiny.path)).resolve()
+
+
 def wants_tiny(cfg: Config) -> bool:
     """True when the configured model is the tiny one, and it has not been built yet."""
-    tiny = cfg.model.tiny
-    path = model_path(cfg)
-    return tiny.enabled and Path(path).resolve() == Path(cfg.resolve(tiny.path)).resolve() and not Path(path).exists()
+    return is_tiny_model(cfg) and not Path(model_path(cfg)).exists()
 
 
 def _load_error(kind: str, name: str, exc: Exception) -> ModelError:

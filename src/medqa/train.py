@@ -249,11 +249,11 @@ def _use_flex(model) -> None:
     default is 0.1), and said so."""
     base = model.get_base_model()
     base.set_attn_implementation("flex_attention")
-    dropped = {m.dropout for m in base.modules()
-               if type(m).__name__.endswith("Attention") and isinstance(getattr(m, "dropout", None), float)}
-    for m in base.modules():
-        if type(m).__name__.endswith("Attention") and isinstance(getattr(m, "dropout", None), float):
-            m.dropout = 0.0
+    attention = [m for m in base.modules()
+                 if type(m).__name__.endswith("Attention") and isinstance(getattr(m, "dropout", None), float)]
+    dropped = {m.dropout for m in attention}
+    for m in attention:
+        m.dropout = 0.0
     if any(dropped):
         log.warning("train.attention=flex: FlexAttention has no attention dropout; attention dropout %s -> 0 for "
                     "this run (hidden-state dropout is unchanged).", sorted(dropped))
