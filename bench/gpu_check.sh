@@ -31,7 +31,7 @@ for f in ("vocab.json", "merges.txt", "tokenizer_config.json"):
     shutil.copy(f"assets/biogpt-tokenizer/{f}", "/tmp/biogpt-rand/")
 PYEOF
 M="$PY -m medqa"
-C="--config configs/biogpt.yaml workdir=/tmp/run model.name_or_path=/tmp/biogpt-rand data.source=$S/data/genmedgpt5k_SYNTHETIC_chatdoctor5k.json data.num_proc=8 eval.max_examples=256"
+C="--config configs/biogpt.yaml workdir=/tmp/run model.name_or_path=/tmp/biogpt-rand data.source=$S/data/genmedgpt5k_SYNTHETIC_chatdoctor5k.json data.num_proc=8 scoring.max_examples=256"
 step prepare 60 $M prepare $C
 step train_fast 150 $M train $C train.epochs=1 train.eval_steps=100000
 step evaluate 60 $M evaluate $C evaluate.num_questions=32

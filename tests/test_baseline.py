@@ -18,7 +18,7 @@ def demo_run(tmp_path_factory):
     from medqa.data import prepare
 
     workdir = tmp_path_factory.mktemp("demo")
-    cfg = demo_config(workdir, "eval.bootstrap_samples=300")
+    cfg = demo_config(workdir, "scoring.bootstrap_samples=300")
     prepare(cfg)
     return cfg, baseline(cfg)
 
@@ -80,7 +80,7 @@ def test_tiny_model_with_real_biogpt_tokenizer_scores_real_records(tmp_path, rea
     from medqa.data import prepare
 
     cfg = demo_config(tmp_path, f"data.source={REAL_500}", f"model.tiny.tokenizer_files={biogpt_tokenizer_dir}",
-                      "eval.bootstrap_samples=100", "eval.max_examples=16", "data.max_length=128")
+                      "scoring.bootstrap_samples=100", "scoring.max_examples=16", "data.max_length=128")
     prepare(cfg)
     metrics = baseline(cfg).metrics
     assert metrics["tokenizer"]["vocab_size"] == 42384

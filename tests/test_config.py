@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -27,14 +26,44 @@ def test_every_yaml_loads_and_starts_with_its_command(path: Path):
     assert "medqa " in path.read_text().split("\n\n")[0] or "make " in path.read_text().split("\n\n")[0]
 
 
-def test_yaml_mirrors_dataclasses():
-    """demo.yaml spells out every field of the sections it has, so the YAML documents the dataclass."""
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_configs_hold_only_what_differs(path: Path):
+    """Defaults live once, in the dataclasses: every value a config file sets differs from the default."""
     import yaml
 
-    raw = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    for section in ("data", "prompt", "model", "lora", "eval", "generate", "train", "tune", "evaluate"):
-        fields = {f.name for f in dataclasses.fields(getattr(Config(), section))}
-        assert set(raw[section]) == fields, section
+    def leaves(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    defaults = dict(leaves(Config().to_dict()))
+    loaded = dict(leaves(load_config(path).to_dict()))
+    for key, _ in leaves(yaml.safe_load(path.read_text())):
+        assert key in defaults, f"{path.name}: {key} is not a config field"
+        assert loaded[key] != defaults[key], f"{path.name}: {key} repeats its default; drop it"
+
+
+def test_print_config_shows_the_resolved_whole(tmp_path, capsys):
+    assert main(["train", "--config", str(REPO / "configs" / "demo.yaml"), "--print-config", "lora.r=4"]) == 0
+    printed = capsys.readouterr().out
+    (tmp_path / "resolved.yaml").write_text(printed)
+    assert load_config(tmp_path / "resolved.yaml") == load_config(REPO / "configs" / "demo.yaml", ["lora.r=4"])
+    assert len(printed.splitlines()) > 100  # every field, not only the differences
+    assert "scoring:" in printed and "\neval:" not in printed
+
+
+def test_renamed_section_still_loads_with_a_warning(tmp_path, caplog):
+    old = tmp_path / "old.yaml"
+    old.write_text("eval:\n  batch_size: 3\n")
+    assert load_config(old).scoring.batch_size == 3
+    assert load_config(None, ["eval.max_examples=5"]).scoring.max_examples == 5
+    assert "now called `scoring`" in caplog.text
+    both = tmp_path / "both.yaml"
+    both.write_text("eval:\n  batch_size: 3\nscoring:\n  batch_size: 4\n")
+    with pytest.raises(ConfigError, match="Keep only `scoring`"):
+        load_config(both)
 
 
 def test_biogpt_config_is_the_real_thing():

@@ -10,7 +10,7 @@ import pytest
 from conftest import REAL_500, demo_config, prepare_demo
 from medqa.errors import DataError
 
-QUICK = ["train.max_steps=10", "train.eval_steps=5", "eval.bootstrap_samples=50", "evaluate.num_questions=2",
+QUICK = ["train.max_steps=10", "train.eval_steps=5", "scoring.bootstrap_samples=50", "evaluate.num_questions=2",
          "generate.max_new_tokens=4", "evaluate.pubmedqa_questions=0"]
 
 

@@ -119,7 +119,7 @@ def test_planned_steps_equal_the_trainers(prepared, tmp_path):
     for extra in (["train.packing=false", "train.batch_size=7", "train.grad_accum=3", "train.epochs=1.5"],
                   [*PACKED, "train.tokens_per_step=3072", "train.epochs=1"]):
         cfg = demo_config(copy_workdir(prepared, tmp_path / str(len(extra))), "train.eval_steps=1000",
-                          "eval.max_examples=4", "eval.bootstrap_samples=0", *extra)
+                          "scoring.max_examples=4", "scoring.bootstrap_samples=0", *extra)
         expected = planned_steps(cfg, load_tokenized(cfg, "train"))
         assert train(cfg, trial=True).metrics["steps"] == expected
 
@@ -202,7 +202,7 @@ def test_compiled_and_eager_training_losses_agree(prepared, tmp_path):
         work = copy_workdir(prepared, tmp_path / compile_)
         _no_dropout(work)
         cfg = demo_config(work, *PACKED, f"train.compile={compile_}", "train.max_steps=6", "train.logging_steps=1",
-                          "train.eval_steps=3", "train.loss_chunk_tokens=300", "eval.bootstrap_samples=0")
+                          "train.eval_steps=3", "train.loss_chunk_tokens=300", "scoring.bootstrap_samples=0")
         result = train(cfg)
         histories[compile_] = [r["train_loss"] for r in result.history if "train_loss" in r]
         training = result.metrics["training"]
@@ -249,7 +249,7 @@ def test_gpu_config_defaults_are_the_fast_path():
     cfg = load_config(REPO / "configs" / "biogpt.yaml")
     t = cfg.train
     assert t.packing is True and t.compile == "auto" and t.tokens_per_batch == 0 and t.tokens_per_step > 0
-    assert t.loss_chunk_tokens > 0 and cfg.eval.tokens_per_batch == 0 and cfg.generate.static_cache == "auto"
+    assert t.loss_chunk_tokens > 0 and cfg.scoring.tokens_per_batch == 0 and cfg.generate.static_cache == "auto"
     assert cfg.generate.batch_size >= 32
     # auto means: compiled and budgeted by memory on CUDA
     from unittest import mock

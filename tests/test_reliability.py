@@ -17,7 +17,7 @@ from conftest import copy_workdir, prepare_demo, REPO, SAMPLE, demo_config
 from medqa.errors import DataError, Interrupted, MedqaError
 from medqa.manifest import StaleArtifactError
 
-FAST = ["train.epochs=2", "train.eval_steps=20", "train.logging_steps=10", "eval.bootstrap_samples=100"]
+FAST = ["train.epochs=2", "train.eval_steps=20", "train.logging_steps=10", "scoring.bootstrap_samples=100"]
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +187,7 @@ def test_resume_ignores_a_half_written_checkpoint(tmp_path):
 def test_eval_max_examples_never_shrinks_training(prepared):
     from medqa.baseline import load_tokenized
 
-    cfg = demo_config(prepared, "eval.max_examples=5")
+    cfg = demo_config(prepared, "scoring.max_examples=5")
     assert len(load_tokenized(cfg, "val")) == 5
     assert len(load_tokenized(cfg, "train")) > 100
 
@@ -199,7 +199,7 @@ def test_resume_under_changed_settings_refuses_and_never_relabels(prepared, tmp_
     from medqa.manifest import StaleArtifactError
     from medqa.train import train
 
-    steps = [*FAST, "train.max_steps=20", "train.epochs=1", "eval.bootstrap_samples=0"]
+    steps = [*FAST, "train.max_steps=20", "train.epochs=1", "scoring.bootstrap_samples=0"]
     workdir = copy_workdir(prepared, tmp_path / "w")
     first = train(demo_config(workdir, *steps))
     adapter = (workdir / "outputs" / "finetune" / "adapter_model.safetensors").read_bytes()
@@ -213,7 +213,7 @@ def test_resume_under_changed_settings_refuses_and_never_relabels(prepared, tmp_
     assert (workdir / "outputs" / "finetune" / "adapter_model.safetensors").read_bytes() == adapter
     assert (workdir / "outputs" / "finetune" / "metrics.json").read_text() == metrics
     # Settings that change no result (evaluation, compile) do not block a resume.
-    again = train(demo_config(workdir, *steps, "train.resume=true", "eval.batch_size=3"))
+    again = train(demo_config(workdir, *steps, "train.resume=true", "scoring.batch_size=3"))
     assert again.metrics["test"]["answer_loss"] == pytest.approx(first.metrics["test"]["answer_loss"], abs=1e-6)
     fresh = train(demo_config(workdir, *steps, "train.learning_rate=0.05"))
     assert fresh.metrics["config"]["train"]["learning_rate"] == 0.05
@@ -225,7 +225,7 @@ def test_checkpoints_without_a_run_record_are_not_resumed(prepared, tmp_path):
     from medqa.train import train
 
     workdir = copy_workdir(prepared, tmp_path / "w")
-    steps = [*FAST, "train.max_steps=20", "train.epochs=1", "eval.bootstrap_samples=0"]
+    steps = [*FAST, "train.max_steps=20", "train.epochs=1", "scoring.bootstrap_samples=0"]
     train(demo_config(workdir, *steps))
     (workdir / "outputs" / "finetune_checkpoints" / "run.json").unlink()  # as an older medqa left them
     with pytest.raises(StaleArtifactError, match="no run.json"):
@@ -266,7 +266,7 @@ def test_early_stopping_patience_survives_a_resume(prepared, tmp_path, monkeypat
 
     workdir = copy_workdir(prepared, tmp_path / "w")
     steps = [*FAST, "train.epochs=1", "train.max_steps=30", "train.eval_steps=5",
-             "train.early_stopping_patience=50", "eval.bootstrap_samples=0"]
+             "train.early_stopping_patience=50", "scoring.bootstrap_samples=0"]
     with pytest.raises(Interrupted):
         train(demo_config(workdir, *steps), callbacks=[PressStop()])
     state = json.loads((workdir / "outputs" / "finetune_checkpoints" / "checkpoint-15" / "trainer_state.json")

@@ -10,7 +10,7 @@ import torch
 from conftest import copy_workdir, prepare_demo, demo_config
 from medqa.errors import ModelError
 
-FAST = ["train.epochs=2", "train.eval_steps=20", "train.logging_steps=5", "eval.bootstrap_samples=200"]
+FAST = ["train.epochs=2", "train.eval_steps=20", "train.logging_steps=5", "scoring.bootstrap_samples=200"]
 
 
 @pytest.fixture(scope="module")

@@ -248,7 +248,7 @@ def demo_run(tmp_path_factory):
     from medqa.train import train
 
     extra = ["model.dtype=bfloat16", "train.packing=true", "train.tokens_per_batch=1024", "train.max_steps=24",
-             "train.eval_steps=8", "train.logging_steps=4", "eval.bootstrap_samples=0", "evaluate.num_questions=2",
+             "train.eval_steps=8", "train.logging_steps=4", "scoring.bootstrap_samples=0", "evaluate.num_questions=2",
              "generate.max_new_tokens=4"]
     workdir = prepare_demo(tmp_path_factory.mktemp("trust"), *extra)
     cfg = demo_config(workdir, *extra)
@@ -306,7 +306,7 @@ def test_step_time_excludes_evaluation(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(medqa.trainer, "evaluate_answer_loss", slow)
-    extra = ["train.max_steps=8", "train.eval_steps=2", "train.logging_steps=2", "eval.bootstrap_samples=0"]
+    extra = ["train.max_steps=8", "train.eval_steps=2", "train.logging_steps=2", "scoring.bootstrap_samples=0"]
     workdir = prepare_demo(tmp_path, *extra)
     result = train(demo_config(workdir, *extra))
     assert offset[0] >= 400  # four evaluations happened
@@ -324,14 +324,14 @@ def test_sanity_warning_in_the_cli_and_metrics(tmp_path, capsys):
     capsys.readouterr()
     args = ["baseline", "--config", str(REPO / "configs" / "demo.yaml"), f"workdir={tmp_path}",
             f"data.source={REPO / 'data' / 'sample' / 'healthcaremagic_sample.json'}", "model.tiny.enabled=false",
-            "eval.bootstrap_samples=0"]
+            "scoring.bootstrap_samples=0"]
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "WARNING" in err and "worse than guessing uniformly" in err and "data.question_field" in err
     metrics = json.loads((tmp_path / "outputs" / "baseline" / "metrics.json").read_text())
     assert len(metrics["sanity_warnings"]) == 2  # val and test
     # The demo itself (the tiny model flagged as randomly initialised) records it as expected, quietly.
-    assert main(args[:-2] + ["eval.bootstrap_samples=0"]) == 0
+    assert main(args[:-2] + ["scoring.bootstrap_samples=0"]) == 0
     assert "worse than guessing" not in capsys.readouterr().err
     metrics = json.loads((tmp_path / "outputs" / "baseline" / "metrics.json").read_text())
     assert metrics["sanity_warnings"] == ["above uniform, expected: randomly initialised model"]
@@ -347,9 +347,9 @@ def test_run_fingerprint_covers_what_picks_the_checkpoint_and_ignores_paths():
         return determining_config(load_config(REPO / "configs" / "demo.yaml", list(overrides)), sections) == \
             determining_config(base, sections)
 
-    assert not same("eval.max_examples=5")  # it sets the validation examples that choose the best checkpoint
+    assert not same("scoring.max_examples=5")  # it sets the validation examples that choose the best checkpoint
     assert not same("train.learning_rate=0.5") and not same("lora.r=4") and not same("data.seed=1")
-    assert same("eval.batch_size=3", "train.compile=false", "train.save_total_limit=5", "data.num_proc=2")
+    assert same("scoring.batch_size=3", "train.compile=false", "train.save_total_limit=5", "data.num_proc=2")
     assert same("data.source=/elsewhere/same_file.json", "workdir=/moved")  # the content is in the inputs
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import copy_workdir, prepare_demo, REPO, SAMPLE, demo_config
 
-QUICK = ["train.epochs=1", "train.eval_steps=20", "train.logging_steps=10", "eval.bootstrap_samples=200",
+QUICK = ["train.epochs=1", "train.eval_steps=20", "train.logging_steps=10", "scoring.bootstrap_samples=200",
          "tune.num_samples=2", "evaluate.num_questions=6"]
 
 

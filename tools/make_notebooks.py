@@ -128,7 +128,7 @@ def model_selection_and_setup() -> nbformat.NotebookNode:
             "answer tokens of a split; prompt tokens and padding never count. The same function scores the "
             "fine-tuned models later. Command line: `medqa baseline --config configs/demo.yaml`.\n\n"
             "Needs `tokenized/` from notebook 1 (`medqa prepare`)."),
-        new_code_cell(params('["eval.max_examples=16", "eval.bootstrap_samples=200"]'),
+        new_code_cell(params('["scoring.max_examples=16", "scoring.bootstrap_samples=200"]'),
                       metadata={"tags": ["parameters"]}),
         new_code_cell(SETUP),
         new_markdown_cell("## The model"),
@@ -179,7 +179,7 @@ def peft_finetuning_and_logging() -> nbformat.NotebookNode:
             "`medqa export` to merge the adapter into a standalone model.\n\n"
             "Needs `tokenized/` (notebook 1). Writes `outputs/finetune/`: the adapter, `metrics.jsonl`, "
             "`metrics.json`, `loss_curves.png` and TensorBoard logs (`tensorboard --logdir outputs/finetune/tensorboard`)."),
-        new_code_cell(params('["train.epochs=1", "eval.bootstrap_samples=200"]'), metadata={"tags": ["parameters"]}),
+        new_code_cell(params('["train.epochs=1", "scoring.bootstrap_samples=200"]'), metadata={"tags": ["parameters"]}),
         new_code_cell(SETUP),
         new_markdown_cell("## The LoRA setup\n\nTrainable parameters per preset (peft's count and the count from the "
                           "layer shapes); this run uses `lora.targets` from the config."),
@@ -233,7 +233,7 @@ def raytune_final() -> nbformat.NotebookNode:
             "Command line: `medqa tune --config configs/demo.yaml` then `medqa evaluate --config configs/demo.yaml`."
             "\n\nNeeds `tokenized/` (notebook 1). On a cluster, set `RAY_ADDRESS` (or `tune.address`)."),
         new_code_cell(params('["tune.num_samples=2", "train.epochs=1", "train.eval_steps=20", '
-                             '"eval.bootstrap_samples=200", "evaluate.num_questions=4"]'),
+                             '"scoring.bootstrap_samples=200", "evaluate.num_questions=4"]'),
                       metadata={"tags": ["parameters"]}),
         new_code_cell(SETUP),
         new_markdown_cell("## The search space"),

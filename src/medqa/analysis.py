@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from medqa.config import Config
+from medqa.schema import Config
 from medqa.prompts import IGNORE_INDEX
 from medqa.sources import read_records
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medqa.cleaning import clean_text
-from medqa.config import Config
+from medqa.schema import Config
 from medqa.errors import DataError
 from medqa.generate import generate_answers
 from medqa.modeling import load_adapter_model, load_model, load_tokenizer

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from medqa.artifacts import atomic_dir, write_json
 from medqa.batching import eval_tokens_per_batch
-from medqa.config import Config
+from medqa.schema import Config
 from medqa.errors import DataError
 from medqa.metrics import ExampleScores, evaluate_answer_loss, perplexity_warning
 from medqa.manifest import check_inputs, fingerprint_model, write_manifest
@@ -45,7 +45,7 @@ def check_tokenized(cfg: Config, tokenizer) -> None:
 
 
 def load_tokenized(cfg: Config, split: str, tokenizer=None):
-    """A tokenized split, checked against the tokenizer when one is given; `eval.max_examples` applies to the
+    """A tokenized split, checked against the tokenizer when one is given; `scoring.max_examples` applies to the
     val and test splits only (it is a scoring shortcut, never a way to shrink training)."""
     import datasets
 
@@ -58,8 +58,8 @@ def load_tokenized(cfg: Config, split: str, tokenizer=None):
     if len(ds) == 0:
         raise DataError(f"{path} is empty: the {split} split has no examples. Use more records or change "
                         "data.val_fraction / data.test_fraction, then re-run `medqa prepare`.")
-    if split != "train" and cfg.eval.max_examples and len(ds) > cfg.eval.max_examples:
-        ds = ds.select(range(cfg.eval.max_examples))
+    if split != "train" and cfg.scoring.max_examples and len(ds) > cfg.scoring.max_examples:
+        ds = ds.select(range(cfg.scoring.max_examples))
     return ds
 
 
@@ -123,9 +123,9 @@ def baseline(cfg: Config) -> BaselineResult:
                         "model.tokenizer to the model's own tokenizer and re-run `medqa prepare`.")
     results, rows = {}, []
     for split, ds in splits.items():
-        results[split], scores = evaluate_answer_loss(model, ds, tokenizer.pad_token_id, cfg.eval.batch_size,
-                                                      cfg.eval.bootstrap_samples, cfg.seed, progress=True,
-                                                      tokens_per_batch=eval_tokens_per_batch(cfg.eval.tokens_per_batch,
+        results[split], scores = evaluate_answer_loss(model, ds, tokenizer.pad_token_id, cfg.scoring.batch_size,
+                                                      cfg.scoring.bootstrap_samples, cfg.seed, progress=True,
+                                                      tokens_per_batch=eval_tokens_per_batch(cfg.scoring.tokens_per_batch,
                                                                                              model))
         rows += per_example_rows(split, scores)
     metrics = {**results, "model": model_path(cfg), "tokenizer": tokenizer_info(tokenizer),

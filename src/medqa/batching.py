@@ -161,8 +161,8 @@ def length_budget_batches(lengths: list[int], batch_size: int, max_tokens: int =
 
 
 def eval_tokens_per_batch(configured: int, model, device_free: int | None = None) -> int:
-    """Scoring budget: `configured` (eval.tokens_per_batch) when set, else (on CUDA) sized from free memory, else 0
-    (= eval.batch_size examples per batch)."""
+    """Scoring budget: `configured` (scoring.tokens_per_batch) when set, else (on CUDA) sized from free memory, else 0
+    (= scoring.batch_size examples per batch)."""
     if configured:
         return configured
     free = device_free if device_free is not None else _model_cuda_free(model)

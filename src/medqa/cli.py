@@ -14,7 +14,7 @@ import sys
 import textwrap
 from collections.abc import Callable
 
-from medqa.config import Config, describe_fields, load_config
+from medqa.config import Config, describe_fields, load_config, resolved_yaml
 from medqa.errors import ConfigError, Interrupted, MedqaError
 
 log = logging.getLogger("medqa")
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=description, description=description, epilog=_fields_help(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", help="YAML config file, e.g. configs/demo.yaml (default: built-in defaults)")
-        p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        p.add_argument("--print-config", action="store_true", help="print the resolved config (every field, as YAML) and exit")
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
         if name == "export":
             p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload to this Hub repository (e.g. user/medqa-biogpt)")
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         if args.print_config:
-            print(json.dumps(cfg.to_dict(), indent=2))
+            print(resolved_yaml(cfg), end="")
             return 0
         log.info("config: %s", json.dumps(cfg.to_dict()))
         COMMANDS[args.command][0](cfg, args)

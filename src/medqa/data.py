@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from medqa.artifacts import atomic_dir, write_json
 from medqa.cleaning import clean_text, has_control_chars, is_greeting_only, normalize_key
-from medqa.config import Config
+from medqa.schema import Config
 from medqa.errors import DataError
 from medqa.fasttok import fast_encoder
 from medqa.manifest import fingerprint_source, write_manifest

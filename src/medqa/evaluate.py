@@ -19,7 +19,7 @@ import numpy as np
 from medqa.artifacts import write_json, write_text_atomic
 from medqa.baseline import load_tokenized, sanity_check
 from medqa.batching import eval_tokens_per_batch
-from medqa.config import Config
+from medqa.schema import Config
 from medqa.errors import DataError
 from medqa.external import load_external
 from medqa.generate import generate_answers
@@ -89,9 +89,9 @@ def evaluate(cfg: Config) -> EvaluateResult:
         # An adapter must come from this base model AND these splits: one trained on other splits may have
         # seen these test questions.
         model = load_model(cfg) if adapter is None else load_adapter_model(cfg, adapter, expected)
-        budget = eval_tokens_per_batch(cfg.eval.tokens_per_batch, model)
-        metrics, per_example = evaluate_answer_loss(model, test, tokenizer.pad_token_id, cfg.eval.batch_size,
-                                                    cfg.eval.bootstrap_samples, cfg.seed, progress=True,
+        budget = eval_tokens_per_batch(cfg.scoring.tokens_per_batch, model)
+        metrics, per_example = evaluate_answer_loss(model, test, tokenizer.pad_token_id, cfg.scoring.batch_size,
+                                                    cfg.scoring.bootstrap_samples, cfg.seed, progress=True,
                                                     tokens_per_batch=budget)
         scores[name] = per_example
         answers[name] = generate_answers(model, tokenizer, cfg, questions)
@@ -106,26 +106,26 @@ def evaluate(cfg: Config) -> EvaluateResult:
             warnings.append(warning)
         if external is not None:  # another data set: does the gain generalise?
             models[name]["external"], external_scores[name] = evaluate_answer_loss(
-                model, external, tokenizer.pad_token_id, cfg.eval.batch_size, cfg.eval.bootstrap_samples, cfg.seed,
+                model, external, tokenizer.pad_token_id, cfg.scoring.batch_size, cfg.scoring.bootstrap_samples, cfg.seed,
                 tokens_per_batch=budget)
         if pubmedqa_items:  # did fine-tuning keep the base model's biomedical knowledge?
-            knowledge[name] = score_pubmedqa(model, tokenizer, pubmedqa_items, cfg.eval.batch_size)
-            models[name]["pubmedqa"] = summarize_pubmedqa(knowledge[name], cfg.eval.bootstrap_samples, cfg.seed)
+            knowledge[name] = score_pubmedqa(model, tokenizer, pubmedqa_items, cfg.scoring.batch_size)
+            models[name]["pubmedqa"] = summarize_pubmedqa(knowledge[name], cfg.scoring.bootstrap_samples, cfg.seed)
         log.info("evaluate: %s test answer_loss %.4f", name, metrics["answer_loss"])
         del model
     base = scores["base"]
     for name in models:
         if name != "base":
             models[name]["vs_base"] = paired_bootstrap(base.answer_nll, scores[name].answer_nll, base.answer_tokens,
-                                                       cfg.eval.bootstrap_samples, cfg.seed)
+                                                       cfg.scoring.bootstrap_samples, cfg.seed)
             if external_scores:
                 ext = external_scores["base"]
                 models[name]["external"]["vs_base"] = paired_bootstrap(
-                    ext.answer_nll, external_scores[name].answer_nll, ext.answer_tokens, cfg.eval.bootstrap_samples,
+                    ext.answer_nll, external_scores[name].answer_nll, ext.answer_tokens, cfg.scoring.bootstrap_samples,
                     cfg.seed)
             if knowledge:
                 models[name]["pubmedqa"]["vs_base"] = paired_comparison(knowledge["base"], knowledge[name],
-                                                                        cfg.eval.bootstrap_samples or 1000, cfg.seed)
+                                                                        cfg.scoring.bootstrap_samples or 1000, cfg.seed)
     samples = [{"question": q, "reference": r, **{name: answers[name][i] for name in models}}
                for i, (q, r) in enumerate(zip(questions, references))]
     report = {"model": model_path(cfg), "dtype": scoring_dtype(cfg), "sanity_warnings": warnings,

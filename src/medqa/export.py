@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from medqa.artifacts import atomic_dir
-from medqa.config import Config
+from medqa.schema import Config
 from medqa.modeling import load_adapter_model, load_tokenizer
 
 log = logging.getLogger(__name__)

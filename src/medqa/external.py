@@ -15,7 +15,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from medqa.config import Config
+from medqa.schema import Config
 from medqa.errors import DataError
 
 

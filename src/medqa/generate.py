@@ -4,7 +4,7 @@ with a static KV cache (`generate.static_cache`), which transformers compiles.""
 from __future__ import annotations
 
 from medqa.batching import eval_tokens_per_batch
-from medqa.config import Config
+from medqa.schema import Config
 from medqa.metrics import length_batches
 from medqa.prompts import eos_id, prompt_ids
 
@@ -29,7 +29,7 @@ def generate_answers(model, tokenizer, cfg: Config, questions: list[str], max_ne
     model.eval()
     # At most generate.batch_size prompts, and no more than fit the scoring token budget (prompt + new tokens per
     # row): a small GPU gets smaller batches instead of running out of memory.
-    budget = eval_tokens_per_batch(cfg.eval.tokens_per_batch, model)
+    budget = eval_tokens_per_batch(cfg.scoring.tokens_per_batch, model)
     for idx in _capped(length_batches([len(p) + max_new for p in prompts], batch_size or g.batch_size, budget),
                        batch_size or g.batch_size):
         width = -(-max(len(prompts[i]) for i in idx) // round_to) * round_to

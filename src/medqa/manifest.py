@@ -16,7 +16,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from medqa.config import Config
+from medqa.schema import Config
 from medqa.errors import MedqaError
 
 log = logging.getLogger(__name__)
@@ -134,10 +134,10 @@ def check_inputs(cfg: Config, folder: Path, current: dict[str, str], rebuild: st
 RUN_RECORD = "run.json"
 # Settings that change how fast a run goes, where its files are, or how it is reported, never what it learns: a
 # resumed run may differ in these. Everything else (data, model, prompt, LoRA, optimisation, seeds, and
-# eval.max_examples, which sets the validation examples that pick the best checkpoint) must match. Paths are left
+# scoring.max_examples, which sets the validation examples that pick the best checkpoint) must match. Paths are left
 # out because what they point at is fingerprinted in the inputs (data content, tokenizer vocabulary, model files).
-_NOT_DETERMINING = {"workdir", "force", "evaluate", "generate", "eval.batch_size", "eval.bootstrap_samples",
-                    "eval.tokens_per_batch", "data.source", "data.num_proc", "data.fast_tokenizer",
+_NOT_DETERMINING = {"workdir", "force", "evaluate", "generate", "scoring.batch_size", "scoring.bootstrap_samples",
+                    "scoring.tokens_per_batch", "data.source", "data.num_proc", "data.fast_tokenizer",
                     "model.name_or_path", "model.tokenizer", "model.gguf_file", "model.dtype", "model.tiny.path",
                     "model.tiny.tokenizer_files", "train.resume", "train.compile", "train.compile_mode",
                     "train.logging_steps", "train.report_to", "train.save_total_limit", "train.gradient_checkpointing",

@@ -6,7 +6,7 @@ import logging
 import os
 from pathlib import Path
 
-from medqa.config import Config
+from medqa.schema import Config
 from medqa.errors import ModelError
 
 log = logging.getLogger(__name__)

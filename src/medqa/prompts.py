@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from medqa.config import PromptConfig
+from medqa.schema import PromptConfig
 from medqa.errors import ConfigError
 
 IGNORE_INDEX = -100  # the label value that torch's cross-entropy skips

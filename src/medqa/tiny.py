@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from medqa.artifacts import atomic_dir
-from medqa.config import TinyModelConfig
+from medqa.schema import TinyModelConfig
 
 log = logging.getLogger(__name__)
 

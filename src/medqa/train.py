@@ -29,7 +29,7 @@ import yaml
 
 from medqa.artifacts import atomic_dir, write_json
 from medqa.baseline import EVAL_SPLITS, load_tokenized, metrics_table, per_example_rows, sanity_check
-from medqa.config import Config
+from medqa.schema import Config
 from medqa.errors import ConfigError, Interrupted, MedqaError
 from medqa.manifest import check_resumable, fingerprint_model, run_record, write_manifest, write_run_record
 from medqa.batching import BatchPlan, eval_tokens_per_batch
@@ -41,7 +41,7 @@ from medqa.modeling import (count_parameters, cuda_half_dtype, load_model, load_
 log = logging.getLogger(__name__)
 
 HISTORY = "metrics.jsonl"
-RUN_SECTIONS = ("data", "prompt", "model", "lora", "train", "eval")  # the config sections a training run depends on
+RUN_SECTIONS = ("data", "prompt", "model", "lora", "train", "scoring")  # the config sections a training run depends on
 
 
 @dataclass
@@ -187,7 +187,7 @@ def _training_args(cfg: Config, work: Path, trial: bool, plan: BatchPlan | None)
         warmup_steps=t.warmup_ratio, max_grad_norm=t.max_grad_norm,
         num_train_epochs=t.epochs, max_steps=t.max_steps if t.max_steps > 0 else -1,
         per_device_train_batch_size=plan.rows_per_batch if plan else t.batch_size,
-        per_device_eval_batch_size=cfg.eval.batch_size,
+        per_device_eval_batch_size=cfg.scoring.batch_size,
         gradient_accumulation_steps=plan.grad_accum if plan else t.grad_accum,
         # Packed rows are all ~data.max_length tokens: grouping them by length would only remove randomness.
         train_sampling_strategy="group_by_length" if t.group_by_length and not plan else "random",
@@ -337,7 +337,7 @@ def fit(cfg: Config, model, tokenizer, setup: Setup, eval_ds, work: Path, callba
     trainer = AnswerLossTrainer(
         model=model, args=_training_args(cfg, work, trial, setup.plan), train_dataset=setup.train_ds,
         eval_dataset=eval_ds, data_collator=setup.collate, processing_class=tokenizer, callbacks=extra,
-        fast_step=setup.fast_step, eval_tokens_per_batch=cfg.eval.tokens_per_batch, pad_id=pad_id)
+        fast_step=setup.fast_step, eval_tokens_per_batch=cfg.scoring.tokens_per_batch, pad_id=pad_id)
     if setup.fast_step is not None and trainer.fast_step is None:
         setup.fast_step = None  # several processes: the model's own forward trains (describe() says so)
     with stop:
@@ -417,10 +417,10 @@ def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None
     trainable, total = count_parameters(trainer.model)
     scored = _as_scored(cfg, trainer.model, work)
     results, rows = {}, []
-    eval_tokens = eval_tokens_per_batch(cfg.eval.tokens_per_batch, scored)
+    eval_tokens = eval_tokens_per_batch(cfg.scoring.tokens_per_batch, scored)
     for split, ds in evals.items():
-        results[split], scores = evaluate_answer_loss(scored, ds, tokenizer.pad_token_id, cfg.eval.batch_size,
-                                                      cfg.eval.bootstrap_samples, cfg.seed, progress=True,
+        results[split], scores = evaluate_answer_loss(scored, ds, tokenizer.pad_token_id, cfg.scoring.batch_size,
+                                                      cfg.scoring.bootstrap_samples, cfg.seed, progress=True,
                                                       tokens_per_batch=eval_tokens)
         rows += per_example_rows(split, scores)
     del scored
