@@ -320,7 +320,7 @@ def bench_eval(base, val_ds, n: int, repeats: int, pad_id: int) -> dict:
 def run_prepare(cfg_args: tuple, rerun: bool = False) -> tuple[float, float | None, int]:
     """Seconds of a fresh `prepare`, of a re-run in the same workdir (reads the tokenization cache) when
     `rerun`, and the records read."""
-    from medqa.data import prepare
+    from medqa.prepare import prepare
 
     cfg = prepare_cfg(*cfg_args)
     first, result = timed(prepare, cfg)

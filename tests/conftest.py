@@ -64,7 +64,7 @@ def demo_config(workdir: Path, *overrides: str) -> Config:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny BioGPT whose tokenizer is learned from the sample's train split, built once per session."""
-    from medqa.data import clean_and_dedupe, tiny_training_texts
+    from medqa.records import clean_and_dedupe, tiny_training_texts
     from medqa.sources import read_records
     from medqa.tiny import build_tiny_model
 
@@ -76,7 +76,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def prepare_demo(workdir: Path, *overrides: str) -> Path:
     """Run prepare and baseline on the demo config in `workdir` (for module fixtures)."""
     from medqa.baseline import baseline
-    from medqa.data import prepare
+    from medqa.prepare import prepare
 
     cfg = demo_config(workdir, *overrides)
     prepare(cfg)

@@ -15,7 +15,7 @@ from medqa.errors import ModelError
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     from medqa.baseline import baseline
-    from medqa.data import prepare
+    from medqa.prepare import prepare
 
     workdir = tmp_path_factory.mktemp("demo")
     cfg = demo_config(workdir, "scoring.bootstrap_samples=300")
@@ -77,7 +77,7 @@ def test_tiny_tokenizer_round_trips_and_reloads(demo_run):
 
 def test_tiny_model_with_real_biogpt_tokenizer_scores_real_records(tmp_path, real_500, biogpt_tokenizer_dir):
     from medqa.baseline import baseline
-    from medqa.data import prepare
+    from medqa.prepare import prepare
 
     cfg = demo_config(tmp_path, f"data.source={REAL_500}", f"model.tiny.tokenizer_files={biogpt_tokenizer_dir}",
                       "scoring.bootstrap_samples=100", "scoring.max_examples=16", "data.max_length=128")

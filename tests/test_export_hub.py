@@ -59,7 +59,7 @@ def test_push_uploads_the_adapter_with_a_model_card(run_dir, monkeypatch):
 
 
 def test_card_for_a_merged_model_on_a_hub_base(run_dir):
-    from medqa.export import model_card
+    from medqa.modelcard import model_card
 
     cfg = demo_config(run_dir, "model.name_or_path=microsoft/biogpt")
     card = model_card(cfg, None, merged=True)

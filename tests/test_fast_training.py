@@ -84,19 +84,20 @@ def test_length_budget_batches_respect_tokens():
 
 
 def test_packed_epoch_has_one_shape_and_respects_the_budget(prepared, tmp_path):
-    from medqa.baseline import load_tokenized
+    from medqa.workdir import load_split
     from medqa.modeling import load_tokenizer
-    from medqa.train import _training_args, build_lora_model, setup_training
+    from medqa.modeling import build_lora_model
+    from medqa.train import _training_args, setup_training
     from medqa.trainer import AnswerLossTrainer
 
     cfg = demo_config(prepared, *PACKED, "train.tokens_per_batch=1300")  # not a multiple of 256: 5 rows
     tokenizer = load_tokenizer(cfg)
-    train_ds = load_tokenized(cfg, "train", tokenizer)
+    train_ds = load_split(cfg, "train", tokenizer)
     model = build_lora_model(cfg)
     setup = setup_training(cfg, model, train_ds, tokenizer.pad_token_id)
     assert setup.plan.rows_per_batch == 5 and setup.plan.tokens_per_batch == 1280 <= 1300
     trainer = AnswerLossTrainer(model=model, args=_training_args(cfg, tmp_path, True, setup.plan),
-                                train_dataset=setup.train_ds, eval_dataset=load_tokenized(cfg, "val"),
+                                train_dataset=setup.train_ds, eval_dataset=load_split(cfg, "val"),
                                 data_collator=setup.collate, processing_class=tokenizer)
     shapes, labelled, examples = set(), 0, 0
     for batch in trainer.get_train_dataloader():
@@ -113,14 +114,14 @@ def test_packed_epoch_has_one_shape_and_respects_the_budget(prepared, tmp_path):
 
 
 def test_planned_steps_equal_the_trainers(prepared, tmp_path):
-    from medqa.baseline import load_tokenized
+    from medqa.workdir import load_split
     from medqa.train import planned_steps, train
 
     for extra in (["train.packing=false", "train.batch_size=7", "train.grad_accum=3", "train.epochs=1.5"],
                   [*PACKED, "train.tokens_per_step=3072", "train.epochs=1"]):
         cfg = demo_config(copy_workdir(prepared, tmp_path / str(len(extra))), "train.eval_steps=1000",
                           "scoring.max_examples=4", "scoring.bootstrap_samples=0", *extra)
-        expected = planned_steps(cfg, load_tokenized(cfg, "train"))
+        expected = planned_steps(cfg, load_split(cfg, "train"))
         assert train(cfg, trial=True).metrics["steps"] == expected
 
 
@@ -134,10 +135,10 @@ def test_optimizer_steps_arithmetic():
 
 
 def _packed_batch(cfg, n=6):
-    from medqa.baseline import load_tokenized
+    from medqa.workdir import load_split
     from medqa.packing import PackedCollator, pack_examples
 
-    ds = load_tokenized(cfg, "val")
+    ds = load_split(cfg, "val")
     rows = [ds[i] for i in range(n)]
     packed = pack_examples(rows, cfg.data.max_length)
     return rows, PackedCollator(1, pad_to_multiple_of=cfg.data.max_length, rows=len(packed) + 1)(packed)
@@ -147,7 +148,7 @@ def test_fast_step_loss_and_gradients_equal_the_unpacked_models(prepared):
     """The packed fast step (chunked loss) gives the same loss and LoRA gradients as the model's own forward on
     each example alone, summed over answer tokens: packing and chunking change no number."""
     from medqa.metrics import pad_batch
-    from medqa.train import build_lora_model
+    from medqa.modeling import build_lora_model
     from medqa.trainer import FastStep
 
     cfg = demo_config(prepared, *PACKED)
@@ -178,7 +179,7 @@ def test_fast_step_loss_and_gradients_equal_the_unpacked_models(prepared):
 
 
 def test_chunked_loss_equals_whole(prepared):
-    from medqa.train import build_lora_model
+    from medqa.modeling import build_lora_model
     from medqa.trainer import lm_loss_sum
 
     cfg = demo_config(prepared, *PACKED)
@@ -269,12 +270,12 @@ def test_compile_true_without_packing_is_refused():
 
 
 def test_scoring_by_token_budget_gives_the_same_numbers(prepared):
-    from medqa.baseline import load_tokenized
+    from medqa.workdir import load_split
     from medqa.metrics import score_examples
     from medqa.modeling import load_model
 
     cfg = demo_config(prepared)
-    ds = load_tokenized(cfg, "val")
+    ds = load_split(cfg, "val")
     model = load_model(cfg)
     one = score_examples(model, ds, 1, batch_size=1)
     budget = score_examples(model, ds, 1, batch_size=1, tokens_per_batch=2000)
@@ -307,10 +308,11 @@ def test_fast_step_trains_like_the_models_own_forward_in_the_trainer(prepared, t
     runs in bf16 there (its losses differ from the fp32 ones)."""
     from transformers import TrainingArguments
 
-    from medqa.baseline import load_tokenized
+    from medqa.workdir import load_split
     from medqa.modeling import load_tokenizer
     from medqa.packing import PackedCollator
-    from medqa.train import build_lora_model, setup_training
+    from medqa.modeling import build_lora_model
+    from medqa.train import setup_training
     from medqa.trainer import AnswerLossTrainer
 
     work = copy_workdir(prepared, tmp_path / "w")
@@ -321,7 +323,7 @@ def test_fast_step_trains_like_the_models_own_forward_in_the_trainer(prepared, t
     for precision in ("fp32", "bf16"):
         for path in ("fast", "model"):
             model = build_lora_model(cfg)
-            setup = setup_training(cfg, model, load_tokenized(cfg, "train", tokenizer), tokenizer.pad_token_id)
+            setup = setup_training(cfg, model, load_split(cfg, "train", tokenizer), tokenizer.pad_token_id)
             collate = setup.collate
             if path == "model":  # the same rows, with the mask from the collator, through model(**batch)
                 collate = PackedCollator(1, mask_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,

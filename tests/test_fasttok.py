@@ -143,7 +143,7 @@ def test_prepare_says_which_path_ran_and_both_give_the_same_data(tmp_path):
     splits; the report names the path."""
     import datasets
 
-    from medqa.data import prepare
+    from medqa.prepare import prepare
 
     outputs = {}
     for path, extra in (("fast", ["data.fast_tokenizer=true", "data.num_proc=2"]),

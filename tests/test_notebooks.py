@@ -48,7 +48,7 @@ def test_data_preparation_notebook_runs(tmp_path):
 
 @pytest.mark.notebook
 def test_model_selection_notebook_runs(tmp_path):
-    from medqa.data import prepare
+    from medqa.prepare import prepare
     from conftest import demo_config
 
     prepare(demo_config(tmp_path))
@@ -62,7 +62,7 @@ def test_model_selection_notebook_runs(tmp_path):
 @pytest.mark.notebook
 def test_finetuning_notebook_runs(tmp_path):
     from conftest import demo_config
-    from medqa.data import prepare
+    from medqa.prepare import prepare
 
     prepare(demo_config(tmp_path))
     nb = run_notebook("peft_finetuning_and_logging.ipynb", tmp_path, [f"workdir={tmp_path}", f"data.source={SAMPLE}"])
@@ -75,7 +75,7 @@ def test_finetuning_notebook_runs(tmp_path):
 @pytest.mark.notebook
 def test_raytune_final_notebook_runs(tmp_path):
     from conftest import demo_config
-    from medqa.data import prepare
+    from medqa.prepare import prepare
 
     prepare(demo_config(tmp_path))
     nb = run_notebook("raytune-peft-finetune-final.ipynb", tmp_path, [f"workdir={tmp_path}", f"data.source={SAMPLE}"])

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO, SAMPLE, demo_config
 from medqa.cli import main
-from medqa.data import prepare
+from medqa.prepare import prepare
 from medqa.errors import DataError
 
 

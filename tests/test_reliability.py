@@ -32,7 +32,7 @@ def snapshot(folder: Path) -> dict:
 def test_crash_while_writing_tokenized_keeps_the_previous_artifact(prepared, tmp_path, monkeypatch):
     import datasets
 
-    from medqa.data import prepare
+    from medqa.prepare import prepare
 
     workdir = copy_workdir(prepared, tmp_path)
     before = snapshot(workdir / "tokenized")
@@ -106,7 +106,7 @@ def test_disk_check_stops_before_training(prepared, tmp_path, monkeypatch):
 
 def test_empty_test_split_is_a_clear_error(prepared, tmp_path):
     from medqa.baseline import baseline
-    from medqa.data import prepare
+    from medqa.prepare import prepare
 
     workdir = copy_workdir(prepared, tmp_path)
     cfg = demo_config(workdir, "data.train_fraction=0.9", "data.val_fraction=0.1", "data.test_fraction=0.0")
@@ -185,11 +185,11 @@ def test_resume_ignores_a_half_written_checkpoint(tmp_path):
 
 
 def test_eval_max_examples_never_shrinks_training(prepared):
-    from medqa.baseline import load_tokenized
+    from medqa.workdir import load_split
 
     cfg = demo_config(prepared, "scoring.max_examples=5")
-    assert len(load_tokenized(cfg, "val")) == 5
-    assert len(load_tokenized(cfg, "train")) > 100
+    assert len(load_split(cfg, "val")) == 5
+    assert len(load_split(cfg, "train")) > 100
 
 
 def test_resume_under_changed_settings_refuses_and_never_relabels(prepared, tmp_path):

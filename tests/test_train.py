@@ -57,7 +57,7 @@ def test_run_files(trained):
 
 def test_base_frozen_and_adapter_changed(trained):
     from medqa.modeling import load_model
-    from medqa.train import build_lora_model
+    from medqa.modeling import build_lora_model
 
     cfg, result = trained
     from medqa.modeling import load_adapter_model
@@ -83,7 +83,7 @@ def test_base_frozen_and_adapter_changed(trained):
 @pytest.mark.parametrize("preset", ["qv", "attention", "all-linear"])
 def test_trainable_count_matches_shapes(prepared, preset):
     from medqa.modeling import count_parameters, load_model, lora_parameter_count, resolve_lora_targets
-    from medqa.train import build_lora_model
+    from medqa.modeling import build_lora_model
 
     cfg = demo_config(prepared, f"lora.targets={preset}", "lora.r=4")
     base = load_model(cfg)

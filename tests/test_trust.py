@@ -10,7 +10,7 @@ import torch
 
 from conftest import REPO
 from medqa.config import load_config
-from medqa.data import prepare
+from medqa.prepare import prepare
 from medqa.errors import DataError
 from test_prepare_inputs import GOOD_A, GOOD_Q, cfg_for, write_records
 
@@ -170,7 +170,7 @@ def test_unreadable_file(tmp_path, tiny_model_dir):
 def test_auto_precision_on_a_pre_ampere_card_is_fp16():
     """A T4 emulates bf16 (is_bf16_supported() is True by default there) but computes it slowly: every precision
     decision (training, scoring, QLoRA compute dtype) must pick fp16."""
-    from medqa import modeling, train
+    from medqa import modeling
 
     def t4_bf16(including_emulation: bool = True) -> bool:
         return including_emulation  # emulation only
@@ -181,12 +181,12 @@ def test_auto_precision_on_a_pre_ampere_card_is_fp16():
         assert modeling.cuda_half_dtype() == torch.float16
         assert modeling.pick_device_dtype(cfg)[1] == torch.float16
         assert modeling.scoring_dtype(cfg) == "float16"
-        assert train._precision(cfg) == {"bf16": False, "fp16": True}
-        assert train._compute_dtype(cfg) == torch.float16
+        assert modeling.precision(cfg) == {"bf16": False, "fp16": True}
+        assert modeling.compute_dtype(cfg) == torch.float16
     with mock.patch("torch.cuda.is_available", return_value=True), \
             mock.patch("torch.cuda.is_bf16_supported", return_value=True):  # an A100/H100: native bf16
         assert modeling.pick_device_dtype(cfg)[1] == torch.bfloat16
-        assert train._precision(cfg) == {"bf16": True, "fp16": False}
+        assert modeling.precision(cfg) == {"bf16": True, "fp16": False}
 
 
 def test_one_place_decides_precision():
@@ -358,7 +358,7 @@ def test_old_encoding_rule_makes_tokenized_data_stale():
     from unittest import mock
 
     from conftest import demo_config
-    from medqa import data as data_mod
+    from medqa import workdir as data_mod
 
     cfg = demo_config(REPO)
     tok = mock.Mock()

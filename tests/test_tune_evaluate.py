@@ -35,10 +35,10 @@ def test_search_writes_results_and_best(searched):
     assert table["learning_rate"].between(*cfg.tune.learning_rate).all()
     assert set(table["status"]) <= {"completed", "stopped early"}
     # ASHA's max_t is the Trainer's own step count, so no trial is cut before its last steps by rounding.
-    from medqa.baseline import load_tokenized
+    from medqa.workdir import load_split
     from medqa.train import planned_steps
 
-    assert (table["max_steps"] == planned_steps(cfg, load_tokenized(cfg, "train"))).all()
+    assert (table["max_steps"] == planned_steps(cfg, load_split(cfg, "train"))).all()
     assert (table.loc[table["status"] == "completed", "steps"] == table["max_steps"].max()).all()
     assert (result.experiment_dir / "search.png").exists() and (result.experiment_dir / "curves.png").exists()
     assert result.experiment_dir.parent == cfg.root / "outputs" and result.experiment_dir.name.startswith("ray_")

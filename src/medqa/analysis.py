@@ -3,17 +3,14 @@
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 
 import pandas as pd
 
 from medqa.schema import Config
 from medqa.prompts import IGNORE_INDEX
 from medqa.sources import read_records
-
-SPLITS = ("train", "val", "test")
+from medqa.workdir import SPLITS, load_records, load_split, paths, read_metrics
 
 # Keyword views as in the original project's analysis: a question counts for every group whose keyword it has.
 SPECIALTY_KEYWORDS: dict[str, list[str]] = {
@@ -38,17 +35,14 @@ URGENCY_KEYWORDS: dict[str, list[str]] = {
 
 
 def load_splits(cfg: Config) -> dict[str, list[dict]]:
-    return {s: json.loads((Path(cfg.workdir) / "data" / f"{s}_data.json").read_text(encoding="utf-8"))
-            for s in SPLITS}
+    return {s: load_records(cfg, s) for s in SPLITS}
 
 
 def token_lengths(cfg: Config) -> pd.DataFrame:
     """One row per tokenized example: split, prompt tokens, answer tokens (incl. EOS), total."""
-    import datasets
-
     rows = []
     for s in SPLITS:
-        ds = datasets.load_from_disk(str(Path(cfg.workdir) / "tokenized" / f"tokenized_{s}"))
+        ds = load_split(cfg, s, limit=False)
         for labels in ds["labels"]:
             answer = sum(1 for label in labels if label != IGNORE_INDEX)
             rows.append({"split": s, "prompt_tokens": len(labels) - answer, "answer_tokens": answer,
@@ -121,5 +115,4 @@ def metrics_frame(runs: dict[str, dict]) -> pd.DataFrame:
 
 def load_metrics(cfg: Config, stage: str) -> dict | None:
     """outputs/<stage>/metrics.json, or None when that stage has not run."""
-    path = Path(cfg.workdir) / "outputs" / stage / "metrics.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_metrics(paths(cfg).outputs / stage)

@@ -14,16 +14,27 @@ import sys
 import textwrap
 from collections.abc import Callable
 
-from medqa.config import Config, describe_fields, load_config, resolved_yaml
+from medqa.ask import ask, read_questions
+from medqa.baseline import baseline
+from medqa.config import describe_fields, load_config, resolved_yaml
 from medqa.errors import ConfigError, Interrupted, MedqaError
+from medqa.evaluate import evaluate
+from medqa.export import check_push, export, push_to_hub
+from medqa.modeling import model_path
+from medqa.prepare import prepare
+from medqa.records import clean_and_dedupe, tiny_training_texts
+from medqa.schema import Config
+from medqa.sources import read_records
+from medqa.tiny import build_tiny_model
+from medqa.train import train
+from medqa.tune import tune
+from medqa.workdir import paths
 
 log = logging.getLogger("medqa")
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
 def _prepare(cfg: Config, args: argparse.Namespace) -> None:
-    from medqa.data import prepare
-
     result = prepare(cfg)
     r = result.report
     print(f"read {r['read']}  kept {r['kept']}  rejected {sum(r['rejected'].values())} {r['rejected']}  "
@@ -33,24 +44,18 @@ def _prepare(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _baseline(cfg: Config, args: argparse.Namespace) -> None:
-    from medqa.baseline import baseline
-
     result = baseline(cfg)
     print(result.table())
     print(f"wrote {result.out_dir}/metrics.json")
 
 
 def _train(cfg: Config, args: argparse.Namespace) -> None:
-    from medqa.train import train
-
     result = train(cfg)
     print(result.table())
     print(f"wrote {result.out_dir}")
 
 
 def _tune(cfg: Config, args: argparse.Namespace) -> None:
-    from medqa.tune import tune
-
     result = tune(cfg)
     cols = [c for c in result.results.columns if c not in ("path",)]
     print(result.results[cols].to_string(index=False))
@@ -58,16 +63,12 @@ def _tune(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _evaluate(cfg: Config, args: argparse.Namespace) -> None:
-    from medqa.evaluate import evaluate
-
     result = evaluate(cfg)
     print(result.report_md.read_text().split("## Samples")[0])
     print(f"wrote {result.report_md} and report.json")
 
 
 def _ask(cfg: Config, args: argparse.Namespace) -> None:
-    from medqa.ask import ask, read_questions
-
     questions = list(args.questions) + (read_questions(args.file) if args.file else [])
     if not questions:
         raise ConfigError('Give a question: medqa ask "question" [--adapter DIR], or --file questions.txt.')
@@ -76,15 +77,11 @@ def _ask(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _export(cfg: Config, args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from medqa.export import check_push, export, push_to_hub
-
     if args.push_to_hub and not args.merged:  # the adapter as trained, with a model card
-        print(f"pushed {push_to_hub(cfg, args.push_to_hub, Path(cfg.workdir) / 'outputs' / 'finetune')}")
+        print(f"pushed {push_to_hub(cfg, args.push_to_hub, paths(cfg).finetune)}")
         return
     if args.push_to_hub:
-        check_push(Path(cfg.workdir) / "outputs" / "merged")  # token and network before a long merge
+        check_push(paths(cfg).merged)  # token and network before a long merge
     merged = export(cfg)
     print(f"wrote the merged model to {merged}")
     if args.push_to_hub:
@@ -92,11 +89,6 @@ def _export(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _make_tiny_model(cfg: Config, args: argparse.Namespace) -> None:
-    from medqa.data import clean_and_dedupe, tiny_training_texts
-    from medqa.modeling import model_path
-    from medqa.sources import read_records
-    from medqa.tiny import build_tiny_model
-
     cands, _ = clean_and_dedupe(read_records(cfg.data.source, cfg.data.hub_split), cfg)
     out = build_tiny_model(tiny_training_texts(cands, cfg), cfg.model.tiny, model_path(cfg), seed=cfg.seed)
     print(f"built the tiny model at {out}")

@@ -8,7 +8,6 @@ ROUGE and BLEU. Writes `outputs/report.json` and `outputs/report.md` (metrics, s
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -17,13 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from medqa.artifacts import write_json, write_text_atomic
-from medqa.baseline import load_tokenized, sanity_check
 from medqa.batching import eval_tokens_per_batch
 from medqa.schema import Config
 from medqa.errors import DataError
 from medqa.external import load_external
 from medqa.generate import generate_answers
-from medqa.metrics import evaluate_answer_loss, paired_bootstrap
+from medqa.metrics import evaluate_answer_loss, paired_bootstrap, sanity_check
+from medqa.modelcard import card_fields
 from medqa.pubmedqa import DEFAULT_TEST as DEFAULT_PUBMEDQA
 from medqa.pubmedqa import load_items as load_pubmedqa
 from medqa.pubmedqa import paired_comparison
@@ -32,11 +31,9 @@ from medqa.pubmedqa import score_items as score_pubmedqa
 from medqa.pubmedqa import summarize as summarize_pubmedqa
 from medqa.modeling import is_tiny_model, load_adapter_model, load_model, load_tokenizer, model_path, scoring_dtype
 from medqa.textmetrics import BERTSCORE_OFF, bertscore, check_bertscore_encoder, generation_scores
+from medqa.workdir import adapter_inputs, candidate_adapters, load_records, load_split, paths
 
 log = logging.getLogger(__name__)
-
-DATA_LICENCE = ("HealthCareMagic-100k (ChatDoctor) is for academic research only; commercial and clinical use are "
-                "prohibited. The copyright of the original dialogues belongs to healthcaremagic.com.")
 
 
 @dataclass
@@ -45,36 +42,21 @@ class EvaluateResult:
     report_md: Path
 
 
-def candidate_models(cfg: Config) -> dict[str, Path | None]:
-    """name -> adapter folder (None for the base model), for those that exist."""
-    outputs = Path(cfg.workdir) / "outputs"
-    found: dict[str, Path | None] = {"base": None}
-    for name, folder in (("fine-tuned", outputs / "finetune"), ("tuned (best trial)", outputs / "best")):
-        if (folder / "adapter_config.json").exists():
-            found[name] = folder
-    return found
-
-
 def evaluate(cfg: Config) -> EvaluateResult:
     """Score every available model on test, generate and score answers, write the report."""
     start = time.perf_counter()
     tokenizer = load_tokenizer(cfg)
-    test = load_tokenized(cfg, "test", tokenizer)
-    test_file = Path(cfg.workdir) / "data" / "test_data.json"
-    if not test_file.exists():
-        raise DataError(f"{test_file} not found. Run `medqa prepare --config <your config>` first (same workdir).")
-    records = {r["id"]: r for r in json.loads(test_file.read_text())}
+    test = load_split(cfg, "test", tokenizer)
+    records = {r["id"]: r for r in load_records(cfg, "test")}
     ids = list(test["id"])
     n_gen = len(ids) if cfg.evaluate.num_questions == 0 else min(cfg.evaluate.num_questions, len(ids))
     questions = [records[i]["question"] for i in ids[:n_gen]]
     references = [records[i]["answer"] for i in ids[:n_gen]]
 
-    from medqa.train import adapter_inputs
-
     expected = adapter_inputs(cfg, tokenizer)
     missing = [i for i in ids if i not in records]
     if missing:
-        raise DataError(f"{Path(cfg.workdir) / 'data' / 'test_data.json'} does not hold {len(missing)} of the "
+        raise DataError(f"{paths(cfg).records('test')} does not hold {len(missing)} of the "
                         "tokenized test examples (data/ and tokenized/ are out of step). Re-run `medqa prepare`.")
     if cfg.evaluate.bertscore_model:  # fail now, not after the first model has been scored
         check_bertscore_encoder(cfg.evaluate.bertscore_model)
@@ -85,7 +67,7 @@ def evaluate(cfg: Config) -> EvaluateResult:
     knowledge = {}
     external, external_report = load_external(cfg, tokenizer) if cfg.evaluate.external_test else (None, None)
     external_scores = {}
-    for name, adapter in candidate_models(cfg).items():
+    for name, adapter in candidate_adapters(cfg).items():
         # An adapter must come from this base model AND these splits: one trained on other splits may have
         # seen these test questions.
         model = load_model(cfg) if adapter is None else load_adapter_model(cfg, adapter, expected)
@@ -132,12 +114,12 @@ def evaluate(cfg: Config) -> EvaluateResult:
               "external": external_report,
               "bertscore": cfg.evaluate.bertscore_model or BERTSCORE_OFF,
               "test_examples": len(ids), "generated": n_gen, "models": models,
-              "samples": samples, "model_card": model_card(cfg),
+              "samples": samples, "model_card": card_fields(cfg),
               "seconds": round(time.perf_counter() - start, 2)}
-    out = Path(cfg.workdir) / "outputs"
-    write_json(out / "report.json", report)
-    write_text_atomic(out / "report.md", render_markdown(report, cfg.evaluate.samples_in_report))
-    return EvaluateResult(report, out / "report.md")
+    out = paths(cfg)
+    write_json(out.report_json, report)
+    write_text_atomic(out.report_md, render_markdown(report, cfg.evaluate.samples_in_report))
+    return EvaluateResult(report, out.report_md)
 
 
 def _bertscore_lines(report: dict) -> list[str]:
@@ -192,25 +174,6 @@ def _knowledge_table(report: dict) -> list[str]:
                      f"{_fmt(m.get('vs_base', {}).get('loss_delta'), '+.4f')} |")
     return lines + ["", "p (lost accuracy): share of paired bootstrap resamples in which the model is not worse than "
                         "the base; a small p means fine-tuning cost PubMedQA accuracy.", ""]
-
-
-def model_card(cfg: Config) -> dict:
-    return {
-        "base_model": cfg.model.name_or_path,
-        "data": f"{cfg.data.source} (question field `{cfg.data.question_field}`, answer field "
-                f"`{cfg.data.answer_field}`), split {cfg.data.train_fraction}/{cfg.data.val_fraction}/"
-                f"{cfg.data.test_fraction} by a hash of the normalised question",
-        "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout, "targets": cfg.lora.targets},
-        "training": {k: getattr(cfg.train, k) for k in ("learning_rate", "weight_decay", "epochs", "max_steps",
-                                                        "batch_size", "grad_accum", "warmup_ratio", "scheduler")},
-        "prompt_template": "the tokenizer's chat template" if cfg.prompt.use_chat_template else cfg.prompt.template,
-        "intended_use": "Research on fine-tuning language models for patient-question answering. Not for "
-                        "diagnosis, treatment or any clinical decision.",
-        "limits": "Answers can be wrong, outdated or unsafe while sounding confident; the training answers are "
-                  "online consultations of uneven quality; perplexity and ROUGE/BLEU measure similarity to one "
-                  "doctor's answer, not medical correctness.",
-        "licence": DATA_LICENCE,
-    }
 
 
 def _fmt(x, spec=".3f") -> str:

@@ -8,15 +8,18 @@ from pathlib import Path
 
 from medqa.artifacts import atomic_dir
 from medqa.schema import Config
+from medqa.errors import MedqaError
+from medqa.modelcard import model_card
 from medqa.modeling import load_adapter_model, load_tokenizer
+from medqa.workdir import paths
 
 log = logging.getLogger(__name__)
 
 
 def export(cfg: Config, adapter_dir: str | Path | None = None, out_dir: str | Path | None = None) -> Path:
     """W' = W + (alpha / r) * B @ A for every LoRA layer, saved in safetensors."""
-    adapter_dir = Path(adapter_dir or Path(cfg.workdir) / "outputs" / "finetune")
-    out_dir = Path(out_dir or Path(cfg.workdir) / "outputs" / "merged")
+    adapter_dir = Path(adapter_dir or paths(cfg).finetune)
+    out_dir = Path(out_dir or paths(cfg).merged)
     model = load_adapter_model(cfg, adapter_dir).merge_and_unload()
     tokenizer = load_tokenizer(cfg)
     with atomic_dir(out_dir) as tmp:
@@ -29,45 +32,6 @@ def export(cfg: Config, adapter_dir: str | Path | None = None, out_dir: str | Pa
 # ------------------------------------------------------------------------------------------ Hugging Face Hub
 
 
-def model_card(cfg: Config, report: dict | None, merged: bool = False) -> str:
-    """README.md for the Hub: what the model is (the LoRA adapter, or the merged model), its data and licence, its
-    measured numbers (from outputs/report.json when `medqa evaluate` has run), intended use and limits."""
-    import re
-
-    from medqa.evaluate import model_card as card_fields
-
-    card = (report or {}).get("model_card") or card_fields(cfg)
-    base = str(card["base_model"])
-    on_hub = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", base) is not None  # a local path is no Hub base_model
-    what = "Merged model (LoRA adapter folded into" if merged else "LoRA adapter for"
-    lines = ["---", *([f"base_model: {base}"] if on_hub else []),
-             *([] if merged else ["library_name: peft"]), "license: other", "license_name: research-only-data",
-             "tags: [medical, lora, medqa]", "---", "",
-             f"# {what} {base}{')' if merged else ''}: answers to patients' medical questions", "",
-             "Fine-tuned with medqa on doctors' answers. **Not medical advice**: research use "
-             "only; never for diagnosis, treatment or any clinical decision.", "",
-             "## Data and licence", "", f"- Data: {card['data']}", f"- Licence: {card['licence']}", "",
-             "## Training", "", f"- LoRA: {card['lora']}", f"- Training: {card['training']}",
-             f"- Prompt: `{card['prompt_template']!r}`", ""]
-    if report:
-        lines += ["## Results (test split)", "", "These weights are the row `fine-tuned` (the base model is the "
-                  "comparison).", "", "| model | answer perplexity | 95% CI | ROUGE-L | BLEU | PubMedQA acc |",
-                  "|---|---|---|---|---|---|"]
-        for name, m in report["models"].items():
-            t, g, p = m["test"], m["generation"], m.get("pubmedqa")
-            ci = t.get("answer_perplexity_ci95")
-            lines.append(f"| {name} | {t['answer_perplexity']:.2f} | {f'{ci[0]:.2f}–{ci[1]:.2f}' if ci else '-'} | "
-                         f"{g['rougeL']:.3f} | {g['bleu']:.2f} | {_acc(p)} |")
-        lines += ["", "Answer perplexity: exp of the mean negative log-likelihood per answer token over every answer "
-                      f"token of the test split ({report['test_examples']} examples), scored in {report.get('dtype')}.", ""]
-    lines += ["## Intended use and limits", "", card["intended_use"], "", card["limits"], ""]
-    return "\n".join(lines)
-
-
-def _acc(pubmedqa: dict | None) -> str:
-    return f"{pubmedqa['acc']:.3f}" if pubmedqa else "-"
-
-
 # What a model repository needs: weights, configs, tokenizer files and the card. Not run files that hold local
 # paths or per-example data (config.yaml, manifest.json, metrics.json, per_example.jsonl, tensorboard/).
 UPLOAD_PATTERNS = ["*.safetensors", "*config.json", "tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json",
@@ -78,7 +42,7 @@ def check_push(folder: Path) -> str:
     """The HF_TOKEN to push with, or one clear MedqaError (checked before any slow work such as merging)."""
     import os
 
-    from medqa.errors import MedqaError
+
 
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise MedqaError(f"Cannot push to the Hub: offline mode is on (HF_HUB_OFFLINE=1). The files to publish are in "
@@ -99,14 +63,14 @@ def push_to_hub(cfg: Config, repo_id: str, folder: str | Path | None = None, pri
     import shutil
     import tempfile
 
-    from medqa.errors import MedqaError
 
-    folder = Path(folder or Path(cfg.workdir) / "outputs" / "finetune")
+
+    folder = Path(folder or paths(cfg).finetune)
     if not folder.is_dir() or not any(folder.iterdir()):
         raise MedqaError(f"{folder} holds nothing to upload. Run `medqa train` (the adapter) or `medqa export` (the "
                          "merged model) first, or pass the folder to upload.")
     token = check_push(folder)
-    report_path = Path(cfg.workdir) / "outputs" / "report.json"
+    report_path = paths(cfg).report_json
     report = None
     if report_path.exists():
         try:

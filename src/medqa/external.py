@@ -13,20 +13,18 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import Counter
-from pathlib import Path
-
-from medqa.schema import Config
+from medqa.cleaning import normalize_key
 from medqa.errors import DataError
+from medqa.prompts import encode_example
+from medqa.records import Candidate, check_fields_present, check_record, dedupe, length_reject, write_rejects
+from medqa.schema import Config
+from medqa.sources import read_records
+from medqa.workdir import load_records, paths
 
 
 def load_external(cfg: Config, tokenizer) -> tuple[object, dict]:
     """(tokenized Dataset of the kept records, report {read, kept, rejected}); writes outputs/external/."""
     import datasets
-
-    from medqa.cleaning import normalize_key
-    from medqa.data import Candidate, _check_record, check_fields_present, dedupe, length_reject, write_rejects
-    from medqa.prompts import encode_example
-    from medqa.sources import read_records
 
     e = cfg.evaluate
     try:
@@ -45,14 +43,10 @@ def load_external(cfg: Config, tokenizer) -> tuple[object, dict]:
     # Questions the fine-tuned model trained on, or that chose its checkpoint (val), are not a test of anything.
     in_train = set()
     for split in ("train", "val"):
-        path = Path(cfg.workdir) / "data" / f"{split}_data.json"
-        if not path.exists():
-            raise DataError(f"{path} not found: the external test set is checked against the training data, which "
-                            "`medqa prepare` writes. Run it first (same workdir).")
-        in_train |= {normalize_key(r["question"]) for r in json.loads(path.read_text())}
+        in_train |= {normalize_key(r["question"]) for r in load_records(cfg, split)}
     cands, rejected = [], []
     for index, rec in enumerate(records):
-        q, reason_or_a = _check_record(rec, as_data)
+        q, reason_or_a = check_record(rec, as_data)
         if q is None:
             rejected.append({"index": index, "reason": reason_or_a, "record": rec})
         elif normalize_key(q) in in_train:
@@ -78,7 +72,7 @@ def load_external(cfg: Config, tokenizer) -> tuple[object, dict]:
     report = {"source": e.external_test, "name": e.external_name, "read": len(records), "kept": len(ds),
               "rejected": dict(sorted(Counter(r["reason"] for r in rejected).items()))}
     assert report["read"] == report["kept"] + sum(report["rejected"].values())
-    out = Path(cfg.workdir) / "outputs" / "external"
+    out = paths(cfg).external
     out.mkdir(parents=True, exist_ok=True)
     write_rejects(out / "rejected.jsonl", rejected)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")

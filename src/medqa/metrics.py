@@ -13,12 +13,19 @@ Definitions (docs: README, "Metrics"):
 
 from __future__ import annotations
 
+import logging
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 
+from medqa.batching import length_budget_batches
 from medqa.prompts import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+EVAL_SPLITS = ("val", "test")  # the splits every stage scores
 
 
 @dataclass
@@ -35,8 +42,6 @@ class ExampleScores:
 def length_batches(lengths: list[int], batch_size: int, max_tokens: int = 0) -> list[list[int]]:
     """Indices grouped into batches of similar length (sorted, longest first), so padding is minimal: `batch_size`
     examples each, or with `max_tokens` as many as fit in that many padded tokens (`medqa.batching`)."""
-    from medqa.batching import length_budget_batches
-
     return length_budget_batches(lengths, batch_size, max_tokens)
 
 
@@ -190,3 +195,39 @@ def perplexity_warning(metrics: dict, vocab_size: int, what: str = "") -> str | 
             "or text mangled before tokenization (e.g. lower-cased). A randomly initialised model (the tiny demo "
             "model before training) is the one expected exception.")
 
+
+def sanity_check(metrics: dict, vocab_size: int, what: str, quiet: bool = False) -> str | None:
+    """Warn loudly (log and stderr) when a split's answer perplexity is above the vocabulary size, and record the
+    warning in `metrics["sanity_warnings"]`. `quiet`: a randomly initialised model, where it is expected (logged
+    at info level and recorded as such)."""
+    warnings = [w for split in EVAL_SPLITS if split in metrics
+                for w in [perplexity_warning(metrics[split], vocab_size, f"{what} {split}")] if w]
+    if not warnings:
+        return None
+    text = "\n".join(warnings)
+    if quiet:
+        log.info("%s answer perplexity is above the vocabulary size, as expected for a randomly initialised model.",
+                 what)
+        metrics["sanity_warnings"] = ["above uniform, expected: randomly initialised model"]
+        return None
+    log.warning(text)
+    print(text, file=sys.stderr)
+    metrics["sanity_warnings"] = warnings
+    return text
+
+
+def metrics_table(runs: dict[str, dict]) -> str:
+    """A small fixed-width table: one row per (run, split)."""
+    lines = [f"{'model':<12} {'split':<5} {'examples':>8} {'tokens':>8} {'answer_loss':>11} {'answer_ppl':>10} "
+             f"{'95% CI':>19} {'bits/tok':>8} {'seq_ppl':>9}"]
+    for name, metrics in runs.items():
+        for split in EVAL_SPLITS:
+            m = metrics.get(split)
+            if not m:
+                continue
+            ci = m["answer_perplexity_ci95"]
+            ci_text = f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "-"
+            lines.append(f"{name:<12} {split:<5} {m['examples']:>8} {m['answer_tokens']:>8} {m['answer_loss']:>11.4f} "
+                         f"{m['answer_perplexity']:>10.2f} {ci_text:>19} {m['bits_per_token']:>8.3f} "
+                         f"{m['sequence_perplexity']:>9.2f}")
+    return "\n".join(lines)

@@ -6,8 +6,10 @@ import logging
 import os
 from pathlib import Path
 
+from medqa.artifacts import atomic_dir
+from medqa.manifest import check_inputs, fingerprint_model
 from medqa.schema import Config
-from medqa.errors import ModelError
+from medqa.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +78,6 @@ def ensure_converted(cfg: Config) -> None:
         return
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from medqa.artifacts import atomic_dir
 
     source = gguf_source(cfg)
     log.info("Converting %s into %s (once).", source, target)
@@ -207,6 +207,70 @@ def load_model(cfg: Config, path: str | None = None, for_training: bool = False)
     return model.to(device)
 
 
+# ------------------------------------------------------------------------------------------ LoRA
+
+
+def precision(cfg: Config) -> dict:
+    """Training's mixed precision ({"bf16": .., "fp16": ..} for TrainingArguments), from `cuda_half_dtype`."""
+    import torch
+
+    mp = cfg.train.mixed_precision
+    if mp == "auto":
+        mp = ("bf16" if cuda_half_dtype() == torch.bfloat16 else "fp16") if torch.cuda.is_available() else "no"
+    if mp != "no" and not torch.cuda.is_available():
+        raise ConfigError(f"train.mixed_precision={mp} needs a CUDA GPU; use auto or no on this machine.")
+    return {"bf16": mp == "bf16", "fp16": mp == "fp16"}
+
+
+def compute_dtype(cfg: Config):
+    """The dtype attention runs in: the additive packing mask must match it."""
+    import torch
+
+    mixed = precision(cfg)
+    return torch.bfloat16 if mixed["bf16"] else (torch.float16 if mixed["fp16"] else torch.float32)
+
+
+def build_lora_model(cfg: Config):
+    """The base model wrapped with peft LoRA (optionally 4-bit QLoRA on CUDA)."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import set_seed
+
+    set_seed(cfg.seed)  # LoRA's A matrices are initialised randomly
+    if cfg.train.qlora:
+        model = load_4bit(cfg)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+    else:
+        model = load_model(cfg, for_training=True)
+    targets = resolve_lora_targets(model, cfg.lora.targets)
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    trainable, total = count_parameters(model)
+    log.info("LoRA r=%d alpha=%d on %s: %s trainable of %s parameters (%.3f%%)", cfg.lora.r, cfg.lora.alpha,
+             targets, f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%), LoRA on {targets}")
+    return model.to(torch.float32) if not cfg.train.qlora else model
+
+
+def load_4bit(cfg: Config):
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("train.qlora=true needs a CUDA GPU (bitsandbytes 4-bit); set train.qlora=false here.")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError("train.qlora=true needs bitsandbytes: pip install 'medqa[gpu]'.") from None
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    compute = cuda_half_dtype()
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+                               bnb_4bit_use_double_quant=True)
+    return AutoModelForCausalLM.from_pretrained(model_path(cfg), quantization_config=quant, device_map={"": 0},
+                                                trust_remote_code=cfg.model.trust_remote_code)
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     total = sum(p.numel() for p in model.parameters())
@@ -297,8 +361,6 @@ def load_adapter_model(cfg: Config, adapter_dir: str | Path, expected: dict[str,
         raise ModelError(f"{adapter_dir} holds no LoRA adapter (adapter_config.json and adapter_model.safetensors). "
                          "Run `medqa train --config <your config>` first, or point at the folder it wrote "
                          "(outputs/finetune).")
-    from medqa.manifest import check_inputs, fingerprint_model
-
     check_inputs(cfg, adapter_dir, expected or {"base_model": fingerprint_model(model_path(cfg), cfg.model.revision)},
                  "medqa train --config <your config>")
     base = load_model(cfg)

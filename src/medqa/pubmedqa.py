@@ -27,6 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from medqa.errors import DataError
+from medqa.metrics import length_batches, pad_batch, token_nll
+from medqa.metrics import paired_bootstrap
 from medqa.prompts import IGNORE_INDEX
 
 CHOICES = ("yes", "no", "maybe")
@@ -36,8 +39,6 @@ DEFAULT_TEST = Path(__file__).resolve().parents[2] / "data" / "pubmedqa" / "pubm
 def load_items(path: str | Path = DEFAULT_TEST) -> list[dict]:
     """The questions: dicts with id, question, contexts (list of str) and answer (yes/no/maybe). PubMedQA's own
     `ori_pqal.json` layout (a dict keyed by PubMed id with QUESTION, CONTEXTS, final_decision) is read too."""
-    from medqa.errors import DataError
-
     try:
         items = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:  # missing, unreadable, not UTF-8, not JSON
@@ -106,8 +107,6 @@ def score_items(model, tokenizer, items: list[dict], batch_size: int = 8, max_le
     """Log-likelihood of each choice for each question (see the module docstring)."""
     import torch
 
-    from medqa.metrics import length_batches, pad_batch, token_nll
-
     max_length = max_length or getattr(model.config, "max_position_embeddings", 1024)
     rows, owners = [], []
     for q, item in enumerate(items):
@@ -168,8 +167,6 @@ def paired_comparison(base: PubMedQAScores, tuned: PubMedQAScores, samples: int 
     """Accuracy difference (tuned - base) on the same questions, its 95% paired-bootstrap interval, and the share
     of resamples in which the tuned model is not worse (one-sided p for "fine-tuning lost accuracy", +1
     corrected)."""
-    from medqa.metrics import paired_bootstrap
-
     if base.ids != tuned.ids:
         raise ValueError("paired comparison needs the same questions in the same order")
     a = (base.predicted == base.gold).astype(float)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from medqa.errors import ConfigError
+
 
 def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
     from rouge_score import rouge_scorer
@@ -53,7 +55,6 @@ def bertscore(predictions: list[str], references: list[str], model: str, num_lay
     import os
     from pathlib import Path
 
-    from medqa.errors import ConfigError
 
     try:
         import bert_score
@@ -80,7 +81,6 @@ def check_bertscore_encoder(model: str) -> int:
     """The encoder's layer count, or one clear ConfigError (checked before any model is scored)."""
     from transformers import AutoConfig
 
-    from medqa.errors import ConfigError
 
     try:
         import bert_score  # noqa: F401

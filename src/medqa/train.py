@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -28,19 +26,22 @@ from pathlib import Path
 import yaml
 
 from medqa.artifacts import atomic_dir, write_json
-from medqa.baseline import EVAL_SPLITS, load_tokenized, metrics_table, per_example_rows, sanity_check
 from medqa.schema import Config
 from medqa.errors import ConfigError, Interrupted, MedqaError
-from medqa.manifest import check_resumable, fingerprint_model, run_record, write_manifest, write_run_record
-from medqa.batching import BatchPlan, eval_tokens_per_batch
-from medqa.metrics import evaluate_answer_loss, pad_batch
+from medqa.manifest import check_resumable, run_record, write_manifest, write_run_record
+from medqa.batching import BatchPlan, cuda_free_bytes, eval_tokens_per_batch, optimizer_steps, plan_batches
+from medqa.metrics import EVAL_SPLITS, evaluate_answer_loss, metrics_table, pad_batch, sanity_check
 from medqa.packing import PackedCollator, pack_dataset, plan_packs
-from medqa.modeling import (count_parameters, cuda_half_dtype, load_model, load_tokenizer, model_path,
-                            resolve_lora_targets, scoring_dtype)
+from medqa.plots import plot_training
+from medqa.trainer import (FAST_LOSS_MODEL_TYPES, AnswerLossTrainer, FastStep, GracefulStop, History, StepTimer,
+                           supports_fast_step)
+from medqa.modeling import (build_lora_model, compute_dtype, count_parameters, load_model, load_tokenizer, model_path,
+                            precision, scoring_dtype)
+from medqa.workdir import (HISTORY, Workdir, adapter_inputs, load_split, paths, per_example_rows, read_metrics,
+                           write_per_example)
 
 log = logging.getLogger(__name__)
 
-HISTORY = "metrics.jsonl"
 RUN_SECTIONS = ("data", "prompt", "model", "lora", "train", "scoring")  # the config sections a training run depends on
 
 
@@ -52,103 +53,6 @@ class TrainResult:
 
     def table(self) -> str:
         return metrics_table({"fine-tuned": self.metrics})
-
-
-def _precision(cfg: Config) -> dict:
-    import torch
-
-    mp = cfg.train.mixed_precision
-    if mp == "auto":
-        mp = ("bf16" if cuda_half_dtype() == torch.bfloat16 else "fp16") if torch.cuda.is_available() else "no"
-    if mp != "no" and not torch.cuda.is_available():
-        raise ConfigError(f"train.mixed_precision={mp} needs a CUDA GPU; use auto or no on this machine.")
-    return {"bf16": mp == "bf16", "fp16": mp == "fp16"}
-
-
-def _compute_dtype(cfg: Config):
-    """The dtype attention runs in: the additive packing mask must match it."""
-    import torch
-
-    precision = _precision(cfg)
-    return torch.bfloat16 if precision["bf16"] else (torch.float16 if precision["fp16"] else torch.float32)
-
-
-def build_lora_model(cfg: Config):
-    """The base model wrapped with peft LoRA (optionally 4-bit QLoRA on CUDA)."""
-    import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import set_seed
-
-    set_seed(cfg.seed)  # LoRA's A matrices are initialised randomly
-    if cfg.train.qlora:
-        model = _load_4bit(cfg)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
-    else:
-        model = load_model(cfg, for_training=True)
-    targets = resolve_lora_targets(model, cfg.lora.targets)
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=targets, task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
-    trainable, total = count_parameters(model)
-    log.info("LoRA r=%d alpha=%d on %s: %s trainable of %s parameters (%.3f%%)", cfg.lora.r, cfg.lora.alpha,
-             targets, f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-    print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%), LoRA on {targets}")
-    return model.to(torch.float32) if not cfg.train.qlora else model
-
-
-def _load_4bit(cfg: Config):
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ConfigError("train.qlora=true needs a CUDA GPU (bitsandbytes 4-bit); set train.qlora=false here.")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise ConfigError("train.qlora=true needs bitsandbytes: pip install 'medqa[gpu]'.") from None
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    compute = cuda_half_dtype()
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
-                               bnb_4bit_use_double_quant=True)
-    return AutoModelForCausalLM.from_pretrained(model_path(cfg), quantization_config=quant, device_map={"": 0},
-                                                trust_remote_code=cfg.model.trust_remote_code)
-
-
-class _GracefulStop:
-    """Ctrl-C (SIGINT) or a notebook's stop button: finish the current step, save a checkpoint, then stop.
-    A second Ctrl-C interrupts at once."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("Stopping after this step and saving a checkpoint (Ctrl-C again to abort at once).")
-
-    def callback(self):
-        from transformers import TrainerCallback
-
-        stop = self
-
-        class StopOnRequest(TrainerCallback):
-            def on_step_end(self, args, state, control, **kw):
-                if stop.requested:
-                    control.should_save = True
-                    control.should_training_stop = True
-
-        return StopOnRequest()
 
 
 def last_complete_checkpoint(work: Path) -> Path | None:
@@ -204,7 +108,7 @@ def _training_args(cfg: Config, work: Path, trial: bool, plan: BatchPlan | None)
         optim="adamw_torch_fused",  # one kernel for all LoRA tensors instead of several per tensor
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
-        disable_tqdm=False, **_precision(cfg),
+        disable_tqdm=False, **precision(cfg),
     )
 
 
@@ -280,9 +184,6 @@ class Setup:
 
 def setup_training(cfg: Config, model, train_ds, pad_id: int) -> Setup:
     """Pack (or not) the tokenized train split and decide the batch shape and the training step."""
-    from medqa.batching import cuda_free_bytes, plan_batches
-    from medqa.trainer import FAST_LOSS_MODEL_TYPES, FastStep, supports_fast_step
-
     t = cfg.train
     if not t.packing:
         collate = partial(pad_batch, pad_id=pad_id)
@@ -300,7 +201,7 @@ def setup_training(cfg: Config, model, train_ds, pad_id: int) -> Setup:
         if attention == "flex":
             _use_flex(model)
         fast = FastStep(model, compile=compile_, compile_mode=t.compile_mode, loss_chunk_tokens=t.loss_chunk_tokens,
-                        attention=attention, mask_dtype=_compute_dtype(cfg))
+                        attention=attention, mask_dtype=compute_dtype(cfg))
     else:
         attention = "sdpa"  # the model's own forward, with the block mask from the collator
     if fast is None and (t.compile is True or t.loss_chunk_tokens or cfg.train.attention == "flex"):
@@ -309,7 +210,7 @@ def setup_training(cfg: Config, model, train_ds, pad_id: int) -> Setup:
                     getattr(model.config, "model_type", "?"))
     # Every batch: plan.rows_per_batch rows x data.max_length tokens (one shape for the compiled step). The fast
     # step builds the attention mask on the device; only the model's own forward needs it from the collator.
-    collate = PackedCollator(pad_id, block_mask=fast is None, mask_dtype=_compute_dtype(cfg),
+    collate = PackedCollator(pad_id, block_mask=fast is None, mask_dtype=compute_dtype(cfg),
                              pad_to_multiple_of=cfg.data.max_length, rows=plan.rows_per_batch)
     msg = (f"packing: {len(train_ds):,} rows of up to {cfg.data.max_length} tokens ({examples_per_row:.2f} examples "
            f"per row); {plan.describe()}; step: {'compiled' if fast and fast.compiled else 'eager'}, "
@@ -325,14 +226,12 @@ def fit(cfg: Config, model, tokenizer, setup: Setup, eval_ds, work: Path, callba
     bench/gpu.py, which times exactly this path (with `tokenizer=None` and the `pad_id` of its synthetic rows)."""
     from transformers import EarlyStoppingCallback
 
-    from medqa.trainer import AnswerLossTrainer, History, StepTimer
-
     timer = StepTimer()
     history = History(work / HISTORY, setup.tokens_per_row, setup.examples_per_row, timer)
     extra = [timer, history] + list(callbacks or [])
     if cfg.train.early_stopping_patience:
         extra.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
-    stop = _GracefulStop()
+    stop = GracefulStop()
     extra.append(stop.callback())
     trainer = AnswerLossTrainer(
         model=model, args=_training_args(cfg, work, trial, setup.plan), train_dataset=setup.train_ds,
@@ -356,8 +255,6 @@ def planned_steps(cfg: Config, train_ds, model_config=None) -> int:
     """The optimizer steps `medqa train` will run on this tokenized train split (as the Trainer counts them), for
     ASHA's max_t and the disk check. With packing and an auto micro-batch on CUDA without train.tokens_per_step,
     the count depends on the card; it is then computed for this process's card."""
-    from medqa.batching import cuda_free_bytes, optimizer_steps, plan_batches
-
     t = cfg.train
     if not t.packing:
         n_batches = -(-len(train_ds) // t.batch_size)
@@ -377,11 +274,11 @@ def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None
     start = time.perf_counter()
     # setup
     tokenizer = load_tokenizer(cfg)
-    train_ds = load_tokenized(cfg, "train", tokenizer)
-    evals = {s: load_tokenized(cfg, s) for s in EVAL_SPLITS}
+    train_ds = load_split(cfg, "train", tokenizer)
+    evals = {s: load_split(cfg, s) for s in EVAL_SPLITS}
     model = build_lora_model(cfg)
-    outputs = Path(run_dir) if run_dir else Path(cfg.workdir) / "outputs"
-    work = outputs / "finetune_checkpoints"
+    where = Workdir.of(cfg, run_dir)
+    work = where.checkpoints
     # What determines this run (settings and inputs), kept beside its checkpoints: a resume must continue the
     # same run, never report another run's adapter under this config's name.
     record = run_record(cfg, RUN_SECTIONS, adapter_inputs(cfg, tokenizer))
@@ -424,7 +321,7 @@ def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None
                                                       tokens_per_batch=eval_tokens)
         rows += per_example_rows(split, scores)
     del scored
-    metrics = {**results, "dtype": scoring_dtype(cfg), "model": model_path(cfg), "adapter": str(outputs / "finetune"),
+    metrics = {**results, "dtype": scoring_dtype(cfg), "model": model_path(cfg), "adapter": str(where.finetune),
                "best_checkpoint": trainer.state.best_model_checkpoint, "best_val_answer_loss": trainer.state.best_metric,
                "steps": trainer.state.global_step, "trainable_parameters": trainable, "total_parameters": total,
                "training": {**setup.describe(), **timing}, "seconds": round(time.perf_counter() - start, 2),
@@ -433,18 +330,17 @@ def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None
     sanity_check(metrics, len(tokenizer), "fine-tuned")
 
     # write
-    out_dir = outputs / "finetune"
+    out_dir = where.finetune
     with atomic_dir(out_dir) as tmp:
         trainer.model.save_pretrained(tmp)  # adapter_model.safetensors + adapter_config.json
         tokenizer.save_pretrained(tmp)
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
         shutil.copyfile(work / HISTORY, tmp / HISTORY)
         write_json(tmp / "metrics.json", metrics)
-        (tmp / "per_example.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        write_per_example(tmp / "per_example.jsonl", rows)
         write_manifest(tmp, "train", cfg, adapter_inputs(cfg, tokenizer))
-        from medqa.plots import plot_training
-
-        plot_training(history, baseline_loss=_baseline_val_loss(Path(cfg.workdir) / "outputs"),
+        baseline = read_metrics(paths(cfg).baseline)
+        plot_training(history, baseline_loss=baseline["val"]["answer_loss"] if baseline else None,
                       path=tmp / "loss_curves.png")
         runs = work / "runs"
         if runs.is_dir():
@@ -467,15 +363,3 @@ def _as_scored(cfg: Config, trained, work: Path):
         base = load_model(cfg)
         model = PeftModel.from_pretrained(base, tmp)
         return model.to(next(base.parameters()).device).eval()
-
-
-def adapter_inputs(cfg: Config, tokenizer) -> dict[str, str]:
-    """What an adapter depends on: the base model it was trained on, and the data it saw."""
-    from medqa.data import prepared_inputs
-
-    return {"base_model": fingerprint_model(model_path(cfg), cfg.model.revision), **prepared_inputs(cfg, tokenizer)}
-
-
-def _baseline_val_loss(outputs: Path) -> float | None:
-    path = outputs / "baseline" / "metrics.json"
-    return json.loads(path.read_text())["val"]["answer_loss"] if path.exists() else None

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import statistics
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -245,3 +248,59 @@ class History(TrainerCallback):
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+class GracefulStop:
+    """Ctrl-C (SIGINT) or a notebook's stop button: finish the current step, save a checkpoint, then stop.
+    A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("Stopping after this step and saving a checkpoint (Ctrl-C again to abort at once).")
+
+    def callback(self) -> "StopOnRequest":
+        return StopOnRequest(self)
+
+
+class StopOnRequest(TrainerCallback):
+    """Save a checkpoint and stop after the current step once a `GracefulStop` was requested."""
+
+    def __init__(self, stop: GracefulStop):
+        self.stop = stop
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.stop.requested:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+class ReportToTune(TrainerCallback):
+    """In a Ray Tune trial, after each evaluation: report val answer_loss to Tune, with the adapter as the
+    checkpoint."""
+
+    def __init__(self, metric: str):
+        self.metric = metric
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kw):
+        from ray import tune
+
+        with tempfile.TemporaryDirectory() as d:
+            model.save_pretrained(d)  # the adapter only, in safetensors
+            tune.report({self.metric: metrics["eval_answer_loss"], "val_answer_perplexity":
+                         metrics["eval_answer_perplexity"], "step": state.global_step,
+                         "max_steps": state.max_steps}, checkpoint=tune.Checkpoint.from_directory(d))

@@ -18,11 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medqa.artifacts import atomic_dir, write_json
-from medqa.config import Config, config_from_dict
+from medqa.config import config_from_dict
+from medqa.schema import Config
 from medqa.errors import MedqaError
-from medqa.modeling import scoring_dtype
+from medqa.modeling import load_tokenizer, scoring_dtype
+from medqa.plots import plot_search
 from medqa.manifest import check_resumable, run_record, write_manifest, write_run_record
-from medqa.train import RUN_SECTIONS, adapter_inputs, planned_steps
+from medqa.train import RUN_SECTIONS, planned_steps, train
+from medqa.trainer import ReportToTune
+from medqa.workdir import adapter_inputs, load_split, paths
 
 log = logging.getLogger(__name__)
 
@@ -62,30 +66,11 @@ def search_space(cfg: Config) -> dict:
     return space
 
 
-def _report_callback():
-    from transformers import TrainerCallback
-
-    class ReportToTune(TrainerCallback):
-        """After each evaluation: report val answer_loss to Tune, with the adapter as the checkpoint."""
-
-        def on_evaluate(self, args, state, control, metrics=None, model=None, **kw):
-            from ray import tune
-
-            with tempfile.TemporaryDirectory() as d:
-                model.save_pretrained(d)  # the adapter only, in safetensors
-                tune.report({METRIC: metrics["eval_answer_loss"], "val_answer_perplexity":
-                             metrics["eval_answer_perplexity"], "step": state.global_step,
-                             "max_steps": state.max_steps}, checkpoint=tune.Checkpoint.from_directory(d))
-
-    return ReportToTune()
-
-
 def run_trial(params: dict, base: dict, experiment_dir: str) -> None:
     """One trial: the base config with the sampled values, trained by `train()` in the trial's folder."""
     import torch
     from ray import tune
 
-    from medqa.train import train
 
     torch.set_num_threads(max(1, int(base["tune"]["cpus_per_trial"])))
     context = tune.get_context()
@@ -97,7 +82,7 @@ def run_trial(params: dict, base: dict, experiment_dir: str) -> None:
         (exp / "injected_failure").write_text(trial_id)
         raise RuntimeError(f"injected failure in trial {trial_id} ({FAIL_ENV} is set)")
     cfg = config_from_dict(base, [f"{k}={json.dumps(v)}" for k, v in params.items()])
-    train(cfg, callbacks=[_report_callback()], run_dir=context.get_trial_dir(), trial=True)
+    train(cfg, callbacks=[ReportToTune(METRIC)], run_dir=context.get_trial_dir(), trial=True)
     with open(exp / FINISHED, "a") as f:
         f.write(trial_id + "\n")
 
@@ -124,7 +109,7 @@ def _init_ray(cfg: Config) -> bool:
         ray.init(address=address, runtime_env={"env_vars": env})
         return False
     # Ray's socket paths must stay short (Unix sockets allow ~107 bytes), so a long workdir gets a temp dir.
-    temp = Path(cfg.workdir).resolve() / ".cache" / "ray"
+    temp = paths(cfg).cache.resolve() / "ray"
     if len(str(temp)) > 40:
         temp = Path(tempfile.mkdtemp(prefix="medqa-ray-"))
         _TEMP_DIRS.append(temp)  # removed after ray.shutdown()
@@ -137,7 +122,7 @@ def _init_ray(cfg: Config) -> bool:
 def _with_absolute_paths(cfg: Config) -> Config:
     """Make workdir and every local input path absolute, so trials resolve them from their own folders."""
     values = cfg.to_dict()
-    values["workdir"] = str(Path(cfg.workdir).resolve())
+    values["workdir"] = str(paths(cfg).root.resolve())
     for section, key in (("data", "source"), ("model", "name_or_path"), ("model", "tokenizer"),
                          ("model", "gguf_file")):
         value = values[section][key]
@@ -163,12 +148,9 @@ def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
     from ray.tune.search import BasicVariantGenerator
 
     cfg = _with_absolute_paths(cfg)  # Ray runs each trial in its own folder
-    outputs = Path(cfg.workdir) / "outputs"
-    from medqa.baseline import load_tokenized
-    from medqa.modeling import load_tokenizer
-
+    outputs = paths(cfg).outputs
     tokenizer = load_tokenizer(cfg)
-    train_ds = load_tokenized(cfg, "train", tokenizer)  # fail here, clearly, not in every trial
+    train_ds = load_split(cfg, "train", tokenizer)  # fail here, clearly, not in every trial
     # What determines the search (its space, ASHA, the training settings, the data and base model): a resume
     # must continue the same search, never relabel another one's results.
     record = run_record(cfg, (*RUN_SECTIONS, "tune"), adapter_inputs(cfg, tokenizer))
@@ -231,8 +213,6 @@ def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
 def _summarize(cfg: Config, grid, experiment: Path) -> TuneResult:
     import pandas as pd
 
-    from medqa.plots import plot_search
-
     attempts_file = experiment / ATTEMPTS
     attempts = attempts_file.read_text().split() if attempts_file.exists() else []
     rows, curves = [], {}
@@ -265,8 +245,7 @@ def _summarize(cfg: Config, grid, experiment: Path) -> TuneResult:
     best = grid.get_best_result(metric=METRIC, mode="min", scope="all")
     checkpoint = best.get_best_checkpoint(METRIC, "min")
     best_row = table.iloc[0].to_dict()
-    best_dir = Path(cfg.workdir) / "outputs" / "best"
-    from medqa.modeling import load_tokenizer
+    best_dir = paths(cfg).best
 
     with atomic_dir(best_dir) as tmp:
         with checkpoint.as_directory() as d:

@@ -9,7 +9,6 @@ Reads `data.source`; writes under `workdir`:
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import logging
@@ -21,31 +20,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from medqa.artifacts import atomic_dir, write_json
-from medqa.cleaning import clean_text, has_control_chars, is_greeting_only, normalize_key
+from medqa.cleaning import has_control_chars
 from medqa.schema import Config
 from medqa.errors import DataError
 from medqa.fasttok import fast_encoder
-from medqa.manifest import fingerprint_source, write_manifest
+from medqa.manifest import write_manifest
 from medqa.modeling import load_tokenizer, tokenizer_info, tokenizer_path, wants_tiny
-from medqa.prompts import ENCODE_VERSION, encode_example
+from medqa.prompts import encode_example
+from medqa.records import (Candidate, check_fields_present, clean_records, dedupe, length_reject, tiny_training_texts,
+                           write_rejects)
 from medqa.sources import MalformedLine, read_records
+from medqa.tiny import build_tiny_model
+from medqa.workdir import SPLITS, TOKENIZED_COLUMNS, paths, prepared_inputs
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("train", "val", "test")
-TOKENIZED_COLUMNS = ["id", "input_ids", "attention_mask", "labels", "length"]
-
-
-@dataclass
-class Candidate:
-    index: int
-    question: str
-    answer: str
-    key: str  # normalised question: the dedup and split key
-    split: str = ""
 
 
 @dataclass
@@ -55,124 +44,6 @@ class PrepareResult:
     tokenized_dir: Path
     cached: bool = False
     splits: dict[str, list[dict]] = field(default_factory=dict, repr=False)
-
-
-# ------------------------------------------------------------------------------------------ record checks
-
-
-def _check_record(rec: Any, cfg: Config) -> tuple[str, str] | tuple[None, str]:
-    """Return (question, answer) cleaned, or (None, reason)."""
-    d = cfg.data
-    if isinstance(rec, MalformedLine):
-        return None, "malformed_json"
-    if not isinstance(rec, dict):
-        return None, "not_an_object"
-    fields = {}
-    for role, name in (("question", d.question_field), ("answer", d.answer_field)):
-        value = rec.get(name)
-        if value is None:
-            return None, f"missing_{role}"
-        if not isinstance(value, str):
-            return None, f"{role}_not_a_string"
-        fields[role] = clean_text(value)
-    q, a = fields["question"], fields["answer"]
-    if not q:
-        return None, "empty_question"
-    if not a:
-        return None, "empty_answer"
-    if len(q) < d.min_question_chars or is_greeting_only(q):
-        return None, "question_too_short"
-    if len(a) < d.min_answer_chars:
-        return None, "answer_too_short"
-    return q, a
-
-
-def split_of(key: str, cfg: Config) -> str:
-    """Deterministic split from a hash of the normalised question: the same question always lands in the same
-    split, so no question is in two splits, and adding records never moves existing ones."""
-    digest = hashlib.sha256(f"{cfg.data.seed}\x00{key}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
-    if u < cfg.data.train_fraction:
-        return "train"
-    return "val" if u < cfg.data.train_fraction + cfg.data.val_fraction else "test"
-
-
-def check_fields_present(records: list[Any], source: str, fields: dict[str, tuple[str, str]]) -> None:
-    """Stop when a configured field is in none of the records: `fields` maps a role (question, answer) to
-    (field name, the config key that names it)."""
-    objects = [r for r in records if isinstance(r, dict) and not isinstance(r, MalformedLine)]
-    if not objects:
-        return
-    configured = [name for name, _ in fields.values()]
-    for role, (name, key) in fields.items():
-        if not any(name in r for r in objects):
-            seen = sorted({str(k) for r in objects[:1000] for k in r})
-            others = [k for k in seen if k not in configured] or seen
-            guess = (difflib.get_close_matches(role, others, n=1, cutoff=0.3) or others)[0]
-            raise DataError(f"{source}: field {name!r} ({key}) appears in none of its {len(objects)} "
-                            f"records. Fields present: {', '.join(seen)}. Set {key} to the field that holds the "
-                            f"{role}, e.g. `{key}={guess}`.")
-
-
-def length_reject(cand: Candidate, question_tokens: int, answer_tokens: int, cfg: Config,
-                  records: list[Any]) -> dict | None:
-    """The reject entry for a candidate over data.max_question_tokens or data.max_answer_tokens, else None."""
-    if question_tokens > cfg.data.max_question_tokens:
-        reason, tokens = "question_too_long", question_tokens
-    elif answer_tokens > cfg.data.max_answer_tokens:
-        reason, tokens = "answer_too_long", answer_tokens
-    else:
-        return None
-    return {"index": cand.index, "reason": reason, "detail": f"{tokens} tokens", "record": records[cand.index]}
-
-
-def write_rejects(path: Path, rejected: list[dict]) -> None:
-    """One JSON line per rejected record (index, reason, detail, the record as read)."""
-    # backslashreplace: a lone surrogate in a rejected raw record is written as its JSON escape (\\ud800).
-    with open(path, "w", encoding="utf-8", errors="backslashreplace") as f:
-        for r in rejected:
-            f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
-
-
-def clean_records(records: list[Any], cfg: Config) -> tuple[list[Candidate], list[dict]]:
-    """Validate and clean every record (character-level checks); duplicates are kept here, so that a later
-    length filter can never drop the only valid copy of a question."""
-    kept: list[Candidate] = []
-    rejected: list[dict] = []
-    for index, rec in enumerate(tqdm(records, desc="clean", disable=len(records) < 5000, leave=False)):
-        q, reason_or_a = _check_record(rec, cfg)
-        if q is None:
-            rejected.append({"index": index, "reason": reason_or_a, "record": rec})
-            continue
-        cand = Candidate(index, q, reason_or_a, normalize_key(q))
-        cand.split = split_of(cand.key, cfg)
-        kept.append(cand)
-    return kept, rejected
-
-
-def dedupe(cands: list[Candidate], records: list[Any]) -> tuple[list[Candidate], list[dict]]:
-    """Keep the first candidate of each normalised question (candidates that passed every filter, in source
-    order); the others are rejected as duplicates of it."""
-    kept: list[Candidate] = []
-    rejected: list[dict] = []
-    first_seen: dict[str, Candidate] = {}
-    for cand in cands:
-        first = first_seen.get(cand.key)
-        if first is not None:
-            same = (first.question, first.answer) == (cand.question, cand.answer)
-            rejected.append({"index": cand.index, "reason": "duplicate_exact" if same else "duplicate_question",
-                             "detail": f"same question as record {first.index}", "record": records[cand.index]})
-            continue
-        first_seen[cand.key] = cand
-        kept.append(cand)
-    return kept, rejected
-
-
-def clean_and_dedupe(records: list[Any], cfg: Config) -> tuple[list[Candidate], list[dict]]:
-    """`clean_records` then `dedupe` (no token-length filter: for the tiny model's vocabulary and the tests)."""
-    cands, rejected = clean_records(records, cfg)
-    kept, duplicates = dedupe(cands, records)
-    return kept, sorted(rejected + duplicates, key=lambda r: r["index"])
 
 
 # ------------------------------------------------------------------------------------------ tokenization
@@ -209,7 +80,7 @@ def tokenize(cands: list[Candidate], encoder, cfg: Config, inputs: dict[str, str
     h = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode())  # prepared_inputs(): data, settings, tokenizer
     h.update(json.dumps([(c.question, c.answer) for c in cands]).encode())
     fingerprint = h.hexdigest()[:32]
-    cache_dir = Path(cfg.workdir) / ".cache" / "prepare"
+    cache_dir = paths(cfg).cache / "prepare"
     cache_dir.mkdir(parents=True, exist_ok=True)
     cache_file = cache_dir / f"tokenized-{fingerprint}.arrow"
     num_proc = cfg.data.num_proc if len(cands) >= 200 * cfg.data.num_proc else 1
@@ -221,15 +92,8 @@ def tokenize(cands: list[Candidate], encoder, cfg: Config, inputs: dict[str, str
 # ------------------------------------------------------------------------------------------ the stage
 
 
-def tiny_training_texts(cands: list[Candidate], cfg: Config) -> list[str]:
-    """What the tiny model's vocabulary is learned from: the train split as the model will see it."""
-    return [cfg.prompt.template.replace("{question}", c.question) + " " + c.answer for c in cands if c.split == "train"]
-
-
 def _ensure_tokenizer(cfg: Config, cands: list[Candidate]):
     if wants_tiny(cfg):
-        from medqa.tiny import build_tiny_model
-
         texts = tiny_training_texts(cands, cfg)
         log.info("Building the tiny demo model from %d training records.", len(texts))
         build_tiny_model(texts, cfg.model.tiny, cfg.resolve(cfg.model.tiny.path), seed=cfg.seed)
@@ -305,7 +169,7 @@ def prepare(cfg: Config) -> PrepareResult:
         raise DataError(f"{cfg.data.source}: no records landed in the train split ({report['kept']}). Use more "
                         "records or raise data.train_fraction.")
 
-    data_dir, tok_dir = Path(cfg.workdir) / "data", Path(cfg.workdir) / "tokenized"
+    data_dir, tok_dir = paths(cfg).data, paths(cfg).tokenized
     _write_data(data_dir, splits, rejected, report, cfg, inputs)
     with atomic_dir(tok_dir) as tmp:
         for split, rows in keep_rows.items():
@@ -325,18 +189,6 @@ def _count_control(records: list[Any], cfg: Config) -> int:
     fields = (cfg.data.question_field, cfg.data.answer_field)
     return sum(1 for r in records if isinstance(r, dict) and not isinstance(r, MalformedLine)
                and any(isinstance(r.get(f), str) and has_control_chars(r[f]) for f in fields))
-
-
-def prepared_inputs(cfg: Config, tokenizer) -> dict[str, str]:
-    """The inputs `prepare` output depends on; later stages recompute these and compare."""
-    d = cfg.data
-    settings = json.dumps([ENCODE_VERSION, cfg.prompt.template, cfg.prompt.use_chat_template, cfg.prompt.system,
-                           getattr(tokenizer, "chat_template", None) if cfg.prompt.use_chat_template else None,
-                           cfg.prompt.min_question_tokens, d.max_length, d.question_field, d.answer_field, d.seed,
-                           d.train_fraction, d.val_fraction, d.hub_split, d.max_records, d.min_question_chars,
-                           d.min_answer_chars, d.max_question_tokens, d.max_answer_tokens])
-    return {"source": fingerprint_source(cfg.data.source), "tokenizer": tokenizer_info(tokenizer)["vocab_sha256"],
-            "prompt_and_split": hashlib.sha256(settings.encode()).hexdigest()}
 
 
 def _write_data(data_dir: Path, splits: dict[str, list[dict]], rejected: list[dict], report: dict, cfg: Config,

@@ -6,7 +6,7 @@ HealthCareMagic-100k.json (`instruction`, `input`, `output`). A fixed list of fa
 duplicates, "Chat Doctor" artefacts, empty answers, HTML, personal data, a missing key...) is planted at fixed
 positions (`planted_noise(n)`) so that the cleaning stage has work to do.
 
-Regenerate with `python -m medqa.sample` (writes data/sample/healthcaremagic_sample.json and its README.md).
+Regenerate with `python tools/make_sample.py` (writes data/sample/healthcaremagic_sample.json and its README.md).
 """
 
 from __future__ import annotations
@@ -339,8 +339,8 @@ def readme(path: Path, n: int, seed: int) -> str:
 `{path.name}`: {n} records in the layout of HealthCareMagic-100k.json (`instruction`; `input`, the patient's
 question; `output`, the doctor's answer), the default `data.source`.
 
-**Synthetic, not real patient data**: composed from templates and sentence banks by `python -m medqa.sample`
-(src/medqa/sample.py, seed {seed}) over {len(SPECIALTIES)} specialties ({", ".join(sorted(SPECIALTIES))});
+**Synthetic, not real patient data**: composed from templates and sentence banks by `python tools/make_sample.py`
+(tools/make_sample.py, seed {seed}) over {len(SPECIALTIES)} specialties ({", ".join(sorted(SPECIALTIES))});
 some questions carry urgency words (severe, emergency, bleeding, chest pain).
 
 ## Planted noise ({len(NOISE)} records at fixed 0-based indices, for the cleaning stage)
@@ -355,7 +355,7 @@ Duplicates copy an earlier record; near-duplicates change only the question's ca
 
 ## Regenerate
 
-    PYTHONPATH=src python -m medqa.sample --out {DEFAULT_OUT} --n {n} --seed {seed}
+    python tools/make_sample.py --out {DEFAULT_OUT} --n {n} --seed {seed}
 
 Byte-identical on every run: sha256 `{hashlib.sha256(path.read_bytes()).hexdigest()}`.
 """

@@ -1,0 +1,194 @@
+"""The artifact contract: where every artifact lives under `workdir`, and the one place each is read.
+
+    data/{train,val,test}_data.json      prepare      -> evaluate, external, analysis   (`load_records`)
+    data/rejected.jsonl, prepare_report.json  prepare -> readers of the report
+    tokenized/tokenized_{split}/         prepare      -> baseline, train, tune, evaluate (`load_split`)
+    outputs/baseline/                    baseline     -> train's plot, notebooks        (`read_metrics`)
+    outputs/finetune_checkpoints/        train        -> train on resume
+    outputs/finetune/                    train        -> evaluate, ask, export          (`candidate_adapters`)
+    outputs/ray_*/, outputs/tune/        tune         -> tune on resume, notebooks
+    outputs/best/                        tune         -> evaluate, ask
+    outputs/report.{json,md}             evaluate     -> export's model card, notebooks
+    outputs/external/                    evaluate     (another source's test file, cleaned)
+    outputs/merged/                      export
+
+Each stage decides whether its inputs are fresh for its config through `check_tokenized` / `prepared_inputs`
+and `adapter_inputs` (manifests written beside the artifacts, see `medqa.manifest`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from medqa.schema import Config
+from medqa.errors import DataError
+from medqa.manifest import check_inputs, fingerprint_model, fingerprint_source
+from medqa.metrics import ExampleScores
+from medqa.modeling import model_path, tokenizer_info
+from medqa.prompts import ENCODE_VERSION
+
+SPLITS = ("train", "val", "test")
+EVAL_SPLITS = ("val", "test")
+TOKENIZED_COLUMNS = ["id", "input_ids", "attention_mask", "labels", "length"]
+HISTORY = "metrics.jsonl"  # one line per logging step and per evaluation, in checkpoints and the run folder
+PREPARE_AGAIN = "medqa prepare --config <your config>"
+
+
+@dataclass(frozen=True)
+class Workdir:
+    """Every path under a workdir. `outputs` may be elsewhere (a Ray Tune trial trains into its own folder)."""
+
+    root: Path
+    outputs: Path
+
+    @classmethod
+    def of(cls, cfg: Config, outputs: str | Path | None = None) -> "Workdir":
+        root = Path(cfg.workdir)
+        return cls(root, Path(outputs) if outputs else root / "outputs")
+
+    # prepare
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def records(self, split: str) -> Path:
+        return self.data / f"{split}_data.json"
+
+    @property
+    def tokenized(self) -> Path:
+        return self.root / "tokenized"
+
+    def tokenized_split(self, split: str) -> Path:
+        return self.tokenized / f"tokenized_{split}"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / ".cache"
+
+    # baseline, train, tune, evaluate, export
+    @property
+    def baseline(self) -> Path:
+        return self.outputs / "baseline"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.outputs / "finetune_checkpoints"
+
+    @property
+    def finetune(self) -> Path:
+        return self.outputs / "finetune"
+
+    @property
+    def best(self) -> Path:
+        return self.outputs / "best"
+
+    @property
+    def tune(self) -> Path:
+        return self.outputs / "tune"
+
+    @property
+    def external(self) -> Path:
+        return self.outputs / "external"
+
+    @property
+    def merged(self) -> Path:
+        return self.outputs / "merged"
+
+    @property
+    def report_json(self) -> Path:
+        return self.outputs / "report.json"
+
+    @property
+    def report_md(self) -> Path:
+        return self.outputs / "report.md"
+
+
+def paths(cfg: Config) -> Workdir:
+    return Workdir.of(cfg)
+
+
+# ------------------------------------------------------------------------------------------- freshness
+
+
+def prepared_inputs(cfg: Config, tokenizer) -> dict[str, str]:
+    """The inputs `prepare` output depends on; later stages recompute these and compare."""
+    d = cfg.data
+    settings = json.dumps([ENCODE_VERSION, cfg.prompt.template, cfg.prompt.use_chat_template, cfg.prompt.system,
+                           getattr(tokenizer, "chat_template", None) if cfg.prompt.use_chat_template else None,
+                           cfg.prompt.min_question_tokens, d.max_length, d.question_field, d.answer_field, d.seed,
+                           d.train_fraction, d.val_fraction, d.hub_split, d.max_records, d.min_question_chars,
+                           d.min_answer_chars, d.max_question_tokens, d.max_answer_tokens])
+    return {"source": fingerprint_source(cfg.data.source), "tokenizer": tokenizer_info(tokenizer)["vocab_sha256"],
+            "prompt_and_split": hashlib.sha256(settings.encode()).hexdigest()}
+
+
+def adapter_inputs(cfg: Config, tokenizer) -> dict[str, str]:
+    """What an adapter depends on: the base model it was trained on, and the data it saw."""
+    return {"base_model": fingerprint_model(model_path(cfg), cfg.model.revision), **prepared_inputs(cfg, tokenizer)}
+
+
+def check_tokenized(cfg: Config, tokenizer) -> None:
+    """Stop when tokenized/ was prepared from other data, settings or tokenizer than this config names."""
+    check_inputs(cfg, paths(cfg).tokenized, prepared_inputs(cfg, tokenizer), PREPARE_AGAIN)
+
+
+# -------------------------------------------------------------------------------------------- reading
+
+
+def load_split(cfg: Config, split: str, tokenizer=None, limit: bool = True):
+    """A tokenized split, checked against the tokenizer when one is given; `scoring.max_examples` applies to the
+    val and test splits only (it is a scoring shortcut, never a way to shrink training), unless `limit=False`."""
+    import datasets
+
+    path = paths(cfg).tokenized_split(split)
+    if not path.is_dir():
+        raise DataError(f"{path} not found. Run `{PREPARE_AGAIN}` first (same workdir).")
+    if tokenizer is not None:
+        check_tokenized(cfg, tokenizer)
+    ds = datasets.load_from_disk(str(path))
+    if len(ds) == 0:
+        raise DataError(f"{path} is empty: the {split} split has no examples. Use more records or change "
+                        "data.val_fraction / data.test_fraction, then re-run `medqa prepare`.")
+    if limit and split != "train" and cfg.scoring.max_examples and len(ds) > cfg.scoring.max_examples:
+        ds = ds.select(range(cfg.scoring.max_examples))
+    return ds
+
+
+def load_records(cfg: Config, split: str) -> list[dict]:
+    """The cleaned records of a split (`{id, question, answer, ...}`), as prepare wrote them."""
+    path = paths(cfg).records(split)
+    if not path.exists():
+        raise DataError(f"{path} not found. Run `{PREPARE_AGAIN}` first (same workdir).")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_metrics(folder: Path) -> dict | None:
+    """A stage's metrics.json (baseline, finetune, best), or None when that stage has not run."""
+    path = Path(folder) / "metrics.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def candidate_adapters(cfg: Config) -> dict[str, Path | None]:
+    """name -> adapter folder (None for the base model), for those that exist: what `evaluate` compares."""
+    p = paths(cfg)
+    found: dict[str, Path | None] = {"base": None}
+    for name, folder in (("fine-tuned", p.finetune), ("tuned (best trial)", p.best)):
+        if (folder / "adapter_config.json").exists():
+            found[name] = folder
+    return found
+
+
+# -------------------------------------------------------------------------------------------- writing
+
+
+def per_example_rows(split: str, scores: ExampleScores) -> list[dict]:
+    return [{"split": split, "id": i, "answer_nll": float(n), "answer_tokens": int(t)}
+            for i, n, t in zip(scores.ids, scores.answer_nll, scores.answer_tokens)]
+
+
+def write_per_example(path: Path, rows: list[dict]) -> None:
+    """`per_example.jsonl`: per-example answer NLL and token counts, for paired comparisons later."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

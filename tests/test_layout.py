@@ -1,0 +1,69 @@
+"""The package's shape: stages side by side (none imports another, tune running train excepted), every path under
+workdir spelled in one module, and no hidden in-function imports of medqa's own modules."""
+
+from __future__ import annotations
+
+import ast
+import re
+
+from conftest import REPO
+
+PACKAGE = REPO / "src" / "medqa"
+STAGES = {"prepare", "baseline", "train", "tune", "evaluate", "ask", "export"}
+ALLOWED = {("tune", "train")}  # a Ray trial runs the training function
+
+
+def _imports(path) -> list[tuple[str, bool]]:
+    """(imported medqa module, imported inside a function) for every import of medqa's own modules."""
+    tree = ast.parse(path.read_text())
+    found = []
+
+    def visit(node, in_function):
+        for child in ast.iter_child_nodes(node):
+            inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+            if isinstance(child, ast.ImportFrom) and child.module and child.module.startswith("medqa"):
+                names = [child.module] if child.module != "medqa" else [f"medqa.{a.name}" for a in child.names]
+                found.extend([(n.split(".")[1], in_function) for n in names if "." in n])
+            elif isinstance(child, ast.Import):
+                found.extend((a.name.split(".")[1], in_function) for a in child.names if a.name.startswith("medqa."))
+            visit(child, inner)
+
+    visit(tree, False)
+    return found
+
+
+def test_stages_import_no_other_stage():
+    for stage in STAGES:
+        imported = {m for m, _ in _imports(PACKAGE / f"{stage}.py")}
+        others = {m for m in imported & STAGES if (stage, m) not in ALLOWED}
+        assert not others, f"medqa.{stage} imports the stage(s) {sorted(others)}; share through medqa.workdir instead"
+    # ... nor does anything a stage builds on, except the CLI that dispatches to them
+    for path in PACKAGE.glob("*.py"):
+        if path.stem not in STAGES | {"cli"}:
+            staged = {m for m, _ in _imports(path)} & STAGES
+            assert not staged, f"medqa.{path.stem} (a library module) imports the stage(s) {sorted(staged)}"
+
+
+def test_no_function_level_imports_of_medqa_modules():
+    for path in PACKAGE.glob("*.py"):
+        late = sorted({m for m, inside in _imports(path) if inside})
+        assert not late, f"medqa.{path.stem} imports {late} inside a function; import at the top"
+
+
+def test_paths_under_workdir_are_spelled_in_one_module():
+    spelled = re.compile(r"Path\(cfg\.workdir\)|cfg\.workdir\) /|\"outputs\" /|/ \"outputs\"|/ \"tokenized\"|"
+                         r"\"finetune\"|\"finetune_checkpoints\"|/ \"best\"")
+    for path in PACKAGE.glob("*.py"):
+        if path.stem != "workdir":
+            hits = [line.strip() for line in path.read_text().splitlines() if spelled.search(line)]
+            assert not hits, f"medqa.{path.stem} builds workdir paths itself ({hits[0]}); use medqa.workdir.paths"
+
+
+def test_the_contract_names_a_writer_and_readers_for_each_artifact():
+    from medqa import workdir
+
+    doc = workdir.__doc__
+    for artifact in ("data/", "tokenized/", "outputs/baseline/", "outputs/finetune/", "outputs/best/",
+                     "outputs/report.", "outputs/finetune_checkpoints/"):
+        line = next(x for x in doc.splitlines() if x.strip().startswith(artifact))
+        assert "->" in line or "(" in line, line
