@@ -62,8 +62,14 @@ def test_paths_under_workdir_are_spelled_in_one_module():
 def test_the_contract_names_a_writer_and_readers_for_each_artifact():
     from medqa import workdir
 
+    import importlib
+
     doc = workdir.__doc__
-    for artifact in ("data/", "tokenized/", "outputs/baseline/", "outputs/finetune/", "outputs/best/",
-                     "outputs/report.", "outputs/finetune_checkpoints/"):
+    for artifact in ("data/{split}", "tokenized/", "outputs/baseline/", "outputs/finetune/", "outputs/best/",
+                     "outputs/report.", "outputs/finetune_checkpoints/", "outputs/merged/"):
         line = next(x for x in doc.splitlines() if x.strip().startswith(artifact))
-        assert "->" in line or "(" in line, line
+        named = [w for w in line.split() if re.fullmatch(r"[a-z_]+\.[a-z_]+", w)]
+        assert named, line
+        for dotted in named:  # every function the contract names exists
+            module, name = dotted.split(".")
+            assert hasattr(importlib.import_module(f"medqa.{module}"), name), dotted

@@ -1,19 +1,22 @@
-"""The artifact contract: where every artifact lives under `workdir`, and the one place each is read.
+"""The artifact contract: where every artifact lives under `workdir`, the one function that writes it and the one
+that reads it. Stages share artifacts through this module only; none imports another.
 
-    data/{train,val,test}_data.json      prepare      -> evaluate, external, analysis   (`load_records`)
-    data/rejected.jsonl, prepare_report.json  prepare -> readers of the report
-    tokenized/tokenized_{split}/         prepare      -> baseline, train, tune, evaluate (`load_split`)
-    outputs/baseline/                    baseline     -> train's plot, notebooks        (`read_metrics`)
-    outputs/finetune_checkpoints/        train        -> train on resume
-    outputs/finetune/                    train        -> evaluate, ask, export          (`candidate_adapters`)
-    outputs/ray_*/, outputs/tune/        tune         -> tune on resume, notebooks
-    outputs/best/                        tune         -> evaluate, ask
-    outputs/report.{json,md}             evaluate     -> export's model card, notebooks
-    outputs/external/                    evaluate     (another source's test file, cleaned)
-    outputs/merged/                      export
+    artifact                              written by                      read by
+    data/{split}_data.json                prepare.prepare                 workdir.load_records
+    data/rejected.jsonl, prepare_report   prepare.prepare                 (people; the notebooks)
+    tokenized/tokenized_{split}/          prepare.prepare                 workdir.load_split (checked by check_tokenized)
+    outputs/baseline/metrics.json         baseline.baseline               workdir.read_metrics
+    outputs/*/per_example.jsonl           baseline, train (write_per_example)   (paired comparisons by hand)
+    outputs/finetune_checkpoints/         train.fit (transformers' Trainer)     train.train on resume
+    outputs/finetune/ (adapter)           train.train                     workdir.candidate_adapters, modeling.load_adapter_model
+    outputs/ray_*/ (search, results.csv)  tune.tune                       tune.tune on resume (Tuner.restore)
+    outputs/best/ (adapter)               tune.tune                       workdir.candidate_adapters
+    outputs/report.{json,md}              evaluate.evaluate               export.push_to_hub (model card)
+    outputs/external/                     external.load_external          (people)
+    outputs/merged/                       export.export                   (users: from_pretrained)
 
-Each stage decides whether its inputs are fresh for its config through `check_tokenized` / `prepared_inputs`
-and `adapter_inputs` (manifests written beside the artifacts, see `medqa.manifest`).
+Every path comes from `paths(cfg)` (a `Workdir`). Whether an artifact is fresh for a config is decided here too:
+`prepared_inputs` and `adapter_inputs` are what the manifests beside the artifacts record (`medqa.manifest`).
 """
 
 from __future__ import annotations
