@@ -23,6 +23,8 @@ import logging
 import math
 from dataclasses import asdict, dataclass
 
+from medqa.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 # Share of the free memory the activations may use: the rest covers the allocator's fragmentation, the
@@ -110,10 +112,13 @@ def cuda_free_bytes(device=None) -> int | None:
     return int(free)
 
 
-def plan_batches(train_cfg, row_tokens: int, model_config=None, free_bytes: int | None = None) -> BatchPlan:
+def plan_batches(train_cfg, row_tokens: int, model_config=None, free_bytes: int | None = None,
+                 world: int = 1) -> BatchPlan:
     """The micro-batch and accumulation for packed training (see the module docstring).
 
-    `free_bytes` is the CUDA device's free memory (None off CUDA); `model_config` sizes the auto budget."""
+    `free_bytes` is the CUDA device's free memory (None off CUDA); `model_config` sizes the auto budget. With
+    `world` processes the micro-batch stays per process (it is a memory budget) and train.tokens_per_step stays
+    the whole optimizer step (what the learning rate is tuned for): each process takes 1/world of its rows."""
     t = train_cfg
     if t.tokens_per_batch:
         rows, how = max(1, t.tokens_per_batch // row_tokens), f"train.tokens_per_batch={t.tokens_per_batch}"
@@ -131,6 +136,11 @@ def plan_batches(train_cfg, row_tokens: int, model_config=None, free_bytes: int 
     if not t.tokens_per_step:
         return BatchPlan(rows, row_tokens, t.grad_accum, how)
     step_rows = max(1, t.tokens_per_step // row_tokens)
+    if step_rows % world:
+        raise ConfigError(f"train.tokens_per_step={t.tokens_per_step} is {step_rows} rows of {row_tokens} tokens, "
+                          f"which do not split evenly over {world} processes. Use a multiple of {world} x "
+                          f"{row_tokens} = {world * row_tokens} tokens, so every process runs the same rows.")
+    step_rows //= world
     # The largest micro-batch that fits and divides the step, so every step holds exactly step_rows rows.
     rows = max(r for r in range(1, min(rows, step_rows) + 1) if step_rows % r == 0)
     return BatchPlan(rows, row_tokens, step_rows // rows, how)

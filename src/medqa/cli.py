@@ -17,6 +17,7 @@ from collections.abc import Callable
 from medqa.ask import ask, read_questions
 from medqa.baseline import baseline
 from medqa.config import describe_fields, load_config, resolved_yaml
+from medqa.distributed import is_main
 from medqa.errors import ConfigError, Interrupted, MedqaError
 from medqa.evaluate import evaluate
 from medqa.export import check_push, export, push_to_hub
@@ -51,8 +52,9 @@ def _baseline(cfg: Config, args: argparse.Namespace) -> None:
 
 def _train(cfg: Config, args: argparse.Namespace) -> None:
     result = train(cfg)
-    print(result.table())
-    print(f"wrote {result.out_dir}")
+    if is_main():  # torchrun / accelerate launch: one table, from the process that wrote the run
+        print(result.table())
+        print(f"wrote {result.out_dir}")
 
 
 def _tune(cfg: Config, args: argparse.Namespace) -> None:

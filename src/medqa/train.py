@@ -25,12 +25,13 @@ from pathlib import Path
 
 import yaml
 
+from medqa import distributed as dist
 from medqa.artifacts import atomic_dir, write_json
 from medqa.schema import Config
 from medqa.errors import ConfigError, Interrupted, MedqaError
 from medqa.manifest import check_resumable, run_record, write_manifest, write_run_record
 from medqa.batching import BatchPlan, cuda_free_bytes, eval_tokens_per_batch, optimizer_steps, plan_batches
-from medqa.metrics import EVAL_SPLITS, evaluate_answer_loss, metrics_table, pad_batch, sanity_check
+from medqa.metrics import EVAL_SPLITS, metrics_table, pad_batch, sanity_check, summarize
 from medqa.packing import PackedCollator, pack_dataset, plan_packs
 from medqa.plots import plot_training
 from medqa.trainer import (FAST_LOSS_MODEL_TYPES, AnswerLossTrainer, FastStep, GracefulStop, History, StepTimer,
@@ -42,6 +43,7 @@ from medqa.workdir import (HISTORY, Workdir, adapter_inputs, load_split, paths, 
 
 log = logging.getLogger(__name__)
 
+GATHERED = "adapter_gathered"  # FSDP only: the final adapter gathered from the processes' shards
 RUN_SECTIONS = ("data", "prompt", "model", "lora", "train", "scoring")  # the config sections a training run depends on
 
 
@@ -109,6 +111,9 @@ def _training_args(cfg: Config, work: Path, trial: bool, plan: BatchPlan | None)
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         disable_tqdm=False, **precision(cfg),
+        # Several processes (medqa.distributed): on CPU, use_cpu is what makes accelerate use gloo DDP instead of
+        # one process; LoRA uses every trainable parameter, so DDP need not search for unused ones each step.
+        use_cpu=dist.world_size() > 1 and not cuda, ddp_find_unused_parameters=False if dist.world_size() > 1 else None,
     )
 
 
@@ -193,10 +198,12 @@ def setup_training(cfg: Config, model, train_ds, pad_id: int) -> Setup:
     examples_per_row = sum(train_ds["num_examples"]) / len(train_ds)
     device = next(model.parameters()).device
     free = cuda_free_bytes(device) if device.type == "cuda" else None
-    plan = plan_batches(t, cfg.data.max_length, model.config, free)
+    plan = plan_batches(t, cfg.data.max_length, model.config, free, world=dist.replicas())
     attention = _attention(cfg)
     fast = None
-    if supports_fast_step(model):
+    # Several processes train through the DDP/FSDP wrapper's forward (AnswerLossTrainer), which needs the block
+    # mask from the collator: no fast step then.
+    if supports_fast_step(model) and dist.world_size() == 1:
         compile_ = _use_compile(cfg)
         if attention == "flex":
             _use_flex(model)
@@ -210,10 +217,13 @@ def setup_training(cfg: Config, model, train_ds, pad_id: int) -> Setup:
                     getattr(model.config, "model_type", "?"))
     # Every batch: plan.rows_per_batch rows x data.max_length tokens (one shape for the compiled step). The fast
     # step builds the attention mask on the device; only the model's own forward needs it from the collator.
+    # One process over several GPUs (torch DataParallel) collates one batch for all of them, then splits it.
+    per_collate = plan.rows_per_batch * (dist.replicas() if dist.world_size() == 1 else 1)
     collate = PackedCollator(pad_id, block_mask=fast is None, mask_dtype=compute_dtype(cfg),
-                             pad_to_multiple_of=cfg.data.max_length, rows=plan.rows_per_batch)
+                             pad_to_multiple_of=cfg.data.max_length, rows=per_collate)
     msg = (f"packing: {len(train_ds):,} rows of up to {cfg.data.max_length} tokens ({examples_per_row:.2f} examples "
-           f"per row); {plan.describe()}; step: {'compiled' if fast and fast.compiled else 'eager'}, "
+           f"per row); {plan.describe()}{f' in each of {dist.replicas()} replicas' if dist.replicas() > 1 else ''}; "
+           f"step: {'compiled' if fast and fast.compiled else 'eager'}, "
            f"attention {attention}")
     log.info(msg)
     print(msg)
@@ -251,17 +261,21 @@ def fit(cfg: Config, model, tokenizer, setup: Setup, eval_ds, work: Path, callba
     return trainer, timer
 
 
-def planned_steps(cfg: Config, train_ds, model_config=None) -> int:
+def planned_steps(cfg: Config, train_ds, model_config=None, replicas: int = 0) -> int:
     """The optimizer steps `medqa train` will run on this tokenized train split (as the Trainer counts them), for
     ASHA's max_t and the disk check. With packing and an auto micro-batch on CUDA without train.tokens_per_step,
-    the count depends on the card; it is then computed for this process's card."""
+    the count depends on the card; it is then computed for this process's card. `replicas`: copies of the model
+    that each take a micro-batch per step (0 = `medqa.distributed.replicas()`; a Tune trial with N GPUs: N)."""
     t = cfg.train
+    replicas = replicas or dist.replicas()
     if not t.packing:
-        n_batches = -(-len(train_ds) // t.batch_size)
+        n_batches = -(-(-(-len(train_ds) // t.batch_size)) // replicas)
         return optimizer_steps(n_batches, t.grad_accum, t.epochs, t.max_steps)
     rows = len(plan_packs(list(train_ds["length"]), cfg.data.max_length))
-    plan = plan_batches(t, cfg.data.max_length, model_config, cuda_free_bytes())
-    return optimizer_steps(rows, plan.rows_per_batch * plan.grad_accum, t.epochs, t.max_steps)
+    plan = plan_batches(t, cfg.data.max_length, model_config, cuda_free_bytes(), world=replicas)
+    # N replicas: accelerate deals the micro-batches out in turn, so each one runs ceil(batches / N).
+    batches = -(-(-(-rows // plan.rows_per_batch)) // replicas)
+    return optimizer_steps(batches, plan.grad_accum, t.epochs, t.max_steps)
 
 
 def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None = None,
@@ -273,6 +287,7 @@ def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None
     the test split is not looked at while searching, and no run folder is written."""
     start = time.perf_counter()
     # setup
+    dist.init()  # torchrun / accelerate launch: join the process group first (rank 0 writes, see below)
     tokenizer = load_tokenizer(cfg)
     train_ds = load_split(cfg, "train", tokenizer)
     evals = {s: load_split(cfg, s) for s in EVAL_SPLITS}
@@ -290,16 +305,21 @@ def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None
                      "written again.", work)
     elif cfg.train.resume:
         log.warning("train.resume=true but no checkpoint in %s; starting from scratch.", work)
-    if (not cfg.train.resume or checkpoint is None) and work.exists():
-        shutil.rmtree(work)  # a fresh run must not mix its history with an old one
-    write_run_record(work, record)
+    dist.barrier()  # every process has read the checkpoints before rank 0 may remove them
+    if dist.is_main():
+        if (not cfg.train.resume or checkpoint is None) and work.exists():
+            shutil.rmtree(work)  # a fresh run must not mix its history with an old one
+        write_run_record(work, record)
+    dist.barrier()
     setup = setup_training(cfg, model, train_ds, tokenizer.pad_token_id)
     check_disk(cfg, work, count_parameters(model)[0], cfg.train.max_steps or len(setup.train_ds))
 
     # fit
     trainer, timer = fit(cfg, model, tokenizer, setup, evals["val"], work, callbacks, trial,
                          checkpoint if cfg.train.resume else None)
-    write_run_record(work, {**record, "finished": True})
+    dist.barrier()  # rank 0 has written the last line of metrics.jsonl
+    if dist.is_main():
+        write_run_record(work, {**record, "finished": True})
     history = [json.loads(x) for x in (work / HISTORY).read_text().splitlines()]
     timing = timer.summary(setup.describe()["compiled"])
     if timing.get("compile_seconds"):
@@ -312,13 +332,13 @@ def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None
     # `medqa evaluate` score models: the base model loaded in model.dtype with the adapter on top, by the same
     # function, so base and fine-tuned numbers never mix precisions (training ran fp32 weights under autocast).
     trainable, total = count_parameters(trainer.model)
-    scored = _as_scored(cfg, trainer.model, work)
+    scored = _as_scored(cfg, trainer, work)
     results, rows = {}, []
     eval_tokens = eval_tokens_per_batch(cfg.scoring.tokens_per_batch, scored)
     for split, ds in evals.items():
-        results[split], scores = evaluate_answer_loss(scored, ds, tokenizer.pad_token_id, cfg.scoring.batch_size,
-                                                      cfg.scoring.bootstrap_samples, cfg.seed, progress=True,
-                                                      tokens_per_batch=eval_tokens)
+        # Several processes: each scores a shard, every process gets all the scores (one process: all of them).
+        scores = dist.gather_scores(scored, ds, tokenizer.pad_token_id, cfg.scoring.batch_size, True, eval_tokens)
+        results[split] = summarize(scores, cfg.scoring.bootstrap_samples, cfg.seed)
         rows += per_example_rows(split, scores)
     del scored
     metrics = {**results, "dtype": scoring_dtype(cfg), "model": model_path(cfg), "adapter": str(where.finetune),
@@ -327,12 +347,20 @@ def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None
                "training": {**setup.describe(), **timing}, "seconds": round(time.perf_counter() - start, 2),
                "config": cfg.to_dict()}
 
+    out_dir = where.finetune
+    if not dist.is_main():  # the others wait until rank 0 has written the run, then return the same metrics
+        dist.barrier()
+        return TrainResult(metrics, out_dir, history)
     sanity_check(metrics, len(tokenizer), "fine-tuned")
 
     # write
-    out_dir = where.finetune
     with atomic_dir(out_dir) as tmp:
-        trainer.model.save_pretrained(tmp)  # adapter_model.safetensors + adapter_config.json
+        if trainer.is_fsdp_enabled:  # the adapter `_as_scored` gathered from the shards
+            for f in (work / GATHERED).iterdir():
+                if f.name.startswith("adapter_") or f.name == "README.md":
+                    shutil.copy2(f, tmp / f.name)
+        else:
+            trainer.model.save_pretrained(tmp)  # adapter_model.safetensors + adapter_config.json
         tokenizer.save_pretrained(tmp)
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
         shutil.copyfile(work / HISTORY, tmp / HISTORY)
@@ -345,21 +373,30 @@ def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None
         runs = work / "runs"
         if runs.is_dir():
             shutil.copytree(runs, tmp / "tensorboard")
+    dist.barrier()
     result = TrainResult(metrics, out_dir, history)
     log.info("train: %d steps in %.0fs; test answer_loss %.4f (perplexity %.2f)", metrics["steps"],
              metrics["seconds"], results["test"]["answer_loss"], results["test"]["answer_perplexity"])
     return result
 
 
-def _as_scored(cfg: Config, trained, work: Path):
+def _as_scored(cfg: Config, trainer, work: Path):
     """The trained adapter on a fresh base model in the scoring dtype (`modeling.pick_device_dtype`), exactly as
     `medqa evaluate` will load it from outputs/finetune."""
     import tempfile
 
     from peft import PeftModel
 
+    if trainer.is_fsdp_enabled:
+        # FSDP (configs/accelerate/fsdp.yaml): each process holds a shard of the adapter. The Trainer gathers it
+        # (every process calls save_model; with FULL_STATE_DICT rank 0 writes one ordinary adapter), then every
+        # process loads it whole. Not run in CI: accelerate runs FSDP on GPUs only (on CPU it falls back to DDP).
+        trainer.save_model(str(work / GATHERED))
+        dist.barrier()
+        base = load_model(cfg)
+        return PeftModel.from_pretrained(base, work / GATHERED).to(next(base.parameters()).device).eval()
     with tempfile.TemporaryDirectory(dir=work) as tmp:
-        trained.save_pretrained(tmp)
+        trainer.model.save_pretrained(tmp)
         base = load_model(cfg)
         model = PeftModel.from_pretrained(base, tmp)
         return model.to(next(base.parameters()).device).eval()

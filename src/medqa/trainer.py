@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
+from medqa import distributed as dist
 from medqa.batching import eval_tokens_per_batch
 from medqa.metrics import evaluate_answer_loss
 from medqa.packing import block_causal_mask
@@ -155,9 +156,12 @@ class AnswerLossTrainer(Trainer):
         if flex:  # scoring pads by length with 2D masks: the SDPA path, never a recompiled flex kernel
             self.fast_step.base.set_attn_implementation("sdpa")
         try:
-            m, _ = evaluate_answer_loss(self.model, ds, self.pad_id,
-                                        self.args.per_device_eval_batch_size, bootstrap_samples=0,
-                                        tokens_per_batch=eval_tokens_per_batch(self.eval_tokens, self.model))
+            tokens = eval_tokens_per_batch(self.eval_tokens, self.model)
+            if dist.world_size() > 1 and not self.is_fsdp_enabled:  # each process a shard; sums added over them
+                m = dist.answer_loss(self.model, ds, self.pad_id, self.args.per_device_eval_batch_size, tokens)
+            else:  # one process; or FSDP, whose every forward is collective: each process scores the whole split
+                m, _ = evaluate_answer_loss(self.model, ds, self.pad_id, self.args.per_device_eval_batch_size,
+                                            bootstrap_samples=0, tokens_per_batch=tokens)
         finally:
             if flex:
                 self.fast_step.base.set_attn_implementation("flex_attention")
@@ -225,7 +229,7 @@ class History(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kw):
         # On resume, drop lines logged after the checkpoint we restart from, so no step appears twice.
-        if self.path.exists():
+        if self.path.exists() and state.is_world_process_zero:  # several processes: rank 0 writes the file
             keep = [x for x in self.path.read_text().splitlines() if json.loads(x)["step"] <= state.global_step]
             self.path.write_text("".join(x + "\n" for x in keep))
         self.last_step, self.last_timed = state.global_step, len(self.timer.durations)
@@ -245,6 +249,8 @@ class History(TrainerCallback):
             row.update(eval_answer_loss=logs["eval_answer_loss"],
                        eval_answer_perplexity=logs["eval_answer_perplexity"])
         else:
+            return
+        if not state.is_world_process_zero:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -284,7 +290,7 @@ class StopOnRequest(TrainerCallback):
         self.stop = stop
 
     def on_step_end(self, args, state, control, **kw):
-        if self.stop.requested:
+        if dist.any_rank(self.stop.requested):  # several processes: all stop at this step, or none
             control.should_save = True
             control.should_training_stop = True
 

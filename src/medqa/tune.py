@@ -88,7 +88,8 @@ def run_trial(params: dict, base: dict, experiment_dir: str) -> None:
 
 
 def _init_ray(cfg: Config) -> bool:
-    """Join `tune.address` / RAY_ADDRESS, or start a local Ray sized to this machine. True if we started it."""
+    """Join `tune.address` / RAY_ADDRESS, or start a local Ray sized to this machine. True if we connected (then
+    `tune` disconnects at the end: a local Ray stops, a cluster keeps running)."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -105,9 +106,12 @@ def _init_ray(cfg: Config) -> bool:
     if ray.is_initialized():
         return False
     if address:
-        log.info("tune: joining the Ray cluster at %s", address)
+        # Every node runs trials: each needs medqa importable at this PYTHONPATH and the workdir (data, model and
+        # outputs/, Ray's storage) at the same absolute path, i.e. on a shared filesystem.
+        log.info("tune: joining the Ray cluster at %s (workdir %s must be the same shared folder on every node)",
+                 address, paths(cfg).root.resolve())
         ray.init(address=address, runtime_env={"env_vars": env})
-        return False
+        return True
     # Ray's socket paths must stay short (Unix sockets allow ~107 bytes), so a long workdir gets a temp dir.
     temp = paths(cfg).cache.resolve() / "ray"
     if len(str(temp)) > 40:
@@ -158,7 +162,9 @@ def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
     grace_steps = cfg.tune.grace_period * t.eval_steps
     # The Trainer's own count of optimizer steps (packed rows and token budgets included), so ASHA's last rung is
     # the trial's last step and never cuts its final evaluation.
-    total_steps = planned_steps(cfg, train_ds)
+    # A trial with N whole GPUs trains in one process over all of them (the Trainer's torch DataParallel): N
+    # micro-batches per step. Several processes per trial (DDP) would need Ray Train; see the README.
+    total_steps = planned_steps(cfg, train_ds, replicas=max(1, int(cfg.tune.gpus_per_trial)))
     if t.packing and not t.tokens_per_step and not t.tokens_per_batch and cfg.tune.gpus_per_trial:
         log.warning("train.tokens_per_batch=0 sizes each trial's batches from its GPU's free memory, so the step "
                     "count ASHA plans with (%d) may differ from the trials'. Set train.tokens_per_step (as "
