@@ -164,6 +164,57 @@ def test_token_budgets_shard_over_processes():
         plan_batches(cfg.train, 256, world=3)
 
 
+def test_one_process_over_several_gpus_keeps_the_packing_mask(prepared, monkeypatch):
+    """One process over N GPUs (a Tune trial with tune.gpus_per_trial=2): the Trainer wraps the model in
+    DataParallel, whose forward trains; the fast step is off and the collator builds the block mask, so packed
+    examples never attend to each other. One batch is collated for all N replicas."""
+    import torch
+
+    from medqa.modeling import build_lora_model, load_tokenizer
+    from medqa.train import setup_training
+    from medqa.workdir import load_split
+
+    cfg = demo_config(prepared, *QUICK, "train.packing=true", "train.tokens_per_step=2048")
+    tokenizer = load_tokenizer(cfg)
+    train_ds, model = load_split(cfg, "train", tokenizer), build_lora_model(cfg)
+    alone = setup_training(cfg, model, train_ds, tokenizer.pad_token_id)
+    assert alone.fast_step is not None and not alone.collate.block_mask
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    two = setup_training(cfg, model, train_ds, tokenizer.pad_token_id)
+    assert two.fast_step is None and two.collate.block_mask
+    assert two.collate.rows == 2 * two.plan.rows_per_batch and two.plan.tokens_per_step * 2 == 2048
+
+
+def test_every_rank_stops_when_one_is_asked(monkeypatch):
+    """Ctrl-C reaching one process: all stop at the same step and each reports the stop (none waits at a barrier)."""
+    from transformers import TrainerControl
+
+    from medqa import distributed
+    from medqa.trainer import GracefulStop
+
+    stop = GracefulStop()
+    monkeypatch.setattr(distributed, "any_rank", lambda flag: True)  # another rank was signalled, not this one
+    control = TrainerControl()
+    stop.callback().on_step_end(None, None, control)
+    assert control.should_training_stop and control.should_save and stop.requested
+
+
+def test_a_run_recorded_before_the_section_rename_still_resumes(tmp_path):
+    """Runs started when `scoring` was called `eval` (run.json keys eval.*) resume; a real change still refuses."""
+    from medqa.manifest import StaleArtifactError, check_resumable, run_record, write_run_record
+    from medqa.train import RUN_SECTIONS
+
+    cfg = demo_config(tmp_path)
+    record = run_record(cfg, RUN_SECTIONS, {"source": "x"})
+    old_config = {k.replace("scoring.", "eval.", 1): v for k, v in record["config"].items()}
+    assert old_config != record["config"]  # the record does hold scoring keys
+    write_run_record(tmp_path / "run", {**record, "fingerprint": "from-an-older-release", "config": old_config})
+    assert check_resumable(tmp_path / "run", record, "training run", "train.resume=false") is not None
+    changed = run_record(demo_config(tmp_path, "scoring.max_examples=3"), RUN_SECTIONS, {"source": "x"})
+    with pytest.raises(StaleArtifactError, match="scoring.max_examples"):
+        check_resumable(tmp_path / "run", changed, "training run", "train.resume=false")
+
+
 def test_fsdp_config_parses_as_accelerate_reads_it():
     """configs/accelerate/fsdp.yaml, read by accelerate's own loader (what `accelerate launch --config_file` does).
     FSDP itself needs GPUs: on CPU accelerate runs the same launch as plain DDP, so CI cannot train through it."""

@@ -68,7 +68,7 @@ def test_the_contract_names_a_writer_and_readers_for_each_artifact():
     for artifact in ("data/{split}", "tokenized/", "outputs/baseline/", "outputs/finetune/", "outputs/best/",
                      "outputs/report.", "outputs/finetune_checkpoints/", "outputs/merged/"):
         line = next(x for x in doc.splitlines() if x.strip().startswith(artifact))
-        named = [w for w in line.split() if re.fullmatch(r"[a-z_]+\.[a-z_]+", w)]
+        named = [w.strip(",()") for w in line.split() if re.fullmatch(r"[a-z_]+\.[a-z_]+", w.strip(",()"))]
         assert named, line
         for dotted in named:  # every function the contract names exists
             module, name = dotted.split(".")

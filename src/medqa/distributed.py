@@ -104,6 +104,17 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.cpu().tolist()
 
 
+def min_over_ranks(value: int | None) -> int | None:
+    """The smallest value over all processes (e.g. free GPU memory, so every rank sizes its batches alike)."""
+    if value is None or not _active():
+        return value
+    import torch
+
+    t = torch.tensor([value], dtype=torch.float64, device=_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return int(t.item())
+
+
 def any_rank(flag: bool) -> bool:
     """True on every process if it is true on any: e.g. a stop request (Ctrl-C) that reached one process first
     must stop all of them at the same step, or the others wait forever in the next gradient all-reduce."""

@@ -16,6 +16,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from medqa.config import RENAMED
 from medqa.schema import Config
 from medqa.errors import MedqaError
 
@@ -164,10 +165,23 @@ def determining_config(cfg: Config, sections: tuple[str, ...]) -> dict:
     return flat
 
 
+def _fingerprint(determining: dict, inputs: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps([determining, inputs], sort_keys=True, default=str).encode()).hexdigest()
+
+
 def run_record(cfg: Config, sections: tuple[str, ...], inputs: dict[str, str]) -> dict:
     determining = determining_config(cfg, sections)
-    digest = hashlib.sha256(json.dumps([determining, inputs], sort_keys=True, default=str).encode()).hexdigest()
-    return {"fingerprint": digest, "config": determining, "inputs": inputs, "finished": False}
+    return {"fingerprint": _fingerprint(determining, inputs), "config": determining, "inputs": inputs,
+            "finished": False}
+
+
+def _current_names(config: dict) -> dict:
+    """A stored run's settings under today's section names (`config.RENAMED`: eval.* is scoring.* now)."""
+    out = {}
+    for key, value in config.items():
+        section, dot, rest = key.partition(".")
+        out[f"{RENAMED.get(section, section)}{dot}{rest}"] = value
+    return out
 
 
 def write_run_record(folder: Path, record: dict) -> None:
@@ -195,7 +209,9 @@ def check_resumable(folder: Path, record: dict, what: str, fresh: str) -> dict |
             "then replaced).")
     if stored.get("fingerprint") == record["fingerprint"]:
         return stored
-    old, new = stored.get("config", {}), record["config"]
+    old, new = _current_names(stored.get("config", {})), record["config"]
+    if _fingerprint(old, stored.get("inputs", {})) == record["fingerprint"]:
+        return stored  # the same run, recorded before a section was renamed
     changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     changed += [f"input {k} differs" for k in sorted(set(stored.get("inputs", {})) | set(record["inputs"]))
                 if stored.get("inputs", {}).get(k) != record["inputs"].get(k)]

@@ -267,7 +267,8 @@ def load_4bit(cfg: Config):
     compute = cuda_half_dtype()
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
                                bnb_4bit_use_double_quant=True)
-    return AutoModelForCausalLM.from_pretrained(model_path(cfg), quantization_config=quant, device_map={"": 0},
+    return AutoModelForCausalLM.from_pretrained(model_path(cfg), quantization_config=quant,
+                                                device_map={"": torch.cuda.current_device()},  # this rank's GPU
                                                 trust_remote_code=cfg.model.trust_remote_code)
 
 

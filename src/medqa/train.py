@@ -197,13 +197,15 @@ def setup_training(cfg: Config, model, train_ds, pad_id: int) -> Setup:
     train_ds = pack_dataset(train_ds, cfg.data.max_length)
     examples_per_row = sum(train_ds["num_examples"]) / len(train_ds)
     device = next(model.parameters()).device
-    free = cuda_free_bytes(device) if device.type == "cuda" else None
+    # Several processes: every rank plans with the smallest free memory of all, so all run the same micro-batch
+    # and the same number of gradient all-reduces per step.
+    free = dist.min_over_ranks(cuda_free_bytes(device)) if device.type == "cuda" else None
     plan = plan_batches(t, cfg.data.max_length, model.config, free, world=dist.replicas())
     attention = _attention(cfg)
     fast = None
-    # Several processes train through the DDP/FSDP wrapper's forward (AnswerLossTrainer), which needs the block
-    # mask from the collator: no fast step then.
-    if supports_fast_step(model) and dist.world_size() == 1:
+    # Several replicas (processes, or GPUs in one process) train through the DDP/FSDP/DataParallel wrapper's
+    # forward (AnswerLossTrainer), which needs the block mask from the collator: no fast step then.
+    if supports_fast_step(model) and dist.replicas() == 1:
         compile_ = _use_compile(cfg)
         if attention == "flex":
             _use_flex(model)

@@ -156,7 +156,8 @@ class AnswerLossTrainer(Trainer):
         if flex:  # scoring pads by length with 2D masks: the SDPA path, never a recompiled flex kernel
             self.fast_step.base.set_attn_implementation("sdpa")
         try:
-            tokens = eval_tokens_per_batch(self.eval_tokens, self.model)
+            # the same budget on every rank: under FSDP each forward is collective, so all must batch alike
+            tokens = dist.min_over_ranks(eval_tokens_per_batch(self.eval_tokens, self.model))
             if dist.world_size() > 1 and not self.is_fsdp_enabled:  # each process a shard; sums added over them
                 m = dist.answer_loss(self.model, ds, self.pad_id, self.args.per_device_eval_batch_size, tokens)
             else:  # one process; or FSDP, whose every forward is collective: each process scores the whole split
@@ -291,6 +292,7 @@ class StopOnRequest(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kw):
         if dist.any_rank(self.stop.requested):  # several processes: all stop at this step, or none
+            self.stop.requested = True  # so every rank reports the stop (Interrupted), not only the signalled one
             control.should_save = True
             control.should_training_stop = True
 

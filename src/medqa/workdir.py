@@ -29,12 +29,11 @@ from pathlib import Path
 from medqa.schema import Config
 from medqa.errors import DataError
 from medqa.manifest import check_inputs, fingerprint_model, fingerprint_source
-from medqa.metrics import ExampleScores
+from medqa.metrics import EVAL_SPLITS, ExampleScores  # noqa: F401  (EVAL_SPLITS: part of the contract)
 from medqa.modeling import model_path, tokenizer_info
 from medqa.prompts import ENCODE_VERSION
 
 SPLITS = ("train", "val", "test")
-EVAL_SPLITS = ("val", "test")
 TOKENIZED_COLUMNS = ["id", "input_ids", "attention_mask", "labels", "length"]
 HISTORY = "metrics.jsonl"  # one line per logging step and per evaluation, in checkpoints and the run folder
 PREPARE_AGAIN = "medqa prepare --config <your config>"
