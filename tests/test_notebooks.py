@@ -98,6 +98,19 @@ def test_notebook_is_small_and_names_no_local_path(path: Path):
 
 # ---- the setup function -------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_notebook_shows_a_real_run(path: Path):
+    """GitHub shows what a run printed: the committed outputs come from the real pretrained model on the real
+    records (make notebooks-real), every code cell after the parameters ran, and none ended in an error."""
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    after_params = code[next(i for i, c in enumerate(code) if c.metadata.get("tags") == ["parameters"]) + 1:]
+    assert all(c.execution_count for c in after_params), f"{path.name}: run make notebooks-real before committing"
+    assert not [o for c in code for o in c.outputs if o.output_type == "error"], f"{path.name}: a cell failed"
+    printed = "".join(o.get("text", "") for c in after_params for o in c.outputs)
+    assert "configs/smollm2-offline.yaml" in printed and "(smoke run)" not in printed, path.name
+
+
 @pytest.fixture
 def restore_rc(monkeypatch):
     import matplotlib
