@@ -60,6 +60,13 @@ def test_source_is_python(path: Path):
     compile(path.read_text(encoding="utf-8"), str(path), "exec")  # what `python -m py_compile` checks
 
 
+def test_the_colab_cell_is_the_same_in_every_notebook():
+    """It installs medqa, so it cannot be a package function: each source carries a copy, kept identical here."""
+    cells = {p.name: next(c for c in nbformat.read(p, as_version=4).cells if c.cell_type == "code").source
+             for p in NOTEBOOKS}
+    assert len(set(cells.values())) == 1, "edit the Colab cell in all four notebooks/*.py alike"
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_is_thin_and_reads_as_a_document(path: Path):
     nb = nbformat.read(path, as_version=4)

@@ -7,7 +7,7 @@ know is medqa's own work around it, handled here:
 - one writer: only rank 0 writes run.json, metrics.jsonl, the finished run folder, plots and manifests; the others
   wait at a `barrier()` so no process reads a file before it is complete, or removes one another still reads;
 - one metric: `answer_loss` is sum NLL / sum answer tokens over the whole split. Each process scores every
-  world_size-th example (`shard`) and the sums are added over processes (`all_reduce_sum`, `gather_scores`), so the
+  world_size-th example (`shard`) and the scores are put back together (`gather_scores`), so the
   number is the one a single process reports, not a mean of per-process means.
 
 With one process (plain `medqa train`, a notebook, a Ray Tune trial) every function here is a no-op: rank 0 of 1.
@@ -17,7 +17,6 @@ torchrun and accelerate set RANK, WORLD_SIZE and LOCAL_RANK in each process's en
 from __future__ import annotations
 
 import logging
-import math
 import os
 
 import numpy as np
@@ -126,17 +125,6 @@ def shard(dataset):
     if world_size() == 1:
         return dataset
     return dataset.select(range(rank(), len(dataset), world_size()))
-
-
-def answer_loss(model, dataset, pad_id: int, batch_size: int, tokens_per_batch: int = 0) -> dict:
-    """Split-level answer_loss and answer_perplexity, each process scoring its `shard`: the per-process sums of
-    answer NLL and answer tokens are added, then divided once (the definition in `medqa.metrics`)."""
-    scores = score_examples(model, shard(dataset), pad_id, batch_size, tokens_per_batch=tokens_per_batch)
-    nll, tokens = all_reduce_sum([scores.answer_nll.sum(), scores.answer_tokens.sum()])
-    if tokens == 0:
-        raise ValueError("no answer tokens to score")
-    loss = nll / tokens
-    return {"answer_loss": loss, "answer_perplexity": math.exp(loss)}
 
 
 def gather_scores(model, dataset, pad_id: int, batch_size: int, progress: bool = False, tokens_per_batch: int = 0):

@@ -270,14 +270,16 @@ def planned_steps(cfg: Config, train_ds, model_config=None, replicas: int = 0) -
     that each take a micro-batch per step (0 = `medqa.distributed.replicas()`; a Tune trial with N GPUs: N)."""
     t = cfg.train
     replicas = replicas or dist.replicas()
+
+    def per_replica(items: int, per_batch: int) -> int:
+        # micro-batches of one replica: accelerate deals the ceil(items / per_batch) batches out in turn
+        return -(-(-(-items // per_batch)) // replicas)
+
     if not t.packing:
-        n_batches = -(-(-(-len(train_ds) // t.batch_size)) // replicas)
-        return optimizer_steps(n_batches, t.grad_accum, t.epochs, t.max_steps)
+        return optimizer_steps(per_replica(len(train_ds), t.batch_size), t.grad_accum, t.epochs, t.max_steps)
     rows = len(plan_packs(list(train_ds["length"]), cfg.data.max_length))
     plan = plan_batches(t, cfg.data.max_length, model_config, cuda_free_bytes(), world=replicas)
-    # N replicas: accelerate deals the micro-batches out in turn, so each one runs ceil(batches / N).
-    batches = -(-(-(-rows // plan.rows_per_batch)) // replicas)
-    return optimizer_steps(batches, plan.grad_accum, t.epochs, t.max_steps)
+    return optimizer_steps(per_replica(rows, plan.rows_per_batch), plan.grad_accum, t.epochs, t.max_steps)
 
 
 def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None = None,

@@ -88,10 +88,6 @@ class Workdir:
         return self.outputs / "best"
 
     @property
-    def tune(self) -> Path:
-        return self.outputs / "tune"
-
-    @property
     def external(self) -> Path:
         return self.outputs / "external"
 
