@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from medqa.metrics import ExampleScores, score_examples
+from medqa.metrics import ExampleScores, score_examples, summarize
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,13 @@ def shard(dataset):
     if world_size() == 1:
         return dataset
     return dataset.select(range(rank(), len(dataset), world_size()))
+
+
+def answer_loss(model, dataset, pad_id: int, batch_size: int, tokens_per_batch: int = 0) -> dict:
+    """Split-level metrics (no bootstrap) with each process scoring its `shard`: `metrics.summarize`, the one
+    definition, on the scores `gather_scores` puts back together."""
+    return summarize(gather_scores(model, dataset, pad_id, batch_size, tokens_per_batch=tokens_per_batch),
+                     bootstrap_samples=0)
 
 
 def gather_scores(model, dataset, pad_id: int, batch_size: int, progress: bool = False, tokens_per_batch: int = 0):

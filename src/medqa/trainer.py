@@ -25,7 +25,7 @@ from transformers import Trainer, TrainerCallback
 
 from medqa import distributed as dist
 from medqa.batching import eval_tokens_per_batch
-from medqa.metrics import score_examples, summarize
+from medqa.metrics import evaluate_answer_loss
 from medqa.packing import block_causal_mask
 from medqa.prompts import IGNORE_INDEX
 
@@ -158,12 +158,11 @@ class AnswerLossTrainer(Trainer):
         try:
             # the same budget on every rank: under FSDP each forward is collective, so all must batch alike
             tokens = dist.min_over_ranks(eval_tokens_per_batch(self.eval_tokens, self.model))
-            batch = self.args.per_device_eval_batch_size
-            if self.is_fsdp_enabled:  # every FSDP forward is collective: each process scores the whole split
-                scores = score_examples(self.model, ds, self.pad_id, batch, tokens_per_batch=tokens)
-            else:  # each process scores a shard, put back together (one process: the whole split)
-                scores = dist.gather_scores(self.model, ds, self.pad_id, batch, tokens_per_batch=tokens)
-            m = summarize(scores, bootstrap_samples=0)
+            if dist.world_size() > 1 and not self.is_fsdp_enabled:  # each process a shard, put back together
+                m = dist.answer_loss(self.model, ds, self.pad_id, self.args.per_device_eval_batch_size, tokens)
+            else:  # one process; or FSDP, whose every forward is collective: each process scores the whole split
+                m, _ = evaluate_answer_loss(self.model, ds, self.pad_id, self.args.per_device_eval_batch_size,
+                                            bootstrap_samples=0, tokens_per_batch=tokens)
         finally:
             if flex:
                 self.fast_step.base.set_attn_implementation("flex_attention")
