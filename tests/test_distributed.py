@@ -87,10 +87,11 @@ def _alive(pid: int) -> bool:
 def test_two_processes_match_one_process_and_write_once(prepared, one_process, tmp_path):
     workdir = copy_workdir(prepared, tmp_path / "two")
     log = tmp_path / "torchrun.log"
-    proc = _torchrun(workdir, log)
+    proc = _torchrun(workdir, log, "train.ddp_timeout=600")
     assert proc.wait(timeout=300) == 0, log.read_text()[-4000:]
     text = log.read_text()
-    assert "2 training processes (gloo backend)" in text
+    # train.ddp_timeout reaches the process group medqa creates (read back from the group, not from the config)
+    assert "2 training processes (gloo backend, collectives time out after 600 s)" in text
     out = workdir / "outputs" / "finetune"
     two = json.loads((out / "metrics.json").read_text())
     one = one_process.metrics
@@ -115,7 +116,40 @@ def test_two_processes_match_one_process_and_write_once(prepared, one_process, t
     # Both ranks trained: each saved its RNG state in the checkpoints (rank 0 everything else).
     checkpoint = workdir / "outputs" / "finetune_checkpoints" / "checkpoint-36"
     assert (checkpoint / "rng_state_0.pth").exists() and (checkpoint / "rng_state_1.pth").exists()
-    assert json.loads((workdir / "outputs" / "finetune_checkpoints" / "run.json").read_text())["finished"] is True
+    # ... and each checkpoint was marked complete only after both had (a barrier first), so it verifies as such
+    from medqa.checkpoints import COMPLETE, problem
+
+    for folder in (workdir / "outputs" / "finetune_checkpoints").glob("checkpoint-*"):
+        assert json.loads((folder / COMPLETE).read_text())["processes"] == 2
+        assert problem(folder, processes=2) is None
+    (checkpoint / "rng_state_1.pth").unlink()
+    assert problem(checkpoint, processes=2) == "rng_state_1.pth missing"
+    run = json.loads((workdir / "outputs" / "finetune_checkpoints" / "run.json").read_text())
+    assert run["finished"] is True and run["processes"] == 2
+    # Throughput is the whole job's: 8 examples per optimizer step (2 processes x 4), as one process's 8; each
+    # process's share is named as such.
+    for r in (r for r in rows if "train_loss" in r):
+        assert r["examples_per_s"] * r["step_seconds"] == pytest.approx(8)
+        assert r["processes"] == 2 and r["tokens_per_s_per_process"] == pytest.approx(r["tokens_per_s"] / 2)
+    for r in (r for r in ref if "train_loss" in r):
+        assert r["examples_per_s"] * r["step_seconds"] == pytest.approx(8) and "processes" not in r
+
+
+def test_resume_with_another_process_count_is_refused(prepared, tmp_path):
+    """Checkpoints written by 2 processes, resumed by 1: the global batch would halve, so it is refused (unless
+    train.tokens_per_step fixes the step)."""
+    from medqa.errors import ConfigError
+    from medqa.train import check_process_count, train
+
+    workdir = copy_workdir(prepared, tmp_path / "count")
+    cfg = demo_config(workdir, *QUICK, "train.max_steps=12", "train.batch_size=4")
+    train(cfg)
+    run = workdir / "outputs" / "finetune_checkpoints" / "run.json"
+    run.write_text(json.dumps({**json.loads(run.read_text()), "processes": 2}))  # as torchrun x 2 records it
+    with pytest.raises(ConfigError, match=r"written by 2 training process\(es\) and this run has 1"):
+        train(demo_config(workdir, *QUICK, "train.max_steps=12", "train.batch_size=4", "train.resume=true"))
+    fixed = demo_config(workdir, *QUICK, "train.packing=true", "train.tokens_per_step=2048")
+    check_process_count(fixed, {"processes": 2})  # a fixed optimizer step: any count may continue it
 
 
 def test_killed_two_process_run_resumes(prepared, one_process, tmp_path):
@@ -125,7 +159,7 @@ def test_killed_two_process_run_resumes(prepared, one_process, tmp_path):
     log = tmp_path / "torchrun.log"
     proc = _torchrun(workdir, log)
     try:
-        done = workdir / "outputs" / "finetune_checkpoints" / "checkpoint-12" / "trainer_state.json"
+        done = workdir / "outputs" / "finetune_checkpoints" / "checkpoint-12" / "medqa_complete.json"
         deadline = time.time() + 240
         while not done.exists():
             assert proc.poll() is None, "the run ended before the kill:\n" + log.read_text()[-3000:]

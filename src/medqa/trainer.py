@@ -217,8 +217,9 @@ class StepTimer(TrainerCallback):
 class History(TrainerCallback):
     """Appends one JSON line per logging step (train) and per evaluation to metrics.jsonl.
 
-    Throughput counts only the time inside optimizer steps (from `StepTimer`: evaluation and checkpoint saving are
-    left out) and real tokens and examples: a packed row holds `examples_per_row` examples and `tokens_per_row`
+    Throughput is the whole job's (every process's rows; with several processes `tokens_per_s_per_process` is one
+    process's share). It counts only the time inside optimizer steps (from `StepTimer`: evaluation and checkpoint
+    saving are left out) and real tokens and examples: a packed row holds `examples_per_row` examples and `tokens_per_row`
     real tokens on average (padding is not counted)."""
 
     def __init__(self, path: Path, tokens_per_row: float, examples_per_row: float, timer: StepTimer):
@@ -241,10 +242,16 @@ class History(TrainerCallback):
         if "loss" in logs:
             steps = max(state.global_step - self.last_step, 1)
             secs = max(sum(self.timer.durations[self.last_timed:]), 1e-9)
-            rows = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
+            # The whole job's rows: train_batch_size is one process's micro-batch (x its GPUs under DataParallel),
+            # and each of world_size processes takes one per accumulation step.
+            per_process = steps * args.train_batch_size * args.gradient_accumulation_steps
+            rows = per_process * args.world_size
             row.update(train_loss=logs["loss"], learning_rate=logs.get("learning_rate"),
                        grad_norm=logs.get("grad_norm"), examples_per_s=rows * self.examples_per_row / secs,
                        tokens_per_s=rows * self.tokens_per_row / secs, step_seconds=secs / steps)
+            if args.world_size > 1:
+                row.update(processes=args.world_size,
+                           tokens_per_s_per_process=per_process * self.tokens_per_row / secs)
             self.last_step, self.last_timed = state.global_step, len(self.timer.durations)
         elif "eval_answer_loss" in logs:
             row.update(eval_answer_loss=logs["eval_answer_loss"],
