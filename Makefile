@@ -36,6 +36,7 @@ demo: $(STAMP)
 	$(BIN)/medqa baseline --config configs/demo.yaml
 	$(BIN)/medqa train --config configs/demo.yaml
 	$(BIN)/medqa tune --config configs/demo.yaml
+	$(BIN)/medqa benchmark --config configs/demo.yaml
 	$(BIN)/medqa evaluate --config configs/demo.yaml
 	@echo "demo finished: see outputs/report.md"
 

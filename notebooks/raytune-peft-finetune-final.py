@@ -11,7 +11,8 @@
 # Every trial runs the same `train()` as notebook 3 (the search can also cover LoRA rank, alpha, dropout and
 # targets), and ASHA stops bad trials early on val `answer_loss`. The final comparison gives bootstrap intervals
 # and a paired p-value for the likelihood, and ROUGE and BLEU for the answers. Command line:
-# `medqa tune --config configs/demo.yaml` then `medqa evaluate --config configs/demo.yaml`.
+# `medqa tune --config configs/demo.yaml`, `medqa benchmark --config configs/demo.yaml`, then
+# `medqa evaluate --config configs/demo.yaml`.
 #
 # Needs `tokenized/` (notebook 1). On a cluster, set `RAY_ADDRESS` (or `tune.address`).
 
@@ -83,6 +84,22 @@ best = json.loads((search.best_dir / 'trial.json').read_text())
 pd.Series({k: v for k, v in best.items() if k != 'config'}).to_frame('best trial')
 
 # %% [markdown]
+# ## Standard benchmarks through lm-evaluation-harness
+#
+# `medqa benchmark` runs the lm-eval tasks named in `evaluate.benchmarks` on each model, loaded once by medqa and
+# handed to lm-eval as it is (the demo: `pubmedqa_local`, lm-eval's own PubMedQA task on the shipped questions,
+# offline). Per-question logs go to `outputs/benchmarks/<model>/`; the report below carries the table.
+
+# %%
+from medqa.benchmark import benchmark
+bench = benchmark(cfg) if cfg.evaluate.benchmarks else None
+pd.DataFrame([{'task': t, 'metric': k, 'model': name, 'score': s['value'], 'stderr': s['stderr'],
+               'Δ vs base': m.get('vs_base', {}).get(t, {}).get(k, {}).get('delta'),
+               'p (lost)': m.get('vs_base', {}).get(t, {}).get(k, {}).get('p_lost')}
+              for name, m in bench.summary['models'].items() for t, metrics in m['tasks'].items()
+              for k, s in metrics.items()]) if bench else 'No benchmarks: set evaluate.benchmarks, e.g. [pubmedqa_local].'
+
+# %% [markdown]
 # ## Final comparison on the test split
 
 # %%
@@ -120,5 +137,5 @@ pd.DataFrame(final.report['samples']).head(3)
 # ## Next
 #
 # The full report, with the model card, is `outputs/report.md`. The same pipeline runs from the command line
-# (`medqa prepare`, `baseline`, `train`, `tune`, `evaluate`), and `medqa ask` and `medqa export` use the trained
-# adapter: see the [README](../README.md).
+# (`medqa prepare`, `baseline`, `train`, `tune`, `benchmark`, `evaluate`), and `medqa ask` and `medqa export`
+# use the trained adapter: see the [README](../README.md).

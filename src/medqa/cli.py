@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from medqa.ask import ask, read_questions
 from medqa.baseline import baseline
+from medqa.benchmark import benchmark
 from medqa.config import describe_fields, load_config, resolved_yaml
 from medqa.distributed import is_main
 from medqa.errors import ConfigError, Interrupted, MedqaError
@@ -70,6 +71,12 @@ def _evaluate(cfg: Config, args: argparse.Namespace) -> None:
     print(f"wrote {result.report_md} and report.json")
 
 
+def _benchmark(cfg: Config, args: argparse.Namespace) -> None:
+    result = benchmark(cfg)
+    print(result.table())
+    print(f"wrote {result.out_dir}/summary.json and per-question logs in {result.out_dir}/<model>/")
+
+
 def _ask(cfg: Config, args: argparse.Namespace) -> None:
     questions = list(args.questions) + (read_questions(args.file) if args.file else [])
     if not questions:
@@ -103,6 +110,8 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], None], str]] = 
     "train": (_train, "LoRA fine-tuning with logged metrics; writes outputs/finetune/"),
     "tune": (_tune, "Ray Tune search over the training function; best adapter to outputs/best/"),
     "evaluate": (_evaluate, "final test comparison (perplexity, ROUGE, BLEU); writes outputs/report.md"),
+    "benchmark": (_benchmark, "lm-evaluation-harness tasks (evaluate.benchmarks, e.g. pubmedqa_local, offline) on the "
+                              "base, fine-tuned and best models; writes outputs/benchmarks/"),
     "ask": (_ask, 'answer questions: medqa ask "question" [--adapter DIR] or --file questions.txt'),
     "export": (_export, "merge outputs/finetune into the base model; save outputs/merged/; --push-to-hub REPO_ID "
                         "uploads the adapter (or with --merged the merged model) with a model card (token: HF_TOKEN)"),

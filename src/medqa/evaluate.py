@@ -31,7 +31,7 @@ from medqa.pubmedqa import score_items as score_pubmedqa
 from medqa.pubmedqa import summarize as summarize_pubmedqa
 from medqa.modeling import is_tiny_model, load_adapter_model, load_model, load_tokenizer, model_path, scoring_dtype
 from medqa.textmetrics import BERTSCORE_OFF, bertscore, check_bertscore_encoder, generation_scores
-from medqa.workdir import adapter_inputs, candidate_adapters, load_records, load_split, paths
+from medqa.workdir import adapter_inputs, candidate_adapters, load_records, load_split, paths, read_benchmarks
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +107,14 @@ def evaluate(cfg: Config) -> EvaluateResult:
                     cfg.seed)
             if knowledge:
                 models[name]["pubmedqa"]["vs_base"] = paired_comparison(knowledge["base"], knowledge[name],
-                                                                        cfg.scoring.bootstrap_samples or 1000, cfg.seed)
+                                                                        cfg.scoring.bootstrap_samples, cfg.seed)
     samples = [{"question": q, "reference": r, **{name: answers[name][i] for name in models}}
                for i, (q, r) in enumerate(zip(questions, references))]
     report = {"model": model_path(cfg), "dtype": scoring_dtype(cfg), "sanity_warnings": warnings,
               "external": external_report,
               "bertscore": cfg.evaluate.bertscore_model or BERTSCORE_OFF,
               "test_examples": len(ids), "generated": n_gen, "models": models,
-              "samples": samples, "model_card": card_fields(cfg),
+              "samples": samples, "model_card": card_fields(cfg), "benchmarks": read_benchmarks(cfg),
               "seconds": round(time.perf_counter() - start, 2)}
     out = paths(cfg)
     write_json(out.report_json, report)
@@ -176,6 +176,18 @@ def _knowledge_table(report: dict) -> list[str]:
                         "the base; a small p means fine-tuning cost PubMedQA accuracy.", ""]
 
 
+def _benchmark_table(report: dict) -> list[str]:
+    """`medqa benchmark`'s lm-evaluation-harness scores (outputs/benchmarks/summary.json), when it has run."""
+    b = report.get("benchmarks")
+    if not b:
+        return []
+    return ["## Knowledge kept: lm-evaluation-harness", "",
+            f"lm-eval {b['lm_eval']} on {', '.join(b['tasks'])} (zero-shot, {b['dtype']}; per-question logs in "
+            "outputs/benchmarks/). Δ: model - base on the same questions, 95% paired-bootstrap interval; p (lost): "
+            "share of resamples in which the model is not worse (small p: fine-tuning cost that score).", "",
+            *b["table"], ""]
+
+
 def _fmt(x, spec=".3f") -> str:
     return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
 
@@ -203,6 +215,7 @@ def render_markdown(report: dict, n_samples: int) -> str:
     lines += _bertscore_lines(report)
     lines += _external_table(report)
     lines += _knowledge_table(report)
+    lines += _benchmark_table(report)
     lines += ["## Samples", ""]
     for s in report["samples"][:n_samples]:
         lines += [f"**Question.** {s['question']}", "", f"**Reference (doctor).** {s['reference']}", ""]

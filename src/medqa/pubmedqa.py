@@ -8,11 +8,20 @@ The 500 expert-labelled test questions ship in `data/pubmedqa/` (MIT). Each is s
 - loglik(choice) = sum of log p(continuation token | everything before it), where the continuation's tokens are
   those of tokenize(context + " " + choice) after the tokens of tokenize(context) (lm-eval's `_encode_pair`)
 - acc      = mean over questions of [argmax_choice loglik == gold]; acc_norm divides each loglik by the
-  choice's length in characters first (lm-eval: len("yes"), len("no"), len("maybe"), without the delimiter).
+  choice's length in characters first, acc_bytes by its length in UTF-8 bytes (lm-eval 0.4.13's
+  `ConfigurableTask.process_results`: len("yes"), len("no"), len("maybe"), without the delimiter; for these three
+  ASCII words characters and bytes agree).
+- start token: the tokenizer's default special tokens (BioGPT's `</s>` in front), as medqa's prompts are
+  tokenized. lm-eval's HF backend does the same since 0.4.10 (`add_bos_token=None` leaves it to the tokenizer);
+  lm-eval up to 0.4.9 passed `add_special_tokens=False` by default (no start token; Gemma excepted), so numbers from those
+  versions differ for BioGPT.
+- truncation: a sequence longer than the window keeps its last max_length + 1 tokens; the final one is no input
+  (nothing follows it), so the model reads a full window of max_length tokens, as lm-eval's
+  `(context + continuation)[-(max_length + 1):][:-1]` (keeping max_length would read one context token fewer).
 
-One deliberate difference: the context is tokenized with the tokenizer's own special start tokens (BioGPT's `</s>`),
-as medqa's training and scoring prompts are, where lm-eval's HF backend adds none by default; both models compared
-are scored the same way. A context longer than the model's window keeps its end (left truncation, as lm-eval).
+`medqa benchmark` runs lm-eval itself on the same questions (task `pubmedqa_local`); tests/test_benchmark.py
+checks that the two agree per question. This scorer stays for `medqa evaluate`'s report: it batches by length in
+medqa's scoring loop and needs no task files or datasets cache.
 
 Beside accuracy: macro-F1 over the three classes, bootstrap 95% intervals over questions, and a paired bootstrap
 between two models on the same questions. Scores use `medqa.metrics.token_nll`, the function every medqa
@@ -92,7 +101,8 @@ class PubMedQAScores:
     ids: list[str]
     gold: np.ndarray  # index into CHOICES
     loglik: np.ndarray  # (n, 3)
-    byte_lengths: np.ndarray  # (3,): characters of "yes", "no", "maybe" (lm-eval's acc_norm divisor)
+    choice_chars: np.ndarray  # (3,): characters of "yes", "no", "maybe" (lm-eval's acc_norm divisor)
+    choice_bytes: np.ndarray  # (3,): their UTF-8 bytes (lm-eval's acc_bytes divisor)
 
     @property
     def predicted(self) -> np.ndarray:
@@ -100,7 +110,11 @@ class PubMedQAScores:
 
     @property
     def predicted_norm(self) -> np.ndarray:
-        return (self.loglik / self.byte_lengths).argmax(axis=1)
+        return (self.loglik / self.choice_chars).argmax(axis=1)
+
+    @property
+    def predicted_bytes(self) -> np.ndarray:
+        return (self.loglik / self.choice_bytes).argmax(axis=1)
 
 
 def score_items(model, tokenizer, items: list[dict], batch_size: int = 8, max_length: int | None = None) -> PubMedQAScores:
@@ -112,8 +126,10 @@ def score_items(model, tokenizer, items: list[dict], batch_size: int = 8, max_le
     for q, item in enumerate(items):
         for c, choice in enumerate(CHOICES):
             ctx, cont = encode_pair(tokenizer, context_text(item), " " + choice)
-            ids = (ctx + cont)[-max_length:]
-            labels = ([IGNORE_INDEX] * len(ctx) + cont)[-max_length:]
+            # max_length + 1 tokens; the last is never an input (see the forward below), so the model sees
+            # max_length and the first continuation token still has max_length tokens before it, as in lm-eval.
+            ids = (ctx + cont)[-(max_length + 1):]
+            labels = ([IGNORE_INDEX] * len(ctx) + cont)[-(max_length + 1):]
             rows.append({"input_ids": ids, "labels": labels})
             owners.append((q, c))
     loglik = np.zeros((len(items), len(CHOICES)))
@@ -124,15 +140,21 @@ def score_items(model, tokenizer, items: list[dict], batch_size: int = 8, max_le
     with torch.inference_mode():
         for idx in length_batches([len(r["input_ids"]) for r in rows], batch_size):
             batch = {k: v.to(device) for k, v in pad_batch([rows[i] for i in idx], pad).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            # The last column is never an input that predicts a label (right padding: a pad, or a row's final
+            # token), so the model runs on all but it; token_nll drops the last logit column, so a copy of the
+            # final one stands in for it (never read).
+            inputs = {k: batch[k][:, :-1] for k in ("input_ids", "attention_mask")}
+            logits = model(**inputs).logits
+            logits = torch.cat([logits, logits[:, -1:]], dim=1)
             nll = token_nll(logits, batch["labels"]).double().sum(dim=1).cpu().numpy()
             for row, i in enumerate(idx):
                 q, c = owners[i]
                 loglik[q, c] = -nll[row]
     model.train(was_training)
     gold = np.array([CHOICES.index(item["answer"]) for item in items])
-    lengths = np.array([len(c) for c in CHOICES], dtype=float)  # lm-eval's acc_norm: characters of the choice
-    return PubMedQAScores([str(item.get("id", i)) for i, item in enumerate(items)], gold, loglik, lengths)
+    chars = np.array([len(c) for c in CHOICES], dtype=float)
+    utf8 = np.array([len(c.encode("utf-8")) for c in CHOICES], dtype=float)
+    return PubMedQAScores([str(item.get("id", i)) for i, item in enumerate(items)], gold, loglik, chars, utf8)
 
 
 def macro_f1(gold: np.ndarray, predicted: np.ndarray) -> float:
@@ -151,7 +173,8 @@ def summarize(scores: PubMedQAScores, bootstrap_samples: int = 1000, seed: int =
     """acc, acc_norm and macro-F1 with 95% bootstrap intervals over questions."""
     gold, pred = scores.gold, scores.predicted
     out = {"questions": len(gold), "acc": float((pred == gold).mean()),
-           "acc_norm": float((scores.predicted_norm == gold).mean()), "macro_f1": macro_f1(gold, pred),
+           "acc_norm": float((scores.predicted_norm == gold).mean()),
+           "acc_bytes": float((scores.predicted_bytes == gold).mean()), "macro_f1": macro_f1(gold, pred),
            "predicted_share": {c: float((pred == i).mean()) for i, c in enumerate(CHOICES)}}
     if bootstrap_samples:
         rng = np.random.default_rng(seed)

@@ -322,8 +322,18 @@ class EvaluateConfig:
                                     "zero-shot, for the report's \"knowledge kept\" table (0 = off).")
     pubmedqa_file: str = _f("", "Questions in the same layout ([{id, question, contexts, answer: yes/no/maybe}]) to use "
                                 "instead of the shipped PubMedQA test split.")
+    benchmarks: list[str] = _f([], "lm-evaluation-harness tasks or groups `medqa benchmark` runs on every model, e.g. "
+                                   "pubmedqa_local (the shipped PubMedQA questions, offline), medmcqa, medqa_4options, "
+                                   "mmlu_clinical_knowledge; a Hub task needs network or its data in the datasets "
+                                   "cache. Empty = `medqa benchmark` has nothing to run.")
+    benchmark_questions: int = _f(0, "Questions per benchmark task (0 = all): pubmedqa_local takes a seeded random "
+                                     "subset (the questions evaluate.pubmedqa_questions would pick), other tasks "
+                                     "lm-eval's first N (its `limit`).")
 
     def validate(self) -> None:
+        if self.benchmark_questions < 0 or not all(isinstance(t, str) and t.strip() for t in self.benchmarks):
+            raise ConfigError("evaluate.benchmark_questions must be >= 0 and evaluate.benchmarks a list of lm-eval "
+                              "task names, e.g. [pubmedqa_local, medmcqa].")
         if self.num_questions < 0 or self.samples_in_report < 0 or self.pubmedqa_questions < 0:
             raise ConfigError("evaluate.num_questions, evaluate.samples_in_report and evaluate.pubmedqa_questions "
                               "must be >= 0.")

@@ -11,6 +11,7 @@ that reads it. Stages share artifacts through this module only; none imports ano
     outputs/finetune/ (adapter)           train.train                     workdir.candidate_adapters, modeling.load_adapter_model
     outputs/ray_*/ (search, results.csv)  tune.tune                       tune.tune on resume (Tuner.restore)
     outputs/best/ (adapter)               tune.tune                       workdir.candidate_adapters
+    outputs/benchmarks/ (lm-eval runs)    benchmark.benchmark             workdir.read_benchmarks (evaluate's report)
     outputs/report.{json,md}              evaluate.evaluate               export.push_to_hub (model card)
     outputs/external/                     external.load_external          (people)
     outputs/merged/                       export.export                   (users: from_pretrained)
@@ -96,6 +97,10 @@ class Workdir:
         return self.outputs / "merged"
 
     @property
+    def benchmarks(self) -> Path:
+        return self.outputs / "benchmarks"
+
+    @property
     def report_json(self) -> Path:
         return self.outputs / "report.json"
 
@@ -166,6 +171,13 @@ def load_records(cfg: Config, split: str) -> list[dict]:
 def read_metrics(folder: Path) -> dict | None:
     """A stage's metrics.json (baseline, finetune, best), or None when that stage has not run."""
     path = Path(folder) / "metrics.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def read_benchmarks(cfg: Config) -> dict | None:
+    """`medqa benchmark`'s summary.json (lm-eval scores per model and the paired changes), or None when it has
+    not run."""
+    path = paths(cfg).benchmarks / "summary.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
