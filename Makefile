@@ -48,6 +48,7 @@ real-demo: $(STAMP)
 	$(BIN)/medqa prepare $(REAL)
 	$(BIN)/medqa baseline $(REAL)
 	$(BIN)/medqa train $(REAL)
+	$(BIN)/medqa benchmark $(REAL)
 	$(BIN)/medqa evaluate $(REAL)
 	@echo "real demo finished: see outputs/real/outputs/report.md"
 

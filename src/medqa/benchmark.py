@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from medqa.artifacts import atomic_dir, write_json
+from medqa.batching import eval_tokens_per_batch
 from medqa.errors import ConfigError, MedqaError
 from medqa.metrics import paired_bootstrap
 from medqa.modeling import load_adapter_model, load_model, load_tokenizer, model_path, scoring_dtype
@@ -151,13 +152,14 @@ def check_tasks(names: list[str], task_manager) -> None:
 
 def run_tasks(cfg: Config, model, tokenizer, names: list[str], task_manager) -> dict:
     """lm-eval's simple_evaluate on an already-loaded model: per-question samples logged, log-softmax in fp32
-    (as medqa's token_nll), batches of scoring.batch_size requests (lm-eval sorts them longest first)."""
+    (as medqa's token_nll), batches sized by `request_batch_size` (lm-eval sorts them longest first)."""
     import torch
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.scoring.batch_size,
-              max_length=getattr(model.config, "max_position_embeddings", None), softmax_dtype=torch.float32)
+    window = getattr(model.config, "max_position_embeddings", None)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=request_batch_size(cfg, model, window),
+              max_length=window, softmax_dtype=torch.float32)
     limit = cfg.evaluate.benchmark_questions or None
     per_task_limit = {n: None if n == LOCAL_PUBMEDQA else limit for n in names}  # local: already the subset
     results = {}
@@ -170,6 +172,14 @@ def run_tasks(cfg: Config, model, tokenizer, names: list[str], task_manager) -> 
             results.setdefault(key, {}).update(out.get(key) or {})
     results["dtype"] = scoring_dtype(cfg)
     return results
+
+
+def request_batch_size(cfg: Config, model, window: int | None) -> int:
+    """Requests per lm-eval batch: as many as the scoring token budget holds at the longest a request can be (the
+    model's window), so a GPU batches as `medqa.metrics` scoring does (e.g. 131k tokens / 1,024 = 128 requests);
+    scoring.batch_size where there is no budget (CPU) or when that is larger."""
+    budget = eval_tokens_per_batch(cfg.scoring.tokens_per_batch, model)
+    return max(cfg.scoring.batch_size, budget // window if budget and window else 0)
 
 
 def slug(name: str) -> str:
