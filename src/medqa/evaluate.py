@@ -19,6 +19,7 @@ from medqa.artifacts import write_json, write_text_atomic
 from medqa.batching import eval_tokens_per_batch
 from medqa.schema import Config
 from medqa.errors import DataError
+from medqa.locks import locked
 from medqa.external import load_external
 from medqa.generate import generate_answers
 from medqa.metrics import evaluate_answer_loss, paired_bootstrap, sanity_check
@@ -42,6 +43,7 @@ class EvaluateResult:
     report_md: Path
 
 
+@locked("evaluate")
 def evaluate(cfg: Config) -> EvaluateResult:
     """Score every available model on test, generate and score answers, write the report."""
     start = time.perf_counter()
