@@ -176,3 +176,19 @@ def test_a_lock_that_cannot_be_created_is_one_clear_error(tmp_path):
         with locks.hold(cfg, "prepare"):
             pass
     assert not isinstance(info.value, locks.LockedError)
+
+
+def test_torchrun_refused_on_every_rank_without_a_hang(prepared, tmp_path):
+    """Rank 0 is refused; it tells rank 1 (which holds nothing), so both stop with the message, none waits."""
+    cfg = demo_config(prepared)
+    log = tmp_path / "torchrun.log"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "medqa",
+           *_train_args(prepared)]
+    with locks.hold(cfg, "train"):
+        proc = subprocess.run(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=REPO, timeout=240,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    text = log.read_text()
+    assert proc.returncode != 0
+    assert text.count("Another `medqa train` is running on this workdir") == 1, text[-3000:]  # rank 0
+    assert "Rank 0 was refused the train lock" in text  # rank 1
+    assert not paths(cfg).checkpoints.exists()
