@@ -182,6 +182,12 @@ def test_torchrun_refused_on_every_rank_without_a_hang(prepared, tmp_path):
     """Rank 0 is refused; it tells rank 1 (which holds nothing), so both stop with the message, none waits."""
     cfg = demo_config(prepared)
     log = tmp_path / "torchrun.log"
+    outputs = paths(cfg).outputs
+
+    def state():
+        return {p: p.stat().st_mtime_ns for p in outputs.rglob("*")} if outputs.exists() else {}
+
+    before = state()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "medqa",
            *_train_args(prepared)]
     with locks.hold(cfg, "train"):
@@ -191,4 +197,4 @@ def test_torchrun_refused_on_every_rank_without_a_hang(prepared, tmp_path):
     assert proc.returncode != 0
     assert text.count("Another `medqa train` is running on this workdir") == 1, text[-3000:]  # rank 0
     assert "Rank 0 was refused the train lock" in text  # rank 1
-    assert not paths(cfg).checkpoints.exists()
+    assert state() == before  # nothing written, nothing removed
