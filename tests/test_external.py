@@ -23,30 +23,42 @@ def trained(tmp_path_factory):
     return workdir
 
 
-def _icliniq(tmp_path, workdir) -> tuple:
+def _icliniq(tmp_path, workdir, extra: list | None = None, name: str = "iCliniq.json") -> tuple:
     real = json.loads(REAL_500.read_text())[:20]
     records = [{"input": r["input"], "answer_icliniq": r["output"], "answer_chatgpt": "Ask a doctor."} for r in real]
-    train_q = json.loads((workdir / "data" / "train_data.json").read_text())[0]["question"]
+    data = workdir / "data"
+    train_q = json.loads((data / "train_data.json").read_text())[0]["question"]
+    val_q = json.loads((data / "val_data.json").read_text())[0]["question"]
     records += [{"input": real[0]["input"], "answer_icliniq": real[0]["output"]},  # a duplicate
                 {"input": train_q.upper() + "!", "answer_icliniq": real[1]["output"]},  # seen in training
+                {"input": val_q + " ", "answer_icliniq": real[4]["output"]},  # it chose the checkpoint: left out too
                 {"input": real[2]["input"]},  # no answer
                 {"input": "", "answer_icliniq": real[3]["output"]},  # no question
-                "not a record"]
-    path = tmp_path / "iCliniq.json"
+                "not a record", *(extra or [])]
+    path = tmp_path / name
     path.write_text(json.dumps(records))
     return path, len(records)
+
+
+def _test_question_and_long_answer(workdir) -> list[dict]:
+    """A question of the in-domain test split (kept, but counted) and an answer far over data.max_length (cut)."""
+    real = json.loads(REAL_500.read_text())
+    test_q = json.loads((workdir / "data" / "test_data.json").read_text())[0]["question"]
+    return [{"input": test_q.lower(), "answer_icliniq": real[5]["output"]},
+            {"input": real[21]["input"], "answer_icliniq": " ".join([real[21]["output"]] * 4)}]
 
 
 def test_external_file_scored_beside_the_test_split(trained, tmp_path):
     from medqa.evaluate import evaluate
 
-    path, n = _icliniq(tmp_path, trained)
+    path, n = _icliniq(tmp_path, trained, _test_question_and_long_answer(trained))
     cfg = demo_config(trained, *QUICK, f"evaluate.external_test={path}", "evaluate.external_name=iCliniq",
                       "evaluate.external_answer_field=answer_icliniq")
     result = evaluate(cfg)
     ext = result.report["external"]
     assert ext["read"] == n and ext["read"] == ext["kept"] + sum(ext["rejected"].values())
-    assert ext["rejected"]["in_training_data"] == 1 and ext["rejected"]["missing_answer"] == 1
+    assert ext["rejected"]["in_training_data"] == 2 and ext["rejected"]["missing_answer"] == 1
+    assert ext["also_in_test"] == 1 and ext["truncated"] >= 1
     assert ext["rejected"]["empty_question"] == 1 and ext["rejected"]["not_an_object"] == 1
     assert ext["rejected"].get("duplicate_exact", 0) + ext["rejected"].get("duplicate_question", 0) == 1
     rejected = (trained / "outputs" / "external" / "rejected.jsonl").read_text().splitlines()
@@ -56,6 +68,46 @@ def test_external_file_scored_beside_the_test_split(trained, tmp_path):
     assert "vs_base" in result.report["models"]["fine-tuned"]["external"]
     md = result.report_md.read_text()
     assert "## Another data set: iCliniq" in md and "| fine-tuned |" in md
+    section = md.split("## Another data set")[1].split("| model |")[0]
+    assert "{'" not in section and "': " not in section  # no Python dict
+    assert "2 also in our train or val split" in section and "1 missing answer" in section
+    assert "questions also in our train or val split are left out" in section
+    assert f"{ext['truncated']} of them cut at data.max_length (256 tokens)" in section
+    assert "1 of the scored questions is also in the in-domain test split: kept" in section
+
+
+def test_external_report_counts_cut_records_and_the_overlap_with_test(trained, tmp_path):
+    """`truncated` and `also_in_test`, against what the scored rows and the split files show."""
+    from medqa.cleaning import normalize_key
+    from medqa.external import load_external
+    from medqa.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(demo_config(trained))
+    extra = _test_question_and_long_answer(trained)
+    counts = {}
+    for name, added in (("plain.json", []), ("more.json", extra)):
+        path, _ = _icliniq(tmp_path, trained, added, name)
+        cfg = demo_config(trained, f"evaluate.external_test={path}", "evaluate.external_answer_field=answer_icliniq")
+        ds, report = load_external(cfg, tokenizer)
+        # a cut example is exactly data.max_length tokens long (prompt + the answer's head + EOS)
+        assert report["truncated"] == sum(n == cfg.data.max_length for n in ds["length"])
+        records = json.loads(path.read_text())
+        test_keys = {normalize_key(r["question"]) for r in json.loads((trained / "data" / "test_data.json").read_text())}
+        kept = [records[int(i[1:])] for i in ds["id"]]
+        assert report["also_in_test"] == sum(normalize_key(r["input"]) in test_keys for r in kept)
+        counts[name] = report
+    assert counts["more.json"]["kept"] == counts["plain.json"]["kept"] + 2  # both kept
+    assert counts["more.json"]["truncated"] == counts["plain.json"]["truncated"] + 1
+    assert counts["more.json"]["also_in_test"] == counts["plain.json"]["also_in_test"] + 1
+
+
+def test_rejected_counts_read_as_text():
+    from medqa.records import describe_counts
+
+    assert describe_counts({"answer_too_short": 2, "empty_answer": 3, "malformed_json": 0}) == \
+        "3 empty answer, 2 answer too short"
+    assert describe_counts({"in_training_data": 1}) == "1 also in our train or val split"
+    assert describe_counts({}) == "none"
 
 
 def test_external_file_bad_inputs(trained, tmp_path):

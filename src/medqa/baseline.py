@@ -16,6 +16,7 @@ from medqa.artifacts import atomic_dir, write_json
 from medqa.batching import eval_tokens_per_batch
 from medqa.schema import Config
 from medqa.errors import DataError
+from medqa.locks import locked
 from medqa.metrics import EVAL_SPLITS, evaluate_answer_loss, metrics_table, sanity_check
 from medqa.manifest import fingerprint_model, write_manifest
 from medqa.modeling import (count_parameters, is_tiny_model, load_model, load_tokenizer, model_path,
@@ -33,6 +34,7 @@ class BaselineResult:
         return metrics_table({"baseline": self.metrics})
 
 
+@locked("baseline")
 def baseline(cfg: Config) -> BaselineResult:
     """Score the untuned model on val and test with the shared answer-loss function."""
     start = time.perf_counter()

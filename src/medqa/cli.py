@@ -24,7 +24,7 @@ from medqa.evaluate import evaluate
 from medqa.export import check_push, export, push_to_hub
 from medqa.modeling import model_path
 from medqa.prepare import prepare
-from medqa.records import clean_and_dedupe, tiny_training_texts
+from medqa.records import clean_and_dedupe, describe_counts, tiny_training_texts
 from medqa.schema import Config
 from medqa.sources import read_records
 from medqa.tiny import build_tiny_model
@@ -39,8 +39,8 @@ OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 def _prepare(cfg: Config, args: argparse.Namespace) -> None:
     result = prepare(cfg)
     r = result.report
-    print(f"read {r['read']}  kept {r['kept']}  rejected {sum(r['rejected'].values())} {r['rejected']}  "
-          f"truncated {r['truncated']}")
+    print(f"read {r['read']}  kept {r['kept']}  rejected {sum(r['rejected'].values())} "
+          f"({describe_counts(r['rejected'])})  truncated {r['truncated']}")
     print(f"wrote {result.data_dir}/{{train,val,test}}_data.json, rejected.jsonl, prepare_report.json and "
           f"{result.tokenized_dir}/tokenized_{{train,val,test}}")
 

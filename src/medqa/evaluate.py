@@ -19,10 +19,12 @@ from medqa.artifacts import write_json, write_text_atomic
 from medqa.batching import eval_tokens_per_batch
 from medqa.schema import Config
 from medqa.errors import DataError
+from medqa.locks import locked
 from medqa.external import load_external
 from medqa.generate import generate_answers
 from medqa.metrics import evaluate_answer_loss, paired_bootstrap, sanity_check
 from medqa.modelcard import card_fields
+from medqa.records import describe_counts
 from medqa.pubmedqa import DEFAULT_TEST as DEFAULT_PUBMEDQA
 from medqa.pubmedqa import load_items as load_pubmedqa
 from medqa.pubmedqa import paired_comparison
@@ -42,6 +44,7 @@ class EvaluateResult:
     report_md: Path
 
 
+@locked("evaluate")
 def evaluate(cfg: Config) -> EvaluateResult:
     """Score every available model on test, generate and score answers, write the report."""
     start = time.perf_counter()
@@ -139,9 +142,19 @@ def _external_table(report: dict) -> list[str]:
     ext = report.get("external")
     if not ext:
         return []
+    rejected = sum(ext["rejected"].values())
+    cut = (f"{ext['truncated']} of them cut at data.max_length ({ext['max_length']} tokens)" if "truncated" in ext
+           else "")
+    overlap = ext.get("also_in_test")
     lines = [f"## Another data set: {ext['name']}", "",
-             f"`{ext['source']}`: {ext['read']} records read, {ext['kept']} scored (rejected: {ext['rejected']}), "
-             "cleaned as the training data, never split; questions also in our train split left out.", "",
+             f"`{ext['source']}`: {ext['read']} records read, {ext['kept']} scored{f', {cut}' if cut else ''}; "
+             f"{rejected} left out ({describe_counts(ext['rejected'])}). Cleaned as the training data and never "
+             "split; questions also in our train or val split are left out (val chose the checkpoint)."
+             + ("" if overlap is None else
+                " None of the scored questions is also in the in-domain test split." if overlap == 0 else
+                f" {overlap} of the scored questions {'is' if overlap == 1 else 'are'} also in the in-domain test "
+                "split: kept (the answers come from another source), so the two test sets share that many questions."),
+             "",
              "| model | answer_loss | answer perplexity | 95% CI | Δ loss vs base | p (paired bootstrap) |",
              "|---|---|---|---|---|---|"]
     for name, m in report["models"].items():

@@ -9,6 +9,7 @@ from pathlib import Path
 from medqa.artifacts import atomic_dir
 from medqa.schema import Config
 from medqa.errors import MedqaError
+from medqa.locks import locked
 from medqa.modelcard import model_card
 from medqa.modeling import load_adapter_model, load_tokenizer
 from medqa.workdir import paths
@@ -16,6 +17,7 @@ from medqa.workdir import paths
 log = logging.getLogger(__name__)
 
 
+@locked("export")
 def export(cfg: Config, adapter_dir: str | Path | None = None, out_dir: str | Path | None = None) -> Path:
     """W' = W + (alpha / r) * B @ A for every LoRA layer, saved in safetensors."""
     adapter_dir = Path(adapter_dir or paths(cfg).finetune)

@@ -24,6 +24,7 @@ from medqa.artifacts import atomic_dir, write_json
 from medqa.cleaning import has_control_chars
 from medqa.schema import Config
 from medqa.errors import DataError
+from medqa.locks import locked
 from medqa.fasttok import fast_encoder
 from medqa.manifest import write_manifest
 from medqa.modeling import load_tokenizer, tokenizer_info, tokenizer_path, wants_tiny
@@ -100,6 +101,7 @@ def _ensure_tokenizer(cfg: Config, cands: list[Candidate]):
     return load_tokenizer(cfg)
 
 
+@locked("prepare")
 def prepare(cfg: Config) -> PrepareResult:
     """Run the data-preparation stage and return its report."""
     start = time.perf_counter()

@@ -95,6 +95,17 @@ def length_reject(cand: Candidate, question_tokens: int, answer_tokens: int, cfg
     return {"index": cand.index, "reason": reason, "detail": f"{tokens} tokens", "record": records[cand.index]}
 
 
+# Reasons whose name alone would mislead a reader (the external test file leaves out train and val questions).
+REASON_TEXT = {"in_training_data": "also in our train or val split"}
+
+
+def describe_counts(counts: dict[str, int]) -> str:
+    """Rejected counts as a reader says them, largest first: "3 empty answer, 2 answer too short" ("none" if
+    empty)."""
+    items = sorted(((n, r) for r, n in counts.items() if n), key=lambda x: (-x[0], x[1]))
+    return ", ".join(f"{n} {REASON_TEXT.get(r, r.replace('_', ' '))}" for n, r in items) or "none"
+
+
 def write_rejects(path: Path, rejected: list[dict]) -> None:
     """One JSON line per rejected record (index, reason, detail, the record as read)."""
     # backslashreplace: a lone surrogate in a rejected raw record is written as its JSON escape (\\ud800).

@@ -30,6 +30,7 @@ from medqa.artifacts import atomic_dir, write_json
 from medqa.checkpoints import MarkComplete, resumable_checkpoint, set_aside
 from medqa.schema import Config
 from medqa.errors import ConfigError, Interrupted, MedqaError
+from medqa.locks import locked
 from medqa.manifest import check_resumable, run_record, write_manifest, write_run_record
 from medqa.batching import BatchPlan, cuda_free_bytes, eval_tokens_per_batch, optimizer_steps, plan_batches
 from medqa.metrics import EVAL_SPLITS, metrics_table, pad_batch, sanity_check, summarize
@@ -308,6 +309,7 @@ def planned_steps(cfg: Config, train_ds, model_config=None, replicas: int = 0) -
     return optimizer_steps(per_replica(rows, plan.rows_per_batch), plan.grad_accum, t.epochs, t.max_steps)
 
 
+@locked("train", unless="trial")  # a Ray trial runs under the search's tune lock
 def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None = None,
           trial: bool = False) -> TrainResult:
     """Fine-tune with LoRA; evaluate val answer_loss during training; keep the best checkpoint; write the run.

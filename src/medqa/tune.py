@@ -21,6 +21,7 @@ from medqa.artifacts import atomic_dir, write_json
 from medqa.config import config_from_dict
 from medqa.schema import Config
 from medqa.errors import MedqaError
+from medqa.locks import locked
 from medqa.modeling import load_tokenizer, scoring_dtype
 from medqa.plots import plot_search
 from medqa.manifest import check_resumable, run_record, write_manifest, write_run_record
@@ -145,6 +146,7 @@ def _latest_experiment(outputs: Path) -> Path | None:
     return next((p for p in reversed(runs) if tune.Tuner.can_restore(str(p))), None)
 
 
+@locked("tune")
 def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
     """Search, write results.csv and plots, copy the best adapter to outputs/best/."""
     from ray import tune as rt

@@ -15,6 +15,7 @@ that reads it. Stages share artifacts through this module only; none imports ano
     outputs/report.{json,md}              evaluate.evaluate               export.push_to_hub (model card)
     outputs/external/                     external.load_external          (people)
     outputs/merged/                       export.export                   (users: from_pretrained)
+    .locks/{stage}.lock, {stage}.lock.json  locks.hold (each writing stage)  locks.hold (a second writer: refused)
 
 Every path comes from `paths(cfg)` (a `Workdir`). Whether an artifact is fresh for a config is decided here too:
 `prepared_inputs` and `adapter_inputs` are what the manifests beside the artifacts record (`medqa.manifest`).
@@ -70,6 +71,13 @@ class Workdir:
     @property
     def cache(self) -> Path:
         return self.root / ".cache"
+
+    # every stage that writes (medqa.locks): under the workdir itself, so a shared filesystem shows them to all
+    def lock(self, stage: str) -> Path:
+        return self.root / ".locks" / f"{stage}.lock"
+
+    def lock_holder(self, stage: str) -> Path:
+        return self.root / ".locks" / f"{stage}.lock.json"
 
     # baseline, train, tune, evaluate, export
     @property
