@@ -209,6 +209,48 @@ def efficiency(batches: list[list[dict]], strategy: str) -> float:
 # ------------------------------------------------------------------------------------------ a. padding
 
 
+def packing_lower_bound(lengths: list[int], row_tokens: int) -> float | None:
+    """The fewest rows of `row_tokens` any packing of these whole examples can use, from below: the linear-
+    programming relaxation of bin packing's arc-flow model (Valerio de Carvalho, 1999), whose bound is tight in
+    practice. None without scipy (not a medqa requirement)."""
+    try:
+        import numpy as np
+        from scipy.optimize import linprog
+        from scipy.sparse import lil_matrix
+    except ImportError:
+        return None
+    sizes = sorted(set(lengths))
+    count = {n: 0 for n in sizes}
+    for n in lengths:
+        count[n] += 1
+    reach = [False] * (row_tokens + 1)  # row positions a sequence of examples can end at
+    reach[0] = True
+    for a in range(row_tokens + 1):
+        if reach[a]:
+            for n in sizes:
+                if a + n <= row_tokens:
+                    reach[a + n] = True
+    nodes = [a for a in range(row_tokens + 1) if reach[a]] + ([row_tokens] if not reach[row_tokens] else [])
+    node = {a: i for i, a in enumerate(nodes)}
+    arcs = [(a, a + n, n) for a in nodes for n in sizes if a + n <= row_tokens]  # an example at position a
+    arcs += [(a, row_tokens, 0) for a in nodes if a < row_tokens]  # the rest of the row is padding
+    # variables: one flow per arc, then z = rows; flow conservation at every node, demand per example size
+    a_eq = lil_matrix((len(nodes), len(arcs) + 1))
+    a_ub = lil_matrix((len(sizes), len(arcs) + 1))
+    for j, (u, v, n) in enumerate(arcs):
+        a_eq[node[u], j] -= 1
+        a_eq[node[v], j] += 1
+        if n:
+            a_ub[sizes.index(n), j] -= 1
+    a_eq[node[0], len(arcs)] = 1
+    a_eq[node[row_tokens], len(arcs)] = -1
+    cost = np.zeros(len(arcs) + 1)
+    cost[-1] = 1
+    res = linprog(cost, A_ub=a_ub.tocsr(), b_ub=[-count[n] for n in sizes], A_eq=a_eq.tocsr(),
+                  b_eq=np.zeros(len(nodes)), bounds=(0, None), method="highs")
+    return float(res.fun) if res.status == 0 else None
+
+
 def bench_padding(train_rows: list[dict], repeats: int) -> dict:
     rows_per_batch = packed_rows_per_batch([len(r["input_ids"]) for r in train_rows])
     out = {}
@@ -220,6 +262,29 @@ def bench_padding(train_rows: list[dict], repeats: int) -> dict:
             "packed": out["packed"], "original_stats": out["original"],
             "examples": len(train_rows), "batch_size": BATCH, "packed_rows_per_batch": rows_per_batch,
             "packed_max_tokens": MAX_LENGTH}
+
+
+def bench_packing_real(work: Path, model_dir: Path) -> dict:
+    """Packing on the 500 shipped real records alone (what users and the GPU machine have), tokenized by
+    `medqa prepare` with the shipped BioGPT tokenizer, counted as `medqa train` computes: every row padded to its
+    width, the last batch's empty rows included (medqa.packing.pack_stats), at rows of data.max_length and of
+    twice that; with the bin-packing lower bound on the rows of data.max_length."""
+    import datasets
+
+    from medqa.packing import pack_stats
+    from medqa.prepare import prepare
+
+    workdir = work / "real-only"
+    prepare(prepare_cfg(workdir, DATA_FILES[0], model_dir))
+    lengths = [len(x) for x in datasets.load_from_disk(str(workdir / "tokenized" / "tokenized_train"))["input_ids"]]
+    per_batch = packed_rows_per_batch(lengths)
+    rows = {w: pack_stats(lengths, w, max(1, round(per_batch * MAX_LENGTH / w))) for w in (MAX_LENGTH, 2 * MAX_LENGTH)}
+    bound = packing_lower_bound(lengths, MAX_LENGTH)
+    return {"records": str(DATA_FILES[0].relative_to(REPO)), "tokenizer": str(TOKENIZER.relative_to(REPO)),
+            "examples": len(lengths), "median_tokens": statistics.median(lengths),
+            "mean_tokens": statistics.mean(lengths), "rows": {str(w): r for w, r in rows.items()},
+            "ours": rows[2 * MAX_LENGTH]["efficiency"], "rows_of_max_length": rows[MAX_LENGTH]["efficiency"],
+            "lower_bound_rows_of_max_length": bound}
 
 
 # ------------------------------------------------------------------------------------------ b. training
@@ -426,6 +491,11 @@ def markdown_section(res: dict) -> str:
         "|---|---|---|---|---|",
         f"| padding efficiency, train split ({pad['examples']:,} examples) | {pad['original']:.3f} | "
         f"{fmt(pad['grouped'], 3)} | {fmt(pad['packed'], 3)} | {pad['ours'] / pad['original']:.2f}x |",
+        *([] if "real_500" not in pad else [
+            f"| packed, the {pad['real_500']['examples']} real train examples alone (as `medqa train` computes: rows "
+            f"padded, last batch's empty rows counted) | {pad['real_500']['mean_tokens'] / MAX_LENGTH:.3f} | | rows of "
+            f"{MAX_LENGTH}: {pad['real_500']['rows_of_max_length']:.3f}; rows of {2 * MAX_LENGTH}: "
+            f"{pad['real_500']['ours']:.3f} | |"]),
         f"| training examples/s | {fmt(st['original']['examples_per_s'], 2)} | {fmt(st['grouped']['examples_per_s'], 2)} | "
         f"{fmt(st['packed']['examples_per_s'], 2)} | {fmt(tr['speedup']['packed'], 2)}x |",
         f"| training answer tokens/s | {fmt(st['original']['answer_tokens_per_s'], 0)} | "
@@ -544,6 +614,9 @@ def main(argv: list[str] | None = None) -> int:
                                  "median": statistics.median(lengths), "max": max(lengths)}
 
         padding = bench_padding(train_rows, repeats)
+        padding["real_500"] = real = bench_packing_real(work, model_dir)
+        log(f"packing the {real['examples']} real train examples: rows of {MAX_LENGTH} {real['rows_of_max_length']:.3f} "
+            f"(lower bound {real['lower_bound_rows_of_max_length']} rows), rows of {2 * MAX_LENGTH} {real['ours']:.3f}")
         log(f"padding efficiency: original {padding['original']:.3f}, grouped {padding['grouped']['median']:.3f}, "
             f"packed {padding['packed']['median']:.3f}")
         train = bench_train(base, train_rows, sizes["train_examples"], repeats, pad_id)

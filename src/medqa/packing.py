@@ -1,8 +1,18 @@
 """Sequence packing: several examples per training row, so compute goes to real tokens instead of padding.
 
-On the prepared HealthCareMagic + GenMedGPT train split (BioGPT tokenizer) examples are 38 to 512 tokens,
-median 93, mean 110. Padding every example to 512 computes ~4.7x the real tokens; batches grouped by length
-still pad a little; packing into rows of up to 512 tokens computes ~1.0x.
+Measured with `bench/bench.py` (`make bench`) on the 500 real HealthCareMagic records shipped in data/real/, as
+`medqa prepare` tokenizes them with the BioGPT tokenizer shipped in assets/biogpt-tokenizer: the 410 train examples
+are 96 to 512 tokens, median 227, mean 245, the prompt 47% of the tokens. Padding every example to 512 computes
+~2.1x the real tokens; packing into rows of 512 tokens holds 1.95 examples per row and fills them to 0.933; rows
+of 1,024 tokens hold 3.9 examples and fill to 0.980. (GenMedGPT's synthetic records are much shorter: with them
+the 5,952 records of `make bench` fill 512-token rows to 0.99.)
+
+Why 0.933 is the ceiling for rows of 512: a third of the real examples are longer than 256 tokens, so each of
+those needs a row of its own and can share it only with an example short enough to fit beside it, and there are
+too few of those. Best-fit decreasing (below) already uses the fewest rows possible on the real train split: 210,
+where the linear-programming lower bound of bin packing (arc-flow relaxation) is 209.4 (`bench/bench.py` computes
+it). No ordering of whole examples does better; only wider rows do (`pack_stats`; rows may be wider than
+data.max_length, as positions restart at every example).
 
 How it works:
 
@@ -33,8 +43,8 @@ Use with transformers' Trainer (dataset rows packed once, before training):
     trainer = Trainer(..., train_dataset=train_packed, data_collator=PackedCollator(tokenizer.pad_token_id),
                       args=TrainingArguments(..., remove_unused_columns=False))
 
-Each packed row holds ~max_tokens / mean length examples (4.6 at 512 tokens here), so use a batch size that
-many times smaller for the same examples per step. Evaluation stays unpacked (`medqa.metrics`).
+Each packed row holds ~max_tokens / mean length examples (1.95 at 512 tokens on the real records), so use a
+batch size that many times smaller for the same examples per step. Evaluation stays unpacked (`medqa.metrics`).
 """
 
 from __future__ import annotations
@@ -186,3 +196,17 @@ def padding_efficiency(batches: Iterable[Sequence[int]], pad_to: int | None = No
         real += sum(rows)
         computed += len(rows) * (pad_to or max(rows))
     return real / computed if computed else 0.0
+
+
+def pack_stats(lengths: Sequence[int], row_tokens: int, rows_per_batch: int = 1) -> dict:
+    """What packing these example lengths into rows of `row_tokens` computes, as `medqa train` runs it: every row
+    padded to `row_tokens` (one static shape) and the last batch filled up to `rows_per_batch` with empty rows.
+
+    `fill` = real tokens / (rows x row_tokens); `efficiency` = real tokens / tokens computed, the last batch's
+    empty rows included (they count no real token)."""
+    rows = len(plan_packs(lengths, row_tokens))
+    real = sum(lengths)
+    batches = -(-rows // rows_per_batch)
+    return {"row_tokens": row_tokens, "rows": rows, "examples_per_row": len(lengths) / rows,
+            "fill": real / (rows * row_tokens), "rows_per_batch": rows_per_batch,
+            "efficiency": real / (batches * rows_per_batch * row_tokens)}
