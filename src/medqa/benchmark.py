@@ -26,6 +26,7 @@ import numpy as np
 from medqa.artifacts import atomic_dir, write_json
 from medqa.batching import eval_tokens_per_batch
 from medqa.errors import ConfigError, MedqaError
+from medqa.locks import locked
 from medqa.metrics import paired_bootstrap
 from medqa.modeling import load_adapter_model, load_model, load_tokenizer, model_path, scoring_dtype
 from medqa.pubmedqa import DEFAULT_TEST as DEFAULT_PUBMEDQA
@@ -53,6 +54,7 @@ class BenchmarkResult:
         return "\n".join(knowledge_rows(self.summary))
 
 
+@locked("benchmark")
 def benchmark(cfg: Config) -> BenchmarkResult:
     """Run the lm-eval tasks on every available model; write per-question logs, results and the summary."""
     start = time.perf_counter()

@@ -1,12 +1,13 @@
 """One writer per workdir stage: a file lock (the `filelock` package) under `<workdir>/.locks/`.
 
-The rule: every stage that writes holds the lock named after itself for its whole run, and only that one.
+The rule: every stage that writes (benchmark too) holds the lock named after itself for its whole run, and only that one.
 
     stage      lock                        what it writes (medqa.workdir)
     prepare    .locks/prepare.lock         data/, tokenized/, .cache/prepare/ (and the tiny demo model)
     baseline   .locks/baseline.lock        outputs/baseline/
     train      .locks/train.lock           outputs/finetune_checkpoints/, outputs/finetune/
     tune       .locks/tune.lock            outputs/ray_*/, outputs/best/
+    benchmark  .locks/benchmark.lock       outputs/benchmarks/
     evaluate   .locks/evaluate.lock        outputs/report.{json,md}, outputs/external/
     export     .locks/export.lock          outputs/merged/
 
