@@ -21,6 +21,7 @@ from medqa.schema import Config
 from medqa.errors import DataError
 from medqa.locks import locked
 from medqa.external import load_external
+from medqa.fallbacks import Fallbacks
 from medqa.generate import generate_answers
 from medqa.metrics import evaluate_answer_loss, paired_bootstrap, sanity_check
 from medqa.modelcard import card_fields
@@ -70,6 +71,7 @@ def evaluate(cfg: Config) -> EvaluateResult:
     knowledge = {}
     external, external_report = load_external(cfg, tokenizer) if cfg.evaluate.external_test else (None, None)
     external_scores = {}
+    fallbacks = Fallbacks()  # a speed-up that could not run here (static-cache generation), for the report
     for name, adapter in candidate_adapters(cfg).items():
         # An adapter must come from this base model AND these splits: one trained on other splits may have
         # seen these test questions.
@@ -79,7 +81,7 @@ def evaluate(cfg: Config) -> EvaluateResult:
                                                     cfg.scoring.bootstrap_samples, cfg.seed, progress=True,
                                                     tokens_per_batch=budget)
         scores[name] = per_example
-        answers[name] = generate_answers(model, tokenizer, cfg, questions)
+        answers[name] = generate_answers(model, tokenizer, cfg, questions, fallbacks=fallbacks)
         models[name] = {"adapter": str(adapter) if adapter else None, "test": metrics, "dtype": scoring_dtype(cfg),
                         "generation": generation_scores(answers[name], references)}
         if cfg.evaluate.bertscore_model:
@@ -118,6 +120,7 @@ def evaluate(cfg: Config) -> EvaluateResult:
               "bertscore": cfg.evaluate.bertscore_model or BERTSCORE_OFF,
               "test_examples": len(ids), "generated": n_gen, "models": models,
               "samples": samples, "model_card": card_fields(cfg), "benchmarks": read_benchmarks(cfg),
+              "fallbacks": fallbacks.records,
               "seconds": round(time.perf_counter() - start, 2)}
     out = paths(cfg)
     write_json(out.report_json, report)

@@ -173,14 +173,40 @@ def pick_device_dtype(cfg: Config):
     return torch.device(device), getattr(torch, name)
 
 
+def scoring_autocast(device, dtype):
+    """A context that runs a model whose weights are not all in `dtype` (the training model: the base in the
+    compute dtype, LoRA fp32) in the scoring dtype `dtype`, as in-training evaluation does. fp32 (CPU by default)
+    or no dtype: nothing changes."""
+    import contextlib
+
+    import torch
+
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
 def scoring_dtype(cfg: Config) -> str:
     """The dtype every metrics file records: the one models are scored in (`pick_device_dtype`)."""
     return str(pick_device_dtype(cfg)[1]).replace("torch.", "")
 
 
+def allow_tf32() -> bool:
+    """Let the fp32 matmuls that remain (the fp32 LoRA matrices' backward, fp32 scoring) use TF32 tensor cores on
+    Ampere and newer (10-bit mantissa, ~8x the fp32 rate). Called by `load_model`, the one door every stage's model
+    comes through; nothing changes on CPU or an older GPU. Returns whether it was enabled."""
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
+        return False
+    torch.set_float32_matmul_precision("high")
+    return True
+
+
 def load_model(cfg: Config, path: str | None = None, for_training: bool = False):
     """AutoModelForCausalLM on the chosen device and dtype, SDPA attention where the model supports it.
-    Training loads fp32 weights (mixed precision is the Trainer's job); evaluation loads in the chosen dtype."""
+    Evaluation loads in the scoring dtype (`pick_device_dtype`); training loads the frozen base in
+    `training_base_dtype` (the compute dtype on CUDA, fp32 elsewhere) and `build_lora_model` keeps LoRA in fp32."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -191,9 +217,11 @@ def load_model(cfg: Config, path: str | None = None, for_training: bool = False)
                          "the tiny demo model) or `medqa make-tiny-model`, or set model.name_or_path to an existing "
                          "folder or a Hub id such as microsoft/biogpt.")
     device, dtype = pick_device_dtype(cfg)
+    if device.type == "cuda":
+        allow_tf32()
     kwargs = dict(revision=cfg.model.revision, token=os.environ.get("HF_TOKEN"),
                   trust_remote_code=cfg.model.trust_remote_code,
-                  dtype=torch.float32 if for_training else dtype)
+                  dtype=training_base_dtype(cfg, device) if for_training else dtype)
     try:
         try:
             model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="sdpa", **kwargs)
@@ -230,9 +258,24 @@ def compute_dtype(cfg: Config):
     return torch.bfloat16 if mixed["bf16"] else (torch.float16 if mixed["fp16"] else torch.float32)
 
 
-def build_lora_model(cfg: Config):
-    """The base model wrapped with peft LoRA (optionally 4-bit QLoRA on CUDA)."""
+def training_base_dtype(cfg: Config, device) -> "torch.dtype":
+    """The dtype the frozen base weights are held in while training.
+
+    On CUDA the compute dtype (bf16, fp16 on a T4): autocast would otherwise cast every frozen weight again at
+    every step (345M of them for BioGPT), and they take half the memory. The LoRA matrices stay fp32
+    (`build_lora_model`): they are what the optimizer updates, and fp16 training's GradScaler can only unscale
+    fp32 gradients. Elsewhere, and under FSDP (whose flattened shards want one dtype), fp32 as before."""
     import torch
+
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    if torch.device(device).type != "cuda" or fsdp:
+        return torch.float32
+    return compute_dtype(cfg)
+
+
+def build_lora_model(cfg: Config):
+    """The base model wrapped with peft LoRA (optionally 4-bit QLoRA on CUDA): the frozen base in
+    `training_base_dtype`, the trainable LoRA matrices in fp32."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
 
@@ -250,7 +293,11 @@ def build_lora_model(cfg: Config):
     log.info("LoRA r=%d alpha=%d on %s: %s trainable of %s parameters (%.3f%%)", cfg.lora.r, cfg.lora.alpha,
              targets, f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%), LoRA on {targets}")
-    return model.to(torch.float32) if not cfg.train.qlora else model
+    if not cfg.train.qlora:
+        for p in model.parameters():
+            if p.requires_grad:  # the LoRA matrices (peft upcasts them already; this makes it the rule here)
+                p.data = p.data.float()
+    return model
 
 
 def load_4bit(cfg: Config):

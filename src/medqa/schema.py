@@ -116,7 +116,9 @@ class ModelConfig:
     trust_remote_code: bool = _f(False, "Run model code from the Hub. Off by default: it executes downloaded code.")
     gguf_file: str = _f("", "A GGUF checkpoint to convert (dequantised) into `name_or_path` once, when that folder is "
                             "missing: a path, or pkg://<python package>/<file> for a file shipped in a package.")
-    dtype: str = _f("auto", "auto (bf16 where supported, fp16 on older GPUs, fp32 on CPU), float32, bfloat16, float16.")
+    dtype: str = _f("auto", "The dtype every model is scored in (baseline, in-training validation under autocast, "
+                            "evaluate): auto (bf16 where supported, fp16 on older GPUs, fp32 on CPU), float32, "
+                            "bfloat16, float16.")
     device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps.")
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig, metadata={"help": "Tiny offline model."})
 
@@ -175,7 +177,8 @@ class GenerateConfig:
     no_repeat_ngram_size: int = _f(0, "Forbid repeating n-grams of this size (0 = off).")
     batch_size: int = _f(8, "Prompts per generation batch (grouped by length, left-padded).")
     static_cache: bool | str = _f("auto", "Decode with a static KV cache (fixed shapes, compiled by transformers): "
-                                          "auto = on CUDA, true, false.")
+                                          "auto = on CUDA, true, false. If it fails, the dynamic cache answers "
+                                          "instead (one warning, recorded in report.json `fallbacks`).")
 
     def validate(self) -> None:
         if self.max_new_tokens < 1 or self.num_beams < 1 or self.batch_size < 1:
@@ -201,17 +204,22 @@ class TrainConfig:
     grad_accum: int = _f(1, "Gradient accumulation steps: effective batch = batch_size x grad_accum (with packing "
                             "and train.tokens_per_step set, derived instead).")
     tokens_per_batch: int = _f(0, "With packing: tokens per micro-batch, as rows of data.max_length tokens (every "
-                                  "step has this one shape). 0 = auto: sized from the GPU's free memory on CUDA, "
-                                  "train.batch_size rows elsewhere.")
+                                  "step has this one shape). 0 = auto: sized from the GPU's free memory on CUDA "
+                                  "(if that fails, train.batch_size rows, recorded in metrics.json training."
+                                  "fallbacks), train.batch_size rows elsewhere.")
     tokens_per_step: int = _f(0, "With packing: tokens per optimizer step (the effective batch); gradient "
                                  "accumulation = tokens_per_step / tokens_per_batch, so the step is the same on every "
                                  "card. 0 = tokens_per_batch x train.grad_accum.")
     compile: bool | str = _f("auto", "torch.compile the model for the one packed micro-batch shape: auto = on CUDA "
-                                     "with packing, true, false. The compile time is reported apart.")
-    compile_mode: str = _f("default", "torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, "
-                                      "max-autotune-no-cudagraphs.")
+                                     "with packing, true, false. The compile time is reported apart. If compiling "
+                                     "fails (up front or in the first step), the eager step trains instead: one "
+                                     "warning, recorded in metrics.json training.fallbacks.")
+    compile_mode: str = _f("default", "torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune "
+                                      "(CUDA graphs), max-autotune-no-cudagraphs. CUDA graphs need an accumulation of "
+                                      "1 (train.tokens_per_step = the micro-batch); with more the run is refused.")
     attention: str = _f("auto", "Attention for packed rows: sdpa (a block-diagonal mask), flex (FlexAttention "
-                                "document mask, CUDA only), auto (= sdpa; see BENCHMARKS.md).")
+                                "document mask, CUDA only), auto (= sdpa; see BENCHMARKS.md). If flex fails in the "
+                                "first step, sdpa trains instead (one warning, recorded in metrics.json).")
     loss_chunk_tokens: int = _f(0, "Compute the training loss over this many tokens at a time, recomputing each "
                                    "chunk's logits in backward, so a large micro-batch never holds all its fp32 "
                                    "logits at once (0 = the model's own loss).")
@@ -227,7 +235,8 @@ class TrainConfig:
                               "attention, positions restart per example); batch_size then counts packed rows. "
                               "Changes no metric: evaluation is never packed.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, ~30% slower.")
-    mixed_precision: str = _f("auto", "auto (bf16 or fp16 on CUDA, none on CPU), no, bf16, fp16.")
+    mixed_precision: str = _f("auto", "auto (bf16 or fp16 on CUDA, none on CPU), no, bf16, fp16. On CUDA the frozen "
+                                      "base weights are held in this dtype and the LoRA weights in fp32.")
     qlora: bool = _f(False, "Load the base model in 4-bit (bitsandbytes, CUDA only) and train LoRA on top.")
     resume: bool = _f(False, "Continue from the newest intact checkpoint in outputs/finetune_checkpoints/ (a "
                              "damaged newer one is named and set aside).")
@@ -236,7 +245,8 @@ class TrainConfig:
                                 "process died. Raise it when rank 0's writing or first compile takes longer.")
     report_to: list[str] = _f(["tensorboard"], "Experiment trackers the Trainer logs to: tensorboard, wandb, mlflow, or "
                                                "any other transformers supports when it is installed; [] or [none] = "
-                                               "only medqa's own metrics.jsonl.")
+                                               "only medqa's own metrics.jsonl. The default missing is a warning "
+                                               "(training runs without it); a tracker you name must be installed.")
 
     def validate(self) -> None:
         if self.learning_rate <= 0:

@@ -10,7 +10,9 @@ The module reads setup (`setup_training`: pack, plan the batch shape, build the 
 score and write. Batches: unpacked, train.batch_size x train.grad_accum examples per optimizer step (e.g. 8 x 4 =
 32 examples x ~225 tokens = ~7,200 tokens on HealthCareMagic with BioGPT's tokenizer); packed (the GPU default),
 a token budget of rows of data.max_length tokens, one static shape, compiled on CUDA (`medqa.batching`,
-`medqa.trainer`).
+`medqa.trainer`). On CUDA the frozen base is held in the compute dtype and LoRA in fp32. A speed-up that fails here
+(compile, CUDA graphs, FlexAttention, fused AdamW, the memory-sized token budget) gives way to the plain path with
+one warning, recorded in metrics.json `training.fallbacks` (`medqa.fallbacks`).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ import yaml
 from medqa import distributed as dist
 from medqa.artifacts import atomic_dir, write_json
 from medqa.checkpoints import MarkComplete, resumable_checkpoint, set_aside
-from medqa.schema import Config
+from medqa.schema import Config, TrainConfig
 from medqa.errors import ConfigError, Interrupted, MedqaError
+from medqa.fallbacks import Fallbacks
 from medqa.locks import locked
 from medqa.manifest import check_resumable, run_record, write_manifest, write_run_record
 from medqa.batching import BatchPlan, cuda_free_bytes, eval_tokens_per_batch, optimizer_steps, plan_batches
@@ -39,7 +42,7 @@ from medqa.plots import plot_training
 from medqa.trainer import (FAST_LOSS_MODEL_TYPES, AnswerLossTrainer, FastStep, GracefulStop, History, StepTimer,
                            supports_fast_step)
 from medqa.modeling import (build_lora_model, compute_dtype, count_parameters, load_model, load_tokenizer, model_path,
-                            precision, scoring_dtype)
+                            pick_device_dtype, precision, scoring_dtype)
 from medqa.workdir import (HISTORY, Workdir, adapter_inputs, load_split, paths, per_example_rows, read_metrics,
                            write_per_example)
 
@@ -47,6 +50,7 @@ log = logging.getLogger(__name__)
 
 GATHERED = "adapter_gathered"  # FSDP only: the final adapter gathered from the processes' shards
 RUN_SECTIONS = ("data", "prompt", "model", "lora", "train", "scoring")  # the config sections a training run depends on
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
 
 
 @dataclass
@@ -94,7 +98,7 @@ def check_disk(cfg: Config, folder: Path, trainable: int, total_steps: int) -> N
                          "are free. Free some space, lower train.save_total_limit, or set workdir to a larger disk.")
 
 
-def _training_args(cfg: Config, work: Path, trial: bool, plan: BatchPlan | None):
+def _training_args(cfg: Config, work: Path, trial: bool, plan: BatchPlan | None, fallbacks: Fallbacks | None = None):
     """Trainer settings from the config. A Tune trial saves no Trainer checkpoints: it reports its adapter to
     Ray at each evaluation and Ray keeps the best one, so a search never fills the disk with optimizer states.
     With packing, `plan` sets the micro-batch (rows) and the accumulation."""
@@ -123,7 +127,7 @@ def _training_args(cfg: Config, work: Path, trial: bool, plan: BatchPlan | None)
         report_to=_report_to(cfg), remove_unused_columns=False,
         # On a GPU, collate the next batches (padding, the 4D mask) in two worker processes while the GPU computes.
         dataloader_num_workers=2 if cuda else 0, dataloader_pin_memory=cuda,
-        optim="adamw_torch_fused",  # one kernel for all LoRA tensors instead of several per tensor
+        optim=_optimizer(fallbacks if fallbacks is not None else Fallbacks()),
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         disable_tqdm=False, **precision(cfg),
@@ -134,8 +138,26 @@ def _training_args(cfg: Config, work: Path, trial: bool, plan: BatchPlan | None)
     )
 
 
+def _optimizer(fallbacks: Fallbacks) -> str:
+    """Fused AdamW (one kernel for all LoRA tensors instead of several per tensor) where torch runs it on this
+    device, tried on a one-element tensor; else torch's plain AdamW, recorded as a fallback."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        probe = torch.zeros(1, device=device, requires_grad=True)
+        probe.grad = torch.ones_like(probe)
+        torch.optim.AdamW([probe], fused=True).step()
+    except Exception as exc:  # noqa: BLE001 - any failure of the fused kernel: the plain optimizer does the same
+        fallbacks.record("fused_adamw", exc, "torch's AdamW without fusing (optim=adamw_torch)")
+        return "adamw_torch"
+    return "adamw_torch_fused"
+
+
 def _report_to(cfg: Config) -> list[str]:
-    """train.report_to, checked: every tracker must be one transformers knows and be installed here."""
+    """train.report_to, checked: every tracker must be one transformers knows and be installed here. The default
+    (TensorBoard) missing is a warning, not an error: training without a tracker loses nothing medqa reports
+    (metrics.jsonl and loss_curves.png are written either way); a tracker the user named must be there."""
     from transformers.integrations import get_available_reporting_integrations
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
@@ -145,6 +167,11 @@ def _report_to(cfg: Config) -> list[str]:
         raise ConfigError(f"train.report_to: {unknown[0]!r} is not a tracker transformers supports; choose from "
                           f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}, or [] for none.")
     missing = [r for r in wanted if r not in get_available_reporting_integrations()]
+    if missing and cfg.train.report_to == TrainConfig().report_to:
+        log.warning("train.report_to: %s (the default) is not installed here; training without a tracker "
+                    "(metrics.jsonl and loss_curves.png are written as always). pip install %s for its logs, or set "
+                    "train.report_to=[] to silence this.", missing[0], missing[0])
+        return ["none"]
     if missing:
         raise ConfigError(f"train.report_to: {missing[0]} is not installed here (pip install {missing[0].replace('_', '-')}"
                           f"), or remove it from train.report_to (tensorboard is installed with medqa).")
@@ -196,12 +223,14 @@ class Setup:
     fast_step: object | None
     tokens_per_row: float
     examples_per_row: float
+    fallbacks: Fallbacks = field(default_factory=Fallbacks)  # optimisations that could not run here, and why
 
     def describe(self) -> dict:
         fs = self.fast_step
         return {"packing": self.plan is not None, "batch_plan": job_plan(self.plan) if self.plan else None,
                 "compiled": bool(fs and fs.compiled), "attention": fs.attention if fs else "model default",
-                "loss_chunk_tokens": fs.chunk if fs else 0, "train_rows": len(self.train_ds)}
+                "loss_chunk_tokens": fs.chunk if fs else 0, "train_rows": len(self.train_ds),
+                "fallbacks": self.fallbacks.records}
 
 
 def job_plan(plan: BatchPlan, replicas: int | None = None) -> dict:
@@ -217,27 +246,30 @@ def job_plan(plan: BatchPlan, replicas: int | None = None) -> dict:
 def setup_training(cfg: Config, model, train_ds, pad_id: int) -> Setup:
     """Pack (or not) the tokenized train split and decide the batch shape and the training step."""
     t = cfg.train
+    fallbacks = Fallbacks()
     if not t.packing:
         collate = partial(pad_batch, pad_id=pad_id)
-        return Setup(train_ds, collate, None, None, sum(train_ds["length"]) / len(train_ds), 1.0)
+        return Setup(train_ds, collate, None, None, sum(train_ds["length"]) / len(train_ds), 1.0, fallbacks)
     # ~data.max_length / mean length examples per row; the block mask keeps them from seeing each other.
     train_ds = pack_dataset(train_ds, cfg.data.max_length)
     examples_per_row = sum(train_ds["num_examples"]) / len(train_ds)
     device = next(model.parameters()).device
     # Several processes: every rank plans with the smallest free memory of all, so all run the same micro-batch
     # and the same number of gradient all-reduces per step.
-    free = dist.min_over_ranks(cuda_free_bytes(device)) if device.type == "cuda" else None
-    plan = plan_batches(t, cfg.data.max_length, model.config, free, world=dist.replicas())
+    plan = _plan(cfg, model.config, lambda: dist.min_over_ranks(cuda_free_bytes(device)) if device.type == "cuda"
+                 else None, dist.replicas(), fallbacks)
     attention = _attention(cfg)
     fast = None
     # Several replicas (processes, or GPUs in one process) train through the DDP/FSDP/DataParallel wrapper's
     # forward (AnswerLossTrainer), which needs the block mask from the collator: no fast step then.
     if supports_fast_step(model) and dist.replicas() == 1:
         compile_ = _use_compile(cfg)
+        if compile_:
+            _check_cuda_graphs(cfg, plan)
         if attention == "flex":
             _use_flex(model)
         fast = FastStep(model, compile=compile_, compile_mode=t.compile_mode, loss_chunk_tokens=t.loss_chunk_tokens,
-                        attention=attention, mask_dtype=compute_dtype(cfg))
+                        attention=attention, mask_dtype=compute_dtype(cfg), fallbacks=fallbacks)
     else:
         attention = "sdpa"  # the model's own forward, with the block mask from the collator
     if fast is None and (t.compile is True or t.loss_chunk_tokens or cfg.train.attention == "flex"):
@@ -256,7 +288,38 @@ def setup_training(cfg: Config, model, train_ds, pad_id: int) -> Setup:
            f"attention {attention}")
     log.info(msg)
     print(msg)
-    return Setup(train_ds, collate, plan, fast, sum(train_ds["length"]) / len(train_ds), examples_per_row)
+    return Setup(train_ds, collate, plan, fast, sum(train_ds["length"]) / len(train_ds), examples_per_row, fallbacks)
+
+
+def _plan(cfg: Config, model_config, free_bytes, world: int, fallbacks: Fallbacks | None = None) -> BatchPlan:
+    """`plan_batches` for this card, `free_bytes()` giving its free memory (None off CUDA). When sizing the
+    micro-batch from memory fails (a driver that cannot report it, a model config without the usual sizes), the
+    micro-batch is train.batch_size rows, as off CUDA; train.tokens_per_step still fixes the optimizer step."""
+    try:
+        return plan_batches(cfg.train, cfg.data.max_length, model_config, free_bytes(), world=world)
+    except MedqaError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the plain plan below needs neither the card nor the model's shape
+        plain = plan_batches(cfg.train, cfg.data.max_length, None, None, world=world)
+        if fallbacks is not None:
+            fallbacks.record("token_budget", exc, plain.describe())
+        return plain
+
+
+def _check_cuda_graphs(cfg: Config, plan: BatchPlan) -> None:
+    """CUDA graphs (compile modes reduce-overhead, max-autotune) cannot accumulate gradients: refuse, before
+    training starts."""
+    mode = cfg.train.compile_mode
+    if mode not in CUDA_GRAPH_MODES or plan.grad_accum == 1:
+        return
+    raise ConfigError(
+        f"train.compile_mode={mode} captures CUDA graphs, which cannot run with gradient accumulation, and this run "
+        f"accumulates {plan.grad_accum} micro-batches of {plan.tokens_per_batch:,} tokens per optimizer step "
+        f"({plan.tokens_per_step:,} tokens): a CUDA graph's outputs, the first micro-batch's gradients among them, "
+        "are overwritten by the next micro-batch's replay, which PyTorch either refuses or turns into silently wrong "
+        "gradients. Use train.compile_mode=default or max-autotune-no-cudagraphs (compiled, without CUDA graphs), or "
+        "an accumulation of 1: train.tokens_per_step equal to train.tokens_per_batch (if the card holds that "
+        "micro-batch), or train.grad_accum=1 without train.tokens_per_step.")
 
 
 def fit(cfg: Config, model, tokenizer, setup: Setup, eval_ds, work: Path, callbacks: list | None = None,
@@ -273,9 +336,10 @@ def fit(cfg: Config, model, tokenizer, setup: Setup, eval_ds, work: Path, callba
     stop = GracefulStop()
     extra.append(stop.callback())
     trainer = AnswerLossTrainer(
-        model=model, args=_training_args(cfg, work, trial, setup.plan), train_dataset=setup.train_ds,
+        model=model, args=_training_args(cfg, work, trial, setup.plan, setup.fallbacks), train_dataset=setup.train_ds,
         eval_dataset=eval_ds, data_collator=setup.collate, processing_class=tokenizer, callbacks=extra,
-        fast_step=setup.fast_step, eval_tokens_per_batch=cfg.scoring.tokens_per_batch, pad_id=pad_id)
+        fast_step=setup.fast_step, eval_tokens_per_batch=cfg.scoring.tokens_per_batch, pad_id=pad_id,
+        score_dtype=pick_device_dtype(cfg)[1])
     if setup.fast_step is not None and trainer.fast_step is None:
         setup.fast_step = None  # several processes: the model's own forward trains (describe() says so)
     with stop:
@@ -305,7 +369,7 @@ def planned_steps(cfg: Config, train_ds, model_config=None, replicas: int = 0) -
     if not t.packing:
         return optimizer_steps(per_replica(len(train_ds), t.batch_size), t.grad_accum, t.epochs, t.max_steps)
     rows = len(plan_packs(list(train_ds["length"]), cfg.data.max_length))
-    plan = plan_batches(t, cfg.data.max_length, model_config, cuda_free_bytes(), world=replicas)
+    plan = _plan(cfg, model_config, cuda_free_bytes, replicas)  # falls back as setup_training does, silently
     return optimizer_steps(per_replica(rows, plan.rows_per_batch), plan.grad_accum, t.epochs, t.max_steps)
 
 
@@ -366,7 +430,8 @@ def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None
 
     # score: the best checkpoint is loaded (load_best_model_at_end). It is scored as `medqa baseline` and
     # `medqa evaluate` score models: the base model loaded in model.dtype with the adapter on top, by the same
-    # function, so base and fine-tuned numbers never mix precisions (training ran fp32 weights under autocast).
+    # function, so base and fine-tuned numbers never mix precisions (training held the base in the compute dtype
+    # and LoRA in fp32, under autocast).
     trainable, total = count_parameters(trainer.model)
     scored = _as_scored(cfg, trainer, work)
     results, rows = {}, []

@@ -25,7 +25,9 @@ from transformers import Trainer, TrainerCallback
 
 from medqa import distributed as dist
 from medqa.batching import eval_tokens_per_batch
+from medqa.fallbacks import Fallbacks
 from medqa.metrics import evaluate_answer_loss
+from medqa.modeling import scoring_autocast
 from medqa.packing import block_causal_mask
 from medqa.prompts import IGNORE_INDEX
 
@@ -81,10 +83,14 @@ def document_block_mask(position_ids):
 
 class FastStep:
     """The training loss of a packed micro-batch: decoder -> output layer -> summed cross-entropy, optionally
-    compiled (one static shape: every batch is rows x data.max_length) and with a chunked loss."""
+    compiled (one static shape: every batch is rows x data.max_length) and with a chunked loss.
+
+    Compilation (and CUDA graphs, and FlexAttention) can fail where the eager SDPA step runs: when torch.compile
+    refuses the function, or the first training step on the optimised path raises (`AnswerLossTrainer.
+    training_step`), `use_plain` switches to the eager step and records it in `fallbacks`."""
 
     def __init__(self, model, compile: bool = False, compile_mode: str = "default", loss_chunk_tokens: int = 0,
-                 attention: str = "sdpa", mask_dtype=None):
+                 attention: str = "sdpa", mask_dtype=None, fallbacks: Fallbacks | None = None):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.base = base
         self.decoder = base.base_model  # BioGptModel, LlamaModel, ...: LoRA layers live inside it
@@ -92,13 +98,37 @@ class FastStep:
         self.chunk = loss_chunk_tokens
         self.attention = attention
         self.mask_dtype = mask_dtype or torch.float32  # the attention's compute dtype (bf16 under bf16 autocast)
-        self.compiled = compile
-        fn = self._loss_sum
+        self.compile_mode = compile_mode
+        self.fallbacks = fallbacks if fallbacks is not None else Fallbacks()
+        self.fn = self._loss_sum
+        self.compiled = False
         if compile:
-            # One shape for the whole run (dynamic=False); a changed shape would recompile, so the collator pads
-            # every batch to rows_per_batch x data.max_length.
-            fn = torch.compile(fn, dynamic=False, mode=None if compile_mode == "default" else compile_mode)
-        self.fn = fn
+            try:
+                # One shape for the whole run (dynamic=False); a changed shape would recompile, so the collator
+                # pads every batch to rows_per_batch x data.max_length.
+                self.fn = torch.compile(self._loss_sum, dynamic=False,
+                                        mode=None if compile_mode == "default" else compile_mode)
+                self.compiled = True
+            except Exception as exc:  # noqa: BLE001 - e.g. no compiler for this Python or platform
+                self.fallbacks.record(self._optimisation("compile"), exc, "the eager training step")
+        # True once a step ran on the optimised path (or when there is none): from then on errors are errors.
+        self.proven = not self.compiled and attention != "flex"
+
+    def _optimisation(self, *names: str) -> str:
+        graphs = ["cuda_graphs"] if "compile" in names and self.compile_mode in ("reduce-overhead", "max-autotune") \
+            else []
+        return "+".join([*names, *graphs])
+
+    def use_plain(self, error: BaseException) -> None:
+        """The optimised step failed with `error`: train with the eager SDPA step from now on (attention dropout
+        stays as `_use_flex` set it)."""
+        dropped = (["compile"] if self.compiled else []) + (["flex_attention"] if self.attention == "flex" else [])
+        self.fn, self.compiled = self._loss_sum, False
+        if self.attention == "flex":
+            self.base.set_attn_implementation("sdpa")
+            self.attention = "sdpa"  # the block-diagonal mask, built from the position ids in `_loss_sum`
+        self.fallbacks.record(self._optimisation(*dropped), error, "the eager training step with SDPA attention")
+        self.proven = True
 
     def _loss_sum(self, input_ids, attention_mask, position_ids, labels):
         if attention_mask is None and self.attention == "sdpa":
@@ -128,8 +158,9 @@ class AnswerLossTrainer(Trainer):
     `FastStep` (same value, compiled and static-shaped)."""
 
     def __init__(self, *args, fast_step: FastStep | None = None, eval_tokens_per_batch: int = 0,
-                 pad_id: int | None = None, **kwargs):
+                 pad_id: int | None = None, score_dtype=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.score_dtype = score_dtype  # `modeling.pick_device_dtype`: evaluation scores in it, as baseline does
         self.pad_id = pad_id if pad_id is not None else self.processing_class.pad_token_id
         if fast_step is not None and self.accelerator.num_processes > 1:
             log.warning("%d processes: training through the model's own forward (the fast step is single-process).",
@@ -150,6 +181,24 @@ class AnswerLossTrainer(Trainer):
         with self.accelerator.autocast():
             return self.fast_step(inputs, num_items_in_batch)
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        fs = self.fast_step
+        if fs is None or fs.proven:
+            return super().training_step(model, inputs, num_items_in_batch)
+        # The first micro-batch on the optimised path (compiled, CUDA graphs, flex): torch compiles the forward
+        # here and the backward lazily in it, so a compiler failure shows now, before any gradient was
+        # accumulated. Run it again on the plain path; an error there is a real one and is raised.
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        except Exception as exc:  # noqa: BLE001 - recorded and warned once by use_plain; the retry re-raises
+            fs.use_plain(exc)
+        else:
+            fs.proven = True
+            return loss
+        # Outside the except block: the failed attempt's traceback (and the activations it holds) is gone.
+        model.zero_grad(set_to_none=True)  # the run's first micro-batch: no gradient of another to keep
+        return super().training_step(model, inputs, num_items_in_batch)
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         ds = eval_dataset if eval_dataset is not None else self.eval_dataset
         flex = self.fast_step is not None and self.fast_step.attention == "flex"
@@ -158,11 +207,14 @@ class AnswerLossTrainer(Trainer):
         try:
             # the same budget on every rank: under FSDP each forward is collective, so all must batch alike
             tokens = dist.min_over_ranks(eval_tokens_per_batch(self.eval_tokens, self.model))
-            if dist.world_size() > 1 and not self.is_fsdp_enabled:  # each process a shard, put back together
-                m = dist.answer_loss(self.model, ds, self.pad_id, self.args.per_device_eval_batch_size, tokens)
-            else:  # one process; or FSDP, whose every forward is collective: each process scores the whole split
-                m, _ = evaluate_answer_loss(self.model, ds, self.pad_id, self.args.per_device_eval_batch_size,
-                                            bootstrap_samples=0, tokens_per_batch=tokens)
+            # The training model (base in the compute dtype, LoRA fp32) scored in the scoring dtype, as baseline
+            # and evaluate score theirs: the validation number here is the final one's quantity.
+            with scoring_autocast(next(self.model.parameters()).device, self.score_dtype):
+                if dist.world_size() > 1 and not self.is_fsdp_enabled:  # each process a shard, put back together
+                    m = dist.answer_loss(self.model, ds, self.pad_id, self.args.per_device_eval_batch_size, tokens)
+                else:  # one process; or FSDP, whose every forward is collective: each scores the whole split
+                    m, _ = evaluate_answer_loss(self.model, ds, self.pad_id, self.args.per_device_eval_batch_size,
+                                                bootstrap_samples=0, tokens_per_batch=tokens)
         finally:
             if flex:
                 self.fast_step.base.set_attn_implementation("flex_attention")
