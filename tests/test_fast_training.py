@@ -113,6 +113,41 @@ def test_packed_epoch_has_one_shape_and_respects_the_budget(prepared, tmp_path):
     assert labelled == sum(sum(x != -100 for x in row) for row in train_ds["labels"])
 
 
+def test_wider_packed_rows_fill_better_and_train_every_answer_token_once(prepared, tmp_path):
+    """train.pack_row_tokens = 2 x data.max_length: fewer, fuller rows of the one wider shape; the same labelled
+    tokens per epoch; planned steps still equal the Trainer's."""
+    from medqa.errors import ConfigError
+    from medqa.modeling import build_lora_model, load_tokenizer
+    from medqa.packing import pack_stats
+    from medqa.train import planned_steps, setup_training, train
+    from medqa.workdir import load_split
+
+    narrow = demo_config(prepared, *PACKED)
+    wide = demo_config(prepared, *PACKED, "train.pack_row_tokens=512", "train.tokens_per_batch=2048")
+    tokenizer = load_tokenizer(wide)
+    train_ds = load_split(wide, "train", tokenizer)
+    model = build_lora_model(wide)
+    rows = {}
+    for name, cfg in (("narrow", narrow), ("wide", wide)):
+        setup = setup_training(cfg, model, train_ds, tokenizer.pad_token_id)
+        batch = setup.collate([setup.train_ds[i] for i in range(setup.plan.rows_per_batch)])
+        assert batch["input_ids"].shape == (4, 256 if name == "narrow" else 512)
+        assert sum(setup.train_ds["length"]) == sum(train_ds["length"])  # every example packed once
+        rows[name] = len(setup.train_ds)
+    lengths = list(train_ds["length"])
+    assert pack_stats(lengths, 512, 4)["fill"] >= pack_stats(lengths, 256, 4)["fill"]
+    assert rows["wide"] < rows["narrow"]
+    cfg = demo_config(copy_workdir(prepared, tmp_path / "wide"), *PACKED, "train.pack_row_tokens=512",
+                      "train.tokens_per_batch=2048", "train.epochs=1", "train.eval_steps=1000",
+                      "scoring.max_examples=4", "scoring.bootstrap_samples=0")
+    assert train(cfg, trial=True).metrics["steps"] == planned_steps(cfg, load_split(cfg, "train"))
+    with pytest.raises(ConfigError, match="shorter than data.max_length"):
+        demo_config(prepared, *PACKED, "train.pack_row_tokens=128")
+    with pytest.raises(ConfigError, match="wider than the model's 1024 positions"):
+        setup_training(demo_config(prepared, *PACKED, "train.pack_row_tokens=2048"), model, train_ds,
+                       tokenizer.pad_token_id)
+
+
 def test_planned_steps_equal_the_trainers(prepared, tmp_path):
     from medqa.workdir import load_split
     from medqa.train import planned_steps, train

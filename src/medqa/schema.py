@@ -231,6 +231,12 @@ class TrainConfig:
     save_total_limit: int = _f(2, "Checkpoints kept on disk (the best is always kept).")
     early_stopping_patience: int = _f(0, "Stop after this many evaluations without improvement (0 = off).")
     group_by_length: bool = _f(True, "Batch examples of similar length together, so little is padded.")
+    pack_row_tokens: int = _f(0, "With packing: tokens per packed row (0 = data.max_length). Rows of 2 x "
+                                 "data.max_length fill better (on the 500 real records with BioGPT's tokenizer, 0.98 of "
+                                 "computed tokens are real at 1,024 against 0.92 at 512, the optimum for 512: a third of "
+                                 "the examples are over 256 tokens) but SDPA's dense block mask then costs ~7% more "
+                                 "attention per token; FlexAttention computes only the examples' own blocks. Positions "
+                                 "restart per example, so it may exceed data.max_length (not the model's window).")
     packing: bool = _f(False, "Pack several examples into each row of up to data.max_length tokens (block-diagonal "
                               "attention, positions restart per example); batch_size then counts packed rows. "
                               "Changes no metric: evaluation is never packed.")
@@ -263,6 +269,8 @@ class TrainConfig:
         if self.tokens_per_batch < 0 or self.tokens_per_step < 0 or self.loss_chunk_tokens < 0:
             raise ConfigError("train.tokens_per_batch, train.tokens_per_step and train.loss_chunk_tokens must be >= 0 "
                               "(0 = auto / off).")
+        if self.pack_row_tokens < 0:
+            raise ConfigError(f"train.pack_row_tokens must be >= 0 (0 = data.max_length); got {self.pack_row_tokens}.")
         if self.compile not in (True, False, "auto"):
             raise ConfigError(f"train.compile must be auto, true or false; got {self.compile!r}.")
         if self.compile is True and not self.packing:
@@ -373,6 +381,10 @@ class Config:
             value = getattr(self, f.name)
             if hasattr(value, "validate"):
                 value.validate()
+        if 0 < self.train.pack_row_tokens < self.data.max_length:
+            raise ConfigError(f"train.pack_row_tokens={self.train.pack_row_tokens} is shorter than data.max_length="
+                              f"{self.data.max_length}: the longest examples would not fit a row. Use 0 (rows of "
+                              "data.max_length) or a width of at least data.max_length, e.g. twice it.")
         return self
 
     # Paths derived from workdir: the artifacts each stage reads and writes.

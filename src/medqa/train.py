@@ -243,6 +243,11 @@ def job_plan(plan: BatchPlan, replicas: int | None = None) -> dict:
             "tokens_per_step_per_replica": d["tokens_per_step"]}
 
 
+def row_tokens(cfg: Config) -> int:
+    """Tokens per packed row: train.pack_row_tokens, or data.max_length (every micro-batch is rows x this)."""
+    return cfg.train.pack_row_tokens or cfg.data.max_length
+
+
 def setup_training(cfg: Config, model, train_ds, pad_id: int) -> Setup:
     """Pack (or not) the tokenized train split and decide the batch shape and the training step."""
     t = cfg.train
@@ -251,7 +256,11 @@ def setup_training(cfg: Config, model, train_ds, pad_id: int) -> Setup:
         collate = partial(pad_batch, pad_id=pad_id)
         return Setup(train_ds, collate, None, None, sum(train_ds["length"]) / len(train_ds), 1.0, fallbacks)
     # ~data.max_length / mean length examples per row; the block mask keeps them from seeing each other.
-    train_ds = pack_dataset(train_ds, cfg.data.max_length)
+    window = getattr(model.config, "max_position_embeddings", None)
+    if window and row_tokens(cfg) > window:  # a row's padding takes positions 0.. up to its width
+        raise ConfigError(f"train.pack_row_tokens={row_tokens(cfg)} is wider than the model's {window} positions. "
+                          f"Use at most {window} (or 0 for rows of data.max_length).")
+    train_ds = pack_dataset(train_ds, row_tokens(cfg))
     examples_per_row = sum(train_ds["num_examples"]) / len(train_ds)
     device = next(model.parameters()).device
     # Several processes: every rank plans with the smallest free memory of all, so all run the same micro-batch
@@ -281,8 +290,8 @@ def setup_training(cfg: Config, model, train_ds, pad_id: int) -> Setup:
     # One process over several GPUs (torch DataParallel) collates one batch for all of them, then splits it.
     per_collate = plan.rows_per_batch * (dist.replicas() if dist.world_size() == 1 else 1)
     collate = PackedCollator(pad_id, block_mask=fast is None, mask_dtype=compute_dtype(cfg),
-                             pad_to_multiple_of=cfg.data.max_length, rows=per_collate)
-    msg = (f"packing: {len(train_ds):,} rows of up to {cfg.data.max_length} tokens ({examples_per_row:.2f} examples "
+                             pad_to_multiple_of=row_tokens(cfg), rows=per_collate)
+    msg = (f"packing: {len(train_ds):,} rows of up to {row_tokens(cfg)} tokens ({examples_per_row:.2f} examples "
            f"per row); {plan.describe()}{f' in each of {dist.replicas()} replicas' if dist.replicas() > 1 else ''}; "
            f"step: {'compiled' if fast and fast.compiled else 'eager'}, "
            f"attention {attention}")
@@ -296,11 +305,11 @@ def _plan(cfg: Config, model_config, free_bytes, world: int, fallbacks: Fallback
     micro-batch from memory fails (a driver that cannot report it, a model config without the usual sizes), the
     micro-batch is train.batch_size rows, as off CUDA; train.tokens_per_step still fixes the optimizer step."""
     try:
-        return plan_batches(cfg.train, cfg.data.max_length, model_config, free_bytes(), world=world)
+        return plan_batches(cfg.train, row_tokens(cfg), model_config, free_bytes(), world=world)
     except MedqaError:
         raise
     except Exception as exc:  # noqa: BLE001 - the plain plan below needs neither the card nor the model's shape
-        plain = plan_batches(cfg.train, cfg.data.max_length, None, None, world=world)
+        plain = plan_batches(cfg.train, row_tokens(cfg), None, None, world=world)
         if fallbacks is not None:
             fallbacks.record("token_budget", exc, plain.describe())
         return plain
@@ -368,7 +377,7 @@ def planned_steps(cfg: Config, train_ds, model_config=None, replicas: int = 0) -
 
     if not t.packing:
         return optimizer_steps(per_replica(len(train_ds), t.batch_size), t.grad_accum, t.epochs, t.max_steps)
-    rows = len(plan_packs(list(train_ds["length"]), cfg.data.max_length))
+    rows = len(plan_packs(list(train_ds["length"]), row_tokens(cfg)))
     plan = _plan(cfg, model_config, cuda_free_bytes, replicas)  # falls back as setup_training does, silently
     return optimizer_steps(per_replica(rows, plan.rows_per_batch), plan.grad_accum, t.epochs, t.max_steps)
 
