@@ -18,6 +18,7 @@ from medqa.schema import Config
 from medqa.errors import DataError
 from medqa.locks import locked
 from medqa.metrics import EVAL_SPLITS, evaluate_answer_loss, metrics_table, sanity_check
+from medqa.mixing import by_source
 from medqa.manifest import fingerprint_model, write_manifest
 from medqa.modeling import (count_parameters, is_tiny_model, load_model, load_tokenizer, model_path,
                             scoring_dtype, tokenizer_info)
@@ -56,6 +57,8 @@ def baseline(cfg: Config) -> BaselineResult:
                                                       tokens_per_batch=eval_tokens_per_batch(cfg.scoring.tokens_per_batch,
                                                                                              model))
         rows += per_example_rows(split, scores)
+        if cfg.data.sources:
+            results.setdefault("by_source", {})[split] = by_source(cfg, split, scores)
     metrics = {**results, "model": model_path(cfg), "tokenizer": tokenizer_info(tokenizer),
                "parameters": total, "dtype": scoring_dtype(cfg),
                "device": str(next(model.parameters()).device), "seconds": round(time.perf_counter() - start, 2),

@@ -24,6 +24,7 @@ from medqa.external import load_external
 from medqa.fallbacks import Fallbacks
 from medqa.generate import generate_answers
 from medqa.metrics import evaluate_answer_loss, paired_bootstrap, sanity_check
+from medqa.mixing import by_source, paired_by_source
 from medqa.modelcard import card_fields
 from medqa.records import describe_counts
 from medqa.pubmedqa import DEFAULT_TEST as DEFAULT_PUBMEDQA
@@ -81,6 +82,8 @@ def evaluate(cfg: Config) -> EvaluateResult:
                                                     cfg.scoring.bootstrap_samples, cfg.seed, progress=True,
                                                     tokens_per_batch=budget)
         scores[name] = per_example
+        if cfg.data.sources:  # each source's test examples alone, beside the overall figure
+            metrics["by_source"] = by_source(cfg, "test", per_example)
         answers[name] = generate_answers(model, tokenizer, cfg, questions, fallbacks=fallbacks)
         models[name] = {"adapter": str(adapter) if adapter else None, "test": metrics, "dtype": scoring_dtype(cfg),
                         "generation": generation_scores(answers[name], references)}
@@ -105,6 +108,8 @@ def evaluate(cfg: Config) -> EvaluateResult:
         if name != "base":
             models[name]["vs_base"] = paired_bootstrap(base.answer_nll, scores[name].answer_nll, base.answer_tokens,
                                                        cfg.scoring.bootstrap_samples, cfg.seed)
+            if cfg.data.sources:
+                models[name]["vs_base_by_source"] = paired_by_source(cfg, "test", base, scores[name])
             if external_scores:
                 ext = external_scores["base"]
                 models[name]["external"]["vs_base"] = paired_bootstrap(
@@ -208,6 +213,25 @@ def _fmt(x, spec=".3f") -> str:
     return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
 
 
+def _source_table(report: dict) -> list[str]:
+    """data.sources: each model's test answer perplexity on each source's examples alone, and the paired change."""
+    models = report["models"]
+    names = [n for m in models.values() for n in (m["test"].get("by_source") or {})]
+    if not names:
+        return []
+    lines = ["## Per source (test split)", "",
+             "| model | source | examples | answer_loss | answer perplexity | 95% CI | Δ loss vs base | p |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, m in models.items():
+        for source, t in (m["test"].get("by_source") or {}).items():
+            vs = (m.get("vs_base_by_source") or {}).get(source, {})
+            ci = t.get("answer_perplexity_ci95")
+            lines.append(f"| {name} | {source} | {t['examples']} | {t['answer_loss']:.4f} | "
+                         f"{t['answer_perplexity']:.2f} | {f'{ci[0]:.2f}–{ci[1]:.2f}' if ci else '-'} | "
+                         f"{_fmt(vs.get('loss_delta'), '+.4f')} | {_fmt(vs.get('p_value'), '.4f')} |")
+    return lines + [""]
+
+
 def render_markdown(report: dict, n_samples: int) -> str:
     lines = ["# medqa evaluation report", ""]
     for warning in report.get("sanity_warnings") or []:
@@ -228,6 +252,7 @@ def render_markdown(report: dict, n_samples: int) -> str:
     lines += ["", "answer_loss: mean negative log-likelihood per answer token (nats) over all answer tokens of the "
               "test split; perplexity = exp(answer_loss). p: share of paired bootstrap resamples in which the "
               "model is not better than the base (one-sided).", ""]
+    lines += _source_table(report)
     lines += _bertscore_lines(report)
     lines += _external_table(report)
     lines += _knowledge_table(report)

@@ -9,6 +9,8 @@ Reads `data.source`; writes under `workdir`:
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import hashlib
 import json
 import logging
@@ -31,7 +33,7 @@ from medqa.modeling import load_tokenizer, tokenizer_info, tokenizer_path, wants
 from medqa.prompts import encode_example
 from medqa.records import (Candidate, check_fields_present, clean_records, dedupe, length_reject, tiny_training_texts,
                            write_rejects)
-from medqa.sources import MalformedLine, read_records
+from medqa.sources import MalformedLine, SourceSpec, read_records, source_specs
 from medqa.tiny import build_tiny_model
 from medqa.workdir import SPLITS, TOKENIZED_COLUMNS, paths, prepared_inputs
 
@@ -101,25 +103,57 @@ def _ensure_tokenizer(cfg: Config, cands: list[Candidate]):
     return load_tokenizer(cfg)
 
 
+def read_sources(cfg: Config, specs: list[SourceSpec]) -> tuple[list[Any], list[Candidate], list[dict], list[int]]:
+    """Read and clean every source: (all records, in source order; their candidates; their rejects; the index in
+    `records` where each source starts). Candidate and reject indices are positions in `records`; `_source_of`
+    turns them into (source, index within it) for the files."""
+    records: list[Any] = []
+    cands: list[Candidate] = []
+    rejected: list[dict] = []
+    starts: list[int] = []
+    for spec in specs:
+        recs = read_records(spec.source, spec.hub_split)
+        if spec.max_records:
+            recs = recs[: spec.max_records]
+        if not recs:
+            raise DataError(f"{spec.source} holds no records (an empty list or file). Point {spec.key}.source at the "
+                            "file with the question/answer records.")
+        check_fields_present(recs, spec.source, {"question": (spec.question_field, f"{spec.key}.question_field"),
+                                                 "answer": (spec.answer_field, f"{spec.key}.answer_field")})
+        fields = dataclasses.replace(cfg.data, question_field=spec.question_field, answer_field=spec.answer_field)
+        kept, dropped = clean_records(recs, dataclasses.replace(cfg, data=fields))
+        if not kept:
+            reasons = Counter(r["reason"] for r in dropped).most_common(3)
+            raise DataError(f"{spec.source}: none of its {len(recs)} records survived cleaning (top reasons: "
+                            f"{reasons}). Check {spec.key}.question_field/{spec.key}.answer_field and the min_*_chars limits; "
+                            "every record and its reason is listed in data/rejected.jsonl only when some are kept.")
+        offset = len(records)
+        for cand in kept:
+            cand.index += offset
+            cand.source = spec.name
+        for r in dropped:
+            r["index"] += offset
+        starts.append(offset)
+        records += recs
+        cands += kept
+        rejected += dropped
+    return records, cands, rejected, starts
+
+
+def _source_of(index: int, specs: list[SourceSpec], starts: list[int]) -> tuple[str, int]:
+    """(source name, index within that source) of a position in the concatenated records."""
+    i = bisect.bisect_right(starts, index) - 1
+    return specs[i].name, index - starts[i]
+
+
 @locked("prepare")
 def prepare(cfg: Config) -> PrepareResult:
     """Run the data-preparation stage and return its report."""
     start = time.perf_counter()
-    log.info("prepare: source=%s tokenizer=%s workdir=%s", cfg.data.source, tokenizer_path(cfg), cfg.workdir)
-    records = read_records(cfg.data.source, cfg.data.hub_split)
-    if cfg.data.max_records:
-        records = records[: cfg.data.max_records]
-    if not records:
-        raise DataError(f"{cfg.data.source} holds no records (an empty list or file). Point data.source at the file "
-                        "with the question/answer records.")
-    check_fields_present(records, cfg.data.source, {"question": (cfg.data.question_field, "data.question_field"),
-                                                    "answer": (cfg.data.answer_field, "data.answer_field")})
-    cands, rejected = clean_records(records, cfg)
-    if not cands:
-        reasons = Counter(r["reason"] for r in rejected).most_common(3)
-        raise DataError(f"{cfg.data.source}: none of its {len(records)} records survived cleaning (top reasons: "
-                        f"{reasons}). Check data.question_field/data.answer_field and the min_*_chars limits; "
-                        "every record and its reason is listed in data/rejected.jsonl only when some are kept.")
+    specs = source_specs(cfg.data)
+    log.info("prepare: source=%s tokenizer=%s workdir=%s", ", ".join(s.source for s in specs), tokenizer_path(cfg),
+             cfg.workdir)
+    records, cands, rejected, starts = read_sources(cfg, specs)
 
     tokenizer = _ensure_tokenizer(cfg, dedupe(cands, records)[0])
     inputs = prepared_inputs(cfg, tokenizer)
@@ -150,25 +184,39 @@ def prepare(cfg: Config) -> PrepareResult:
         keep_rows[cand.split].append(row)
 
     ids, cut = columns["id"], columns["truncated"]
-    splits = {s: [{"id": ids[r], "index": by_row[r].index, "question": by_row[r].question,
-                   "answer": by_row[r].answer} for r in rows] for s, rows in keep_rows.items()}
+    mix = bool(cfg.data.sources)
+
+    def kept_record(r: int) -> dict:
+        cand = by_row[r]
+        if not mix:
+            return {"id": ids[r], "index": cand.index, "question": cand.question, "answer": cand.answer}
+        name, index = _source_of(cand.index, specs, starts)
+        return {"id": ids[r], "source": name, "index": index, "question": cand.question, "answer": cand.answer}
+
+    splits = {s: [kept_record(r) for r in rows] for s, rows in keep_rows.items()}
     truncated = sum(cut[r] for rows in keep_rows.values() for r in rows)
+    if mix:  # every reject names its source and its index within it
+        for r in rejected:
+            r["source"], r["index"] = _source_of(r["index"], specs, starts)
+            r.update(record=r.pop("record"))  # the record as read stays the last field
     report = {
-        "source": cfg.data.source,
+        "source": cfg.data.source if not mix else [spec.source for spec in specs],
         "read": len(records),
         "kept": {s: len(rows) for s, rows in keep_rows.items()},
         "rejected": dict(sorted(Counter(r["reason"] for r in rejected).items())),
         "truncated": truncated,
         # records kept or not whose question or answer had control characters or escape sequences removed
-        "control_characters_removed": _count_control(records, cfg),
+        "control_characters_removed": _count_control(records, cfg, specs, starts),
         "tokenizer": tokenizer_path(cfg),
         "tokenizer_info": tokenizer_info(tokenizer),
         "tokenizer_path": path,  # medqa.fasttok or the tokenizer as it is
         "max_length": cfg.data.max_length,
     }
+    if mix:
+        report["sources"] = _per_source(specs, starts, len(records), splits, rejected, by_row, keep_rows, cut)
     assert report["read"] == sum(report["kept"].values()) + sum(report["rejected"].values())
     if not splits["train"]:
-        raise DataError(f"{cfg.data.source}: no records landed in the train split ({report['kept']}). Use more "
+        raise DataError(f"{report['source']}: no records landed in the train split ({report['kept']}). Use more "
                         "records or raise data.train_fraction.")
 
     data_dir, tok_dir = paths(cfg).data, paths(cfg).tokenized
@@ -187,10 +235,31 @@ def prepare(cfg: Config) -> PrepareResult:
     return PrepareResult(report=report, data_dir=data_dir, tokenized_dir=tok_dir, splits=splits)
 
 
-def _count_control(records: list[Any], cfg: Config) -> int:
-    fields = (cfg.data.question_field, cfg.data.answer_field)
-    return sum(1 for r in records if isinstance(r, dict) and not isinstance(r, MalformedLine)
-               and any(isinstance(r.get(f), str) and has_control_chars(r[f]) for f in fields))
+def _per_source(specs: list[SourceSpec], starts: list[int], total: int, splits: dict[str, list[dict]],
+                rejected: list[dict], by_row: dict, keep_rows: dict, cut: list) -> dict:
+    """read / rejected by reason / kept per split / truncated, for each source; they add up to the overall report."""
+    out = {}
+    ends = starts[1:] + [total]
+    for spec, start, end in zip(specs, starts, ends):
+        mine = [r for r in rejected if r["source"] == spec.name]
+        out[spec.name] = {
+            "source": spec.source, "weight": spec.weight, "read": end - start,
+            "kept": {s: sum(1 for x in rows if x["source"] == spec.name) for s, rows in splits.items()},
+            "rejected": dict(sorted(Counter(r["reason"] for r in mine).items())),
+            "truncated": sum(cut[r] for rows in keep_rows.values() for r in rows if by_row[r].source == spec.name)}
+        assert out[spec.name]["read"] == (sum(out[spec.name]["kept"].values())
+                                          + sum(out[spec.name]["rejected"].values()))
+    return out
+
+
+def _count_control(records: list[Any], cfg: Config, specs: list[SourceSpec], starts: list[int]) -> int:
+    ends = starts[1:] + [len(records)]
+    count = 0
+    for spec, start, end in zip(specs, starts, ends):
+        fields = (spec.question_field, spec.answer_field)
+        count += sum(1 for r in records[start:end] if isinstance(r, dict) and not isinstance(r, MalformedLine)
+                     and any(isinstance(r.get(f), str) and has_control_chars(r[f]) for f in fields))
+    return count
 
 
 def _write_data(data_dir: Path, splits: dict[str, list[dict]], rejected: list[dict], report: dict, cfg: Config,

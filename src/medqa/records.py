@@ -27,6 +27,7 @@ class Candidate:
     answer: str
     key: str  # normalised question: the dedup and split key
     split: str = ""
+    source: str = ""  # data.sources' name ("" with data.source alone)
 
 
 def check_record(rec: Any, cfg: Config) -> tuple[str, str] | tuple[None, str]:
@@ -140,8 +141,9 @@ def dedupe(cands: list[Candidate], records: list[Any]) -> tuple[list[Candidate],
         first = first_seen.get(cand.key)
         if first is not None:
             same = (first.question, first.answer) == (cand.question, cand.answer)
+            of = f" of source {first.source}" if first.source else ""
             rejected.append({"index": cand.index, "reason": "duplicate_exact" if same else "duplicate_question",
-                             "detail": f"same question as record {first.index}", "record": records[cand.index]})
+                             "detail": f"same question as record {first.index}{of}", "record": records[cand.index]})
             continue
         first_seen[cand.key] = cand
         kept.append(cand)

@@ -23,6 +23,9 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kw)
 
 
+SOURCE_KEYS = {"name", "source", "question_field", "answer_field", "hub_split", "max_records", "weight"}
+
+
 @dataclass
 class DataConfig:
     """Where the records come from, how they are cleaned, split and cut to length."""
@@ -44,6 +47,12 @@ class DataConfig:
     max_length: int = _f(512, "Tokens per example (prompt + answer + EOS); longer ones are truncated, "
                               "question first (from its start), then the answer's tail.")
     max_records: int = _f(0, "Read at most this many records (0 = all); for smoke runs.")
+    sources: list[dict] = _f([], "Several sources in one run, instead of data.source: a list of {name, source, "
+                                 "question_field, answer_field, hub_split, max_records, weight} (each field but name "
+                                 "and source defaults to data.*'s). Every record keeps its source's name; a question "
+                                 "in two sources is kept from the first listed. weight: how often each train example "
+                                 "of the source appears per epoch (1 = once, 2 = twice, 0.5 = a seeded half). "
+                                 "Empty = data.source alone.")
     num_proc: int = _f(1, "Processes for tokenization (datasets.map num_proc).")
     fast_tokenizer: bool = _f(True, "Tokenize with medqa's fast path for BioGPT's tokenizer (the same ids, ~4x "
                                     "sooner) when it applies; false = the tokenizer as it is.")
@@ -62,6 +71,23 @@ class DataConfig:
                 raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}.")
         if self.max_length < 16:
             raise ConfigError(f"data.max_length must be at least 16 tokens, got {self.max_length}.")
+        names = []
+        for i, entry in enumerate(self.sources):
+            where = f"data.sources[{i}]"
+            unknown = sorted(set(entry) - SOURCE_KEYS) if isinstance(entry, dict) else []
+            if not isinstance(entry, dict) or unknown or not all(isinstance(entry.get(k), str) and entry[k].strip()
+                                                                  for k in ("name", "source")):
+                raise ConfigError(f"{where} must be a mapping with a `name` and a `source` (and optionally "
+                                  f"{', '.join(sorted(SOURCE_KEYS - {'name', 'source'}))}); got {entry!r}.")
+            weight, limit = entry.get("weight", 1.0), entry.get("max_records", 0)
+            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
+                raise ConfigError(f"{where}.weight must be a number > 0 (1 = each train example once per epoch); "
+                                  f"got {weight!r}.")
+            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+                raise ConfigError(f"{where}.max_records must be an integer >= 0 (0 = all); got {limit!r}.")
+            names.append(entry["name"])
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data.sources: names must be unique, got {names}.")
 
 
 @dataclass

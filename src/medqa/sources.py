@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +166,28 @@ def read_records(source: str, split: str = "train") -> list[Any]:
                     "a JSON/JSONL/CSV file or a datasets folder, or a Hub id such as "
                     "lavita/ChatDoctor-HealthCareMagic-100k. The embedded sample is "
                     "data/sample/healthcaremagic_sample.json.")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One source of records and how to read it (`data.sources`, or `data.source` alone as an unnamed one)."""
+
+    name: str  # "" for the one-source shorthand `data.source`
+    source: str
+    question_field: str
+    answer_field: str
+    hub_split: str
+    max_records: int
+    weight: float = 1.0
+    key: str = "data"  # the config key that names it, for messages: data, or data.sources[i]
+
+
+def source_specs(data) -> list[SourceSpec]:
+    """The sources a `DataConfig` names: `data.sources` in order, each field defaulting to data.*'s; or
+    `data.source` alone."""
+    if not data.sources:
+        return [SourceSpec("", data.source, data.question_field, data.answer_field, data.hub_split, data.max_records)]
+    return [SourceSpec(e["name"], e["source"], e.get("question_field", data.question_field),
+                       e.get("answer_field", data.answer_field), e.get("hub_split", data.hub_split),
+                       e.get("max_records", 0), float(e.get("weight", 1.0)), f"data.sources[{i}]")
+            for i, e in enumerate(data.sources)]

@@ -34,6 +34,7 @@ from medqa.schema import Config, TrainConfig
 from medqa.errors import ConfigError, Interrupted, MedqaError
 from medqa.fallbacks import Fallbacks
 from medqa.locks import locked
+from medqa.mixing import by_source, epoch_composition
 from medqa.manifest import check_resumable, run_record, write_manifest, write_run_record
 from medqa.batching import BatchPlan, cuda_free_bytes, eval_tokens_per_batch, optimizer_steps, plan_batches
 from medqa.metrics import EVAL_SPLITS, metrics_table, pad_batch, sanity_check, summarize
@@ -224,13 +225,17 @@ class Setup:
     tokens_per_row: float
     examples_per_row: float
     fallbacks: Fallbacks = field(default_factory=Fallbacks)  # optimisations that could not run here, and why
+    composition: dict = field(default_factory=dict)  # data.sources: examples per source in one epoch
 
     def describe(self) -> dict:
         fs = self.fast_step
         return {"packing": self.plan is not None, "batch_plan": job_plan(self.plan) if self.plan else None,
                 "compiled": bool(fs and fs.compiled), "attention": fs.attention if fs else "model default",
                 "loss_chunk_tokens": fs.chunk if fs else 0, "train_rows": len(self.train_ds),
-                "fallbacks": self.fallbacks.records}
+                "fallbacks": self.fallbacks.records,
+                **({"epoch_by_source": self.composition,
+                    "epoch_examples": sum(c["per_epoch"] for c in self.composition.values())}
+                   if self.composition else {})}
 
 
 def job_plan(plan: BatchPlan, replicas: int | None = None) -> dict:
@@ -252,9 +257,11 @@ def setup_training(cfg: Config, model, train_ds, pad_id: int) -> Setup:
     """Pack (or not) the tokenized train split and decide the batch shape and the training step."""
     t = cfg.train
     fallbacks = Fallbacks()
+    train_ds, composition = epoch_composition(cfg, train_ds)  # data.sources' weights (the split itself otherwise)
     if not t.packing:
         collate = partial(pad_batch, pad_id=pad_id)
-        return Setup(train_ds, collate, None, None, sum(train_ds["length"]) / len(train_ds), 1.0, fallbacks)
+        return Setup(train_ds, collate, None, None, sum(train_ds["length"]) / len(train_ds), 1.0, fallbacks,
+                     composition)
     # ~data.max_length / mean length examples per row; the block mask keeps them from seeing each other.
     window = getattr(model.config, "max_position_embeddings", None)
     if window and row_tokens(cfg) > window:  # a row's padding takes positions 0.. up to its width
@@ -297,7 +304,8 @@ def setup_training(cfg: Config, model, train_ds, pad_id: int) -> Setup:
            f"attention {attention}")
     log.info(msg)
     print(msg)
-    return Setup(train_ds, collate, plan, fast, sum(train_ds["length"]) / len(train_ds), examples_per_row, fallbacks)
+    return Setup(train_ds, collate, plan, fast, sum(train_ds["length"]) / len(train_ds), examples_per_row, fallbacks,
+                 composition)
 
 
 def _plan(cfg: Config, model_config, free_bytes, world: int, fallbacks: Fallbacks | None = None) -> BatchPlan:
@@ -370,6 +378,7 @@ def planned_steps(cfg: Config, train_ds, model_config=None, replicas: int = 0) -
     that each take a micro-batch per step (0 = `medqa.distributed.replicas()`; a Tune trial with N GPUs: N)."""
     t = cfg.train
     replicas = replicas or dist.replicas()
+    train_ds, _ = epoch_composition(cfg, train_ds)  # data.sources' weights change the epoch's size
 
     def per_replica(items: int, per_batch: int) -> int:
         # micro-batches of one replica: accelerate deals the ceil(items / per_batch) batches out in turn
@@ -450,6 +459,8 @@ def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None
         scores = dist.gather_scores(scored, ds, tokenizer.pad_token_id, cfg.scoring.batch_size, True, eval_tokens)
         results[split] = summarize(scores, cfg.scoring.bootstrap_samples, cfg.seed)
         rows += per_example_rows(split, scores)
+        if cfg.data.sources:
+            results.setdefault("by_source", {})[split] = by_source(cfg, split, scores)
     del scored
     metrics = {**results, "dtype": scoring_dtype(cfg), "model": model_path(cfg), "adapter": str(where.finetune),
                "best_checkpoint": trainer.state.best_model_checkpoint, "best_val_answer_loss": trainer.state.best_metric,

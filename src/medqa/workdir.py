@@ -34,6 +34,7 @@ from medqa.manifest import check_inputs, fingerprint_model, fingerprint_source
 from medqa.metrics import EVAL_SPLITS, ExampleScores  # noqa: F401  (EVAL_SPLITS: part of the contract)
 from medqa.modeling import model_path, tokenizer_info
 from medqa.prompts import ENCODE_VERSION
+from medqa.sources import source_specs
 
 SPLITS = ("train", "val", "test")
 TOKENIZED_COLUMNS = ["id", "input_ids", "attention_mask", "labels", "length"]
@@ -132,8 +133,15 @@ def prepared_inputs(cfg: Config, tokenizer) -> dict[str, str]:
                            cfg.prompt.min_question_tokens, d.max_length, d.question_field, d.answer_field, d.seed,
                            d.train_fraction, d.val_fraction, d.hub_split, d.max_records, d.min_question_chars,
                            d.min_answer_chars, d.max_question_tokens, d.max_answer_tokens])
-    return {"source": fingerprint_source(cfg.data.source), "tokenizer": tokenizer_info(tokenizer)["vocab_sha256"],
-            "prompt_and_split": hashlib.sha256(settings.encode()).hexdigest()}
+    inputs = {"source": fingerprint_source(cfg.data.source), "tokenizer": tokenizer_info(tokenizer)["vocab_sha256"],
+              "prompt_and_split": hashlib.sha256(settings.encode()).hexdigest()}
+    if d.sources:  # each source's data and how it is read (its weight changes training only, not the prepared data)
+        del inputs["source"]
+        for spec in source_specs(d):
+            read = json.dumps([spec.question_field, spec.answer_field, spec.hub_split, spec.max_records])
+            inputs[f"source {len(inputs) - 2}: {spec.name}"] = fingerprint_source(spec.source) + ":" + hashlib.sha256(
+                read.encode()).hexdigest()[:16]
+    return inputs
 
 
 def adapter_inputs(cfg: Config, tokenizer) -> dict[str, str]:
