@@ -43,6 +43,8 @@ from medqa.prompts import IGNORE_INDEX
 
 CHOICES = ("yes", "no", "maybe")
 DEFAULT_TEST = Path(__file__).resolve().parents[2] / "data" / "pubmedqa" / "pubmedqa_test.json"
+# The other 500 labelled PQA-L questions: training and the search choose by them, the reported figure never does.
+DEFAULT_DEV = DEFAULT_TEST.with_name("pubmedqa_dev.json")
 
 
 def load_items(path: str | Path = DEFAULT_TEST) -> list[dict]:
@@ -78,6 +80,17 @@ def subset(items: list[dict], n: int, seed: int = 0) -> list[dict]:
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     return [items[i] for i in sorted(order[:n])]
+
+
+def dev_questions(n: int, seed: int) -> list[dict]:
+    """`n` seeded questions of the knowledge dev set (scoring.knowledge_questions); [] when n is 0."""
+    return subset(load_items(DEFAULT_DEV), n, seed) if n else []
+
+
+def accuracy(scores: PubMedQAScores) -> dict:
+    """acc and acc_norm only: what an in-training evaluation logs (no bootstrap)."""
+    return {"acc": float((scores.predicted == scores.gold).mean()),
+            "acc_norm": float((scores.predicted_norm == scores.gold).mean())}
 
 
 def context_text(item: dict) -> str:
