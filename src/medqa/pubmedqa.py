@@ -1,6 +1,7 @@
 """PubMedQA zero-shot: did fine-tuning keep the base model's biomedical knowledge?
 
-The 500 expert-labelled test questions ship in `data/pubmedqa/` (MIT). Each is scored as lm-evaluation-harness's
+The 500 expert-labelled test questions ship in `data/pubmedqa/` (MIT), beside the other 500 labelled ones (the
+knowledge dev set, `dev_questions`: scored during training to choose an adapter, never reported as the test figure). Each is scored as lm-evaluation-harness's
 `pubmedqa` task defines it (a `multiple_choice` task):
 
 - context  = "Abstract: " + the abstract's sections joined by newlines + "\\nQuestion: " + question + "\\nAnswer:"
