@@ -9,7 +9,10 @@
 # and by the answers they write.
 #
 # Every trial runs the same `train()` as notebook 3 (the search can also cover LoRA rank, alpha, dropout and
-# targets), and ASHA stops bad trials early on val `answer_loss`. The final comparison gives bootstrap intervals
+# targets), and ASHA stops bad trials early on `tune.objective`: val `answer_loss`, or (with
+# `scoring.knowledge_questions`) val `answer_loss` among trials that kept their PubMedQA dev accuracy within
+# `tune.max_knowledge_drop` of the base model, or a weighted sum; the same rule picks each trial's checkpoint and the
+# best trial. The final comparison gives bootstrap intervals
 # and a paired p-value for the likelihood, and ROUGE and BLEU for the answers. Command line:
 # `medqa tune --config configs/demo.yaml`, `medqa benchmark --config configs/demo.yaml`, then
 # `medqa evaluate --config configs/demo.yaml`.
@@ -82,6 +85,21 @@ plt.show()
 import json
 best = json.loads((search.best_dir / 'trial.json').read_text())
 pd.Series({k: v for k, v in best.items() if k != 'config'}).to_frame('best trial')
+
+# %% [markdown]
+# ## Gain against knowledge kept
+#
+# Every trial as a point: how much it lowered val answer loss below the base model's (right is better) against how
+# its PubMedQA accuracy on the dev questions (never the test ones) moved (up is better), with the frontier of the
+# eligible trials and the chosen one. `medqa evaluate` draws the same plot into `outputs/tradeoff.png`.
+
+# %%
+from medqa.plots import plot_tradeoff
+from medqa.selection import Rule
+print(best['selection']['message'])
+fig_tradeoff = plot_tradeoff(search.results.to_dict('records'), Rule.of(cfg).drop_limit) \
+    if 'knowledge_change' in search.results and 'gain' in search.results else None
+plt.show()
 
 # %% [markdown]
 # ## Standard benchmarks through lm-evaluation-harness

@@ -92,6 +92,23 @@ def test_shipped_test_split():
     assert {c: sum(i["answer"] == c for i in items) for c in CHOICES} == {"yes": 276, "no": 169, "maybe": 55}
 
 
+def test_knowledge_dev_set_is_the_other_500_labelled_questions():
+    """The dev questions (which training and the search choose by) never overlap the test ones (which are
+    reported): PQA-L's 1,000 labelled questions split 500 / 500, all labels valid."""
+    from medqa.pubmedqa import DEFAULT_DEV, dev_questions
+
+    dev, test = load_items(DEFAULT_DEV), load_items(DEFAULT_TEST)
+    dev_ids, test_ids = [x["id"] for x in dev], [x["id"] for x in test]
+    assert len(dev) == len(set(dev_ids)) == 500 and len(test) == len(set(test_ids)) == 500
+    assert not set(dev_ids) & set(test_ids)
+    assert {x["answer"] for x in dev} == set(CHOICES) and all(x["contexts"] and x["question"] for x in dev)
+    # nor the same question under another id
+    assert not {x["question"] for x in dev} & {x["question"] for x in test}
+    picked = dev_questions(20, seed=3)
+    assert len(picked) == 20 and picked == dev_questions(20, seed=3) and set(x["id"] for x in picked) <= set(dev_ids)
+    assert dev_questions(0, seed=3) == []
+
+
 def test_tiny_model_scores_and_paired_comparison(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

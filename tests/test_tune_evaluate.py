@@ -43,7 +43,13 @@ def test_search_writes_results_and_best(searched):
     assert (result.experiment_dir / "search.png").exists() and (result.experiment_dir / "curves.png").exists()
     assert result.experiment_dir.parent == cfg.root / "outputs" and result.experiment_dir.name.startswith("ray_")
     best = json.loads((result.best_dir / "trial.json").read_text())
-    assert best["best_val_answer_loss"] == pytest.approx(table["best_val_answer_loss"].min())
+    assert best["best_val_answer_loss"] == pytest.approx(table["best_val_answer_loss"].min())  # tune.objective default
+    # each trial's kept checkpoint with its PubMedQA dev scores (demo: scoring.knowledge_questions=8), the chosen one
+    assert {"best_val_objective", "gain", "knowledge_acc", "knowledge_change", "eligible", "chosen"} <= set(table.columns)
+    assert (table["best_val_objective"] == table["best_val_answer_loss"]).all()
+    assert table["chosen"].sum() == 1 and table.loc[table["chosen"], "trial"].item() == best["trial"]
+    assert best["selection"]["objective"] == "answer_loss" and best["selection"]["eligible"]
+    assert (result.experiment_dir / "tradeoff.png").exists()
     assert (result.best_dir / "adapter_model.safetensors").exists()
     # Only adapters are kept: no optimizer states or full model weights anywhere in the experiment.
     assert not list(result.experiment_dir.rglob("optimizer.pt"))
@@ -167,6 +173,13 @@ def test_evaluate_report(searched):
     kept = tuned["pubmedqa"]["vs_base"]
     assert kept["acc_delta"] == pytest.approx(tuned["pubmedqa"]["acc"] - report["models"]["base"]["pubmedqa"]["acc"])
     assert "## Knowledge kept" in md and "PubMedQA (8 expert-labelled test questions" in md
+    # how the search chose its adapter: every trial's gain and dev knowledge change, drawn in outputs/tradeoff.png
+    search = report["search"]
+    assert len(search["trials"]) == 2 and sum(t["chosen"] for t in search["trials"]) == 1
+    assert all(t["knowledge_change"] == pytest.approx(t["knowledge_acc"] - t["knowledge_base_acc"])
+               for t in search["trials"])
+    assert "## Choosing the adapter" in md and "![gain vs knowledge kept per trial](tradeoff.png)" in md
+    assert (cfg.root / "outputs" / "tradeoff.png").exists()
 
 
 def test_ask_ends_with_disclaimer(searched, tmp_path, capsys):

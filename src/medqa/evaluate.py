@@ -35,7 +35,10 @@ from medqa.pubmedqa import score_items as score_pubmedqa
 from medqa.pubmedqa import summarize as summarize_pubmedqa
 from medqa.modeling import is_tiny_model, load_adapter_model, load_model, load_tokenizer, model_path, scoring_dtype
 from medqa.textmetrics import BERTSCORE_OFF, bertscore, check_bertscore_encoder, generation_scores
-from medqa.workdir import adapter_inputs, candidate_adapters, load_records, load_split, paths, read_benchmarks
+from medqa.plots import plot_tradeoff
+from medqa.selection import Rule
+from medqa.workdir import (adapter_inputs, candidate_adapters, load_records, load_split, paths, read_benchmarks,
+                           read_search)
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +128,61 @@ def evaluate(cfg: Config) -> EvaluateResult:
               "bertscore": cfg.evaluate.bertscore_model or BERTSCORE_OFF,
               "test_examples": len(ids), "generated": n_gen, "models": models,
               "samples": samples, "model_card": card_fields(cfg), "benchmarks": read_benchmarks(cfg),
-              "fallbacks": fallbacks.records,
+              "fallbacks": fallbacks.records, "search": search_summary(cfg),
               "seconds": round(time.perf_counter() - start, 2)}
     out = paths(cfg)
     write_json(out.report_json, report)
     write_text_atomic(out.report_md, render_markdown(report, cfg.evaluate.samples_in_report))
     return EvaluateResult(report, out.report_md)
+
+
+def search_summary(cfg: Config) -> dict | None:
+    """How `medqa tune` chose outputs/best/: the rule, and per trial its val answer-loss gain over the base model
+    and its PubMedQA dev accuracy change; draws them as outputs/tradeoff.png (when both were measured)."""
+    search = read_search(cfg)
+    if search is None:
+        return None
+    keys = ("trial", "learning_rate", "weight_decay", "lora_r", "lora_targets", "lora_dropout", "status",
+            "best_step", "best_val_answer_loss", "gain", "knowledge_acc", "knowledge_base_acc", "knowledge_change",
+            "eligible", "chosen")
+    trials = [{k: t[k] for k in keys if k in t} for t in search["trials"]]
+    selection = search["chosen"].get("selection", {"objective": "answer_loss", "rule": "lowest val answer_loss"})
+    plotted = any(t.get("gain") is not None and t.get("knowledge_change") is not None for t in trials)
+    if plotted:
+        rule = Rule(**{k: selection[k] for k in ("objective", "max_knowledge_drop", "knowledge_weight")
+                       if k in selection})
+        plot_tradeoff(trials, rule.drop_limit, paths(cfg).tradeoff)
+    return {"selection": selection, "trials": trials, "plot": paths(cfg).tradeoff.name if plotted else None}
+
+
+def _search_lines(report: dict) -> list[str]:
+    """The search's trials: what each gained on val and kept on the PubMedQA dev set, and which was chosen."""
+    s = report.get("search")
+    if not s:
+        return []
+    sel = s["selection"]
+    lines = ["## Choosing the adapter", "",
+             f"`medqa tune` chose `tuned (best trial)` by tune.objective={sel['objective']}: {sel['rule']} (the same "
+             "rule chose each trial's checkpoint, and ASHA stopped trials on it). Gain: base val answer_loss minus "
+             "the trial's, in nats per answer token (> 0: better than the base). Knowledge: PubMedQA accuracy on the "
+             "dev questions (never the test ones), change against the base model.", ""]
+    if sel.get("eligible") is False:
+        lines += [f"> **{sel.get('message')}**", ""]
+    lines += ["| trial | learning rate | val answer_loss | gain | dev accuracy | change | eligible | chosen |",
+              "|---|---|---|---|---|---|---|---|"]
+    for t in s["trials"]:
+        lines.append(f"| {t.get('trial')} | {_fmt(t.get('learning_rate'), '.2e')} | "
+                     f"{_fmt(t.get('best_val_answer_loss'), '.4f')} | {_fmt(t.get('gain'), '+.4f')} | "
+                     f"{_fmt(t.get('knowledge_acc'))} | {_fmt(t.get('knowledge_change'), '+.3f')} | "
+                     f"{_yes(t.get('eligible'))} | {'**yes**' if t.get('chosen') else ''} |")
+    lines.append("")
+    if s.get("plot"):
+        lines += [f"![gain vs knowledge kept per trial]({s['plot']})", ""]
+    return lines
+
+
+def _yes(x) -> str:
+    return "-" if x is None else ("yes" if x else "no")
 
 
 def _bertscore_lines(report: dict) -> list[str]:
@@ -257,6 +309,7 @@ def render_markdown(report: dict, n_samples: int) -> str:
     lines += _external_table(report)
     lines += _knowledge_table(report)
     lines += _benchmark_table(report)
+    lines += _search_lines(report)
     lines += ["## Samples", ""]
     for s in report["samples"][:n_samples]:
         lines += [f"**Question.** {s['question']}", "", f"**Reference (doctor).** {s['reference']}", ""]

@@ -146,9 +146,10 @@ _NOT_DETERMINING = {"workdir", "force", "evaluate", "generate", "scoring.batch_s
                     "tune.max_failures", "tune.cpus_per_trial", "tune.gpus_per_trial"}
 
 
-def determining_config(cfg: Config, sections: tuple[str, ...]) -> dict:
+def determining_config(cfg: Config, sections: tuple[str, ...], also: tuple[str, ...] = ()) -> dict:
     """The part of the config that determines a run's result, flattened to dotted keys (`sections`: the top-level
-    sections that matter for this kind of run, e.g. no `tune` for a plain training run)."""
+    sections that matter for this kind of run, e.g. no `tune` for a plain training run; `also`: single dotted keys
+    of other sections, e.g. tune.objective, which picks a training run's best checkpoint)."""
     flat: dict = {}
 
     def walk(node, prefix):
@@ -162,6 +163,9 @@ def determining_config(cfg: Config, sections: tuple[str, ...]) -> dict:
                 flat[name] = value
 
     walk({k: v for k, v in cfg.to_dict().items() if k in sections or not isinstance(v, dict)}, "")
+    for key in also:
+        section, _, name = key.partition(".")
+        flat[key] = getattr(getattr(cfg, section), name)
     return flat
 
 
@@ -169,8 +173,8 @@ def _fingerprint(determining: dict, inputs: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps([determining, inputs], sort_keys=True, default=str).encode()).hexdigest()
 
 
-def run_record(cfg: Config, sections: tuple[str, ...], inputs: dict[str, str]) -> dict:
-    determining = determining_config(cfg, sections)
+def run_record(cfg: Config, sections: tuple[str, ...], inputs: dict[str, str], also: tuple[str, ...] = ()) -> dict:
+    determining = determining_config(cfg, sections, also)
     return {"fingerprint": _fingerprint(determining, inputs), "config": determining, "inputs": inputs,
             "finished": False}
 

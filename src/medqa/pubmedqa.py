@@ -1,6 +1,7 @@
 """PubMedQA zero-shot: did fine-tuning keep the base model's biomedical knowledge?
 
-The 500 expert-labelled test questions ship in `data/pubmedqa/` (MIT). Each is scored as lm-evaluation-harness's
+The 500 expert-labelled test questions ship in `data/pubmedqa/` (MIT), beside the other 500 labelled ones (the
+knowledge dev set, `dev_questions`: scored during training to choose an adapter, never reported as the test figure). Each is scored as lm-evaluation-harness's
 `pubmedqa` task defines it (a `multiple_choice` task):
 
 - context  = "Abstract: " + the abstract's sections joined by newlines + "\\nQuestion: " + question + "\\nAnswer:"
@@ -43,6 +44,8 @@ from medqa.prompts import IGNORE_INDEX
 
 CHOICES = ("yes", "no", "maybe")
 DEFAULT_TEST = Path(__file__).resolve().parents[2] / "data" / "pubmedqa" / "pubmedqa_test.json"
+# The other 500 labelled PQA-L questions: training and the search choose by them, the reported figure never does.
+DEFAULT_DEV = DEFAULT_TEST.with_name("pubmedqa_dev.json")
 
 
 def load_items(path: str | Path = DEFAULT_TEST) -> list[dict]:
@@ -78,6 +81,17 @@ def subset(items: list[dict], n: int, seed: int = 0) -> list[dict]:
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     return [items[i] for i in sorted(order[:n])]
+
+
+def dev_questions(n: int, seed: int) -> list[dict]:
+    """`n` seeded questions of the knowledge dev set (scoring.knowledge_questions); [] when n is 0."""
+    return subset(load_items(DEFAULT_DEV), n, seed) if n else []
+
+
+def accuracy(scores: PubMedQAScores) -> dict:
+    """acc and acc_norm only: what an in-training evaluation logs (no bootstrap)."""
+    return {"acc": float((scores.predicted == scores.gold).mean()),
+            "acc_norm": float((scores.predicted_norm == scores.gold).mean())}
 
 
 def context_text(item: dict) -> str:

@@ -15,6 +15,10 @@ from typing import Any
 
 from medqa.errors import ConfigError
 
+# How an adapter is chosen (`medqa.selection`): the checkpoint of a run, the trial of a search, what ASHA prunes on.
+OBJECTIVES = ("answer_loss", "answer_loss_within_knowledge", "weighted")
+KNOWLEDGE_DEV_SIZE = 500  # PubMedQA dev questions shipped in data/pubmedqa/pubmedqa_dev.json
+
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field with a help text (shown by `--help`)."""
@@ -183,11 +187,18 @@ class ScoringConfig:
     max_examples: int = _f(0, "Score at most this many examples per split (0 = all); for smoke runs.")
     tokens_per_batch: int = _f(0, "Padded tokens per scoring batch (examples sorted by length fill it); 0 = auto: "
                                   "sized from the free memory on CUDA, scoring.batch_size examples elsewhere.")
+    knowledge_questions: int = _f(0, "PubMedQA dev questions (of the 500 in data/pubmedqa/pubmedqa_dev.json, never the "
+                                     "test ones; a seeded subset) each in-training evaluation also answers, with "
+                                     "evaluate's PubMedQA scoring, beside the base model's score on them: "
+                                     "eval_knowledge_acc in metrics.jsonl, for tune.objective (0 = off).")
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.bootstrap_samples < 0 or self.max_examples < 0 or self.tokens_per_batch < 0:
             raise ConfigError(f"scoring.batch_size must be >= 1 and scoring.bootstrap_samples, scoring.max_examples >= 0; got "
                               f"{self.batch_size}, {self.bootstrap_samples}, {self.max_examples}.")
+        if not 0 <= self.knowledge_questions <= KNOWLEDGE_DEV_SIZE:
+            raise ConfigError(f"scoring.knowledge_questions must be between 0 (off) and {KNOWLEDGE_DEV_SIZE} (the "
+                              f"PubMedQA dev questions shipped); got {self.knowledge_questions}.")
 
 
 @dataclass
@@ -333,6 +344,17 @@ class SearchConfig:
     max_failures: int = _f(1, "Retries of a trial that crashes before it is reported as an error.")
     resume: bool = _f(False, "Restore the latest interrupted experiment under outputs/ray_* (Tuner.restore).")
     seed: int = _f(0, "Seed of the random search.")
+    objective: str = _f("answer_loss", "How the adapter is chosen, the same rule for the best checkpoint of a run "
+                                       "(`medqa train`), the best trial of a search and ASHA's pruning: answer_loss "
+                                       "(lowest val answer_loss); answer_loss_within_knowledge (lowest val answer_loss "
+                                       "among those whose PubMedQA dev accuracy fell by at most tune.max_knowledge_drop "
+                                       "against the base model; none such: lowest val answer_loss, with a warning); "
+                                       "weighted (val answer_loss - tune.knowledge_weight x the accuracy change). The "
+                                       "last two need scoring.knowledge_questions > 0.")
+    max_knowledge_drop: float = _f(0.02, "answer_loss_within_knowledge: the largest PubMedQA dev accuracy drop against "
+                                         "the base model an eligible adapter may show (0.02 = 2 points).")
+    knowledge_weight: float = _f(1.0, "weighted: nats of val answer_loss one unit of PubMedQA dev accuracy is worth "
+                                      "(1.0: losing 0.05 accuracy costs as much as 0.05 nats per answer token).")
 
     def validate(self) -> None:
         for name in ("learning_rate", "weight_decay"):
@@ -346,6 +368,11 @@ class SearchConfig:
                               "and tune.gpus_per_trial >= 0.")
         if self.grace_period < 1 or self.reduction_factor < 2 or self.max_failures < 0:
             raise ConfigError("tune.grace_period must be >= 1, tune.reduction_factor >= 2, tune.max_failures >= 0.")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"tune.objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}.")
+        if not 0 <= self.max_knowledge_drop <= 1 or self.knowledge_weight < 0:
+            raise ConfigError(f"tune.max_knowledge_drop must be an accuracy between 0 and 1 and tune.knowledge_weight "
+                              f">= 0; got {self.max_knowledge_drop} and {self.knowledge_weight}.")
 
 
 @dataclass
@@ -411,6 +438,10 @@ class Config:
             raise ConfigError(f"train.pack_row_tokens={self.train.pack_row_tokens} is shorter than data.max_length="
                               f"{self.data.max_length}: the longest examples would not fit a row. Use 0 (rows of "
                               "data.max_length) or a width of at least data.max_length, e.g. twice it.")
+        if self.tune.objective != "answer_loss" and not self.scoring.knowledge_questions:
+            raise ConfigError(f"tune.objective={self.tune.objective} chooses by what the adapter keeps, measured on "
+                              "PubMedQA dev questions during training, and scoring.knowledge_questions is 0 (off). Set "
+                              "scoring.knowledge_questions (e.g. 100) or tune.objective=answer_loss.")
         return self
 
     # Paths derived from workdir: the artifacts each stage reads and writes.

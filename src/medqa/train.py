@@ -40,6 +40,8 @@ from medqa.batching import BatchPlan, cuda_free_bytes, eval_tokens_per_batch, op
 from medqa.metrics import EVAL_SPLITS, metrics_table, pad_batch, sanity_check, summarize
 from medqa.packing import PackedCollator, pack_dataset, plan_packs
 from medqa.plots import plot_training
+from medqa.pubmedqa import dev_questions
+from medqa.selection import Rule, choose
 from medqa.trainer import (FAST_LOSS_MODEL_TYPES, AnswerLossTrainer, FastStep, GracefulStop, History, StepTimer,
                            supports_fast_step)
 from medqa.modeling import (build_lora_model, compute_dtype, count_parameters, load_model, load_tokenizer, model_path,
@@ -51,6 +53,7 @@ log = logging.getLogger(__name__)
 
 GATHERED = "adapter_gathered"  # FSDP only: the final adapter gathered from the processes' shards
 RUN_SECTIONS = ("data", "prompt", "model", "lora", "train", "scoring")  # the config sections a training run depends on
+SELECTION = ("tune.objective", "tune.max_knowledge_drop", "tune.knowledge_weight")  # and these, its best checkpoint
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
 
 
@@ -121,7 +124,9 @@ def _training_args(cfg: Config, work: Path, trial: bool, plan: BatchPlan | None,
         length_column_name="length",
         eval_strategy="steps", eval_steps=t.eval_steps, save_strategy="no" if trial else "steps",
         save_steps=t.eval_steps, save_total_limit=t.save_total_limit, load_best_model_at_end=not trial,
-        metric_for_best_model="eval_answer_loss", greater_is_better=False,
+        # tune.objective (`medqa.selection`): val answer_loss, or it and what the adapter kept; equal to
+        # eval_answer_loss under the default rule.
+        metric_for_best_model="eval_objective", greater_is_better=False,
         # Early stopping's patience counter (and the other stateful callbacks) continue from the checkpoint.
         restore_callback_states_from_checkpoint=True,
         logging_strategy="steps", logging_steps=t.logging_steps, logging_first_step=True,
@@ -356,7 +361,8 @@ def fit(cfg: Config, model, tokenizer, setup: Setup, eval_ds, work: Path, callba
         model=model, args=_training_args(cfg, work, trial, setup.plan, setup.fallbacks), train_dataset=setup.train_ds,
         eval_dataset=eval_ds, data_collator=setup.collate, processing_class=tokenizer, callbacks=extra,
         fast_step=setup.fast_step, eval_tokens_per_batch=cfg.scoring.tokens_per_batch, pad_id=pad_id,
-        score_dtype=pick_device_dtype(cfg)[1])
+        score_dtype=pick_device_dtype(cfg)[1], rule=Rule.of(cfg),
+        knowledge_items=dev_questions(cfg.scoring.knowledge_questions, cfg.seed) if tokenizer is not None else [])
     if setup.fast_step is not None and trainer.fast_step is None:
         setup.fast_step = None  # several processes: the model's own forward trains (describe() says so)
     with stop:
@@ -410,7 +416,8 @@ def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None
     work = where.checkpoints
     # What determines this run (settings and inputs), kept beside its checkpoints: a resume must continue the
     # same run, never report another run's adapter under this config's name.
-    record = {**run_record(cfg, RUN_SECTIONS, adapter_inputs(cfg, tokenizer)), "processes": dist.world_size()}
+    record = {**run_record(cfg, RUN_SECTIONS, adapter_inputs(cfg, tokenizer), also=SELECTION),
+              "processes": dist.world_size()}
     choice = resumable_checkpoint(work, dist.world_size()) if cfg.train.resume else None
     checkpoint = choice.checkpoint if choice else None
     if cfg.train.resume and checkpoint is not None:
@@ -462,8 +469,11 @@ def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None
         if cfg.data.sources:
             results.setdefault("by_source", {})[split] = by_source(cfg, split, scores)
     del scored
+    chosen = selection(cfg, history, trainer)
     metrics = {**results, "dtype": scoring_dtype(cfg), "model": model_path(cfg), "adapter": str(where.finetune),
-               "best_checkpoint": trainer.state.best_model_checkpoint, "best_val_answer_loss": trainer.state.best_metric,
+               # the in-training evaluation of the kept checkpoint (`val` above: the adapter re-scored as evaluate does)
+               "best_checkpoint": trainer.state.best_model_checkpoint,
+               "best_val_answer_loss": chosen.get("checkpoint", {}).get("answer_loss"), "selection": chosen,
                "steps": trainer.state.global_step, "trainable_parameters": trainable, "total_parameters": total,
                "training": {**setup.describe(), **timing}, "seconds": round(time.perf_counter() - start, 2),
                "config": cfg.to_dict()}
@@ -490,7 +500,7 @@ def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None
         write_manifest(tmp, "train", cfg, adapter_inputs(cfg, tokenizer))
         baseline = read_metrics(paths(cfg).baseline)
         plot_training(history, baseline_loss=baseline["val"]["answer_loss"] if baseline else None,
-                      path=tmp / "loss_curves.png")
+                      path=tmp / "loss_curves.png", max_knowledge_drop=Rule.of(cfg).drop_limit)
         runs = work / "runs"
         if runs.is_dir():
             shutil.copytree(runs, tmp / "tensorboard")
@@ -499,6 +509,27 @@ def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None
     log.info("train: %d steps in %.0fs; test answer_loss %.4f (perplexity %.2f)", metrics["steps"],
              metrics["seconds"], results["test"]["answer_loss"], results["test"]["answer_perplexity"])
     return result
+
+
+def selection(cfg: Config, history: list[dict], trainer) -> dict:
+    """How the kept checkpoint was chosen (`medqa.selection`, the rule the Trainer applied through eval_objective):
+    the rule, whether the kept checkpoint is eligible (warned when none was), and under `checkpoint` its step, val
+    answer_loss, PubMedQA dev scores and objective."""
+    rule = Rule.of(cfg)
+    evals = [r for r in history if "eval_answer_loss" in r]
+    out = {**rule.to_dict(), "rule": rule.describe()}
+    best = trainer.state.best_model_checkpoint
+    if not evals or not best:
+        return out
+    step = int(Path(best).name.rsplit("-", 1)[-1])
+    row = next((r for r in evals if r["step"] == step), None)
+    if rule.uses_knowledge:
+        choice = choose([{"answer_loss": r["eval_answer_loss"], "knowledge_change": r.get("eval_knowledge_change")}
+                         for r in evals], rule, "checkpoint")
+        out.update(eligible=choice.eligible, message=choice.message)
+    if row is not None:
+        out["checkpoint"] = {"step": step, **{k[len("eval_"):]: v for k, v in row.items() if k.startswith("eval_")}}
+    return out
 
 
 def _as_scored(cfg: Config, trainer, work: Path):

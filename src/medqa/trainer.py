@@ -30,6 +30,8 @@ from medqa.metrics import evaluate_answer_loss
 from medqa.modeling import scoring_autocast
 from medqa.packing import block_causal_mask
 from medqa.prompts import IGNORE_INDEX
+from medqa.pubmedqa import accuracy, score_items
+from medqa.selection import Rule
 
 log = logging.getLogger(__name__)
 
@@ -155,11 +157,22 @@ class AnswerLossTrainer(Trainer):
     """Trainer whose evaluation is our `answer_loss` (summed over all answer tokens of the split, then divided by
     their count). Trainer's own eval loss is a mean of per-batch means, which depends on how the examples fall
     into batches, so it would not be comparable with the baseline. With `fast_step`, training losses come from
-    `FastStep` (same value, compiled and static-shaped)."""
+    `FastStep` (same value, compiled and static-shaped).
+
+    With `knowledge_items` (PubMedQA dev questions, scoring.knowledge_questions) each evaluation also answers them
+    (`medqa.pubmedqa.score_items`, as `medqa evaluate` scores the test questions), and the base model once (the
+    adapter disabled, same precision path), so `eval_knowledge_change` is the accuracy lost or won. Every
+    evaluation reports `eval_objective` (`medqa.selection`), the metric the best checkpoint is chosen by."""
 
     def __init__(self, *args, fast_step: FastStep | None = None, eval_tokens_per_batch: int = 0,
-                 pad_id: int | None = None, score_dtype=None, **kwargs):
+                 pad_id: int | None = None, score_dtype=None, knowledge_items: list[dict] | None = None,
+                 rule: Rule | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.knowledge_items = knowledge_items or []
+        self.rule = rule or Rule()
+        if self.rule.uses_knowledge and not self.knowledge_items:
+            raise ValueError(f"tune.objective={self.rule.objective} needs PubMedQA dev questions to score")
+        self.knowledge_base: dict | None = None  # the base model's acc / acc_norm on them, scored once
         self.score_dtype = score_dtype  # `modeling.pick_device_dtype`: evaluation scores in it, as baseline does
         self.pad_id = pad_id if pad_id is not None else self.processing_class.pad_token_id
         if fast_step is not None and self.accelerator.num_processes > 1:
@@ -215,14 +228,33 @@ class AnswerLossTrainer(Trainer):
                 else:  # one process; or FSDP, whose every forward is collective: each scores the whole split
                     m, _ = evaluate_answer_loss(self.model, ds, self.pad_id, self.args.per_device_eval_batch_size,
                                                 bootstrap_samples=0, tokens_per_batch=tokens)
+                knowledge = self._knowledge() if self.knowledge_items else {}
         finally:
             if flex:
                 self.fast_step.base.set_attn_implementation("flex_attention")
         metrics = {f"{metric_key_prefix}_answer_loss": m["answer_loss"],
-                   f"{metric_key_prefix}_answer_perplexity": m["answer_perplexity"]}
+                   f"{metric_key_prefix}_answer_perplexity": m["answer_perplexity"],
+                   **{f"{metric_key_prefix}_{k}": v for k, v in knowledge.items()}}
+        metrics[f"{metric_key_prefix}_objective"] = self.rule.value(m["answer_loss"], knowledge.get("knowledge_change"))
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+
+    def _knowledge(self) -> dict:
+        """PubMedQA dev accuracy of the model now and of the base model (scored once per process: with LoRA
+        disabled the model is the base, in the same dtypes and under the same autocast)."""
+        # Every process scores all the questions (a few hundred forwards): the same numbers on every rank.
+        batch = self.args.per_device_eval_batch_size
+        if self.knowledge_base is None:
+            with self.model.disable_adapter():
+                self.knowledge_base = accuracy(score_items(self.model, self.processing_class, self.knowledge_items,
+                                                           batch))
+        now = accuracy(score_items(self.model, self.processing_class, self.knowledge_items, batch))
+        return {"knowledge_acc": now["acc"], "knowledge_acc_norm": now["acc_norm"],
+                "knowledge_base_acc": self.knowledge_base["acc"],
+                "knowledge_base_acc_norm": self.knowledge_base["acc_norm"],
+                "knowledge_change": now["acc"] - self.knowledge_base["acc"]}
 
 
 class StepTimer(TrainerCallback):
@@ -306,8 +338,7 @@ class History(TrainerCallback):
                            tokens_per_s_per_process=per_process * self.tokens_per_row / secs)
             self.last_step, self.last_timed = state.global_step, len(self.timer.durations)
         elif "eval_answer_loss" in logs:
-            row.update(eval_answer_loss=logs["eval_answer_loss"],
-                       eval_answer_perplexity=logs["eval_answer_perplexity"])
+            row.update({k: v for k, v in logs.items() if k.startswith("eval_")})
         else:
             return
         if not state.is_world_process_zero:
@@ -357,17 +388,20 @@ class StopOnRequest(TrainerCallback):
 
 
 class ReportToTune(TrainerCallback):
-    """In a Ray Tune trial, after each evaluation: report val answer_loss to Tune, with the adapter as the
-    checkpoint."""
-
-    def __init__(self, metric: str):
-        self.metric = metric
+    """In a Ray Tune trial, after each evaluation: report the evaluation to Tune as val_* (val_objective, which
+    ASHA prunes on and Ray keeps the best checkpoint by; val_answer_loss; the PubMedQA dev scores when measured),
+    with the adapter as the checkpoint."""
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kw):
         from ray import tune
 
         with tempfile.TemporaryDirectory() as d:
             model.save_pretrained(d)  # the adapter only, in safetensors
-            tune.report({self.metric: metrics["eval_answer_loss"], "val_answer_perplexity":
-                         metrics["eval_answer_perplexity"], "step": state.global_step,
-                         "max_steps": state.max_steps}, checkpoint=tune.Checkpoint.from_directory(d))
+            tune.report(tune_report(metrics, state.global_step, state.max_steps),
+                        checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def tune_report(metrics: dict, step: int, max_steps: int) -> dict:
+    """What a trial reports to Tune after an evaluation: every eval_* metric as val_*, and the step."""
+    out = {"val_" + k[len("eval_"):]: v for k, v in metrics.items() if k.startswith("eval_")}
+    return {**out, "step": step, "max_steps": max_steps}

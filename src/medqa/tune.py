@@ -1,8 +1,10 @@
 """Stage 4a, `tune(cfg)`: a Ray Tune search whose trials run the same `train()` as `medqa train`.
 
-ASHA stops bad trials early on the val `answer_loss` each trial reports at every evaluation. Storage stays under
-`outputs/ray_<timestamp>/`; each trial keeps only its best adapter (Ray checkpoint, num_to_keep=1). Writes
-`results.csv` (one row per trial), `search.png` and `curves.png` there, and copies the best trial's adapter to
+ASHA stops bad trials early on the `val_objective` each trial reports at every evaluation (`tune.objective`,
+`medqa.selection`: val answer_loss, or it and the PubMedQA dev accuracy kept); the same rule keeps each trial's
+best checkpoint and chooses the best trial. Storage stays under `outputs/ray_<timestamp>/`; each trial keeps only
+its best adapter (Ray checkpoint, num_to_keep=1). Writes `results.csv` (one row per trial), `search.png`,
+`curves.png` and, with knowledge scores, `tradeoff.png` there, and copies the best trial's adapter to
 `outputs/best/`. `tune.resume=true` restores the latest interrupted experiment with `Tuner.restore`.
 """
 
@@ -23,15 +25,16 @@ from medqa.schema import Config
 from medqa.errors import MedqaError
 from medqa.locks import locked
 from medqa.modeling import load_tokenizer, scoring_dtype
-from medqa.plots import plot_search
+from medqa.plots import plot_search, plot_tradeoff
+from medqa.selection import Rule, choose
 from medqa.manifest import check_resumable, run_record, write_manifest, write_run_record
 from medqa.train import RUN_SECTIONS, planned_steps, train
 from medqa.trainer import ReportToTune
-from medqa.workdir import adapter_inputs, load_split, paths
+from medqa.workdir import adapter_inputs, load_split, paths, read_metrics
 
 log = logging.getLogger(__name__)
 
-METRIC = "val_answer_loss"
+METRIC = "val_objective"  # what ASHA prunes on, Ray keeps checkpoints by and the best trial is chosen by
 FAIL_ENV = "MEDQA_INJECT_TRIAL_FAILURE"  # tests: the first trial attempt of an experiment raises once
 ATTEMPTS = "trial_attempts.log"  # one line per trial start: trial id (a retried trial appears twice)
 FINISHED = "trial_finished.log"  # one line per trial whose training ran to its end
@@ -83,7 +86,7 @@ def run_trial(params: dict, base: dict, experiment_dir: str) -> None:
         (exp / "injected_failure").write_text(trial_id)
         raise RuntimeError(f"injected failure in trial {trial_id} ({FAIL_ENV} is set)")
     cfg = config_from_dict(base, [f"{k}={json.dumps(v)}" for k, v in params.items()])
-    train(cfg, callbacks=[ReportToTune(METRIC)], run_dir=context.get_trial_dir(), trial=True)
+    train(cfg, callbacks=[ReportToTune()], run_dir=context.get_trial_dir(), trial=True)
     with open(exp / FINISHED, "a") as f:
         f.write(trial_id + "\n")
 
@@ -139,6 +142,22 @@ def _with_absolute_paths(cfg: Config) -> Config:
     return config_from_dict(values)
 
 
+def tune_config(cfg: Config, total_steps: int):
+    """Tune's settings: random search, ASHA on METRIC (the objective every trial reports), lower is better."""
+    from ray import tune as rt
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    grace_steps = cfg.tune.grace_period * cfg.train.eval_steps
+    return rt.TuneConfig(
+        metric=METRIC, mode="min", num_samples=cfg.tune.num_samples,
+        search_alg=BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=cfg.tune.max_concurrent),
+        # Time is the optimizer step (not Tune's report count), so a trial restarted after an interruption is
+        # compared at the same points as the others.
+        scheduler=ASHAScheduler(time_attr="step", max_t=max(total_steps, grace_steps), grace_period=grace_steps,
+                                reduction_factor=cfg.tune.reduction_factor))
+
+
 def _latest_experiment(outputs: Path) -> Path | None:
     from ray import tune
 
@@ -150,8 +169,6 @@ def _latest_experiment(outputs: Path) -> Path | None:
 def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
     """Search, write results.csv and plots, copy the best adapter to outputs/best/."""
     from ray import tune as rt
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import BasicVariantGenerator
 
     cfg = _with_absolute_paths(cfg)  # Ray runs each trial in its own folder
     outputs = paths(cfg).outputs
@@ -161,7 +178,6 @@ def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
     # must continue the same search, never relabel another one's results.
     record = run_record(cfg, (*RUN_SECTIONS, "tune"), adapter_inputs(cfg, tokenizer))
     t = cfg.train
-    grace_steps = cfg.tune.grace_period * t.eval_steps
     # The Trainer's own count of optimizer steps (packed rows and token budgets included), so ASHA's last rung is
     # the trial's last step and never cuts its final evaluation.
     # A trial with N whole GPUs trains in one process over all of them (the Trainer's torch DataParallel): N
@@ -190,16 +206,7 @@ def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
             tuner = rt.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
         else:
             tuner = rt.Tuner(
-                trainable, param_space=search_space(cfg),
-                tune_config=rt.TuneConfig(
-                    metric=METRIC, mode="min", num_samples=cfg.tune.num_samples,
-                    search_alg=BasicVariantGenerator(random_state=cfg.tune.seed,
-                                                     max_concurrent=cfg.tune.max_concurrent),
-                    # Time is the optimizer step (not Tune's report count), so a trial restarted after an
-                    # interruption is compared at the same points as the others.
-                    scheduler=ASHAScheduler(time_attr="step", max_t=max(total_steps, grace_steps),
-                                            grace_period=grace_steps,
-                                            reduction_factor=cfg.tune.reduction_factor)),
+                trainable, param_space=search_space(cfg), tune_config=tune_config(cfg, total_steps),
                 run_config=rt.RunConfig(
                     name=experiment.name, storage_path=str(outputs), callbacks=callbacks,
                     failure_config=rt.FailureConfig(max_failures=cfg.tune.max_failures),
@@ -223,7 +230,9 @@ def _summarize(cfg: Config, grid, experiment: Path) -> TuneResult:
 
     attempts_file = experiment / ATTEMPTS
     attempts = attempts_file.read_text().split() if attempts_file.exists() else []
-    rows, curves = [], {}
+    baseline = read_metrics(paths(cfg).baseline)
+    base_val = baseline["val"]["answer_loss"] if baseline else None
+    rows, curves, results = [], {}, []
     for result in grid:
         trial_id = Path(result.path).name
         short = result.metrics.get("trial_id", trial_id) if result.metrics else trial_id
@@ -232,25 +241,42 @@ def _summarize(cfg: Config, grid, experiment: Path) -> TuneResult:
         row = {"trial": short, **{k.split(".", 1)[1] if k.startswith("train.") else k.replace(".", "_"): v
                                   for k, v in result.config.items()}}
         if reported:
-            best_i = df[METRIC].idxmin()
-            curves[short] = df[["step", METRIC]].to_dict("list")
-            row.update(best_val_answer_loss=float(df[METRIC].min()),
-                       best_val_answer_perplexity=float(df.loc[best_i, "val_answer_perplexity"]),
+            # The trial's kept checkpoint: its lowest objective (Ray's CheckpointConfig keeps the same one).
+            best = df.loc[df[METRIC].idxmin()]
+            curves[short] = df[["step", "val_answer_loss"]].to_dict("list")
+            row.update(best_val_objective=float(best[METRIC]), best_val_answer_loss=float(best["val_answer_loss"]),
+                       best_val_answer_perplexity=float(best["val_answer_perplexity"]), best_step=int(best["step"]),
                        steps=int(df["step"].max()), max_steps=int(df["max_steps"].max()))
+            if base_val is not None:
+                row["gain"] = base_val - row["best_val_answer_loss"]  # nats per answer token, > 0: better than base
+            for key in ("knowledge_acc", "knowledge_base_acc", "knowledge_change"):
+                if f"val_{key}" in df:
+                    row[key] = float(best[f"val_{key}"])
         status = "error" if result.error else ("completed" if reported and row["steps"] >= row["max_steps"]
                                                 else "stopped early")
         row.update(status=status, attempts=attempts.count(short), path=result.path)
         rows.append(row)
+        results.append(result)
     table = pd.DataFrame(rows)
     if "best_val_answer_loss" not in table or table["best_val_answer_loss"].isna().all():
         table.to_csv(experiment / "results.csv", index=False)
         errors = "; ".join(str(r.error)[:200] for r in grid if r.error)
         raise MedqaError(f"No trial of {experiment} reported a val answer_loss (errors: {errors or 'none'}). See "
                          f"{experiment / 'results.csv'} and the trial folders there.")
-    table = table.sort_values("best_val_answer_loss", na_position="last")
+    # The best trial, by the rule that chose each trial's checkpoint (`medqa.selection`).
+    rule = Rule.of(cfg)
+    scored = [i for i, r in enumerate(rows) if "best_val_answer_loss" in r]
+    choice = choose([{"answer_loss": rows[i]["best_val_answer_loss"], "knowledge_change": rows[i].get("knowledge_change")}
+                     for i in scored], rule, "trial")
+    chosen = scored[choice.index]
+    table["eligible"] = [rule.eligible(r.get("knowledge_change")) if i in scored else None for i, r in enumerate(rows)]
+    table["chosen"] = [i == chosen for i in range(len(rows))]
+    table = table.sort_values(["chosen", "best_val_objective"], ascending=[False, True], na_position="last")
     table.to_csv(experiment / "results.csv", index=False)
     plot_search(table, curves, experiment)
-    best = grid.get_best_result(metric=METRIC, mode="min", scope="all")
+    if "knowledge_change" in table and "gain" in table:
+        plot_tradeoff(table.to_dict("records"), rule.drop_limit, experiment / "tradeoff.png")
+    best = results[chosen]
     checkpoint = best.get_best_checkpoint(METRIC, "min")
     best_row = table.iloc[0].to_dict()
     best_dir = paths(cfg).best
@@ -269,7 +295,9 @@ def _summarize(cfg: Config, grid, experiment: Path) -> TuneResult:
                                         # fp32 training weights; `medqa evaluate` re-scores this adapter in
                                         # model.dtype beside the base model
                                         "dtype": "nf4 base, float32 adapter" if cfg.train.qlora else "float32",
-                                        "scored_by_evaluate_in": scoring_dtype(cfg)})
-    log.info("tune: %d trials; best %s val answer_loss %.4f -> %s", len(table), best_row["trial"],
-             best_row["best_val_answer_loss"], best_dir)
+                                        "scored_by_evaluate_in": scoring_dtype(cfg),
+                                        "selection": {**rule.to_dict(), "rule": rule.describe(),
+                                                      "eligible": choice.eligible, "message": choice.message}})
+    log.info("tune: %d trials; best %s (%s) val answer_loss %.4f -> %s", len(table), best_row["trial"],
+             choice.message, best_row["best_val_answer_loss"], best_dir)
     return TuneResult(experiment, table, best_dir, best_row)

@@ -11,6 +11,8 @@ that reads it. Stages share artifacts through this module only; none imports ano
     outputs/finetune/ (adapter)           train.train                     workdir.candidate_adapters, modeling.load_adapter_model
     outputs/ray_*/ (search, results.csv)  tune.tune                       tune.tune on resume (Tuner.restore)
     outputs/best/ (adapter)               tune.tune                       workdir.candidate_adapters
+    outputs/best/trial.json               tune.tune                       workdir.read_search (evaluate's report)
+    outputs/tradeoff.png                  evaluate.evaluate               (report.md; notebook 4)
     outputs/benchmarks/ (lm-eval runs)    benchmark.benchmark             workdir.read_benchmarks (evaluate's report)
     outputs/report.{json,md}              evaluate.evaluate               export.push_to_hub (model card)
     outputs/external/                     external.load_external          (people)
@@ -23,6 +25,7 @@ Every path comes from `paths(cfg)` (a `Workdir`). Whether an artifact is fresh f
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 from dataclasses import dataclass
@@ -117,6 +120,10 @@ class Workdir:
     def report_md(self) -> Path:
         return self.outputs / "report.md"
 
+    @property
+    def tradeoff(self) -> Path:
+        return self.outputs / "tradeoff.png"
+
 
 def paths(cfg: Config) -> Workdir:
     return Workdir.of(cfg)
@@ -195,6 +202,34 @@ def read_benchmarks(cfg: Config) -> dict | None:
     not run."""
     path = paths(cfg).benchmarks / "summary.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def read_search(cfg: Config) -> dict | None:
+    """The search that chose outputs/best/: its trial.json (the selection rule, whether the chosen trial was
+    eligible) and `trials`, the rows of its results.csv; None when `medqa tune` has not run (or its experiment
+    folder is gone)."""
+    trial = paths(cfg).best / "trial.json"
+    if not trial.exists():
+        return None
+    chosen = json.loads(trial.read_text(encoding="utf-8"))
+    results = Path(chosen.get("experiment", "")) / "results.csv"
+    if not results.is_file():
+        return None
+    with open(results, newline="", encoding="utf-8") as f:
+        trials = [{k: _cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    return {"chosen": chosen, "trials": trials}
+
+
+def _cell(text: str):
+    """A results.csv cell as written by pandas: '' (missing) -> None, True/False, numbers, else the text."""
+    if text == "":
+        return None
+    if text in ("True", "False"):
+        return text == "True"
+    try:
+        return float(text) if any(c in text for c in ".eEn") else int(text)
+    except ValueError:
+        return text
 
 
 def candidate_adapters(cfg: Config) -> dict[str, Path | None]:
