@@ -152,6 +152,20 @@ def _answers(driver) -> dict[str, str]:
     return out
 
 
+# Records every text the latest answer in each column shows, as the page changes (window.seenAnswers).
+_WATCH = """
+window.seenAnswers = {};
+for (const [name, id] of [["base", "answer-base"], ["fine-tuned", "answer-fine-tuned"]]) {
+  const root = document.getElementById(id), seen = window.seenAnswers[name] = [];
+  new MutationObserver(() => {
+    const bots = root.querySelectorAll("[data-testid='bot'] .message-content");
+    const text = bots.length ? bots[bots.length - 1].textContent : null;
+    if (text !== null && seen[seen.length - 1] !== text) seen.push(text);
+  }).observe(root, {subtree: true, childList: true, characterData: true});
+}
+"""
+
+
 def _ask_and_wait(driver, previous_status: str = "") -> str:
     from selenium.webdriver.common.by import By
 
@@ -175,6 +189,8 @@ def test_page_answers_like_ask_streams_and_records_a_rating(server, browser, wor
     page = browser.find_element(By.TAG_NAME, "body").text
     assert "Not medical advice" in page and "Data licence" in page and "academic research only" in page
     assert "Single-turn" in page  # the demo's prompt.template holds one question
+    loaded = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert loaded and not [u for u in loaded if not u.startswith((server["url"], "data:", "blob:"))]  # offline
 
     # an example from the test split: clicking it fills the box; the doctor's answer shows once both answered
     test = load_records(cfg, "test")
@@ -184,6 +200,7 @@ def test_page_answers_like_ask_streams_and_records_a_rating(server, browser, wor
     _wait(lambda: browser.find_element(By.CSS_SELECTOR, "#question textarea").get_attribute("value")
           == test[0]["question"], what="the example in the question box")
     assert not _text(browser, "reference")
+    browser.execute_script(_WATCH)
     status = _ask_and_wait(browser)
     assert status.startswith("Both answered"), status
     shown = _answers(browser)
@@ -192,6 +209,11 @@ def test_page_answers_like_ask_streams_and_records_a_rating(server, browser, wor
                  ("fine-tuned", ask(cfg, [test[0]["question"]], paths(cfg).finetune)[0]))}
     assert shown == expected
     assert test[0]["answer"][:60] in _text(browser, "reference")
+    # streamed: the page showed each answer growing before it was whole
+    seen = browser.execute_script("return window.seenAnswers")
+    grew = {name: [t for t in texts if t and t != shown[name]] for name, texts in seen.items()}
+    assert max(len(g) for g in grew.values()) >= 2, seen
+    assert all(shown[name].startswith(t) for name, g in grew.items() for t in g), grew
     browser.save_screenshot(str(tmp_path / "chat.png"))
     assert (tmp_path / "chat.png").stat().st_size > 10_000
 
