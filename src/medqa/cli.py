@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from medqa.ask import ask, read_questions
 from medqa.baseline import baseline
+from medqa.chat import launch
 from medqa.benchmark import benchmark
 from medqa.config import describe_fields, load_config, resolved_yaml
 from medqa.distributed import is_main
@@ -85,6 +86,10 @@ def _ask(cfg: Config, args: argparse.Namespace) -> None:
         print(f"Q: {q}\nA: {a}\n")
 
 
+def _chat(cfg: Config, args: argparse.Namespace) -> None:
+    launch(cfg, args.adapter, host=args.host, port=args.port, share=args.share)
+
+
 def _export(cfg: Config, args: argparse.Namespace) -> None:
     if args.push_to_hub and not args.merged:  # the adapter as trained, with a model card
         print(f"pushed {push_to_hub(cfg, args.push_to_hub, paths(cfg).finetune)}")
@@ -113,6 +118,8 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], None], str]] = 
     "benchmark": (_benchmark, "lm-evaluation-harness tasks (evaluate.benchmarks, e.g. pubmedqa_local, offline) on the "
                               "base, fine-tuned and best models; writes outputs/benchmarks/"),
     "ask": (_ask, 'answer questions: medqa ask "question" [--adapter DIR] or --file questions.txt'),
+    "chat": (_chat, "a web page (Gradio, on 127.0.0.1) answering your questions with the base and fine-tuned models "
+                    "side by side, streamed; ratings go to outputs/chat/feedback.jsonl"),
     "export": (_export, "merge outputs/finetune into the base model; save outputs/merged/; --push-to-hub REPO_ID "
                         "uploads the adapter (or with --merged the merged model) with a model card (token: HF_TOKEN)"),
     "make-tiny-model": (_make_tiny_model, "build the tiny offline BioGPT (tokenizer learned from the train split) "
@@ -144,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload to this Hub repository (e.g. user/medqa-biogpt)")
             p.add_argument("--merged", action="store_true", help="with --push-to-hub: upload the merged model, not "
                                                                    "the adapter")
+        if name == "chat":
+            p.add_argument("--adapter", help="LoRA adapter folder to compare with the base model (default: "
+                                             "outputs/finetune, else outputs/best)")
+            p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this "
+                                                               "machine only; 0.0.0.0 opens it to the network)")
+            p.add_argument("--port", type=int, help="port (default: 7860, or the next free one)")
+            p.add_argument("--share", action="store_true", help="also make a public gradio.live link (off; questions "
+                                                                 "and answers then leave this machine)")
         if name == "ask":
             p.add_argument("--adapter", help="LoRA adapter folder, e.g. outputs/finetune or outputs/best")
             p.add_argument("--file", help="text file with one question per line")

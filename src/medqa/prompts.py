@@ -7,6 +7,7 @@ on the answer and its EOS only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from medqa.schema import PromptConfig
@@ -42,35 +43,52 @@ def eos_id(tokenizer) -> int:
 _SLOT = "\u2063QUESTION\u2063"  # stands for the question while the chat template is rendered
 
 
-def template_text(tokenizer, prompt: PromptConfig) -> tuple[str, str, bool]:
+def multi_turn(tokenizer, prompt: PromptConfig) -> bool:
+    """Whether the prompt can hold earlier turns: only a chat template has a place for them (`prompt.template`
+    has one question slot, and training saw single questions either way)."""
+    return bool(prompt.use_chat_template and getattr(tokenizer, "chat_template", None))
+
+
+def template_text(tokenizer, prompt: PromptConfig, history: Sequence[tuple[str, str]] = ()) -> tuple[str, str, bool]:
     """(text before the question, text after it, whether `before` needs the tokenizer's special start tokens).
 
     With `use_chat_template`, the tokenizer's chat template is rendered around a placeholder user message (with the
-    assistant header after it); its text already holds the special tokens, so none are added."""
+    assistant header after it), after the earlier (question, answer) turns of `history`; its text already holds
+    the special tokens, so none are added. `history` needs a chat template (`multi_turn`)."""
     if not prompt.use_chat_template:
+        if history:
+            raise ConfigError("Earlier turns need prompt.use_chat_template=true: prompt.template holds one question.")
         before, after = prompt.template.split("{question}")
         return before, after, True
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"prompt.use_chat_template=true but tokenizer {tokenizer.name_or_path} has no chat template. "
                           "Set prompt.use_chat_template=false to use prompt.template.")
-    messages = ([{"role": "system", "content": prompt.system}] if prompt.system else []) + \
+    turns = [m for q, a in history for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    messages = ([{"role": "system", "content": prompt.system}] if prompt.system else []) + turns + \
         [{"role": "user", "content": _SLOT}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     before, after = text.split(_SLOT)
     return before, after, False
 
 
-def prompt_parts(tokenizer, prompt: PromptConfig, question: str) -> tuple[list[int], list[int], list[int]]:
+def prompt_parts(tokenizer, prompt: PromptConfig, question: str,
+                 history: Sequence[tuple[str, str]] = ()) -> tuple[list[int], list[int], list[int]]:
     """Token ids of the text before the question (with the tokenizer's special start tokens, e.g. BioGPT's
     `</s>`, unless a chat template already wrote them), of the question, and of the text after it. The three
     are tokenized apart so the question can be cut in tokens without touching the template."""
-    before, after, special = template_text(tokenizer, prompt)
+    before, after, special = template_text(tokenizer, prompt, history)
     return _ids(tokenizer, before, special), _ids(tokenizer, question, False), _ids(tokenizer, after, False)
 
 
-def prompt_ids(tokenizer, prompt: PromptConfig, question: str, max_length: int | None = None) -> list[int]:
-    """The prompt as the model sees it at generation time; the question is cut from its start if needed."""
-    before, q, after = prompt_parts(tokenizer, prompt, question)
+def prompt_ids(tokenizer, prompt: PromptConfig, question: str, max_length: int | None = None,
+               history: Sequence[tuple[str, str]] = ()) -> list[int]:
+    """The prompt as the model sees it at generation time; the question is cut from its start if needed. Earlier
+    turns (`history`, oldest first) that do not fit in `max_length` are left out, oldest first."""
+    before, q, after = prompt_parts(tokenizer, prompt, question, history)
+    while history and max_length is not None and len(before) + len(after) + min(len(q), prompt.min_question_tokens) \
+            > max_length:
+        history = history[1:]
+        before, q, after = prompt_parts(tokenizer, prompt, question, history)
     if max_length is not None:
         room = max(max_length - len(before) - len(after), prompt.min_question_tokens)
         q = q[-room:] if len(q) > room else q

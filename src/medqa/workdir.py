@@ -17,6 +17,7 @@ that reads it. Stages share artifacts through this module only; none imports ano
     outputs/report.{json,md}              evaluate.evaluate               export.push_to_hub (model card)
     outputs/external/                     external.load_external          (people)
     outputs/merged/                       export.export                   (users: from_pretrained)
+    outputs/chat/feedback.jsonl           chat.record_feedback            (people; a later preference-tuning step)
     .locks/{stage}.lock, {stage}.lock.json  locks.hold (each writing stage)  locks.hold (a second writer: refused)
 
 Every path comes from `paths(cfg)` (a `Workdir`). Whether an artifact is fresh for a config is decided here too:
@@ -111,6 +112,14 @@ class Workdir:
     @property
     def benchmarks(self) -> Path:
         return self.outputs / "benchmarks"
+
+    @property
+    def chat_feedback(self) -> Path:
+        return self.outputs / "chat" / "feedback.jsonl"
+
+    @property
+    def chat_feedback_lock(self) -> Path:
+        return self.outputs / "chat" / "feedback.jsonl.lock"
 
     @property
     def report_json(self) -> Path:
