@@ -54,15 +54,13 @@ result = prepare(cfg)
 # %% [markdown]
 # ## What was kept and what was rejected
 #
-# Every record read is kept in a split or listed in `data/rejected.jsonl` with its reason; the counts add up (per
-# source too, when `data.sources` names several).
+# Every record read is kept in a split or listed in `data/rejected.jsonl` with its reason; the counts add up.
 
 # %%
 report = result.report
-summary = pd.DataFrame({name: {'read': r['read'], **{f'kept: {k}': v for k, v in r['kept'].items()},
-                               'rejected': sum(r['rejected'].values()), 'truncated': r['truncated']}
-                        for name, r in {'all sources': report, **report.get('sources', {})}.items()})
-summary  # with data.sources: one column per source beside the whole, and they add up
+summary = pd.Series({'read': report['read'], **{f'kept: {k}': v for k, v in report['kept'].items()},
+                     'rejected': sum(report['rejected'].values()), 'truncated': report['truncated']})
+summary.to_frame('records')
 
 # %%
 reasons = pd.Series(report['rejected'], name='records').sort_values()

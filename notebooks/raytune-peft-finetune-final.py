@@ -9,10 +9,7 @@
 # and by the answers they write.
 #
 # Every trial runs the same `train()` as notebook 3 (the search can also cover LoRA rank, alpha, dropout and
-# targets), and ASHA stops bad trials early on `tune.objective`: val `answer_loss`, or (with
-# `scoring.knowledge_questions`) val `answer_loss` among trials that kept their PubMedQA dev accuracy within
-# `tune.max_knowledge_drop` of the base model, or a weighted sum; the same rule picks each trial's checkpoint and the
-# best trial. The final comparison gives bootstrap intervals
+# targets), and ASHA stops bad trials early on val `answer_loss`. The final comparison gives bootstrap intervals
 # and a paired p-value for the likelihood, and ROUGE and BLEU for the answers. Command line:
 # `medqa tune --config configs/demo.yaml`, `medqa benchmark --config configs/demo.yaml`, then
 # `medqa evaluate --config configs/demo.yaml`.
@@ -87,21 +84,6 @@ best = json.loads((search.best_dir / 'trial.json').read_text())
 pd.Series({k: v for k, v in best.items() if k != 'config'}).to_frame('best trial')
 
 # %% [markdown]
-# ## Gain against knowledge kept
-#
-# Every trial as a point: how much it lowered val answer loss below the base model's (right is better) against how
-# its PubMedQA accuracy on the dev questions (never the test ones) moved (up is better), with the frontier of the
-# eligible trials and the chosen one. `medqa evaluate` draws the same plot into `outputs/tradeoff.png`.
-
-# %%
-from medqa.plots import plot_tradeoff
-from medqa.selection import Rule
-print(best['selection']['message'])
-fig_tradeoff = plot_tradeoff(search.results.to_dict('records'), Rule.of(cfg).drop_limit) \
-    if 'knowledge_change' in search.results and 'gain' in search.results else None
-plt.show()
-
-# %% [markdown]
 # ## Standard benchmarks through lm-evaluation-harness
 #
 # `medqa benchmark` runs the lm-eval tasks named in `evaluate.benchmarks` on each model, loaded once by medqa and
@@ -157,16 +139,3 @@ pd.DataFrame(final.report['samples']).head(3)
 # The full report, with the model card, is `outputs/report.md`. The same pipeline runs from the command line
 # (`medqa prepare`, `baseline`, `train`, `tune`, `benchmark`, `evaluate`), and `medqa ask` and `medqa export`
 # use the trained adapter: see the [README](../README.md).
-
-# %% [markdown]
-# ## Try it
-#
-# Ask your own questions: the base and the fine-tuned model answer side by side, streamed, with the prompt and
-# generation settings used above. Example questions come from the test split, with the doctor's answer; a rating
-# of an answer goes to `outputs/chat/feedback.jsonl`. The page is served on 127.0.0.1 (Jupyter and Colab show it
-# inline); `medqa chat --config <your config>` serves the same page from the command line. Off in smoke mode.
-
-# %%
-if not SMOKE:
-    from medqa.chat import launch
-    launch(cfg)

@@ -52,7 +52,7 @@ from medqa.workdir import paths
 
 log = logging.getLogger(__name__)
 
-STAGES = ("prepare", "baseline", "train", "tune", "evaluate", "export")
+STAGES = ("prepare", "baseline", "train", "tune", "benchmark", "evaluate", "export")
 
 
 class LockedError(MedqaError):
@@ -124,7 +124,8 @@ def hold(cfg: Config, stage: str) -> Iterator[Path | None]:
 
     if stage not in STAGES:
         raise ValueError(f"no lock for stage {stage!r}; stages: {', '.join(STAGES)}")
-    dist.init()  # several processes: join the group first, so rank 0 can tell the others whether it got the lock
+    # several processes: join the group first (train.ddp_timeout), so rank 0 can tell the others whether it got it
+    dist.init(cfg.train.ddp_timeout)
     if not dist.is_main():
         if dist.any_rank(False):  # pairs with rank 0's any_rank below
             raise LockedError(f"Rank 0 was refused the {stage} lock on {paths(cfg).root} (its message says by whom); "
