@@ -358,6 +358,9 @@ def _trainer_variant(name, model_dir, train_ds, eval_ds, real, args, device, n_p
         overrides = [f"workdir={work}", f"model.name_or_path={model_dir}", f"data.max_length={MAX_LENGTH}",
                      f"train.max_steps={args.trainer_steps}", "train.logging_steps=1000000",
                      "train.eval_steps=1000000", "train.early_stopping_patience=0", "train.warmup_ratio=0.0",
+                     # no evaluation runs here (eval_steps above), and the synthetic rows have no tokenizer to
+                     # score PubMedQA with: the plain selection rule, no knowledge questions
+                     "tune.objective=answer_loss", "scoring.knowledge_questions=0",
                      *TRAINER_VARIANTS[name]]
         if device.type != "cuda":
             overrides += ["train.mixed_precision='no'", "train.tokens_per_batch=1024", "train.tokens_per_step=2048",

@@ -145,9 +145,10 @@ def test_evaluate_reports_per_source_with_the_paired_change(mixed, tmp_path):
 
 
 # The demo prepare before data.sources existed (commit c66afdd, same code path for data.source alone): sha256 of
-# each artifact, the workdir's path replaced. A one-source config must keep giving exactly these bytes.
+# each artifact, the workdir's and the checkout's paths replaced (the report names the source file by its path).
+# A one-source config must keep giving exactly these bytes.
 BEFORE = {
-    "prepare_report.json": "0c7a1a2e1989d8324e36ea24797d0bc905d6f91d83243c0b03f014ef33bf711f",
+    "prepare_report.json": "8422795539e2f38e1855403f3b9fe301e9b1ed4c4d2a013df9032204bcdd519f",
     "rejected.jsonl": "8b8ebfe6ea10e95a99b6aabe54834c2536ebf8ef10e38cd360d434781c9b3eaa",
     "test_data.json": "95e130cf2fadaa8e17872e7c6303e946c64ddd46ea9db84d2888c92038cfa364",
     "train_data.json": "a51000d70ee19cf401e5b0b62a395afc40fefbfc853607746ef52b7fa118d154",
@@ -161,7 +162,6 @@ BEFORE = {
 }
 
 
-@pytest.mark.xfail(reason="known regression after merging the knowledge/chat branches: prepare_report.json differs from the pre-sources bytes; to investigate next session", strict=False)
 def test_a_one_source_config_gives_the_same_bytes_as_before(tmp_path):
     from medqa.prepare import prepare
 
@@ -170,7 +170,8 @@ def test_a_one_source_config_gives_the_same_bytes_as_before(tmp_path):
     got = {}
     for f in sorted((workdir / "data").glob("*")):
         if f.is_file() and f.name != "manifest.json":  # the manifest records the time and the commit
-            got[f.name] = hashlib.sha256(f.read_bytes().replace(str(workdir).encode(), b"<workdir>")).hexdigest()
+            data = f.read_bytes().replace(str(workdir).encode(), b"<workdir>").replace(str(REPO).encode(), b"<repo>")
+            got[f.name] = hashlib.sha256(data).hexdigest()
     for f in sorted((workdir / "tokenized").rglob("*.arrow")):
         got[str(f.relative_to(workdir))] = hashlib.sha256(f.read_bytes()).hexdigest()
     assert got == BEFORE
