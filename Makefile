@@ -19,7 +19,7 @@ export TOKENIZERS_PARALLELISM := false
 export GRADIO_ANALYTICS_ENABLED := False
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup demo chat test test-all real-demo notebooks notebooks-real bench clean
+.PHONY: setup demo chat lint format test test-all real-demo notebooks notebooks-real bench clean
 
 setup: $(STAMP)
 
@@ -73,7 +73,16 @@ notebooks-real: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py --out outputs/bench/bench.json --markdown BENCHMARKS.md
 
-test: $(STAMP)
+# ruff (lint with import sorting, and format), configured in pyproject.toml; part of `make test`.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: $(STAMP) lint
 	$(BIN)/python -m pytest -q -rs -m "not slow"
 
 test-all: $(STAMP)

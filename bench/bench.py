@@ -51,8 +51,10 @@ sys.path.insert(0, str(REPO / "src"))
 SHARED = Path(os.environ.get("MEDQA_SHARED", REPO.parent / "shared"))
 # The 500 real records and BioGPT's tokenizer ship with the repository; the 5,452 synthetic GenMedGPT records are
 # added from ../shared when it is there (our machines and CI), for scale.
-DATA_FILES = [REPO / "data" / "real" / "healthcaremagic_500.json",
-              SHARED / "data" / "genmedgpt5k_SYNTHETIC_chatdoctor5k.json"]
+DATA_FILES = [
+    REPO / "data" / "real" / "healthcaremagic_500.json",
+    SHARED / "data" / "genmedgpt5k_SYNTHETIC_chatdoctor5k.json",
+]
 TOKENIZER = REPO / "assets" / "biogpt-tokenizer"
 MAX_LENGTH = 512  # data.max_length: what the original padded every example to, and our packing budget
 BATCH = 8  # examples per training batch (train.batch_size)
@@ -62,10 +64,12 @@ MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
 # cores shared with another job; its time goes to the 42,384-way logits and their softmax, so it grows with
 # the tokens computed, padding included.
 SIZES = {
-    "full": dict(repeats=3, prepare_records=None, train_examples=32, eval_examples=32,
-                 scale_records=400, scale_examples=12),
-    "quick": dict(repeats=2, prepare_records=1000, train_examples=16, eval_examples=8,
-                  scale_records=200, scale_examples=8),
+    "full": dict(
+        repeats=3, prepare_records=None, train_examples=32, eval_examples=32, scale_records=400, scale_examples=12
+    ),
+    "quick": dict(
+        repeats=2, prepare_records=1000, train_examples=16, eval_examples=8, scale_records=200, scale_examples=8
+    ),
 }
 
 
@@ -96,9 +100,15 @@ def machine() -> dict:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cpu": cpu,
-            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    return {
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
 
 
 # ------------------------------------------------------------------------------------------ setup
@@ -121,13 +131,23 @@ def build_model_dir(work: Path) -> Path:
     return build_tiny_model([], TinyModelConfig(tokenizer_files=str(TOKENIZER)), work / "tiny-biogpt", seed=0)
 
 
-def prepare_cfg(workdir: Path, source: Path, model_dir: Path, num_proc: int = 1, records: int | None = None,
-                fast: bool = True):
+def prepare_cfg(
+    workdir: Path, source: Path, model_dir: Path, num_proc: int = 1, records: int | None = None, fast: bool = True
+):
     from medqa.config import load_config
 
-    return load_config(None, [f"workdir={workdir}", f"data.source={source}", f"model.name_or_path={model_dir}",
-                              f"data.num_proc={num_proc}", f"data.max_records={records or 0}",
-                              f"data.max_length={MAX_LENGTH}", f"data.fast_tokenizer={str(fast).lower()}"])
+    return load_config(
+        None,
+        [
+            f"workdir={workdir}",
+            f"data.source={source}",
+            f"model.name_or_path={model_dir}",
+            f"data.num_proc={num_proc}",
+            f"data.max_records={records or 0}",
+            f"data.max_length={MAX_LENGTH}",
+            f"data.fast_tokenizer={str(fast).lower()}",
+        ],
+    )
 
 
 def load_base_model(model_dir: Path):
@@ -144,8 +164,9 @@ def lora_model(base):
 
     model = copy.deepcopy(base)
     targets = resolve_lora_targets(model, "all-linear")
-    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=targets,
-                                            task_type="CAUSAL_LM")).train()
+    return get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=targets, task_type="CAUSAL_LM")
+    ).train()
 
 
 # ------------------------------------------------------------------------------------------ batching strategies
@@ -175,14 +196,15 @@ def make_batches(rows: list[dict], strategy: str, seed: int, rows_per_batch: int
     if strategy == "packed":
         packed = pack_examples(rows, MAX_LENGTH)
         rng.shuffle(packed)
-        return [packed[i:i + rows_per_batch] for i in range(0, len(packed), rows_per_batch)]
+        return [packed[i : i + rows_per_batch] for i in range(0, len(packed), rows_per_batch)]
     if strategy == "grouped":
-        order = get_length_grouped_indices([len(r["input_ids"]) for r in rows], BATCH,
-                                           generator=torch.Generator().manual_seed(seed))
+        order = get_length_grouped_indices(
+            [len(r["input_ids"]) for r in rows], BATCH, generator=torch.Generator().manual_seed(seed)
+        )
     else:
         order = list(range(len(rows)))
         rng.shuffle(order)
-    return [[rows[i] for i in order[k:k + BATCH]] for k in range(0, len(order), BATCH)]
+    return [[rows[i] for i in order[k : k + BATCH]] for k in range(0, len(order), BATCH)]
 
 
 def collate(batch: list[dict], strategy: str, pad_id: int) -> dict:
@@ -246,8 +268,15 @@ def packing_lower_bound(lengths: list[int], row_tokens: int) -> float | None:
     a_eq[node[row_tokens], len(arcs)] = -1
     cost = np.zeros(len(arcs) + 1)
     cost[-1] = 1
-    res = linprog(cost, A_ub=a_ub.tocsr(), b_ub=[-count[n] for n in sizes], A_eq=a_eq.tocsr(),
-                  b_eq=np.zeros(len(nodes)), bounds=(0, None), method="highs")
+    res = linprog(
+        cost,
+        A_ub=a_ub.tocsr(),
+        b_ub=[-count[n] for n in sizes],
+        A_eq=a_eq.tocsr(),
+        b_eq=np.zeros(len(nodes)),
+        bounds=(0, None),
+        method="highs",
+    )
     return float(res.fun) if res.status == 0 else None
 
 
@@ -255,13 +284,21 @@ def bench_padding(train_rows: list[dict], repeats: int) -> dict:
     rows_per_batch = packed_rows_per_batch([len(r["input_ids"]) for r in train_rows])
     out = {}
     for strategy in ("original", "grouped", "packed"):
-        values = [efficiency(make_batches(train_rows, strategy, seed, rows_per_batch), strategy)
-                  for seed in range(repeats)]
+        values = [
+            efficiency(make_batches(train_rows, strategy, seed, rows_per_batch), strategy) for seed in range(repeats)
+        ]
         out[strategy] = stats(values)
-    return {"ours": out["packed"]["median"], "original": out["original"]["median"], "grouped": out["grouped"],
-            "packed": out["packed"], "original_stats": out["original"],
-            "examples": len(train_rows), "batch_size": BATCH, "packed_rows_per_batch": rows_per_batch,
-            "packed_max_tokens": MAX_LENGTH}
+    return {
+        "ours": out["packed"]["median"],
+        "original": out["original"]["median"],
+        "grouped": out["grouped"],
+        "packed": out["packed"],
+        "original_stats": out["original"],
+        "examples": len(train_rows),
+        "batch_size": BATCH,
+        "packed_rows_per_batch": rows_per_batch,
+        "packed_max_tokens": MAX_LENGTH,
+    }
 
 
 def bench_packing_real(work: Path, model_dir: Path) -> dict:
@@ -280,11 +317,17 @@ def bench_packing_real(work: Path, model_dir: Path) -> dict:
     per_batch = packed_rows_per_batch(lengths)
     rows = {w: pack_stats(lengths, w, max(1, round(per_batch * MAX_LENGTH / w))) for w in (MAX_LENGTH, 2 * MAX_LENGTH)}
     bound = packing_lower_bound(lengths, MAX_LENGTH)
-    return {"records": str(DATA_FILES[0].relative_to(REPO)), "tokenizer": str(TOKENIZER.relative_to(REPO)),
-            "examples": len(lengths), "median_tokens": statistics.median(lengths),
-            "mean_tokens": statistics.mean(lengths), "rows": {str(w): r for w, r in rows.items()},
-            "ours": rows[2 * MAX_LENGTH]["efficiency"], "rows_of_max_length": rows[MAX_LENGTH]["efficiency"],
-            "lower_bound_rows_of_max_length": bound}
+    return {
+        "records": str(DATA_FILES[0].relative_to(REPO)),
+        "tokenizer": str(TOKENIZER.relative_to(REPO)),
+        "examples": len(lengths),
+        "median_tokens": statistics.median(lengths),
+        "mean_tokens": statistics.mean(lengths),
+        "rows": {str(w): r for w, r in rows.items()},
+        "ours": rows[2 * MAX_LENGTH]["efficiency"],
+        "rows_of_max_length": rows[MAX_LENGTH]["efficiency"],
+        "lower_bound_rows_of_max_length": bound,
+    }
 
 
 # ------------------------------------------------------------------------------------------ b. training
@@ -315,18 +358,30 @@ def bench_train(base, train_rows: list[dict], n: int, repeats: int, pad_id: int)
     seconds: dict[str, list[float]] = {s: [] for s in strategies}
     eff: dict[str, list[float]] = {s: [] for s in strategies}
     for rep in range(repeats):
-        for strategy in strategies[rep % 3:] + strategies[:rep % 3]:  # rotate, so no strategy always goes first
+        for strategy in strategies[rep % 3 :] + strategies[: rep % 3]:  # rotate, so no strategy always goes first
             batches = make_batches(subset, strategy, seed=100 + rep, rows_per_batch=rows_per_batch)
             secs = train_epoch(lora_model(base), batches, strategy, pad_id)
             seconds[strategy].append(secs)
             eff[strategy].append(efficiency(batches, strategy))
             log(f"train {strategy:8s} repeat {rep}: {len(subset) / secs:6.2f} examples/s")
-    out = {s: {"examples_per_s": stats([len(subset) / t for t in seconds[s]]),
-               "answer_tokens_per_s": stats([n_answer / t for t in seconds[s]]),
-               "seconds": stats(seconds[s]), "padding_efficiency": stats(eff[s])} for s in strategies}
+    out = {
+        s: {
+            "examples_per_s": stats([len(subset) / t for t in seconds[s]]),
+            "answer_tokens_per_s": stats([n_answer / t for t in seconds[s]]),
+            "seconds": stats(seconds[s]),
+            "padding_efficiency": stats(eff[s]),
+        }
+        for s in strategies
+    }
     ratio = {s: stats([o / t for o, t in zip(seconds["original"], seconds[s])]) for s in ("grouped", "packed")}
-    return {"speedup": ratio, "strategies": out, "examples": len(subset), "answer_tokens": n_answer,
-            "packed_rows_per_batch": rows_per_batch, "model": "tiny BioGPT + LoRA all-linear r=8, AdamW"}
+    return {
+        "speedup": ratio,
+        "strategies": out,
+        "examples": len(subset),
+        "answer_tokens": n_answer,
+        "packed_rows_per_batch": rows_per_batch,
+        "model": "tiny BioGPT + LoRA all-linear r=8, AdamW",
+    }
 
 
 # ------------------------------------------------------------------------------------------ c. evaluation
@@ -342,7 +397,7 @@ def score_padded_512(model, rows: list[dict], pad_id: int, batch_size: int = BAT
     total = 0.0
     with torch.inference_mode():
         for k in range(0, len(rows), batch_size):
-            batch = collate(rows[k:k + batch_size], "original", pad_id)
+            batch = collate(rows[k : k + batch_size], "original", pad_id)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             total += token_nll(logits, batch["labels"]).double().sum().item()
             token_nll(logits, batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)).double().sum()
@@ -371,12 +426,16 @@ def bench_eval(base, val_ds, n: int, repeats: int, pad_id: int) -> dict:
         log(f"eval repeat {rep}: " + ", ".join(f"{m} {tokens / s[-1]:.0f} tok/s" for m, s in seconds.items()))
     # All three must score the same answer tokens identically (padding never reaches the metric).
     spread = max(nll.values()) - min(nll.values())
-    return {"tokens_per_s": {m: stats([tokens / t for t in s]) for m, s in seconds.items()},
-            "speedup_vs_padded_512": stats([p / t for p, t in zip(seconds["padded_512"], seconds["length_batched"])]),
-            "speedup_vs_one_at_a_time": stats([p / t for p, t in zip(seconds["one_at_a_time"],
-                                                                     seconds["length_batched"])]),
-            "answer_nll_sum": nll, "answer_nll_max_difference": spread, "examples": len(rows), "tokens": tokens,
-            "batch_size": BATCH}
+    return {
+        "tokens_per_s": {m: stats([tokens / t for t in s]) for m, s in seconds.items()},
+        "speedup_vs_padded_512": stats([p / t for p, t in zip(seconds["padded_512"], seconds["length_batched"])]),
+        "speedup_vs_one_at_a_time": stats([p / t for p, t in zip(seconds["one_at_a_time"], seconds["length_batched"])]),
+        "answer_nll_sum": nll,
+        "answer_nll_max_difference": spread,
+        "examples": len(rows),
+        "tokens": tokens,
+        "batch_size": BATCH,
+    }
 
 
 # ------------------------------------------------------------------------------------------ d, e. prepare
@@ -409,13 +468,17 @@ def bench_prepare(work: Path, source: Path, model_dir: Path, records: int | None
         for path in ("fast", "slow"):
             for num_proc in (1, 2):
                 workdir = work / f"prepare-{path}-np{num_proc}-r{rep}"
-                secs, again, read = run_prepare((workdir, source, model_dir, num_proc, records, path == "fast"),
-                                                rerun=num_proc == 1 and path == "fast")
+                secs, again, read = run_prepare(
+                    (workdir, source, model_dir, num_proc, records, path == "fast"),
+                    rerun=num_proc == 1 and path == "fast",
+                )
                 rate[f"{path}-{num_proc}"].append(read / secs)
                 if again is not None:
                     cached.append(again)
-                log(f"prepare {path} num_proc={num_proc} repeat {rep}: {read / secs:.0f} records/s"
-                    + (f", cached re-run {again:.1f} s" if again is not None else ""))
+                log(
+                    f"prepare {path} num_proc={num_proc} repeat {rep}: {read / secs:.0f} records/s"
+                    + (f", cached re-run {again:.1f} s" if again is not None else "")
+                )
                 if rep == 0 and path == "slow" and num_proc == 1:
                     for split in ("train", "val", "test"):
                         a = datasets.load_from_disk(str(keep / "tokenized" / f"tokenized_{split}"))["input_ids"]
@@ -424,13 +487,18 @@ def bench_prepare(work: Path, source: Path, model_dir: Path, records: int | None
                 if workdir != keep:
                     shutil.rmtree(workdir)
     fast_over_slow = [f / s for f, s in zip(rate["fast-1"], rate["slow-1"])]
-    return {"records": read, "records_per_s": {k: stats(v) for k, v in rate.items()},
-            "fast_over_slow": stats(fast_over_slow), "identical_token_ids": identical,
-            "cached_rerun_seconds": stats(cached)}, keep
+    return {
+        "records": read,
+        "records_per_s": {k: stats(v) for k, v in rate.items()},
+        "fast_over_slow": stats(fast_over_slow),
+        "identical_token_ids": identical,
+        "cached_rerun_seconds": stats(cached),
+    }, keep
 
 
-def bench_scaling(work: Path, source: Path, model_dir: Path, base, train_rows: list[dict], sizes: dict,
-                  repeats: int, pad_id: int) -> dict:
+def bench_scaling(
+    work: Path, source: Path, model_dir: Path, base, train_rows: list[dict], sizes: dict, repeats: int, pad_id: int
+) -> dict:
     """Time per unit at 1x, 2x, 4x of a base size: prepare (s per 1,000 records) and one packed training epoch
     (s per example and per 1,000 tokens; per token is the steadier unit, as example lengths vary)."""
     rows_per_batch = packed_rows_per_batch([len(r["input_ids"]) for r in train_rows])
@@ -448,12 +516,17 @@ def bench_scaling(work: Path, source: Path, model_dir: Path, base, train_rows: l
             secs = train_epoch(lora_model(base), batches, "packed", pad_id)
             per_example.append(secs / len(subset))
             per_ktok.append(secs / sum(len(r["input_ids"]) for r in subset) * 1000)
-        row = out[f"{factor}x"] = {"records": n_rec, "train_examples": n_ex,
-                                   "prepare_seconds_per_1k_records": stats(prep),
-                                   "train_seconds_per_example": stats(per_example),
-                                   "train_seconds_per_1k_tokens": stats(per_ktok)}
-        log(f"scaling {factor}x: prepare {row['prepare_seconds_per_1k_records']['median']:.2f} s/1k records, "
-            f"train {row['train_seconds_per_1k_tokens']['median']:.2f} s/1k tokens")
+        row = out[f"{factor}x"] = {
+            "records": n_rec,
+            "train_examples": n_ex,
+            "prepare_seconds_per_1k_records": stats(prep),
+            "train_seconds_per_example": stats(per_example),
+            "train_seconds_per_1k_tokens": stats(per_ktok),
+        }
+        log(
+            f"scaling {factor}x: prepare {row['prepare_seconds_per_1k_records']['median']:.2f} s/1k records, "
+            f"train {row['train_seconds_per_1k_tokens']['median']:.2f} s/1k tokens"
+        )
     for key in ("prepare_seconds_per_1k_records", "train_seconds_per_example", "train_seconds_per_1k_tokens"):
         out[f"{key}_4x_over_1x"] = out["4x"][key]["median"] / out["1x"][key]["median"]  # 1.0 = linear
     return out
@@ -472,8 +545,14 @@ def load(meta: dict, when: str) -> str:
 
 
 def markdown_section(res: dict) -> str:
-    m, pad, tr, ev, pr, sc = (res["meta"], res["padding_efficiency"], res["train"], res["eval"], res["prepare"],
-                              res["scaling"])
+    m, pad, tr, ev, pr, sc = (
+        res["meta"],
+        res["padding_efficiency"],
+        res["train"],
+        res["eval"],
+        res["prepare"],
+        res["scaling"],
+    )
     st = tr["strategies"]
     lines = [
         MARK_START,
@@ -491,12 +570,19 @@ def markdown_section(res: dict) -> str:
         "|---|---|---|---|---|",
         f"| padding efficiency, train split ({pad['examples']:,} examples) | {pad['original']:.3f} | "
         f"{fmt(pad['grouped'], 3)} | {fmt(pad['packed'], 3)} | {pad['ours'] / pad['original']:.2f}x |",
-        *([] if "real_500" not in pad else [
-            f"| packed, the {pad['real_500']['examples']} real train examples alone (as `medqa train` computes: rows "
-            f"padded, last batch's empty rows counted) | {pad['real_500']['mean_tokens'] / MAX_LENGTH:.3f} | | rows of "
-            f"{MAX_LENGTH}: {pad['real_500']['rows_of_max_length']:.3f}; rows of {2 * MAX_LENGTH}: "
-            f"{pad['real_500']['ours']:.3f} | |"]),
-        f"| training examples/s | {fmt(st['original']['examples_per_s'], 2)} | {fmt(st['grouped']['examples_per_s'], 2)} | "
+        *(
+            []
+            if "real_500" not in pad
+            else [
+                f"| packed, the {pad['real_500']['examples']} real train examples alone (as `medqa train` "
+                "computes: rows padded, last batch's empty rows counted) | "
+                f"{pad['real_500']['mean_tokens'] / MAX_LENGTH:.3f} | | rows of {MAX_LENGTH}: "
+                f"{pad['real_500']['rows_of_max_length']:.3f}; rows of {2 * MAX_LENGTH}: "
+                f"{pad['real_500']['ours']:.3f} | |"
+            ]
+        ),
+        f"| training examples/s | {fmt(st['original']['examples_per_s'], 2)} | "
+        f"{fmt(st['grouped']['examples_per_s'], 2)} | "
         f"{fmt(st['packed']['examples_per_s'], 2)} | {fmt(tr['speedup']['packed'], 2)}x |",
         f"| training answer tokens/s | {fmt(st['original']['answer_tokens_per_s'], 0)} | "
         f"{fmt(st['grouped']['answer_tokens_per_s'], 0)} | {fmt(st['packed']['answer_tokens_per_s'], 0)} | |",
@@ -510,14 +596,17 @@ def markdown_section(res: dict) -> str:
         "|---|---|---|---|",
         f"| tokens/s | {fmt(ev['tokens_per_s']['padded_512'], 0)} | {fmt(ev['tokens_per_s']['one_at_a_time'], 0)} | "
         f"{fmt(ev['tokens_per_s']['length_batched'], 0)} |",
-        f"| length-batched speedup | {fmt(ev['speedup_vs_padded_512'], 2)}x | {fmt(ev['speedup_vs_one_at_a_time'], 2)}x | |",
+        f"| length-batched speedup | {fmt(ev['speedup_vs_padded_512'], 2)}x | "
+        f"{fmt(ev['speedup_vs_one_at_a_time'], 2)}x | |",
         "",
         f"`prepare` on {pr['records']:,} records (cached re-run: {fmt(pr['cached_rerun_seconds'], 1)} s):",
         "",
         "| data.num_proc | fast path (medqa.fasttok) records/s | BioGptTokenizer as it is, records/s |",
         "|---|---|---|",
-        *[f"| {n} | {fmt(pr['records_per_s'][f'fast-{n}'], 0)} | {fmt(pr['records_per_s'][f'slow-{n}'], 0)} |"
-          for n in (1, 2)],
+        *[
+            f"| {n} | {fmt(pr['records_per_s'][f'fast-{n}'], 0)} | {fmt(pr['records_per_s'][f'slow-{n}'], 0)} |"
+            for n in (1, 2)
+        ],
         "",
         f"Fast path / slow path, num_proc 1, paired per repeat: {fmt(pr['fast_over_slow'], 2)}x; token ids "
         f"{'identical' if pr['identical_token_ids'] else 'DIFFERENT'} in all three splits.",
@@ -526,9 +615,12 @@ def markdown_section(res: dict) -> str:
         "",
         "| size | records | prepare s / 1k records | train examples | packed train s / 1k tokens | s / example |",
         "|---|---|---|---|---|---|",
-        *[f"| {f} | {sc[f]['records']:,} | {fmt(sc[f]['prepare_seconds_per_1k_records'], 2)} | "
-          f"{sc[f]['train_examples']} | {fmt(sc[f]['train_seconds_per_1k_tokens'], 2)} | "
-          f"{fmt(sc[f]['train_seconds_per_example'], 3)} |" for f in ("1x", "2x", "4x")],
+        *[
+            f"| {f} | {sc[f]['records']:,} | {fmt(sc[f]['prepare_seconds_per_1k_records'], 2)} | "
+            f"{sc[f]['train_examples']} | {fmt(sc[f]['train_seconds_per_1k_tokens'], 2)} | "
+            f"{fmt(sc[f]['train_seconds_per_example'], 3)} |"
+            for f in ("1x", "2x", "4x")
+        ],
         f"| 4x / 1x | | {sc['prepare_seconds_per_1k_records_4x_over_1x']:.2f} | | "
         f"{sc['train_seconds_per_1k_tokens_4x_over_1x']:.2f} | {sc['train_seconds_per_example_4x_over_1x']:.2f} |",
         MARK_END,
@@ -569,9 +661,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(REPO / "outputs" / "bench" / "bench.json"), help="JSON results file")
     ap.add_argument("--markdown", default=None, help="markdown file whose results section is written/replaced")
     ap.add_argument("--keep", action="store_true", help="keep the temporary workdir (its path is printed)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (default: torch's choice, one per core); 1 on a machine shared with "
-                         "other jobs, where threads that spin-wait for each other are several times slower")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice, one per core); 1 on a machine shared with "
+        "other jobs, where threads that spin-wait for each other are several times slower",
+    )
     args = ap.parse_args(argv)
 
     if not DATA_FILES[1].exists():
@@ -587,38 +683,61 @@ def main(argv: list[str] | None = None) -> int:
     sizes = SIZES["quick" if args.quick else "full"]
     repeats = sizes["repeats"]
     start = time.perf_counter()
-    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": args.quick, "repeats": repeats,
-            "machine": machine(), "sizes": sizes}
+    meta = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "repeats": repeats,
+        "machine": machine(),
+        "sizes": sizes,
+    }
     work = Path(tempfile.mkdtemp(prefix="medqa-bench-"))
-    log(f"workdir {work}; {'quick' if args.quick else 'full'} run, {repeats} repeats, "
-        f"{torch.get_num_threads()} torch threads")
+    log(
+        f"workdir {work}; {'quick' if args.quick else 'full'} run, {repeats} repeats, "
+        f"{torch.get_num_threads()} torch threads"
+    )
     load = meta["machine"]["load_average_at_start"]
     if load is not None and load > 0.5 * (os.cpu_count() or 1) and torch.get_num_threads() > 1:
-        log(f"warning: load average {load:.1f} on {os.cpu_count()} cores: other jobs are running; timings will be "
-            "noisy and multi-threaded torch slow (consider --threads 1)")
+        log(
+            f"warning: load average {load:.1f} on {os.cpu_count()} cores: other jobs are running; timings will be "
+            "noisy and multi-threaded torch slow (consider --threads 1)"
+        )
     try:
         source = write_source(work)
         model_dir = build_model_dir(work)
         prep, base_dir = bench_prepare(work, source, model_dir, sizes["prepare_records"], repeats)
 
         tok = {s: datasets.load_from_disk(str(base_dir / "tokenized" / f"tokenized_{s}")) for s in ("train", "val")}
-        train_rows = [{"input_ids": i, "labels": l} for i, l in zip(tok["train"]["input_ids"], tok["train"]["labels"])]
+        train_rows = [
+            {"input_ids": i, "labels": lab} for i, lab in zip(tok["train"]["input_ids"], tok["train"]["labels"])
+        ]
         base = load_base_model(model_dir)
         pad_id = base.config.pad_token_id
-        meta["model"] = {"path": "tiny BioGPT (medqa.tiny) on the real BioGPT tokenizer",
-                         "parameters": sum(p.numel() for p in base.parameters()),
-                         "vocab_size": base.config.vocab_size, "hidden_size": base.config.hidden_size,
-                         "layers": base.config.num_hidden_layers}
+        meta["model"] = {
+            "path": "tiny BioGPT (medqa.tiny) on the real BioGPT tokenizer",
+            "parameters": sum(p.numel() for p in base.parameters()),
+            "vocab_size": base.config.vocab_size,
+            "hidden_size": base.config.hidden_size,
+            "layers": base.config.num_hidden_layers,
+        }
         lengths = [len(r["input_ids"]) for r in train_rows]
-        meta["train_lengths"] = {"examples": len(lengths), "mean": statistics.mean(lengths),
-                                 "median": statistics.median(lengths), "max": max(lengths)}
+        meta["train_lengths"] = {
+            "examples": len(lengths),
+            "mean": statistics.mean(lengths),
+            "median": statistics.median(lengths),
+            "max": max(lengths),
+        }
 
         padding = bench_padding(train_rows, repeats)
         padding["real_500"] = real = bench_packing_real(work, model_dir)
-        log(f"packing the {real['examples']} real train examples: rows of {MAX_LENGTH} {real['rows_of_max_length']:.3f} "
-            f"(lower bound {real['lower_bound_rows_of_max_length']} rows), rows of {2 * MAX_LENGTH} {real['ours']:.3f}")
-        log(f"padding efficiency: original {padding['original']:.3f}, grouped {padding['grouped']['median']:.3f}, "
-            f"packed {padding['packed']['median']:.3f}")
+        log(
+            f"packing the {real['examples']} real train examples: "
+            f"rows of {MAX_LENGTH} {real['rows_of_max_length']:.3f} "
+            f"(lower bound {real['lower_bound_rows_of_max_length']} rows), rows of {2 * MAX_LENGTH} {real['ours']:.3f}"
+        )
+        log(
+            f"padding efficiency: original {padding['original']:.3f}, grouped {padding['grouped']['median']:.3f}, "
+            f"packed {padding['packed']['median']:.3f}"
+        )
         train = bench_train(base, train_rows, sizes["train_examples"], repeats, pad_id)
         evaluation = bench_eval(base, tok["val"], sizes["eval_examples"], repeats, pad_id)
         scaling = bench_scaling(work, source, model_dir, base, train_rows, sizes, repeats, pad_id)
@@ -636,7 +755,11 @@ def main(argv: list[str] | None = None) -> int:
         "train_speedup_grouped": train["speedup"]["grouped"]["median"],
         "eval_speedup": evaluation["speedup_vs_padded_512"]["median"],
         "prepare_records_per_s": {k: v["median"] for k, v in prep["records_per_s"].items()},
-        "train": train, "eval": evaluation, "prepare": prep, "scaling": scaling, "meta": meta,
+        "train": train,
+        "eval": evaluation,
+        "prepare": prep,
+        "scaling": scaling,
+        "meta": meta,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,27 +21,32 @@
 REPO_URL = "https://github.com/medqa-project/medqa"
 DRIVE_WORKDIR = ""  # e.g. "/content/drive/MyDrive/medqa"
 import sys
+
 COLAB_OVERRIDES: list[str] = []
 if "google.colab" in sys.modules:
     import os
     import subprocess
+
     if not os.path.isdir("/content/medqa"):
         subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "/content/medqa"], check=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "/content/medqa"], check=True)
     os.chdir("/content/medqa")
     from medqa.colab import colab_overrides
+
     COLAB_OVERRIDES = colab_overrides(DRIVE_WORKDIR)
 
 # %% tags=["parameters"]
 # Parameters (papermill-style: the tests and tools/sync_notebooks.py --execute set these)
 CONFIG = "configs/demo.yaml"  # configs/biogpt.yaml for the real model and the full dataset
-OVERRIDES: list[str] = []      # e.g. ["data.source=path/to/HealthCareMagic-100k.json", "workdir=outputs/run2"]
-SMOKE = False                  # True: a quick run on a few records
+OVERRIDES: list[str] = []  # e.g. ["data.source=path/to/HealthCareMagic-100k.json", "workdir=outputs/run2"]
+SMOKE = False  # True: a quick run on a few records
 
 # %%
-import pandas as pd
 import matplotlib.pyplot as plt
+import pandas as pd
+
 from medqa.notebook import setup
+
 cfg = setup(CONFIG, OVERRIDES, stage="prepare", smoke=SMOKE, colab_overrides=COLAB_OVERRIDES)
 
 # %% [markdown]
@@ -49,6 +54,7 @@ cfg = setup(CONFIG, OVERRIDES, stage="prepare", smoke=SMOKE, colab_overrides=COL
 
 # %%
 from medqa.prepare import prepare
+
 result = prepare(cfg)
 
 # %% [markdown]
@@ -58,15 +64,21 @@ result = prepare(cfg)
 
 # %%
 report = result.report
-summary = pd.Series({'read': report['read'], **{f'kept: {k}': v for k, v in report['kept'].items()},
-                     'rejected': sum(report['rejected'].values()), 'truncated': report['truncated']})
-summary.to_frame('records')
+summary = pd.Series(
+    {
+        "read": report["read"],
+        **{f"kept: {k}": v for k, v in report["kept"].items()},
+        "rejected": sum(report["rejected"].values()),
+        "truncated": report["truncated"],
+    }
+)
+summary.to_frame("records")
 
 # %%
-reasons = pd.Series(report['rejected'], name='records').sort_values()
-ax = reasons.plot.barh(title='Rejected records by reason', figsize=(6, 3))
+reasons = pd.Series(report["rejected"], name="records").sort_values()
+ax = reasons.plot.barh(title="Rejected records by reason", figsize=(6, 3))
 plt.show()
-pd.read_json(result.data_dir / 'rejected.jsonl', lines=True)[['index', 'reason']].head(10)
+pd.read_json(result.data_dir / "rejected.jsonl", lines=True)[["index", "reason"]].head(10)
 
 # %% [markdown]
 # ## Lengths in tokens
@@ -76,30 +88,33 @@ pd.read_json(result.data_dir / 'rejected.jsonl', lines=True)[['index', 'reason']
 
 # %%
 from medqa.analysis import token_lengths
+
 lengths = token_lengths(cfg)
 fig, axes = plt.subplots(1, 2, figsize=(10, 3))
-lengths['prompt_tokens'].plot.hist(bins=40, ax=axes[0], title='prompt (question) tokens')
-lengths['answer_tokens'].plot.hist(bins=40, ax=axes[1], title='answer tokens (with EOS)')
+lengths["prompt_tokens"].plot.hist(bins=40, ax=axes[0], title="prompt (question) tokens")
+lengths["answer_tokens"].plot.hist(bins=40, ax=axes[1], title="answer tokens (with EOS)")
 plt.show()
-lengths.groupby('split')[['prompt_tokens', 'answer_tokens', 'total_tokens']].describe().T.round(1)
+lengths.groupby("split")[["prompt_tokens", "answer_tokens", "total_tokens"]].describe().T.round(1)
 
 # %% [markdown]
 # ## Cleaning at work: originals beside the cleaned text
 
 # %%
 from medqa.analysis import before_after
-pd.set_option('display.max_colwidth', 300)
-before_after(cfg, n=5)[['original_answer', 'answer', 'chars_removed']]
+
+pd.set_option("display.max_colwidth", 300)
+before_after(cfg, n=5)[["original_answer", "answer", "chars_removed"]]
 
 # %% [markdown]
 # ## The original project's views: specialty and urgency by keyword
 
 # %%
 from medqa.analysis import SPECIALTY_KEYWORDS, keyword_counts, load_splits, urgency_counts
-questions = [r['question'] for rows in load_splits(cfg).values() for r in rows]
+
+questions = [r["question"] for rows in load_splits(cfg).values() for r in rows]
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
-keyword_counts(questions, SPECIALTY_KEYWORDS).plot.bar(ax=axes[0], title='questions by specialty')
-urgency_counts(questions).plot.bar(ax=axes[1], title='questions by urgency', color='tab:red')
+keyword_counts(questions, SPECIALTY_KEYWORDS).plot.bar(ax=axes[0], title="questions by specialty")
+urgency_counts(questions).plot.bar(ax=axes[1], title="questions by urgency", color="tab:red")
 plt.tight_layout()
 plt.show()
 

@@ -21,27 +21,32 @@
 REPO_URL = "https://github.com/medqa-project/medqa"
 DRIVE_WORKDIR = ""  # e.g. "/content/drive/MyDrive/medqa"
 import sys
+
 COLAB_OVERRIDES: list[str] = []
 if "google.colab" in sys.modules:
     import os
     import subprocess
+
     if not os.path.isdir("/content/medqa"):
         subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "/content/medqa"], check=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "/content/medqa"], check=True)
     os.chdir("/content/medqa")
     from medqa.colab import colab_overrides
+
     COLAB_OVERRIDES = colab_overrides(DRIVE_WORKDIR)
 
 # %% tags=["parameters"]
 # Parameters (papermill-style: the tests and tools/sync_notebooks.py --execute set these)
 CONFIG = "configs/demo.yaml"  # configs/biogpt.yaml for the real model and the full dataset
-OVERRIDES: list[str] = []      # e.g. ["data.source=path/to/HealthCareMagic-100k.json", "workdir=outputs/run2"]
-SMOKE = False                  # True: a quick run on a few records
+OVERRIDES: list[str] = []  # e.g. ["data.source=path/to/HealthCareMagic-100k.json", "workdir=outputs/run2"]
+SMOKE = False  # True: a quick run on a few records
 
 # %%
-import pandas as pd
 import matplotlib.pyplot as plt
+import pandas as pd
+
 from medqa.notebook import setup
+
 cfg = setup(CONFIG, OVERRIDES, stage="baseline", smoke=SMOKE, colab_overrides=COLAB_OVERRIDES)
 
 # %% [markdown]
@@ -49,13 +54,22 @@ cfg = setup(CONFIG, OVERRIDES, stage="baseline", smoke=SMOKE, colab_overrides=CO
 
 # %%
 from medqa.modeling import count_parameters, load_model, load_tokenizer, model_path
+
 tokenizer = load_tokenizer(cfg)
 model = load_model(cfg)
 p = next(model.parameters())
-pd.Series({'model': model_path(cfg), 'architecture': type(model).__name__,
-           'parameters': f'{count_parameters(model)[1]:,}', 'dtype': str(p.dtype), 'device': str(p.device),
-           'attention': model.config._attn_implementation, 'vocabulary': len(tokenizer),
-           'pad / eos ids': (tokenizer.pad_token_id, tokenizer.eos_token_id)}).to_frame('value')
+pd.Series(
+    {
+        "model": model_path(cfg),
+        "architecture": type(model).__name__,
+        "parameters": f"{count_parameters(model)[1]:,}",
+        "dtype": str(p.dtype),
+        "device": str(p.device),
+        "attention": model.config._attn_implementation,
+        "vocabulary": len(tokenizer),
+        "pad / eos ids": (tokenizer.pad_token_id, tokenizer.eos_token_id),
+    }
+).to_frame("value")
 
 # %% [markdown]
 # ## LoRA targets and trainable parameters per preset
@@ -64,6 +78,7 @@ pd.Series({'model': model_path(cfg), 'architecture': type(model).__name__,
 
 # %%
 from medqa.modeling import lora_presets_table
+
 pd.DataFrame(lora_presets_table(model, cfg.lora.r)).round(3)
 
 # %% [markdown]
@@ -71,14 +86,15 @@ pd.DataFrame(lora_presets_table(model, cfg.lora.r)).round(3)
 
 # %%
 from medqa.baseline import baseline
+
 result = baseline(cfg)
 print(result.table())
 
 # %%
-per_example = pd.read_json(result.out_dir / 'per_example.jsonl', lines=True)
-per_example['mean_nll'] = per_example.answer_nll / per_example.answer_tokens
-ax = per_example.mean_nll.plot.hist(bins=30, title='per-example answer NLL (nats/token)', figsize=(6, 3))
-ax.axvline(result.metrics['test']['answer_loss'], color='k', linestyle='--', label='test answer_loss')
+per_example = pd.read_json(result.out_dir / "per_example.jsonl", lines=True)
+per_example["mean_nll"] = per_example.answer_nll / per_example.answer_tokens
+ax = per_example.mean_nll.plot.hist(bins=30, title="per-example answer NLL (nats/token)", figsize=(6, 3))
+ax.axvline(result.metrics["test"]["answer_loss"], color="k", linestyle="--", label="test answer_loss")
 ax.legend()
 plt.show()
 
@@ -88,10 +104,12 @@ plt.show()
 # %%
 from medqa.analysis import load_splits
 from medqa.generate import generate_answers
-test = load_splits(cfg)['test'][:3]
-answers = generate_answers(model, tokenizer, cfg, [r['question'] for r in test])
-pd.DataFrame({'question': [r['question'] for r in test], 'reference': [r['answer'] for r in test],
-              'base model': answers})
+
+test = load_splits(cfg)["test"][:3]
+answers = generate_answers(model, tokenizer, cfg, [r["question"] for r in test])
+pd.DataFrame(
+    {"question": [r["question"] for r in test], "reference": [r["answer"] for r in test], "base model": answers}
+)
 
 # %% [markdown]
 # ## Next

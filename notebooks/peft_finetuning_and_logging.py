@@ -22,27 +22,32 @@
 REPO_URL = "https://github.com/medqa-project/medqa"
 DRIVE_WORKDIR = ""  # e.g. "/content/drive/MyDrive/medqa"
 import sys
+
 COLAB_OVERRIDES: list[str] = []
 if "google.colab" in sys.modules:
     import os
     import subprocess
+
     if not os.path.isdir("/content/medqa"):
         subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "/content/medqa"], check=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "/content/medqa"], check=True)
     os.chdir("/content/medqa")
     from medqa.colab import colab_overrides
+
     COLAB_OVERRIDES = colab_overrides(DRIVE_WORKDIR)
 
 # %% tags=["parameters"]
 # Parameters (papermill-style: the tests and tools/sync_notebooks.py --execute set these)
 CONFIG = "configs/demo.yaml"  # configs/biogpt.yaml for the real model and the full dataset
-OVERRIDES: list[str] = []      # e.g. ["data.source=path/to/HealthCareMagic-100k.json", "workdir=outputs/run2"]
-SMOKE = False                  # True: a quick run on a few records
+OVERRIDES: list[str] = []  # e.g. ["data.source=path/to/HealthCareMagic-100k.json", "workdir=outputs/run2"]
+SMOKE = False  # True: a quick run on a few records
 
 # %%
-import pandas as pd
 import matplotlib.pyplot as plt
+import pandas as pd
+
 from medqa.notebook import setup
+
 cfg = setup(CONFIG, OVERRIDES, stage="train", smoke=SMOKE, colab_overrides=COLAB_OVERRIDES)
 
 # %% [markdown]
@@ -53,9 +58,10 @@ cfg = setup(CONFIG, OVERRIDES, stage="train", smoke=SMOKE, colab_overrides=COLAB
 
 # %%
 from medqa.modeling import load_model, load_tokenizer, lora_presets_table
+
 tokenizer = load_tokenizer(cfg)
 base_model = load_model(cfg)
-print('this run:', cfg.lora)
+print("this run:", cfg.lora)
 pd.DataFrame(lora_presets_table(base_model, cfg.lora.r)).round(3)
 
 # %% [markdown]
@@ -64,13 +70,15 @@ pd.DataFrame(lora_presets_table(base_model, cfg.lora.r)).round(3)
 # %%
 from medqa.analysis import load_metrics
 from medqa.baseline import baseline
-base_metrics = load_metrics(cfg, 'baseline') or baseline(cfg).metrics
+
+base_metrics = load_metrics(cfg, "baseline") or baseline(cfg).metrics
 
 # %% [markdown]
 # ## Train
 
 # %%
 from medqa.train import train
+
 result = train(cfg)
 
 # %% [markdown]
@@ -78,7 +86,8 @@ result = train(cfg)
 
 # %%
 from medqa.plots import plot_training
-fig = plot_training(result.history, baseline_loss=base_metrics['val']['answer_loss'])
+
+fig = plot_training(result.history, baseline_loss=base_metrics["val"]["answer_loss"])
 plt.show()
 pd.DataFrame(result.history).tail(8)
 
@@ -87,7 +96,8 @@ pd.DataFrame(result.history).tail(8)
 
 # %%
 from medqa.analysis import metrics_frame
-metrics_frame({'baseline': base_metrics, 'fine-tuned': result.metrics}).round(3)
+
+metrics_frame({"baseline": base_metrics, "fine-tuned": result.metrics}).round(3)
 
 # %% [markdown]
 # ## Answers before and after, beside the reference
@@ -96,12 +106,18 @@ metrics_frame({'baseline': base_metrics, 'fine-tuned': result.metrics}).round(3)
 from medqa.analysis import load_splits
 from medqa.generate import generate_answers
 from medqa.modeling import load_adapter_model
-test = load_splits(cfg)['test'][:3]
-questions = [r['question'] for r in test]
+
+test = load_splits(cfg)["test"][:3]
+questions = [r["question"] for r in test]
 tuned_model = load_adapter_model(cfg, result.out_dir)
-pd.DataFrame({'question': questions, 'reference': [r['answer'] for r in test],
-              'base model': generate_answers(base_model, tokenizer, cfg, questions),
-              'fine-tuned': generate_answers(tuned_model, tokenizer, cfg, questions)})
+pd.DataFrame(
+    {
+        "question": questions,
+        "reference": [r["answer"] for r in test],
+        "base model": generate_answers(base_model, tokenizer, cfg, questions),
+        "fine-tuned": generate_answers(tuned_model, tokenizer, cfg, questions),
+    }
+)
 
 # %% [markdown]
 # ## Next

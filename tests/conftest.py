@@ -26,8 +26,11 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(REPO / ".cache" / "torchind
 sys.path.insert(0, str(REPO / "src"))
 # Subprocesses (notebook kernels, CLI runs, Ray workers) import medqa from here too.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
-for var, sub in (("JUPYTER_RUNTIME_DIR", "jupyter/runtime"), ("JUPYTER_DATA_DIR", "jupyter/data"),
-                 ("IPYTHONDIR", "ipython")):
+for var, sub in (
+    ("JUPYTER_RUNTIME_DIR", "jupyter/runtime"),
+    ("JUPYTER_DATA_DIR", "jupyter/data"),
+    ("IPYTHONDIR", "ipython"),
+):
     os.environ.setdefault(var, str(REPO / ".cache" / sub))
     Path(os.environ[var]).mkdir(parents=True, exist_ok=True)
 
@@ -36,8 +39,10 @@ from medqa.config import Config, load_config  # noqa: E402
 
 def _need(path: Path) -> Path:
     if not path.exists():
-        pytest.skip(f"needs {path} (the shared read-only data folder beside the repo, ../shared); "
-                    "set MEDQA_SHARED to its location")
+        pytest.skip(
+            f"needs {path} (the shared read-only data folder beside the repo, ../shared); "
+            "set MEDQA_SHARED to its location"
+        )
     return path
 
 

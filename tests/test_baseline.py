@@ -6,8 +6,8 @@ import json
 import math
 
 import pytest
-
 from conftest import REAL_500, REPO, demo_config
+
 from medqa.cli import main
 from medqa.errors import ModelError
 
@@ -36,8 +36,9 @@ def test_metrics_json_shape(demo_run):
         assert m["sequence_tokens"] > m["answer_tokens"]
     rows = [json.loads(x) for x in (result.out_dir / "per_example.jsonl").read_text().splitlines()]
     test_rows = [r for r in rows if r["split"] == "test"]
-    assert sum(r["answer_nll"] for r in test_rows) / sum(r["answer_tokens"] for r in test_rows) == \
-        pytest.approx(metrics["test"]["answer_loss"], rel=1e-9)
+    assert sum(r["answer_nll"] for r in test_rows) / sum(r["answer_tokens"] for r in test_rows) == pytest.approx(
+        metrics["test"]["answer_loss"], rel=1e-9
+    )
 
 
 def test_fresh_tiny_model_scores_near_uniform(demo_run):
@@ -72,15 +73,26 @@ def test_tiny_tokenizer_round_trips_and_reloads(demo_run):
     assert ids[0] == 2 and tok.unk_token_id not in ids  # BioGPT starts with </s>
     assert tok.decode(ids, skip_special_tokens=True) == text
     vocab = json.loads((cfg.root / "models" / "tiny-biogpt" / "vocab.json").read_text())
-    assert any(k.endswith("</w>") for k in vocab) and [vocab[t] for t in ("<s>", "<pad>", "</s>", "<unk>")] == [0, 1, 2, 3]
+    assert any(k.endswith("</w>") for k in vocab) and [vocab[t] for t in ("<s>", "<pad>", "</s>", "<unk>")] == [
+        0,
+        1,
+        2,
+        3,
+    ]
 
 
 def test_tiny_model_with_real_biogpt_tokenizer_scores_real_records(tmp_path, real_500, biogpt_tokenizer_dir):
     from medqa.baseline import baseline
     from medqa.prepare import prepare
 
-    cfg = demo_config(tmp_path, f"data.source={REAL_500}", f"model.tiny.tokenizer_files={biogpt_tokenizer_dir}",
-                      "scoring.bootstrap_samples=100", "scoring.max_examples=16", "data.max_length=128")
+    cfg = demo_config(
+        tmp_path,
+        f"data.source={REAL_500}",
+        f"model.tiny.tokenizer_files={biogpt_tokenizer_dir}",
+        "scoring.bootstrap_samples=100",
+        "scoring.max_examples=16",
+        "data.max_length=128",
+    )
     prepare(cfg)
     metrics = baseline(cfg).metrics
     assert metrics["tokenizer"]["vocab_size"] == 42384
@@ -113,7 +125,15 @@ def test_missing_folder_and_unreachable_hub(tmp_path, capsys):
         load_tokenizer(cfg)
     with pytest.raises(ModelError, match=r"(?s)microsoft/biogpt.*offline"):
         load_model(cfg)
-    rc = main(["baseline", "--config", str(REPO / "configs" / "demo.yaml"), f"workdir={tmp_path}", "model.name_or_path=microsoft/biogpt"])
+    rc = main(
+        [
+            "baseline",
+            "--config",
+            str(REPO / "configs" / "demo.yaml"),
+            f"workdir={tmp_path}",
+            "model.name_or_path=microsoft/biogpt",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err and "offline" in err
 

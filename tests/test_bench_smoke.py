@@ -10,15 +10,28 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 
 def test_gpu_bench_runs_tiny_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--device", "cpu", "--tiny",
-                           "--sections", "trainer,eval,generate", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "gpu.py"),
+            "--device",
+            "cpu",
+            "--tiny",
+            "--sections",
+            "trainer,eval,generate",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     results = json.loads(out.read_text())
     # the length distribution comes from `medqa prepare` on the shipped real records and tokenizer
@@ -33,8 +46,13 @@ def test_gpu_bench_runs_tiny_on_cpu(tmp_path):
         r = trainer[variant]
         assert r["steps"] == 3 and r["steps_timed"] == 3 and r["steady_steps"] == 2
         assert r["tokens_per_s"] > 0 and r["mean_step_seconds"] > 0 and r["median_step_seconds"] > 0
-        assert r["dynamo"] == {"graph_breaks": 0, "unique_graphs": 0, "recompiles": 0, "graph_break_reasons": [],
-                               "recompile_reasons": []}  # eager: nothing compiled
+        assert r["dynamo"] == {
+            "graph_breaks": 0,
+            "unique_graphs": 0,
+            "recompiles": 0,
+            "graph_break_reasons": [],
+            "recompile_reasons": [],
+        }  # eager: nothing compiled
         p = r["projection"]
         assert p["eval_minutes"] > 0 and p["epoch_minutes"] == pytest.approx(p["train_minutes"] + p["eval_minutes"])
         assert r["projected_hcm100k_epoch_minutes"] == p["epoch_minutes"]
@@ -59,10 +77,16 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     """Every step of the GPU check, in order, on CPU with the tiny model: each ends with status 0, and the
     headline's JSON and the CLI run's metrics.jsonl come back under $OUT. Minutes on 2 shared cores."""
     out = tmp_path / "out"
-    env = {**os.environ, "GPU_CHECK_DRY": "1", "PYTHON": sys.executable, "OUT": str(out),
-           "GPU_CHECK_WORK": str(tmp_path / "work")}
-    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], capture_output=True, text=True,
-                          timeout=1800, cwd=REPO, env=env)
+    env = {
+        **os.environ,
+        "GPU_CHECK_DRY": "1",
+        "PYTHON": sys.executable,
+        "OUT": str(out),
+        "GPU_CHECK_WORK": str(tmp_path / "work"),
+    }
+    proc = subprocess.run(
+        ["bash", str(REPO / "bench" / "gpu_check.sh")], capture_output=True, text=True, timeout=1800, cwd=REPO, env=env
+    )
     steps = (out / "steps.txt").read_text()
     assert [line.split()[1] for line in steps.splitlines()] == ["headline", "scoring", "prepare", "train", "evaluate"]
     assert all(" rc=0 " in line for line in steps.splitlines()), steps + (out / "all.log").read_text()[-3000:]

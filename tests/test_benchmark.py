@@ -12,13 +12,28 @@ import pytest
 pytest.importorskip("lm_eval")
 
 from conftest import REPO, demo_config, prepare_demo  # noqa: E402
-from medqa.benchmark import (LOCAL_PUBMEDQA, BenchmarkDataError, benchmark, build_task_manager,  # noqa: E402
-                             check_tasks, run_tasks)
+
+from medqa.benchmark import (
+    LOCAL_PUBMEDQA,
+    BenchmarkDataError,
+    benchmark,
+    build_task_manager,  # noqa: E402
+    check_tasks,
+    run_tasks,
+)
 from medqa.pubmedqa import CHOICES, context_text, encode_pair, load_items, score_items, subset  # noqa: E402
 
-QUICK = ["train.max_steps=6", "train.eval_steps=3", "train.logging_steps=3", "scoring.bootstrap_samples=200",
-         "evaluate.num_questions=2", "evaluate.pubmedqa_questions=0", "evaluate.benchmarks=[pubmedqa_local]",
-         "evaluate.benchmark_questions=5", "generate.max_new_tokens=4"]
+QUICK = [
+    "train.max_steps=6",
+    "train.eval_steps=3",
+    "train.logging_steps=3",
+    "scoring.bootstrap_samples=200",
+    "evaluate.num_questions=2",
+    "evaluate.pubmedqa_questions=0",
+    "evaluate.benchmarks=[pubmedqa_local]",
+    "evaluate.benchmark_questions=5",
+    "generate.max_new_tokens=4",
+]
 
 
 def test_two_scorers_one_answer(tiny_model_dir, tmp_path):
@@ -83,7 +98,7 @@ def test_benchmark_stage_writes_logs_summary_and_paired_changes(benchmarked):
     summary = json.loads((out / "summary.json").read_text())
     assert summary == json.loads(json.dumps(result.summary))
     assert set(summary["models"]) == {"base", "fine-tuned"}
-    for name, m in summary["models"].items():
+    for m in summary["models"].values():
         lines = (out / m["dir"] / f"samples_{LOCAL_PUBMEDQA}.jsonl").read_text().splitlines()
         assert len(lines) == m["questions"][LOCAL_PUBMEDQA] == 5
         acc = np.mean([json.loads(line)["acc"] for line in lines])
@@ -92,8 +107,9 @@ def test_benchmark_stage_writes_logs_summary_and_paired_changes(benchmarked):
         assert json.loads((out / m["dir"] / "results.json").read_text())["results"][LOCAL_PUBMEDQA]
     tuned, base = summary["models"]["fine-tuned"], summary["models"]["base"]
     vs = tuned["vs_base"][LOCAL_PUBMEDQA]["acc"]
-    assert vs["delta"] == pytest.approx(tuned["tasks"][LOCAL_PUBMEDQA]["acc"]["value"]
-                                        - base["tasks"][LOCAL_PUBMEDQA]["acc"]["value"])
+    assert vs["delta"] == pytest.approx(
+        tuned["tasks"][LOCAL_PUBMEDQA]["acc"]["value"] - base["tasks"][LOCAL_PUBMEDQA]["acc"]["value"]
+    )
     assert vs["delta_ci95"][0] <= vs["delta"] <= vs["delta_ci95"][1] and 0 < vs["p_lost"] <= 1
     assert any(row.startswith(f"| {LOCAL_PUBMEDQA} | acc | fine-tuned | 5 |") for row in summary["table"])
 
@@ -112,6 +128,7 @@ def test_report_carries_the_benchmark_table(benchmarked):
 def test_cli_benchmark_without_tasks_is_a_config_error(tmp_path, capsys):
     from medqa.cli import main
 
-    rc = main(["benchmark", "--config", str(REPO / "configs" / "demo.yaml"), f"workdir={tmp_path}",
-               "evaluate.benchmarks=[]"])
+    rc = main(
+        ["benchmark", "--config", str(REPO / "configs" / "demo.yaml"), f"workdir={tmp_path}", "evaluate.benchmarks=[]"]
+    )
     assert rc == 2 and "evaluate.benchmarks is empty" in capsys.readouterr().err

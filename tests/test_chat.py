@@ -18,16 +18,30 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, SAMPLE, demo_config
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 # generation kept short for time; the page starts with the config's settings, so `medqa ask` uses the same ones
 CHAT = ["generate.max_new_tokens=24"]
-QUICK = ["train.max_steps=4", "train.eval_steps=1000", "train.logging_steps=2", "scoring.bootstrap_samples=0",
-         "scoring.max_examples=8", "train.report_to=[]"]
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1400,1100"]
+QUICK = [
+    "train.max_steps=4",
+    "train.eval_steps=1000",
+    "train.logging_steps=2",
+    "scoring.bootstrap_samples=0",
+    "scoring.max_examples=8",
+    "train.report_to=[]",
+]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1400,1100",
+]
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +67,27 @@ def server(workdir, tmp_path_factory):
     """`medqa chat` in its own process group, stopped (the whole group) when the module's tests end."""
     port = _free_port()
     log = tmp_path_factory.mktemp("chat-server") / "server.log"
-    cmd = [sys.executable, "-m", "medqa", "chat", "--config", str(REPO / "configs" / "demo.yaml"), f"workdir={workdir}",
-           f"data.source={SAMPLE}", *CHAT, "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "medqa",
+        "chat",
+        "--config",
+        str(REPO / "configs" / "demo.yaml"),
+        f"workdir={workdir}",
+        f"data.source={SAMPLE}",
+        *CHAT,
+        "--port",
+        str(port),
+    ]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
+        )
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + 120
@@ -88,8 +118,10 @@ def server(workdir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.skip("needs Debian's chromium and chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver): "
-                    "apt-get install -y chromium chromium-driver (.ci/run installs them)")
+        pytest.skip(
+            "needs Debian's chromium and chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver): "
+            "apt-get install -y chromium chromium-driver (.ci/run installs them)"
+        )
     webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium: pip install -e '.[chat]'")
     from selenium.webdriver.chrome.service import Service
 
@@ -129,7 +161,9 @@ def _text(driver, elem_id: str) -> str:
     return driver.execute_script(
         "const e = document.getElementById(arguments[0]); if (!e) return '';"
         "const c = e.cloneNode(true); c.querySelectorAll('[data-testid=status-tracker]').forEach(x => x.remove());"
-        "return c.textContent.trim();", elem_id)
+        "return c.textContent.trim();",
+        elem_id,
+    )
 
 
 def _set_question(driver, text: str) -> None:
@@ -137,8 +171,9 @@ def _set_question(driver, text: str) -> None:
     from selenium.webdriver.common.by import By
 
     box = driver.find_element(By.CSS_SELECTOR, "#question textarea")
-    driver.execute_script("arguments[0].value = arguments[1];"
-                          "arguments[0].dispatchEvent(new Event('input', {bubbles: true}));", box, text)
+    driver.execute_script(
+        "arguments[0].value = arguments[1];arguments[0].dispatchEvent(new Event('input', {bubbles: true}));", box, text
+    )
 
 
 def _answers(driver) -> dict[str, str]:
@@ -170,8 +205,10 @@ def _ask_and_wait(driver, previous_status: str = "") -> str:
     from selenium.webdriver.common.by import By
 
     driver.find_element(By.ID, "ask").click()
-    return _wait(lambda: (s := _text(driver, "status")) != previous_status and ("answered" in s or "⚠" in s) and s,
-                 what="both answers to finish")
+    return _wait(
+        lambda: (s := _text(driver, "status")) != previous_status and ("answered" in s or "⚠" in s) and s,
+        what="both answers to finish",
+    )
 
 
 # -------------------------------------------------------------------------------------------------- tests
@@ -194,19 +231,30 @@ def test_page_answers_like_ask_streams_and_records_a_rating(server, browser, wor
 
     # an example from the test split: clicking it fills the box; the doctor's answer shows once both answered
     test = load_records(cfg, "test")
-    example = next(b for b in browser.find_elements(By.CSS_SELECTOR, "button.gallery-item")
-                   if b.text.strip() and test[0]["question"].startswith(b.text.strip().rstrip(".…").strip()))
+    example = next(
+        b
+        for b in browser.find_elements(By.CSS_SELECTOR, "button.gallery-item")
+        if b.text.strip() and test[0]["question"].startswith(b.text.strip().rstrip(".…").strip())
+    )
     example.click()
-    _wait(lambda: browser.find_element(By.CSS_SELECTOR, "#question textarea").get_attribute("value")
-          == test[0]["question"], what="the example in the question box")
+    _wait(
+        lambda: (
+            browser.find_element(By.CSS_SELECTOR, "#question textarea").get_attribute("value") == test[0]["question"]
+        ),
+        what="the example in the question box",
+    )
     assert not _text(browser, "reference")
     browser.execute_script(_WATCH)
     status = _ask_and_wait(browser)
     assert status.startswith("Both answered"), status
     shown = _answers(browser)
-    expected = {name: a.removesuffix("\n" + DISCLAIMER) for name, a in
-                (("base", ask(cfg, [test[0]["question"]])[0]),
-                 ("fine-tuned", ask(cfg, [test[0]["question"]], paths(cfg).finetune)[0]))}
+    expected = {
+        name: a.removesuffix("\n" + DISCLAIMER)
+        for name, a in (
+            ("base", ask(cfg, [test[0]["question"]])[0]),
+            ("fine-tuned", ask(cfg, [test[0]["question"]], paths(cfg).finetune)[0]),
+        )
+    }
     assert shown == expected
     assert test[0]["answer"][:60] in _text(browser, "reference")
     # streamed: the page showed each answer growing before it was whole
@@ -225,8 +273,12 @@ def test_page_answers_like_ask_streams_and_records_a_rating(server, browser, wor
     assert len(lines) == 1
     entry = json.loads(lines[0])
     assert entry["question"] == test[0]["question"] and entry["answers"] == expected
-    assert (entry["rated"], entry["rating"], entry["preferred"], entry["comment"]) == \
-        ("fine-tuned", "better", "fine-tuned", "clearer")
+    assert (entry["rated"], entry["rating"], entry["preferred"], entry["comment"]) == (
+        "fine-tuned",
+        "better",
+        "fine-tuned",
+        "clearer",
+    )
     assert entry["reference"] == test[0]["answer"]
     assert entry["settings"]["max_new_tokens"] == 24 and entry["settings"]["do_sample"] is False
     assert entry["models"]["base"]["fingerprint"] == fingerprint_model(str(workdir / "models" / "tiny-biogpt"))
@@ -329,11 +381,11 @@ def test_settings_outside_the_configs_bounds_are_refused(tmp_path):
 def test_multi_turn_only_with_a_chat_template_and_oldest_turns_go_first(workdir):
     """A chat template holds earlier turns (oldest first, each model its own answers); what does not fit in the
     prompt's room is dropped oldest first. prompt.template holds one question: single-turn, history refused."""
+    from test_real_model_support import CHAT
     from transformers import AutoTokenizer
 
     from medqa.errors import ConfigError
     from medqa.prompts import multi_turn, prompt_ids
-    from test_real_model_support import CHAT
 
     plain = demo_config(workdir)
     tokenizer = AutoTokenizer.from_pretrained(workdir / "models" / "tiny-biogpt")

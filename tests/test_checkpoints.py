@@ -9,12 +9,17 @@ import logging
 import shutil
 
 import pytest
-
 from conftest import copy_workdir, demo_config, prepare_demo
 
 # 30 steps, a checkpoint every 10, all kept: checkpoint-20 is the one before the newest.
-RUN = ["train.max_steps=30", "train.eval_steps=10", "train.logging_steps=5", "train.save_total_limit=5",
-       "scoring.bootstrap_samples=0", "train.report_to=[]"]
+RUN = [
+    "train.max_steps=30",
+    "train.eval_steps=10",
+    "train.logging_steps=5",
+    "train.save_total_limit=5",
+    "scoring.bootstrap_samples=0",
+    "train.report_to=[]",
+]
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +98,24 @@ def test_refusal_on_the_command_line_is_one_paragraph(finished, tmp_path):
     shutil.copytree(_checkpoints(source), _checkpoints(workdir))
     for folder in _checkpoints(workdir).glob("checkpoint-*"):
         (folder / "optimizer.pt").unlink()
-    done = subprocess.run([sys.executable, "-m", "medqa", "train", "--config", "configs/demo.yaml",
-                           f"workdir={workdir}", f"data.source={SAMPLE}", *RUN, "train.resume=true"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medqa",
+            "train",
+            "--config",
+            "configs/demo.yaml",
+            f"workdir={workdir}",
+            f"data.source={SAMPLE}",
+            *RUN,
+            "train.resume=true",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode != 0
     assert "Traceback" not in done.stderr and "optimizer.pt missing" in done.stderr, done.stderr[-2000:]
 

@@ -7,17 +7,24 @@ import pytest
 from medqa.cleaning import clean_text, is_greeting_only, normalize_key, normalize_text, scrub_personal_data
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ("Hi;welcome to Chat Doctor The cause of your pain is gas.", "Hi; The cause of your pain is gas."),
-    ("Hello and welcome to Chat Doctor forum. Rest well.", "Hello Rest well."),
-    ("Thanks for asking at Chat Doctor. Take ibuprofen 400 mg. Regards : Chat Doctor.",
-     "Take ibuprofen 400 mg. Regards."),
-    ("Dear,Thanks for the query to Chat Doctor virtual Clinic. Your BP is fine.", "Dear, Your BP is fine."),
-    ("Thank you for choosing Chat Doctor. See a dermatologist.", "See a dermatologist."),
-    ("Hello, I am Chat Doctor, I understand your concern. It is benign.",
-     "Hello, I am I understand your concern. It is benign."),
-    ("Howell come to ChatDoctorThank for asking.", "Howell come to Thank for asking."),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("Hi;welcome to Chat Doctor The cause of your pain is gas.", "Hi; The cause of your pain is gas."),
+        ("Hello and welcome to Chat Doctor forum. Rest well.", "Hello Rest well."),
+        (
+            "Thanks for asking at Chat Doctor. Take ibuprofen 400 mg. Regards : Chat Doctor.",
+            "Take ibuprofen 400 mg. Regards.",
+        ),
+        ("Dear,Thanks for the query to Chat Doctor virtual Clinic. Your BP is fine.", "Dear, Your BP is fine."),
+        ("Thank you for choosing Chat Doctor. See a dermatologist.", "See a dermatologist."),
+        (
+            "Hello, I am Chat Doctor, I understand your concern. It is benign.",
+            "Hello, I am I understand your concern. It is benign.",
+        ),
+        ("Howell come to ChatDoctorThank for asking.", "Howell come to Thank for asking."),
+    ],
+)
 def test_chat_doctor_artefacts_removed(raw, expected):
     assert clean_text(raw) == expected
 

@@ -2,6 +2,7 @@
 tests execute it)."""
 
 from conftest import REPO
+
 from medqa.colab import gpu_overrides
 from medqa.config import load_config
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
+
 from medqa.cli import COMMANDS, main
 from medqa.config import Config, describe_fields, load_config
 from medqa.errors import ConfigError
@@ -74,24 +74,35 @@ def test_biogpt_config_is_the_real_thing():
 
 
 def test_overrides_are_typed():
-    cfg = load_config(REPO / "configs" / "demo.yaml",
-                      ["data.seed=7", "data.train_fraction=0.6", "data.val_fraction=0.2", "data.test_fraction=0.2",
-                       "workdir=/tmp/x", "model.tiny.hidden_size=32"])
+    cfg = load_config(
+        REPO / "configs" / "demo.yaml",
+        [
+            "data.seed=7",
+            "data.train_fraction=0.6",
+            "data.val_fraction=0.2",
+            "data.test_fraction=0.2",
+            "workdir=/tmp/x",
+            "model.tiny.hidden_size=32",
+        ],
+    )
     assert cfg.data.seed == 7 and cfg.data.train_fraction == 0.6 and cfg.workdir == "/tmp/x"
     assert cfg.model.tiny.hidden_size == 32
     assert cfg.resolve(cfg.model.name_or_path) == "/tmp/x/models/tiny-biogpt"
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["data.sed=3"], "Did you mean `data.seed`"),
-    (["modle.dtype=float32"], "Did you mean `model`"),
-    (["data.seed=abc"], "`data.seed` must be of type int"),
-    (["data.train_fraction=0.9"], "must sum to 1"),
-    (["data.max_length=0"], "data.max_length must be >= 1"),
-    (["model.dtype=float8"], "model.dtype must be"),
-    (["prompt.template=no placeholder"], "{question}"),
-    (["data"], "key=value"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.sed=3"], "Did you mean `data.seed`"),
+        (["modle.dtype=float32"], "Did you mean `model`"),
+        (["data.seed=abc"], "`data.seed` must be of type int"),
+        (["data.train_fraction=0.9"], "must sum to 1"),
+        (["data.max_length=0"], "data.max_length must be >= 1"),
+        (["model.dtype=float8"], "model.dtype must be"),
+        (["prompt.template=no placeholder"], "{question}"),
+        (["data"], "key=value"),
+    ],
+)
 def test_bad_config_messages(overrides, message):
     with pytest.raises(ConfigError, match=None) as info:
         load_config(REPO / "configs" / "demo.yaml", overrides)
@@ -111,7 +122,7 @@ def test_help_lists_every_field(capsys):
     with pytest.raises(SystemExit):
         main(["prepare", "--help"])
     out = capsys.readouterr().out
-    for key, default, help_text in describe_fields(Config()):
+    for key, _default, help_text in describe_fields(Config()):
         assert key in out and help_text.split()[0] in out
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import REPO, SAMPLE, copy_workdir, demo_config
 
 # One optimizer step = the same 8 examples either way: 1 process x 8, or 2 processes x 4 (random sampling, same
@@ -21,8 +20,15 @@ from conftest import REPO, SAMPLE, copy_workdir, demo_config
 # No dropout (here and in the model, see `prepared`): each process would draw its own masks. 36 steps stay in the
 # first epoch (316 train examples = 39.5 steps of 8): at an epoch's end accelerate fills the last process's short
 # batch with examples from the start (even_batches), which one process does not see.
-QUICK = ["train.max_steps=36", "train.eval_steps=12", "train.logging_steps=4", "train.group_by_length=false",
-         "lora.dropout=0", "scoring.bootstrap_samples=0", "train.report_to=[]"]
+QUICK = [
+    "train.max_steps=36",
+    "train.eval_steps=12",
+    "train.logging_steps=4",
+    "train.group_by_length=false",
+    "lora.dropout=0",
+    "scoring.bootstrap_samples=0",
+    "train.report_to=[]",
+]
 # DDP adds the two halves' gradients in another order than one process sums 8 examples: measured differences are
 # ~1e-8 in answer_loss. 1e-4 is far below what one step more or less, or a wrong denominator, changes (> 1e-2).
 TOLERANCE = 1e-4
@@ -51,11 +57,27 @@ def one_process(prepared, tmp_path_factory):
 
 def _torchrun(workdir: Path, log: Path, *overrides: str) -> subprocess.Popen:
     # --standalone: a rendezvous on a free local port, so parallel test runs never collide on 29500.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "medqa",
-           "train", "--config", str(REPO / "configs" / "demo.yaml"), f"workdir={workdir}", f"data.source={SAMPLE}",
-           *QUICK, "train.batch_size=4", *overrides]
-    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "medqa",
+        "train",
+        "--config",
+        str(REPO / "configs" / "demo.yaml"),
+        f"workdir={workdir}",
+        f"data.source={SAMPLE}",
+        *QUICK,
+        "train.batch_size=4",
+        *overrides,
+    ]
+    return subprocess.Popen(
+        cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
 
 
 def _children(pid: int) -> list[int]:
@@ -183,7 +205,6 @@ def test_killed_two_process_run_resumes(prepared, one_process, tmp_path):
         assert two[split]["answer_loss"] == pytest.approx(one_process.metrics[split]["answer_loss"], abs=TOLERANCE)
 
 
-
 def test_token_budgets_shard_over_processes():
     """train.tokens_per_step is the whole optimizer step on any number of processes (the learning rate is tuned
     for it): each of N processes takes 1/N of its rows; the micro-batch stays a per-process memory budget."""
@@ -263,11 +284,20 @@ def test_fsdp_config_parses_as_accelerate_reads_it():
     assert hasattr(transformers.models.biogpt.modeling_biogpt, cfg.fsdp_config["fsdp_transformer_layer_cls_to_wrap"])
     assert path.read_text().startswith("# accelerate launch --config_file configs/accelerate/fsdp.yaml -m medqa train")
 
+
 # ------------------------------------------------------------------------------------------- a Ray cluster
 
 # Two trials of 80 steps, one after the other, so the search can be cut between them (as in test_tune_evaluate).
-TUNE = ["train.epochs=2", "train.eval_steps=20", "train.logging_steps=10", "scoring.bootstrap_samples=0",
-        "tune.num_samples=2", "tune.max_concurrent=1", "tune.grace_period=5", "train.report_to=[]"]
+TUNE = [
+    "train.epochs=2",
+    "train.eval_steps=20",
+    "train.logging_steps=10",
+    "scoring.bootstrap_samples=0",
+    "tune.num_samples=2",
+    "tune.max_concurrent=1",
+    "tune.grace_period=5",
+    "train.report_to=[]",
+]
 
 
 def _free_ports(n: int) -> list[int]:
@@ -307,12 +337,39 @@ def ray_head(tmp_path_factory):
     temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     # Every port the head listens on is chosen free, so another Ray on this machine (CI, a notebook) is no obstacle.
     gcs, client, agent, grpc, env_agent, metrics, node, objects, dash = _free_ports(9)
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--port", str(gcs),
-           "--node-ip-address", "127.0.0.1", "--temp-dir", str(temp), "--num-cpus", "2", "--include-dashboard",
-           "false", "--disable-usage-stats", "--ray-client-server-port", str(client), "--dashboard-port", str(dash),
-           "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(grpc),
-           "--runtime-env-agent-port", str(env_agent), "--metrics-export-port", str(metrics),
-           "--node-manager-port", str(node), "--object-manager-port", str(objects)]
+    cmd = [
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--port",
+        str(gcs),
+        "--node-ip-address",
+        "127.0.0.1",
+        "--temp-dir",
+        str(temp),
+        "--num-cpus",
+        "2",
+        "--include-dashboard",
+        "false",
+        "--disable-usage-stats",
+        "--ray-client-server-port",
+        str(client),
+        "--dashboard-port",
+        str(dash),
+        "--dashboard-agent-listen-port",
+        str(agent),
+        "--dashboard-agent-grpc-port",
+        str(grpc),
+        "--runtime-env-agent-port",
+        str(env_agent),
+        "--metrics-export-port",
+        str(metrics),
+        "--node-manager-port",
+        str(node),
+        "--object-manager-port",
+        str(objects),
+    ]
     log = tmp_path_factory.mktemp("ray_head") / "head.log"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
@@ -348,17 +405,28 @@ def test_tune_joins_a_ray_cluster_and_restores_there(prepared, ray_head, tmp_pat
     from medqa.tune import ATTEMPTS, FINISHED
 
     workdir = copy_workdir(prepared, tmp_path / "w")
-    base = [sys.executable, "-m", "medqa", "tune", "--config", str(REPO / "configs" / "demo.yaml"),
-            f"workdir={workdir}", f"data.source={SAMPLE}", *TUNE]
+    base = [
+        sys.executable,
+        "-m",
+        "medqa",
+        "tune",
+        "--config",
+        str(REPO / "configs" / "demo.yaml"),
+        f"workdir={workdir}",
+        f"data.source={SAMPLE}",
+        *TUNE,
+    ]
     log = tmp_path / "tune.log"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([*base, f"tune.address={ray_head}"], stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            env=env, cwd=REPO)
+    proc = subprocess.Popen(
+        [*base, f"tune.address={ray_head}"], stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=REPO
+    )
     try:
         deadline = time.time() + 240
         while not list((workdir / "outputs").glob(f"ray_*/{FINISHED}")) or "TERMINATED" not in _ray_state(workdir):
-            assert proc.poll() is None and time.time() < deadline, \
+            assert proc.poll() is None and time.time() < deadline, (
                 "the search ended before it could be interrupted:\n" + log.read_text()[-3000:]
+            )
             time.sleep(0.5)
         proc.kill()  # the driver is lost; the cluster ends its job's trial
         proc.wait(timeout=60)
@@ -370,8 +438,14 @@ def test_tune_joins_a_ray_cluster_and_restores_there(prepared, ray_head, tmp_pat
     finished_first = (experiment / FINISHED).read_text().split()
     assert len(finished_first) == 1
     resumed_log = tmp_path / "resumed.log"
-    rc = subprocess.run([*base, "tune.resume=true"], stdout=open(resumed_log, "w"), stderr=subprocess.STDOUT,
-                        env={**env, "RAY_ADDRESS": ray_head}, cwd=REPO, timeout=300).returncode
+    rc = subprocess.run(
+        [*base, "tune.resume=true"],
+        stdout=open(resumed_log, "w"),
+        stderr=subprocess.STDOUT,
+        env={**env, "RAY_ADDRESS": ray_head},
+        cwd=REPO,
+        timeout=300,
+    ).returncode
     text = resumed_log.read_text()
     assert rc == 0, text[-4000:]
     assert f"joining the Ray cluster at {ray_head}" in text and f"restoring {experiment}" in text

@@ -7,8 +7,8 @@ import json
 from unittest import mock
 
 import pytest
-
 from conftest import REPO, demo_config
+
 from medqa.errors import MedqaError
 
 
@@ -20,11 +20,21 @@ def run_dir(tmp_path):
     (adapter / "adapter_config.json").write_text("{}")
     (adapter / "config.yaml").write_text("workdir: /home/someone/private")  # run files stay home
     (adapter / "per_example.jsonl").write_text("{}")
-    report = {"test_examples": 41, "dtype": "bfloat16", "models": {
-        "base": {"test": {"answer_perplexity": 46.16, "answer_perplexity_ci95": [40.2, 54.2]},
-                 "generation": {"rougeL": 0.106, "bleu": 0.46}},
-        "fine-tuned": {"test": {"answer_perplexity": 28.52, "answer_perplexity_ci95": [24.6, 33.8]},
-                       "generation": {"rougeL": 0.116, "bleu": 1.32}, "pubmedqa": {"acc": 0.512}}}}
+    report = {
+        "test_examples": 41,
+        "dtype": "bfloat16",
+        "models": {
+            "base": {
+                "test": {"answer_perplexity": 46.16, "answer_perplexity_ci95": [40.2, 54.2]},
+                "generation": {"rougeL": 0.106, "bleu": 0.46},
+            },
+            "fine-tuned": {
+                "test": {"answer_perplexity": 28.52, "answer_perplexity_ci95": [24.6, 33.8]},
+                "generation": {"rougeL": 0.116, "bleu": 1.32},
+                "pubmedqa": {"acc": 0.512},
+            },
+        },
+    }
     (tmp_path / "outputs" / "report.json").write_text(json.dumps(report))
     return tmp_path
 
@@ -52,8 +62,17 @@ def test_push_uploads_the_adapter_with_a_model_card(run_dir, monkeypatch):
     assert set(uploaded) == {"adapter_model.safetensors", "adapter_config.json", "README.md"}
     assert uploaded["adapter_model.safetensors"] == b"weights"
     card = uploaded["README.md"].decode()
-    for expected in ("library_name: peft", "academic research only", "28.52", "24.60–33.80", "0.512", "bfloat16",
-                     "Not medical advice", "Intended use", "LoRA adapter for"):
+    for expected in (
+        "library_name: peft",
+        "academic research only",
+        "28.52",
+        "24.60–33.80",
+        "0.512",
+        "bfloat16",
+        "Not medical advice",
+        "Intended use",
+        "LoRA adapter for",
+    ):
         assert expected in card, expected
     assert "base_model:" not in card  # the demo's base is a local folder, not a Hub id
 
@@ -90,6 +109,7 @@ def test_cli_export_push_reaches_the_hub_api(run_dir, monkeypatch, capsys):
     api = mock.MagicMock()
     api.create_repo.return_value = "https://huggingface.co/me/y"
     with mock.patch("huggingface_hub.HfApi", return_value=api):
-        rc = main(["export", "--config", str(REPO / "configs" / "demo.yaml"), f"workdir={run_dir}",
-                   "--push-to-hub", "me/y"])
+        rc = main(
+            ["export", "--config", str(REPO / "configs" / "demo.yaml"), f"workdir={run_dir}", "--push-to-hub", "me/y"]
+        )
     assert rc == 0 and "pushed https://huggingface.co/me/y" in capsys.readouterr().out

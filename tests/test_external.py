@@ -6,12 +6,18 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import REAL_500, demo_config, prepare_demo
+
 from medqa.errors import DataError
 
-QUICK = ["train.max_steps=10", "train.eval_steps=5", "scoring.bootstrap_samples=50", "evaluate.num_questions=2",
-         "generate.max_new_tokens=4", "evaluate.pubmedqa_questions=0"]
+QUICK = [
+    "train.max_steps=10",
+    "train.eval_steps=5",
+    "scoring.bootstrap_samples=50",
+    "evaluate.num_questions=2",
+    "generate.max_new_tokens=4",
+    "evaluate.pubmedqa_questions=0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +35,15 @@ def _icliniq(tmp_path, workdir, extra: list | None = None, name: str = "iCliniq.
     data = workdir / "data"
     train_q = json.loads((data / "train_data.json").read_text())[0]["question"]
     val_q = json.loads((data / "val_data.json").read_text())[0]["question"]
-    records += [{"input": real[0]["input"], "answer_icliniq": real[0]["output"]},  # a duplicate
-                {"input": train_q.upper() + "!", "answer_icliniq": real[1]["output"]},  # seen in training
-                {"input": val_q + " ", "answer_icliniq": real[4]["output"]},  # it chose the checkpoint: left out too
-                {"input": real[2]["input"]},  # no answer
-                {"input": "", "answer_icliniq": real[3]["output"]},  # no question
-                "not a record", *(extra or [])]
+    records += [
+        {"input": real[0]["input"], "answer_icliniq": real[0]["output"]},  # a duplicate
+        {"input": train_q.upper() + "!", "answer_icliniq": real[1]["output"]},  # seen in training
+        {"input": val_q + " ", "answer_icliniq": real[4]["output"]},  # it chose the checkpoint: left out too
+        {"input": real[2]["input"]},  # no answer
+        {"input": "", "answer_icliniq": real[3]["output"]},  # no question
+        "not a record",
+        *(extra or []),
+    ]
     path = tmp_path / name
     path.write_text(json.dumps(records))
     return path, len(records)
@@ -44,16 +53,23 @@ def _test_question_and_long_answer(workdir) -> list[dict]:
     """A question of the in-domain test split (kept, but counted) and an answer far over data.max_length (cut)."""
     real = json.loads(REAL_500.read_text())
     test_q = json.loads((workdir / "data" / "test_data.json").read_text())[0]["question"]
-    return [{"input": test_q.lower(), "answer_icliniq": real[5]["output"]},
-            {"input": real[21]["input"], "answer_icliniq": " ".join([real[21]["output"]] * 4)}]
+    return [
+        {"input": test_q.lower(), "answer_icliniq": real[5]["output"]},
+        {"input": real[21]["input"], "answer_icliniq": " ".join([real[21]["output"]] * 4)},
+    ]
 
 
 def test_external_file_scored_beside_the_test_split(trained, tmp_path):
     from medqa.evaluate import evaluate
 
     path, n = _icliniq(tmp_path, trained, _test_question_and_long_answer(trained))
-    cfg = demo_config(trained, *QUICK, f"evaluate.external_test={path}", "evaluate.external_name=iCliniq",
-                      "evaluate.external_answer_field=answer_icliniq")
+    cfg = demo_config(
+        trained,
+        *QUICK,
+        f"evaluate.external_test={path}",
+        "evaluate.external_name=iCliniq",
+        "evaluate.external_answer_field=answer_icliniq",
+    )
     result = evaluate(cfg)
     ext = result.report["external"]
     assert ext["read"] == n and ext["read"] == ext["kept"] + sum(ext["rejected"].values())
@@ -63,7 +79,7 @@ def test_external_file_scored_beside_the_test_split(trained, tmp_path):
     assert ext["rejected"].get("duplicate_exact", 0) + ext["rejected"].get("duplicate_question", 0) == 1
     rejected = (trained / "outputs" / "external" / "rejected.jsonl").read_text().splitlines()
     assert len(rejected) == sum(ext["rejected"].values())
-    for name, m in result.report["models"].items():
+    for m in result.report["models"].values():
         assert m["external"]["examples"] == ext["kept"] and m["external"]["answer_loss"] > 0
     assert "vs_base" in result.report["models"]["fine-tuned"]["external"]
     md = result.report_md.read_text()
@@ -92,7 +108,9 @@ def test_external_report_counts_cut_records_and_the_overlap_with_test(trained, t
         # a cut example is exactly data.max_length tokens long (prompt + the answer's head + EOS)
         assert report["truncated"] == sum(n == cfg.data.max_length for n in ds["length"])
         records = json.loads(path.read_text())
-        test_keys = {normalize_key(r["question"]) for r in json.loads((trained / "data" / "test_data.json").read_text())}
+        test_keys = {
+            normalize_key(r["question"]) for r in json.loads((trained / "data" / "test_data.json").read_text())
+        }
         kept = [records[int(i[1:])] for i in ds["id"]]
         assert report["also_in_test"] == sum(normalize_key(r["input"]) in test_keys for r in kept)
         counts[name] = report
@@ -104,8 +122,10 @@ def test_external_report_counts_cut_records_and_the_overlap_with_test(trained, t
 def test_rejected_counts_read_as_text():
     from medqa.records import describe_counts
 
-    assert describe_counts({"answer_too_short": 2, "empty_answer": 3, "malformed_json": 0}) == \
-        "3 empty answer, 2 answer too short"
+    assert (
+        describe_counts({"answer_too_short": 2, "empty_answer": 3, "malformed_json": 0})
+        == "3 empty answer, 2 answer too short"
+    )
     assert describe_counts({"in_training_data": 1}) == "1 also in our train or val split"
     assert describe_counts({}) == "none"
 
@@ -134,14 +154,21 @@ def _tiny_encoder(folder):
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(
-        "rest and drink fluids take paracetamol for the fever see a doctor if it persists your knee needs an x ray".split()))
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(
+        set(
+            "rest and drink fluids take paracetamol for the fever see a doctor if it persists "
+            "your knee needs an x ray".split()
+        )
+    )
     folder.mkdir()
     (folder / "vocab.txt").write_text("\n".join(words) + "\n")
     BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=512).save_pretrained(folder)
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64)).save_pretrained(folder)
+    BertModel(
+        BertConfig(
+            vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+        )
+    ).save_pretrained(folder)
     return folder
 
 
@@ -150,8 +177,9 @@ def test_bertscore_on_with_a_local_encoder(tmp_path):
 
     encoder = _tiny_encoder(tmp_path / "enc")
     same = bertscore(["rest and drink fluids"], ["rest and drink fluids"], str(encoder))
-    assert same["bertscore_precision"] == pytest.approx(1.0, abs=1e-5) and same["bertscore_f1"] == pytest.approx(1.0,
-                                                                                                                  abs=1e-5)
+    assert same["bertscore_precision"] == pytest.approx(1.0, abs=1e-5) and same["bertscore_f1"] == pytest.approx(
+        1.0, abs=1e-5
+    )
     other = bertscore(["see a doctor"], ["your knee needs an x ray"], str(encoder), num_layers=1)
     assert other["bertscore_f1"] < 0.999
     # an empty answer matches nothing: it scores 0, and the others keep their score in the mean
@@ -171,8 +199,22 @@ def test_bertscore_off_offline_with_its_message(trained, tmp_path, monkeypatch):
 
     with pytest.raises(ConfigError, match="could not be loaded"):  # checked before any model is scored
         check_bertscore_encoder(str(tmp_path / "no-encoder-here"))
-    report = {"test_examples": 1, "generated": 0, "models": {}, "samples": [], "bertscore": BERTSCORE_OFF,
-              "model_card": {"base_model": "x", "data": "d", "lora": {}, "training": {}, "prompt_template": "p",
-                             "intended_use": "i", "limits": "l", "licence": "c"}}
+    report = {
+        "test_examples": 1,
+        "generated": 0,
+        "models": {},
+        "samples": [],
+        "bertscore": BERTSCORE_OFF,
+        "model_card": {
+            "base_model": "x",
+            "data": "d",
+            "lora": {},
+            "training": {},
+            "prompt_template": "p",
+            "intended_use": "i",
+            "limits": "l",
+            "licence": "c",
+        },
+    }
     md = render_markdown(report, 0)
     assert "BERTScore: off" in md and "evaluate.bertscore_model" in md

@@ -7,10 +7,16 @@ import json
 
 import pytest
 import torch
-
 from conftest import REPO, copy_workdir, demo_config, prepare_demo
-from medqa.batching import (BatchPlan, budget_from_memory, length_budget_batches, optimizer_steps, plan_batches,
-                            train_bytes_per_token)
+
+from medqa.batching import (
+    BatchPlan,
+    budget_from_memory,
+    length_budget_batches,
+    optimizer_steps,
+    plan_batches,
+    train_bytes_per_token,
+)
 from medqa.config import load_config
 
 PACKED = ["train.packing=true", "train.tokens_per_batch=1024", "lora.dropout=0"]
@@ -32,8 +38,14 @@ def _no_dropout(workdir):
 def _biogpt_config():
     from transformers import BioGptConfig
 
-    return BioGptConfig(vocab_size=42384, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                        intermediate_size=4096, max_position_embeddings=1024)
+    return BioGptConfig(
+        vocab_size=42384,
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        intermediate_size=4096,
+        max_position_embeddings=1024,
+    )
 
 
 # ------------------------------------------------------------------------------------------ budgets
@@ -41,7 +53,7 @@ def _biogpt_config():
 
 def test_auto_budget_differs_by_card_but_step_does_not():
     cfg = load_config(REPO / "configs" / "biogpt.yaml")
-    big = plan_batches(cfg.train, 512, _biogpt_config(), free_bytes=78 * 2**30)   # an H100 after loading
+    big = plan_batches(cfg.train, 512, _biogpt_config(), free_bytes=78 * 2**30)  # an H100 after loading
     small = plan_batches(cfg.train, 512, _biogpt_config(), free_bytes=13 * 2**30)  # a T4 (15 GB) after loading
     assert big.rows_per_batch > small.rows_per_batch >= 1
     assert big.tokens_per_step == small.tokens_per_step == cfg.train.tokens_per_step == 32768
@@ -61,11 +73,13 @@ def test_auto_budget_differs_by_card_but_step_does_not():
 
 
 def test_budget_from_config_and_cpu_fallback():
-    cfg = load_config(REPO / "configs" / "demo.yaml", ["train.packing=true", "train.tokens_per_batch=2048",
-                                                        "train.grad_accum=3"])
+    cfg = load_config(
+        REPO / "configs" / "demo.yaml", ["train.packing=true", "train.tokens_per_batch=2048", "train.grad_accum=3"]
+    )
     assert plan_batches(cfg.train, 256) == BatchPlan(8, 256, 3, "train.tokens_per_batch=2048")
-    cfg = load_config(REPO / "configs" / "demo.yaml", ["train.packing=true", "train.batch_size=5",
-                                                        "train.tokens_per_step=2560"])
+    cfg = load_config(
+        REPO / "configs" / "demo.yaml", ["train.packing=true", "train.batch_size=5", "train.tokens_per_step=2560"]
+    )
     plan = plan_batches(cfg.train, 256)  # no GPU: batch_size rows, the largest divisor of the step's 10 rows
     assert (plan.rows_per_batch, plan.grad_accum, plan.tokens_per_step) == (5, 2, 2560)
     assert budget_from_memory(10, 10**6, 512) == 512  # never less than one row
@@ -84,11 +98,10 @@ def test_length_budget_batches_respect_tokens():
 
 
 def test_packed_epoch_has_one_shape_and_respects_the_budget(prepared, tmp_path):
-    from medqa.workdir import load_split
-    from medqa.modeling import load_tokenizer
-    from medqa.modeling import build_lora_model
+    from medqa.modeling import build_lora_model, load_tokenizer
     from medqa.train import _training_args, setup_training
     from medqa.trainer import AnswerLossTrainer
+    from medqa.workdir import load_split
 
     cfg = demo_config(prepared, *PACKED, "train.tokens_per_batch=1300")  # not a multiple of 256: 5 rows
     tokenizer = load_tokenizer(cfg)
@@ -96,9 +109,14 @@ def test_packed_epoch_has_one_shape_and_respects_the_budget(prepared, tmp_path):
     model = build_lora_model(cfg)
     setup = setup_training(cfg, model, train_ds, tokenizer.pad_token_id)
     assert setup.plan.rows_per_batch == 5 and setup.plan.tokens_per_batch == 1280 <= 1300
-    trainer = AnswerLossTrainer(model=model, args=_training_args(cfg, tmp_path, True, setup.plan),
-                                train_dataset=setup.train_ds, eval_dataset=load_split(cfg, "val"),
-                                data_collator=setup.collate, processing_class=tokenizer)
+    trainer = AnswerLossTrainer(
+        model=model,
+        args=_training_args(cfg, tmp_path, True, setup.plan),
+        train_dataset=setup.train_ds,
+        eval_dataset=load_split(cfg, "val"),
+        data_collator=setup.collate,
+        processing_class=tokenizer,
+    )
     shapes, labelled, examples = set(), 0, 0
     for batch in trainer.get_train_dataloader():
         shapes.add(tuple(batch["input_ids"].shape))
@@ -137,25 +155,40 @@ def test_wider_packed_rows_fill_better_and_train_every_answer_token_once(prepare
     lengths = list(train_ds["length"])
     assert pack_stats(lengths, 512, 4)["fill"] >= pack_stats(lengths, 256, 4)["fill"]
     assert rows["wide"] < rows["narrow"]
-    cfg = demo_config(copy_workdir(prepared, tmp_path / "wide"), *PACKED, "train.pack_row_tokens=512",
-                      "train.tokens_per_batch=2048", "train.epochs=1", "train.eval_steps=1000",
-                      "scoring.max_examples=4", "scoring.bootstrap_samples=0")
+    cfg = demo_config(
+        copy_workdir(prepared, tmp_path / "wide"),
+        *PACKED,
+        "train.pack_row_tokens=512",
+        "train.tokens_per_batch=2048",
+        "train.epochs=1",
+        "train.eval_steps=1000",
+        "scoring.max_examples=4",
+        "scoring.bootstrap_samples=0",
+    )
     assert train(cfg, trial=True).metrics["steps"] == planned_steps(cfg, load_split(cfg, "train"))
     with pytest.raises(ConfigError, match="shorter than data.max_length"):
         demo_config(prepared, *PACKED, "train.pack_row_tokens=128")
     with pytest.raises(ConfigError, match="wider than the model's 1024 positions"):
-        setup_training(demo_config(prepared, *PACKED, "train.pack_row_tokens=2048"), model, train_ds,
-                       tokenizer.pad_token_id)
+        setup_training(
+            demo_config(prepared, *PACKED, "train.pack_row_tokens=2048"), model, train_ds, tokenizer.pad_token_id
+        )
 
 
 def test_planned_steps_equal_the_trainers(prepared, tmp_path):
-    from medqa.workdir import load_split
     from medqa.train import planned_steps, train
+    from medqa.workdir import load_split
 
-    for extra in (["train.packing=false", "train.batch_size=7", "train.grad_accum=3", "train.epochs=1.5"],
-                  [*PACKED, "train.tokens_per_step=3072", "train.epochs=1"]):
-        cfg = demo_config(copy_workdir(prepared, tmp_path / str(len(extra))), "train.eval_steps=1000",
-                          "scoring.max_examples=4", "scoring.bootstrap_samples=0", *extra)
+    for extra in (
+        ["train.packing=false", "train.batch_size=7", "train.grad_accum=3", "train.epochs=1.5"],
+        [*PACKED, "train.tokens_per_step=3072", "train.epochs=1"],
+    ):
+        cfg = demo_config(
+            copy_workdir(prepared, tmp_path / str(len(extra))),
+            "train.eval_steps=1000",
+            "scoring.max_examples=4",
+            "scoring.bootstrap_samples=0",
+            *extra,
+        )
         expected = planned_steps(cfg, load_split(cfg, "train"))
         assert train(cfg, trial=True).metrics["steps"] == expected
 
@@ -170,8 +203,8 @@ def test_optimizer_steps_arithmetic():
 
 
 def _packed_batch(cfg, n=6):
-    from medqa.workdir import load_split
     from medqa.packing import PackedCollator, pack_examples
+    from medqa.workdir import load_split
 
     ds = load_split(cfg, "val")
     rows = [ds[i] for i in range(n)]
@@ -194,7 +227,8 @@ def test_fast_step_loss_and_gradients_equal_the_unpacked_models(prepared):
     # the mask from the collator, or built from the position ids inside the step: the same loss
     without_mask = {k: v for k, v in batch.items() if k != "attention_mask"}
     assert fast(without_mask, torch.tensor(n_items)).item() == pytest.approx(
-        fast(batch, torch.tensor(n_items)).item(), rel=1e-6)
+        fast(batch, torch.tensor(n_items)).item(), rel=1e-6
+    )
     loss = fast(without_mask, torch.tensor(n_items))
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -221,12 +255,14 @@ def test_chunked_loss_equals_whole(prepared):
     model = build_lora_model(cfg)
     _, batch = _packed_batch(cfg)
     base = model.get_base_model()
-    hidden = base.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             position_ids=batch["position_ids"]).last_hidden_state
+    hidden = base.base_model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
+    ).last_hidden_state
     whole = lm_loss_sum(hidden, batch["labels"], base.get_output_embeddings())
     for chunk in (1, 97, 256, 10_000):
-        assert lm_loss_sum(hidden, batch["labels"], base.get_output_embeddings(), chunk).item() == \
-            pytest.approx(whole.item(), rel=1e-6)
+        assert lm_loss_sum(hidden, batch["labels"], base.get_output_embeddings(), chunk).item() == pytest.approx(
+            whole.item(), rel=1e-6
+        )
 
 
 def test_compiled_and_eager_training_losses_agree(prepared, tmp_path):
@@ -237,8 +273,16 @@ def test_compiled_and_eager_training_losses_agree(prepared, tmp_path):
     for compile_ in ("false", "true"):
         work = copy_workdir(prepared, tmp_path / compile_)
         _no_dropout(work)
-        cfg = demo_config(work, *PACKED, f"train.compile={compile_}", "train.max_steps=6", "train.logging_steps=1",
-                          "train.eval_steps=3", "train.loss_chunk_tokens=300", "scoring.bootstrap_samples=0")
+        cfg = demo_config(
+            work,
+            *PACKED,
+            f"train.compile={compile_}",
+            "train.max_steps=6",
+            "train.logging_steps=1",
+            "train.eval_steps=3",
+            "train.loss_chunk_tokens=300",
+            "scoring.bootstrap_samples=0",
+        )
         result = train(cfg)
         histories[compile_] = [r["train_loss"] for r in result.history if "train_loss" in r]
         training = result.metrics["training"]
@@ -260,11 +304,15 @@ def test_flex_document_mask_matches_the_block_mask(prepared):
     _, batch = _packed_batch(cfg)
     model = load_model(cfg).eval()
     with torch.no_grad():
-        dense = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      position_ids=batch["position_ids"]).logits
+        dense = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
+        ).logits
         model.set_attn_implementation("flex_attention")
-        flex = model(input_ids=batch["input_ids"], attention_mask=document_block_mask(batch["position_ids"]),
-                     position_ids=batch["position_ids"]).logits
+        flex = model(
+            input_ids=batch["input_ids"],
+            attention_mask=document_block_mask(batch["position_ids"]),
+            position_ids=batch["position_ids"],
+        ).logits
     real = batch["labels"] != -100
     torch.testing.assert_close(flex[real], dense[real], rtol=1e-4, atol=1e-4)
 
@@ -305,9 +353,9 @@ def test_compile_true_without_packing_is_refused():
 
 
 def test_scoring_by_token_budget_gives_the_same_numbers(prepared):
-    from medqa.workdir import load_split
     from medqa.metrics import score_examples
     from medqa.modeling import load_model
+    from medqa.workdir import load_split
 
     cfg = demo_config(prepared)
     ds = load_split(cfg, "val")
@@ -325,13 +373,16 @@ def test_static_cache_generation_gives_the_same_answers(prepared):
     from medqa.generate import generate_answers
     from medqa.modeling import load_model, load_tokenizer
 
-    questions = ["I have had a dry cough and a mild fever for three days, what should I do?",
-                 "My knee hurts when I climb stairs.",
-                 "Is it safe to take ibuprofen with my blood pressure tablets every day?"]
+    questions = [
+        "I have had a dry cough and a mild fever for three days, what should I do?",
+        "My knee hurts when I climb stairs.",
+        "Is it safe to take ibuprofen with my blood pressure tablets every day?",
+    ]
     answers = {}
     for static in ("false", "true"):
-        cfg = demo_config(prepared, f"generate.static_cache={static}", "generate.max_new_tokens=12",
-                          "generate.batch_size=2")
+        cfg = demo_config(
+            prepared, f"generate.static_cache={static}", "generate.max_new_tokens=12", "generate.batch_size=2"
+        )
         answers[static] = generate_answers(load_model(cfg), load_tokenizer(cfg), cfg, questions)
     assert answers["true"] == answers["false"]
     assert all(answers["true"])
@@ -343,12 +394,11 @@ def test_fast_step_trains_like_the_models_own_forward_in_the_trainer(prepared, t
     runs in bf16 there (its losses differ from the fp32 ones)."""
     from transformers import TrainingArguments
 
-    from medqa.workdir import load_split
-    from medqa.modeling import load_tokenizer
+    from medqa.modeling import build_lora_model, load_tokenizer
     from medqa.packing import PackedCollator
-    from medqa.modeling import build_lora_model
     from medqa.train import setup_training
     from medqa.trainer import AnswerLossTrainer
+    from medqa.workdir import load_split
 
     work = copy_workdir(prepared, tmp_path / "w")
     _no_dropout(work)  # both paths must see the same network (dropout draws differ between them)
@@ -361,26 +411,45 @@ def test_fast_step_trains_like_the_models_own_forward_in_the_trainer(prepared, t
             setup = setup_training(cfg, model, load_split(cfg, "train", tokenizer), tokenizer.pad_token_id)
             collate = setup.collate
             if path == "model":  # the same rows, with the mask from the collator, through model(**batch)
-                collate = PackedCollator(1, mask_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
-                                         pad_to_multiple_of=256, rows=setup.plan.rows_per_batch)
+                collate = PackedCollator(
+                    1,
+                    mask_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+                    pad_to_multiple_of=256,
+                    rows=setup.plan.rows_per_batch,
+                )
             elif precision == "bf16":
                 setup.fast_step.mask_dtype = torch.bfloat16  # as _compute_dtype gives it on a bf16 GPU
-            args = TrainingArguments(output_dir=str(tmp_path / path), max_steps=3, learning_rate=1e-2, seed=0,
-                                     per_device_train_batch_size=setup.plan.rows_per_batch,
-                                     gradient_accumulation_steps=2, logging_steps=1, report_to=[],
-                                     remove_unused_columns=False, use_cpu=True, bf16=precision == "bf16",
-                                     save_strategy="no", eval_strategy="no", train_sampling_strategy="random",
-                                     disable_tqdm=True)
-            trainer = AnswerLossTrainer(model=model, args=args, train_dataset=setup.train_ds, data_collator=collate,
-                                        processing_class=tokenizer,
-                                        fast_step=setup.fast_step if path == "fast" else None)
+            args = TrainingArguments(
+                output_dir=str(tmp_path / path),
+                max_steps=3,
+                learning_rate=1e-2,
+                seed=0,
+                per_device_train_batch_size=setup.plan.rows_per_batch,
+                gradient_accumulation_steps=2,
+                logging_steps=1,
+                report_to=[],
+                remove_unused_columns=False,
+                use_cpu=True,
+                bf16=precision == "bf16",
+                save_strategy="no",
+                eval_strategy="no",
+                train_sampling_strategy="random",
+                disable_tqdm=True,
+            )
+            trainer = AnswerLossTrainer(
+                model=model,
+                args=args,
+                train_dataset=setup.train_ds,
+                data_collator=collate,
+                processing_class=tokenizer,
+                fast_step=setup.fast_step if path == "fast" else None,
+            )
             trainer.train()
             losses[precision, path] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses["fp32", "fast"]) == 3
     assert losses["fp32", "fast"] == pytest.approx(losses["fp32", "model"], rel=1e-5)
     assert losses["bf16", "fast"] == pytest.approx(losses["bf16", "model"], rel=2e-4)
     assert losses["bf16", "fast"] != pytest.approx(losses["fp32", "fast"], rel=2e-5)
-
 
 
 def test_report_to_reaches_the_trainer(tmp_path):

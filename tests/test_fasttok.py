@@ -8,12 +8,23 @@ import pickle
 import re
 
 import pytest
-
 from conftest import BIOGPT_TOKENIZER, REAL_500, SYNTHETIC_5K, demo_config
+
 from medqa.fasttok import GUARDS, fast_encoder
 
 ADVERSARIAL = [
-    "", " ", "\t\n", ".", "...", "?!", "''", '"quoted"', "a", "A.", "x" * 300, "pneumonoultramicroscopicsilicovolcanoconiosis",
+    "",
+    " ",
+    "\t\n",
+    ".",
+    "...",
+    "?!",
+    "''",
+    '"quoted"',
+    "a",
+    "A.",
+    "x" * 300,
+    "pneumonoultramicroscopicsilicovolcanoconiosis",
     "Take 5mg/kg twice daily, i.e. 10-15 mg; BP 120/80 mmHg; temp 37.5°C (99.5°F); 1,000.5 ml; 2.5x; 10%.",
     "Dr. Smith, M.D., saw Mr. J. R. R. Tolkien at 3 p.m. on Jan. 5th, e.g. No. 5 vs. no. 6, U.S.A. & U.K.",
     "I'm 23, can't sleep; it's my kids' school's fault. 'Tis rock'n'roll. O'Neil's rock 'n' roll isn't.",
@@ -43,8 +54,13 @@ def tokenizers():
 
 
 def _texts(path) -> list[str]:
-    return [r[k] for r in json.loads(path.read_text()) if isinstance(r, dict)
-            for k in ("instruction", "input", "output") if isinstance(r.get(k), str)]
+    return [
+        r[k]
+        for r in json.loads(path.read_text())
+        if isinstance(r, dict)
+        for k in ("instruction", "input", "output")
+        if isinstance(r.get(k), str)
+    ]
 
 
 def _same(slow, fast, texts):
@@ -107,9 +123,11 @@ def test_guarded_patterns_require_their_character():
     def skeleton(pattern: str) -> str:
         return re.sub(r"\[\^?[^\]]{20,}\]", "[CLASS]", pattern)
 
-    expected = {"'": {"([CLASS])[']([CLASS])", "([CLASS])[']([s])"}, ",": {"([CLASS])[,]", "[,]([CLASS])",
-                                                                           "([CLASS])[,]$"},
-                "-": {"([CLASS])\\-(?=[CLASS])"}}
+    expected = {
+        "'": {"([CLASS])[']([CLASS])", "([CLASS])[']([s])"},
+        ",": {"([CLASS])[,]", "[,]([CLASS])", "([CLASS])[,]$"},
+        "-": {"([CLASS])\\-(?=[CLASS])"},
+    }
     for name, needed in GUARDS.items():
         value = getattr(moses, name)
         patterns = [value[0].pattern] if isinstance(value, tuple) else [r.pattern for r, _ in value]
@@ -146,19 +164,30 @@ def test_prepare_says_which_path_ran_and_both_give_the_same_data(tmp_path):
     from medqa.prepare import prepare
 
     outputs = {}
-    for path, extra in (("fast", ["data.fast_tokenizer=true", "data.num_proc=2"]),
-                        ("slow", ["data.fast_tokenizer=false"])):
-        cfg = demo_config(tmp_path / path, f"data.source={REAL_500}", f"model.tokenizer={BIOGPT_TOKENIZER}",
-                          "model.tiny.vocab_size=64", f"model.tiny.tokenizer_files={BIOGPT_TOKENIZER}", *extra)
+    for path, extra in (
+        ("fast", ["data.fast_tokenizer=true", "data.num_proc=2"]),
+        ("slow", ["data.fast_tokenizer=false"]),
+    ):
+        cfg = demo_config(
+            tmp_path / path,
+            f"data.source={REAL_500}",
+            f"model.tokenizer={BIOGPT_TOKENIZER}",
+            "model.tiny.vocab_size=64",
+            f"model.tiny.tokenizer_files={BIOGPT_TOKENIZER}",
+            *extra,
+        )
         report = prepare(cfg).report
         assert report["tokenizer_path"] == path
-        outputs[path] = {s: datasets.load_from_disk(str(tmp_path / path / "tokenized" / f"tokenized_{s}"))[:]
-                         for s in ("train", "val", "test")}
+        outputs[path] = {
+            s: datasets.load_from_disk(str(tmp_path / path / "tokenized" / f"tokenized_{s}"))[:]
+            for s in ("train", "val", "test")
+        }
     assert outputs["fast"] == outputs["slow"]
 
 
 def test_real_demo_config_reads_only_files_in_the_repository():
     from conftest import REPO
+
     from medqa.config import load_config
 
     cfg = load_config(REPO / "configs" / "smollm2-offline.yaml")
@@ -171,7 +200,12 @@ def test_real_data_fixtures_come_from_the_repository():
     """A clone without ../shared runs the real-record and real-tokenizer tests: their files are shipped."""
     from conftest import REPO
 
-    for path in (REAL_500, BIOGPT_TOKENIZER / "vocab.json", BIOGPT_TOKENIZER / "merges.txt",
-                 BIOGPT_TOKENIZER / "LICENSE", REAL_500.parent / "README.md"):
+    for path in (
+        REAL_500,
+        BIOGPT_TOKENIZER / "vocab.json",
+        BIOGPT_TOKENIZER / "merges.txt",
+        BIOGPT_TOKENIZER / "LICENSE",
+        REAL_500.parent / "README.md",
+    ):
         assert path.is_file() and path.resolve().is_relative_to(REPO.resolve()), path
     assert "research" in (REAL_500.parent / "README.md").read_text()

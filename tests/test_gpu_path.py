@@ -10,12 +10,17 @@ import sys
 
 import pytest
 import torch
-
 from conftest import copy_workdir, demo_config, prepare_demo
 
 PACKED = ["train.packing=true", "train.tokens_per_batch=1024", "lora.dropout=0"]
-QUICK = ["train.max_steps=2", "train.eval_steps=1000", "train.logging_steps=1", "scoring.bootstrap_samples=0",
-         "scoring.max_examples=8", "train.report_to=[]"]
+QUICK = [
+    "train.max_steps=2",
+    "train.eval_steps=1000",
+    "train.logging_steps=1",
+    "scoring.bootstrap_samples=0",
+    "scoring.max_examples=8",
+    "train.report_to=[]",
+]
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +49,15 @@ def test_compiled_step_is_one_graph_over_an_epoch_with_accumulation_and_a_partia
     from medqa.train import fit, setup_training
     from medqa.workdir import load_split
 
-    cfg = demo_config(prepared, *PACKED, "train.compile=true", "train.grad_accum=2", "train.epochs=1",
-                      "train.eval_steps=1000", "train.report_to=[]")
+    cfg = demo_config(
+        prepared,
+        *PACKED,
+        "train.compile=true",
+        "train.grad_accum=2",
+        "train.epochs=1",
+        "train.eval_steps=1000",
+        "train.report_to=[]",
+    )
     tokenizer = load_tokenizer(cfg)
     model = build_lora_model(cfg)
     setup = setup_training(cfg, model, load_split(cfg, "train", tokenizer).select(range(54)), tokenizer.pad_token_id)
@@ -85,7 +97,7 @@ def test_base_weights_are_held_in_the_compute_dtype_on_cuda_only(tmp_path, monke
     assert modeling.training_base_dtype(cfg, "cpu") == torch.float32  # CPU: nothing changes
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for half in (torch.bfloat16, torch.float16):  # Ampere and newer; a T4
-        monkeypatch.setattr(modeling, "cuda_half_dtype", lambda: half)
+        monkeypatch.setattr(modeling, "cuda_half_dtype", lambda half=half: half)
         assert modeling.training_base_dtype(cfg, torch.device("cuda", 0)) == half
         assert modeling.training_base_dtype(cfg, "cpu") == torch.float32  # model.device=cpu on a GPU machine
     no_mixed = demo_config(tmp_path, "train.mixed_precision='no'")
@@ -143,7 +155,9 @@ def test_in_training_evaluation_scores_in_the_scoring_dtype(prepared, tmp_path, 
     monkeypatch.setattr(trainer_mod, "evaluate_answer_loss", spy)
     for dtype, expected in (("auto", torch.float32), ("bfloat16", torch.bfloat16)):
         seen.clear()
-        cfg = demo_config(copy_workdir(prepared, tmp_path / dtype), *QUICK, "train.eval_steps=1", f"model.dtype={dtype}")
+        cfg = demo_config(
+            copy_workdir(prepared, tmp_path / dtype), *QUICK, "train.eval_steps=1", f"model.dtype={dtype}"
+        )
         train(cfg, trial=True)
         assert seen and set(seen) == {expected}
     with warnings.catch_warnings():
@@ -181,16 +195,19 @@ def test_cuda_graphs_with_gradient_accumulation_are_refused(prepared):
     tokenizer = load_tokenizer(cfg)
     train_ds, model = load_split(cfg, "train", tokenizer), build_lora_model(cfg)
     for mode in ("reduce-overhead", "max-autotune"):
-        cfg = demo_config(prepared, *PACKED, "train.compile=true", f"train.compile_mode={mode}",
-                          "train.tokens_per_step=2048")
+        cfg = demo_config(
+            prepared, *PACKED, "train.compile=true", f"train.compile_mode={mode}", "train.tokens_per_step=2048"
+        )
         with pytest.raises(ConfigError) as refused:
             setup_training(cfg, model, train_ds, tokenizer.pad_token_id)
         message = str(refused.value)
         assert f"compile_mode={mode}" in message and "accumulates 2 micro-batches" in message
         assert "overwritten" in message and "max-autotune-no-cudagraphs" in message and "tokens_per_step" in message
     # accumulation 1, or compiled without CUDA graphs: accepted (compilation itself happens at the first step)
-    for extra in (["train.compile_mode=reduce-overhead", "train.tokens_per_step=1024"],
-                  ["train.compile_mode=max-autotune-no-cudagraphs", "train.tokens_per_step=2048"]):
+    for extra in (
+        ["train.compile_mode=reduce-overhead", "train.tokens_per_step=1024"],
+        ["train.compile_mode=max-autotune-no-cudagraphs", "train.tokens_per_step=2048"],
+    ):
         cfg = demo_config(prepared, *PACKED, "train.compile=true", *extra)
         assert setup_training(cfg, model, train_ds, tokenizer.pad_token_id).fast_step.compiled
 
@@ -226,19 +243,24 @@ def _broken_compile(fn, **kwargs):
 
 
 @pytest.mark.parametrize("mode, recorded", [("default", "compile"), ("reduce-overhead", "compile+cuda_graphs")])
-def test_compile_failing_at_the_first_step_falls_back_to_eager(prepared, tmp_path, monkeypatch, caplog, mode,
-                                                               recorded):
+def test_compile_failing_at_the_first_step_falls_back_to_eager(prepared, tmp_path, monkeypatch, caplog, mode, recorded):
     from medqa.train import train
 
     monkeypatch.setattr(torch, "compile", _broken_compile)
-    cfg = demo_config(copy_workdir(prepared, tmp_path / "w"), *PACKED, *QUICK, "train.compile=true",
-                      f"train.compile_mode={mode}")
+    cfg = demo_config(
+        copy_workdir(prepared, tmp_path / "w"), *PACKED, *QUICK, "train.compile=true", f"train.compile_mode={mode}"
+    )
     with caplog.at_level(logging.WARNING):
         result = train(cfg)
     assert len(_warnings(caplog, "injected: inductor backend failed")) == 1
     training = _metrics(result)["training"]
-    assert training["fallbacks"] == [{"optimisation": recorded, "reason": "RuntimeError: injected: inductor backend "
-                                      "failed", "instead": "the eager training step with SDPA attention"}]
+    assert training["fallbacks"] == [
+        {
+            "optimisation": recorded,
+            "reason": "RuntimeError: injected: inductor backend failed",
+            "instead": "the eager training step with SDPA attention",
+        }
+    ]
     assert training["compiled"] is False and training["compile_seconds"] == 0.0
     assert result.metrics["steps"] == 2 and len([r for r in result.history if "train_loss" in r]) == 2
 
@@ -352,8 +374,13 @@ def test_static_cache_failure_falls_back_to_the_dynamic_cache(prepared, monkeypa
         return real(self, *args, cache_implementation=cache_implementation, **kwargs)
 
     monkeypatch.setattr(GenerationMixin, "generate", generate)
-    settings = ["generate.max_new_tokens=8", "generate.batch_size=2", "evaluate.num_questions=5",
-                "evaluate.pubmedqa_questions=0", "scoring.bootstrap_samples=0"]
+    settings = [
+        "generate.max_new_tokens=8",
+        "generate.batch_size=2",
+        "evaluate.num_questions=5",
+        "evaluate.pubmedqa_questions=0",
+        "scoring.bootstrap_samples=0",
+    ]
     cfg = demo_config(prepared, "generate.static_cache=true", *settings)
     with caplog.at_level(logging.WARNING):
         report = evaluate(cfg).report
@@ -361,5 +388,6 @@ def test_static_cache_failure_falls_back_to_the_dynamic_cache(prepared, monkeypa
     assert static_tries == [1] and len(_warnings(caplog, "static cache compile failed")) == 1
     dynamic = demo_config(prepared, "generate.static_cache=false", *settings)
     questions = [s["question"] for s in report["samples"]]
-    assert [s["base"] for s in report["samples"]] == generate_answers(load_model(dynamic), load_tokenizer(dynamic),
-                                                                       dynamic, questions)
+    assert [s["base"] for s in report["samples"]] == generate_answers(
+        load_model(dynamic), load_tokenizer(dynamic), dynamic, questions
+    )

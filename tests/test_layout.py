@@ -51,8 +51,10 @@ def test_no_function_level_imports_of_medqa_modules():
 
 
 def test_paths_under_workdir_are_spelled_in_one_module():
-    spelled = re.compile(r"Path\(cfg\.workdir\)|cfg\.workdir\) /|\"outputs\" /|/ \"outputs\"|/ \"tokenized\"|"
-                         r"\"finetune\"|\"finetune_checkpoints\"|/ \"best\"")
+    spelled = re.compile(
+        r"Path\(cfg\.workdir\)|cfg\.workdir\) /|\"outputs\" /|/ \"outputs\"|/ \"tokenized\"|"
+        r"\"finetune\"|\"finetune_checkpoints\"|/ \"best\""
+    )
     for path in PACKAGE.glob("*.py"):
         if path.stem != "workdir":
             hits = [line.strip() for line in path.read_text().splitlines() if spelled.search(line)]
@@ -60,13 +62,21 @@ def test_paths_under_workdir_are_spelled_in_one_module():
 
 
 def test_the_contract_names_a_writer_and_readers_for_each_artifact():
-    from medqa import workdir
-
     import importlib
 
+    from medqa import workdir
+
     doc = workdir.__doc__
-    for artifact in ("data/{split}", "tokenized/", "outputs/baseline/", "outputs/finetune/", "outputs/best/",
-                     "outputs/report.", "outputs/finetune_checkpoints/", "outputs/merged/"):
+    for artifact in (
+        "data/{split}",
+        "tokenized/",
+        "outputs/baseline/",
+        "outputs/finetune/",
+        "outputs/best/",
+        "outputs/report.",
+        "outputs/finetune_checkpoints/",
+        "outputs/merged/",
+    ):
         line = next(x for x in doc.splitlines() if x.strip().startswith(artifact))
         named = [w.strip(",()") for w in line.split() if re.fullmatch(r"[a-z_]+\.[a-z_]+", w.strip(",()"))]
         assert named, line

@@ -15,14 +15,19 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, SAMPLE, demo_config
+
 from medqa import locks
 from medqa.errors import MedqaError
 from medqa.workdir import paths
 
-QUICK = ["train.max_steps=4", "train.eval_steps=2", "train.logging_steps=2", "scoring.bootstrap_samples=20",
-         "generate.max_new_tokens=4"]
+QUICK = [
+    "train.max_steps=4",
+    "train.eval_steps=2",
+    "train.logging_steps=2",
+    "scoring.bootstrap_samples=20",
+    "generate.max_new_tokens=4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +40,13 @@ def prepared(tmp_path_factory):
 
 
 def _medqa(args: list[str], out: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "medqa", *args], stdout=open(out, "w"), stderr=subprocess.STDOUT,
-                            env=os.environ.copy(), cwd=REPO)
+    return subprocess.Popen(
+        [sys.executable, "-m", "medqa", *args],
+        stdout=open(out, "w"),
+        stderr=subprocess.STDOUT,
+        env=os.environ.copy(),
+        cwd=REPO,
+    )
 
 
 def _train_args(workdir: Path) -> list[str]:
@@ -66,8 +76,11 @@ def raced(prepared, tmp_path_factory):
         if first.poll() is None:
             first.send_signal(signal.SIGCONT)
             first.kill()
-    return {"workdir": prepared, "first": (first_rc, (logs / "first.log").read_text(), first.pid),
-            "second": (second_rc, (logs / "second.log").read_text())}
+    return {
+        "workdir": prepared,
+        "first": (first_rc, (logs / "first.log").read_text(), first.pid),
+        "second": (second_rc, (logs / "second.log").read_text()),
+    }
 
 
 def test_second_training_is_refused_in_one_paragraph(raced):
@@ -96,8 +109,14 @@ def test_the_surviving_training_rescores_to_its_reported_loss(raced):
     model = load_adapter_model(cfg, folder)
     pad = load_tokenizer(cfg).pad_token_id
     for split in EVAL_SPLITS:
-        metrics, _ = evaluate_answer_loss(model, load_split(cfg, split), pad, cfg.scoring.batch_size, 0,
-                                          tokens_per_batch=eval_tokens_per_batch(cfg.scoring.tokens_per_batch, model))
+        metrics, _ = evaluate_answer_loss(
+            model,
+            load_split(cfg, split),
+            pad,
+            cfg.scoring.batch_size,
+            0,
+            tokens_per_batch=eval_tokens_per_batch(cfg.scoring.tokens_per_batch, model),
+        )
         assert metrics["answer_loss"] == pytest.approx(reported[split]["answer_loss"], abs=1e-6)
     assert not paths(cfg).lock_holder("train").exists()  # released: the record is gone
 
@@ -115,9 +134,11 @@ def test_readers_are_not_blocked_by_a_held_lock(raced):
 
 def test_lock_of_a_killed_process_is_taken_over_with_a_warning(prepared, caplog):
     cfg = demo_config(prepared)
-    code = ("import os, sys\nfrom medqa.config import load_config\nfrom medqa import locks\n"
-            f"cfg = load_config(None, ['workdir={prepared}'])\n"
-            "with locks.hold(cfg, 'prepare'):\n    os.kill(os.getpid(), 9)\n")
+    code = (
+        "import os, sys\nfrom medqa.config import load_config\nfrom medqa import locks\n"
+        f"cfg = load_config(None, ['workdir={prepared}'])\n"
+        "with locks.hold(cfg, 'prepare'):\n    os.kill(os.getpid(), 9)\n"
+    )
     killed = subprocess.run([sys.executable, "-c", code], env=os.environ.copy(), cwd=REPO, capture_output=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
     record = paths(cfg).lock_holder("prepare")
@@ -188,11 +209,26 @@ def test_torchrun_refused_on_every_rank_without_a_hang(prepared, tmp_path):
         return {p: p.stat().st_mtime_ns for p in outputs.rglob("*")} if outputs.exists() else {}
 
     before = state()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "medqa",
-           *_train_args(prepared)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "medqa",
+        *_train_args(prepared),
+    ]
     with locks.hold(cfg, "train"):
-        proc = subprocess.run(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=REPO, timeout=240,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        proc = subprocess.run(
+            cmd,
+            stdout=open(log, "w"),
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            timeout=240,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
     text = log.read_text()
     assert proc.returncode != 0
     assert text.count("Another `medqa train` is running on this workdir") == 1, text[-3000:]  # rank 0

@@ -20,8 +20,16 @@ def model():
     from transformers import BioGptConfig, BioGptForCausalLM
 
     torch.manual_seed(0)
-    cfg = BioGptConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=37, max_position_embeddings=128, initializer_range=0.2, pad_token_id=PAD)
+    cfg = BioGptConfig(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+        pad_token_id=PAD,
+    )
     return BioGptForCausalLM(cfg).eval()
 
 
@@ -52,10 +60,11 @@ def independent_nll(model, rows):
 
 def test_answer_loss_equals_independent_nll(model):
     rows = make_rows()
-    metrics, scores = evaluate_answer_loss(model, datasets.Dataset.from_list(rows), PAD, batch_size=4,
-                                           bootstrap_samples=200)
+    metrics, scores = evaluate_answer_loss(
+        model, datasets.Dataset.from_list(rows), PAD, batch_size=4, bootstrap_samples=200
+    )
     expected, count = independent_nll(model, rows)
-    assert metrics["answer_tokens"] == count == sum(sum(l != IGNORE_INDEX for l in r["labels"]) for r in rows)
+    assert metrics["answer_tokens"] == count == sum(sum(label != IGNORE_INDEX for label in r["labels"]) for r in rows)
     assert metrics["answer_loss"] == pytest.approx(expected, abs=1e-5)
     assert metrics["answer_perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
     assert metrics["bits_per_token"] == pytest.approx(expected / math.log(2), rel=1e-6)
@@ -88,8 +97,15 @@ def test_batch_size_and_padding_do_not_change_it(model, batch_size):
 
 def test_prompt_changes_loss_only_through_context(model):
     rows = make_rows(6, seed=2, prompt_len=5)
-    longer = [{**r, "input_ids": r["input_ids"][:1] + [50] * 7 + r["input_ids"][1:],
-               "labels": [IGNORE_INDEX] * 7 + r["labels"], "length": r["length"] + 7} for r in rows]
+    longer = [
+        {
+            **r,
+            "input_ids": r["input_ids"][:1] + [50] * 7 + r["input_ids"][1:],
+            "labels": [IGNORE_INDEX] * 7 + r["labels"],
+            "length": r["length"] + 7,
+        }
+        for r in rows
+    ]
     base, _ = evaluate_answer_loss(model, datasets.Dataset.from_list(rows), PAD, bootstrap_samples=0)
     alt, _ = evaluate_answer_loss(model, datasets.Dataset.from_list(longer), PAD, bootstrap_samples=0)
     # Same answer tokens are counted; the prompt contributes no terms of its own ...

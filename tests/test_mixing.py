@@ -10,7 +10,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, SAMPLE, demo_config
 
 REAL = REPO / "data" / "real" / "healthcaremagic_500.json"
@@ -34,9 +33,18 @@ def mixed(tmp_path_factory):
     clinic[5] = {"q": sample[0]["input"], "a": "A different doctor's answer, long enough to pass the cleaning filter."}
     clinic.append({"q": 42, "a": "not a question"})
     (root / "clinic.json").write_text(json.dumps(clinic))
-    sources = _sources(json.dumps({"name": "sample", "source": str(SAMPLE)}),
-                       json.dumps({"name": "clinic", "source": str(root / "clinic.json"), "question_field": "q",
-                                   "answer_field": "a", "weight": 2}))
+    sources = _sources(
+        json.dumps({"name": "sample", "source": str(SAMPLE)}),
+        json.dumps(
+            {
+                "name": "clinic",
+                "source": str(root / "clinic.json"),
+                "question_field": "q",
+                "answer_field": "a",
+                "weight": 2,
+            }
+        ),
+    )
     cfg = demo_config(root / "w", sources, *FAST)
     result = prepare(cfg)
     return cfg, result, clinic
@@ -53,21 +61,25 @@ def test_the_report_adds_up_per_source_and_overall(mixed):
     assert Counter(report["rejected"]) == sum((Counter(p["rejected"]) for p in per.values()), Counter())
     assert report["truncated"] == sum(p["truncated"] for p in per.values())
     # the files agree: every kept record and every reject names its source and its index within it
-    kept = [r for s in ("train", "val", "test") for r in json.loads(Path(cfg.workdir, "data", f"{s}_data.json")
-                                                                    .read_text())]
+    kept = [
+        r for s in ("train", "val", "test") for r in json.loads(Path(cfg.workdir, "data", f"{s}_data.json").read_text())
+    ]
     rejects = [json.loads(x) for x in Path(cfg.workdir, "data", "rejected.jsonl").read_text().splitlines()]
     for name, p in per.items():
-        seen = sorted([r["index"] for r in kept if r["source"] == name] +
-                      [r["index"] for r in rejects if r["source"] == name])
+        seen = sorted(
+            [r["index"] for r in kept if r["source"] == name] + [r["index"] for r in rejects if r["source"] == name]
+        )
         assert seen == list(range(p["read"]))  # each record of the source exactly once, kept or rejected
     assert {"source": "clinic", "index": len(clinic) - 1, "reason": "question_not_a_string"}.items() <= next(
-        r for r in rejects if r["source"] == "clinic" and r["reason"] == "question_not_a_string").items()
+        r for r in rejects if r["source"] == "clinic" and r["reason"] == "question_not_a_string"
+    ).items()
 
 
 def test_a_question_in_both_sources_is_kept_once_from_the_first(mixed):
     cfg, result, clinic = mixed
-    kept = [r for s in ("train", "val", "test") for r in json.loads(Path(cfg.workdir, "data", f"{s}_data.json")
-                                                                    .read_text())]
+    kept = [
+        r for s in ("train", "val", "test") for r in json.loads(Path(cfg.workdir, "data", f"{s}_data.json").read_text())
+    ]
     rejects = [json.loads(x) for x in Path(cfg.workdir, "data", "rejected.jsonl").read_text().splitlines()]
     twin = [r for r in kept if r["question"].startswith(clinic[5]["q"][:40])]
     assert len(twin) == 1 and twin[0]["source"] == "sample"
@@ -89,8 +101,11 @@ def test_weights_set_each_epochs_composition(mixed):
     epoch, composition = epoch_composition(cfg, train_ds)
     assert composition["clinic"]["per_epoch"] == 2 * composition["clinic"]["examples"]
     assert composition["sample"]["per_epoch"] == composition["sample"]["examples"]
-    assert len(epoch) == sum(c["per_epoch"] for c in composition.values()) == len(train_ds) + composition[
-        "clinic"]["examples"]
+    assert (
+        len(epoch)
+        == sum(c["per_epoch"] for c in composition.values())
+        == len(train_ds) + composition["clinic"]["examples"]
+    )
 
 
 def test_train_and_evaluate_report_each_source_as_scoring_it_alone(mixed):
@@ -114,8 +129,10 @@ def test_train_and_evaluate_report_each_source_as_scoring_it_alone(mixed):
         got = base.metrics["by_source"]["test"][name]
         assert got["answer_loss"] == pytest.approx(want["answer_loss"], abs=1e-6)  # other batches: fp32 sums
         assert got["answer_tokens"] == want["answer_tokens"] and got["examples"] == len(alone)
-    assert sum(m["answer_tokens"] for m in base.metrics["by_source"]["test"].values()) == \
-        base.metrics["test"]["answer_tokens"]
+    assert (
+        sum(m["answer_tokens"] for m in base.metrics["by_source"]["test"].values())
+        == base.metrics["test"]["answer_tokens"]
+    )
     run = train(cfg)
     assert set(run.metrics["by_source"]["val"]) == {"sample", "clinic"}
     assert run.metrics["training"]["epoch_examples"] > len(load_split(cfg, "train"))
@@ -127,8 +144,9 @@ def test_train_and_evaluate_report_each_source_as_scoring_it_alone(mixed):
     from dataclasses import replace
 
     plain = replace(cfg, data=replace(cfg.data, sources=unweighted), train=replace(cfg.train, max_steps=0))
-    assert planned_steps(replace(cfg, train=replace(cfg.train, max_steps=0)), load_split(cfg, "train")) > \
-        planned_steps(plain, load_split(cfg, "train"))
+    assert planned_steps(replace(cfg, train=replace(cfg.train, max_steps=0)), load_split(cfg, "train")) > planned_steps(
+        plain, load_split(cfg, "train")
+    )
 
 
 def test_evaluate_reports_per_source_with_the_paired_change(mixed, tmp_path):
@@ -153,12 +171,15 @@ BEFORE = {
     "test_data.json": "95e130cf2fadaa8e17872e7c6303e946c64ddd46ea9db84d2888c92038cfa364",
     "train_data.json": "a51000d70ee19cf401e5b0b62a395afc40fefbfc853607746ef52b7fa118d154",
     "val_data.json": "3d91df668ed08e372ae991a4424eae5e3928d28030cc28af891b2b352a928373",
-    "tokenized/tokenized_test/data-00000-of-00001.arrow":
-        "62d5abcc2125aa70380f2646ae1f30d49546348590e23a4108f437f2272da1d8",
-    "tokenized/tokenized_train/data-00000-of-00001.arrow":
-        "374b8e8519447525335c9a664cfdbf796a60282df4c8ff51bba5ae1f7323e347",
-    "tokenized/tokenized_val/data-00000-of-00001.arrow":
-        "daf26eb69e554471ebba83079703baf5b6d19e2725d370092709cee99ec83492",
+    "tokenized/tokenized_test/data-00000-of-00001.arrow": (
+        "62d5abcc2125aa70380f2646ae1f30d49546348590e23a4108f437f2272da1d8"
+    ),
+    "tokenized/tokenized_train/data-00000-of-00001.arrow": (
+        "374b8e8519447525335c9a664cfdbf796a60282df4c8ff51bba5ae1f7323e347"
+    ),
+    "tokenized/tokenized_val/data-00000-of-00001.arrow": (
+        "daf26eb69e554471ebba83079703baf5b6d19e2725d370092709cee99ec83492"
+    ),
 }
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import nbformat
 import pytest
-
 from conftest import REPO, SAMPLE
+
 from medqa.notebook import SMOKE_DATA
 
 sys.path.insert(0, str(REPO / "tools"))
@@ -29,12 +29,13 @@ LOCAL_PATH = re.compile(r"(?<![\w.~<>-])(/work|/tmp|/home|/root|/Users|/private|
 
 
 def local_paths_in(text: str) -> list[str]:
-    hits = [m.group(0) + text[m.end():m.end() + 40] for m in LOCAL_PATH.finditer(text)]
+    hits = [m.group(0) + text[m.end() : m.end() + 40] for m in LOCAL_PATH.finditer(text)]
     hits += [p for p in {str(REPO), str(Path.home())} if len(p) > 1 and p in text]
     return hits
 
 
 # ---- the notebooks as committed -----------------------------------------------------------------------------
+
 
 def test_every_notebook_has_its_source_and_pairing():
     assert NOTEBOOKS and [p.stem for p in NOTEBOOKS] == [p.stem for p in SOURCES]
@@ -49,8 +50,10 @@ def test_notebook_agrees_with_its_source(path: Path):
     nb = nbformat.read(path, as_version=4)
     want, have = sync_notebooks.cell_sources(source), sync_notebooks.cell_sources(nb)
     first = next((i for i, (w, h) in enumerate(zip(want, have)) if w != h), min(len(want), len(have)))
-    assert have == want, (f"{path.name} disagrees with {path.stem}.py from cell {first} "
-                          f"({len(have)} cells vs {len(want)}): run python tools/sync_notebooks.py")
+    assert have == want, (
+        f"{path.name} disagrees with {path.stem}.py from cell {first} "
+        f"({len(have)} cells vs {len(want)}): run python tools/sync_notebooks.py"
+    )
     for cell, src in zip(nb.cells, source.cells):
         assert cell.metadata.get("tags", []) == src.metadata.get("tags", []), f"{path.name}: tags differ"
 
@@ -62,8 +65,9 @@ def test_source_is_python(path: Path):
 
 def test_the_colab_cell_is_the_same_in_every_notebook():
     """It installs medqa, so it cannot be a package function: each source carries a copy, kept identical here."""
-    cells = {p.name: next(c for c in nbformat.read(p, as_version=4).cells if c.cell_type == "code").source
-             for p in NOTEBOOKS}
+    cells = {
+        p.name: next(c for c in nbformat.read(p, as_version=4).cells if c.cell_type == "code").source for p in NOTEBOOKS
+    }
     assert len(set(cells.values())) == 1, "edit the Colab cell in all four notebooks/*.py alike"
 
 
@@ -80,8 +84,9 @@ def test_notebook_is_thin_and_reads_as_a_document(path: Path):
     assert "from medqa.notebook import setup" in code[2].source and "smoke=SMOKE" in code[2].source
     assert nb.cells[-1].cell_type == "markdown" and nb.cells[-1].source.startswith("## Next")
     for cell in code:
-        assert not any(line.lstrip().startswith(("def ", "class ")) for line in cell.source.splitlines()), \
+        assert not any(line.lstrip().startswith(("def ", "class ")) for line in cell.source.splitlines()), (
             f"{path.name}: put functions in the package, not the notebook"
+        )
         assert "medqa.data import" not in cell.source, f"{path.name}: medqa.data is now medqa.prepare"
 
 
@@ -99,11 +104,13 @@ def test_notebook_is_small_and_names_no_local_path(path: Path):
             if "image/png" in data:
                 assert len(base64.b64decode(data["image/png"])) <= MAX_PNG_BYTES, f"{path.name}: PNG too big"
             if out.get("output_type") == "stream":
-                assert not any(sync_notebooks.PROGRESS.search(line) for line in out.text.splitlines()), \
+                assert not any(sync_notebooks.PROGRESS.search(line) for line in out.text.splitlines()), (
                     f"{path.name}: progress bars in the output"
+                )
 
 
 # ---- the setup function -------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_committed_notebook_shows_a_real_run(path: Path):
@@ -111,7 +118,7 @@ def test_committed_notebook_shows_a_real_run(path: Path):
     records (make notebooks-real), every code cell after the parameters ran, and none ended in an error."""
     nb = nbformat.read(path, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
-    after_params = code[next(i for i, c in enumerate(code) if c.metadata.get("tags") == ["parameters"]) + 1:]
+    after_params = code[next(i for i, c in enumerate(code) if c.metadata.get("tags") == ["parameters"]) + 1 :]
     assert all(c.execution_count for c in after_params), f"{path.name}: run make notebooks-real before committing"
     assert not [o for c in code for o in c.outputs if o.output_type == "error"], f"{path.name}: a cell failed"
     printed = "".join(o.get("text", "") for c in after_params for o in c.outputs)
@@ -126,11 +133,16 @@ def restore_rc(monkeypatch):
 
 
 def test_setup_loads_the_config_with_overrides_in_order(tmp_path, restore_rc, capsys):
-    from medqa.notebook import FIGURE_DPI, setup
     import matplotlib
 
-    cfg = setup(REPO / "configs" / "demo.yaml", [f"workdir={tmp_path}", "scoring.bootstrap_samples=300"],
-                stage="baseline", colab_overrides=["scoring.bootstrap_samples=100", "train.epochs=3"])
+    from medqa.notebook import FIGURE_DPI, setup
+
+    cfg = setup(
+        REPO / "configs" / "demo.yaml",
+        [f"workdir={tmp_path}", "scoring.bootstrap_samples=300"],
+        stage="baseline",
+        colab_overrides=["scoring.bootstrap_samples=100", "train.epochs=3"],
+    )
     assert cfg.workdir == str(tmp_path) and cfg.scoring.bootstrap_samples == 300 and cfg.train.epochs == 3
     assert matplotlib.rcParams["figure.dpi"] == FIGURE_DPI
     assert "demo.yaml" in capsys.readouterr().out
@@ -170,6 +182,7 @@ def test_setup_names_the_stages():
 
 # ---- the sync tool ------------------------------------------------------------------------------------------
 
+
 def test_sync_keeps_outputs_of_unchanged_cells_only():
     import jupytext
 
@@ -185,22 +198,28 @@ def test_sync_keeps_outputs_of_unchanged_cells_only():
 
 
 def test_clean_outputs_drops_noise_and_local_paths(tmp_path):
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     png = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 400, 3), dtype=np.uint8)).save(png, "PNG")
     assert png.tell() > MAX_PNG_BYTES
     bar = "\r 50%|#####     | 1/2 [00:01<00:01, 1.00it/s]\r100%|##########| 2/2 [00:02<00:00, 1.00it/s]\n"
     log = "".join(f"INFO medqa.train: step {i}\n" for i in range(200))
-    cell = nbformat.v4.new_code_cell("x", outputs=[
-        nbformat.v4.new_output("stream", name="stderr", text=f"INFO medqa: wrote {REPO}/outputs/a and {tmp_path}\n"),
-        nbformat.v4.new_output("stream", name="stderr", text=bar + "\x1b[32mgreen\x1b[0m\n"),
-        nbformat.v4.new_output("stream", name="stdout", text=log),
-        nbformat.v4.new_output("display_data", {"application/vnd.jupyter.widget-view+json": {"model_id": "x"},
-                                                "text/plain": "HBox()"}),
-        nbformat.v4.new_output("display_data", {"image/png": base64.b64encode(png.getvalue()).decode()}),
-    ])
+    cell = nbformat.v4.new_code_cell(
+        "x",
+        outputs=[
+            nbformat.v4.new_output(
+                "stream", name="stderr", text=f"INFO medqa: wrote {REPO}/outputs/a and {tmp_path}\n"
+            ),
+            nbformat.v4.new_output("stream", name="stderr", text=bar + "\x1b[32mgreen\x1b[0m\n"),
+            nbformat.v4.new_output("stream", name="stdout", text=log),
+            nbformat.v4.new_output(
+                "display_data", {"application/vnd.jupyter.widget-view+json": {"model_id": "x"}, "text/plain": "HBox()"}
+            ),
+            nbformat.v4.new_output("display_data", {"image/png": base64.b64encode(png.getvalue()).decode()}),
+        ],
+    )
     nb = sync_notebooks.clean_outputs(nbformat.v4.new_notebook(cells=[cell], metadata={"widgets": {}}))
     err, out, image = nb.cells[0].outputs
     assert err.text.startswith("INFO medqa: wrote ./outputs/a and <tmp>/") and err.text.endswith("\ngreen\n")
@@ -213,6 +232,7 @@ def test_clean_outputs_drops_noise_and_local_paths(tmp_path):
 
 # ---- execution (smoke mode on the demo, in memory) ----------------------------------------------------------
 
+
 def run_notebook(name: str, workdir: Path, overrides: list[str]) -> nbformat.NotebookNode:
     from nbclient import NotebookClient
 
@@ -220,8 +240,9 @@ def run_notebook(name: str, workdir: Path, overrides: list[str]) -> nbformat.Not
     params = next(c for c in nb.cells if c.metadata.get("tags") == ["parameters"])
     original = params.source
     params.source += f"\nOVERRIDES = {overrides!r}\nSMOKE = True\n"
-    NotebookClient(nb, timeout=900, kernel_name="python3",
-                   resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    NotebookClient(
+        nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(REPO / "notebooks")}}
+    ).execute()
     params.source = original
     return nb
 
@@ -231,8 +252,7 @@ def test_data_preparation_notebook_runs(tmp_path):
     nb = run_notebook("data_preparation.ipynb", tmp_path, [f"workdir={tmp_path}", f"data.source={SAMPLE}"])
     assert (tmp_path / "data" / "prepare_report.json").exists()
     assert (tmp_path / "tokenized" / "tokenized_train").is_dir()
-    images = sum(1 for c in nb.cells if c.cell_type == "code" for o in c.outputs
-                 if "image/png" in o.get("data", {}))
+    images = sum(1 for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {}))
     assert images >= 3  # rejected reasons, length histograms, keyword views
     cleaned = nbformat.writes(sync_notebooks.clean_outputs(nb))  # what --execute would commit
     assert not local_paths_in(cleaned) and len(cleaned.encode()) <= MAX_NOTEBOOK_BYTES
@@ -240,20 +260,26 @@ def test_data_preparation_notebook_runs(tmp_path):
 
 @pytest.mark.notebook
 def test_model_selection_notebook_runs(tmp_path):
-    from medqa.prepare import prepare
     from conftest import demo_config
+
+    from medqa.prepare import prepare
 
     prepare(demo_config(tmp_path, *SMOKE_DATA))  # what notebook 1's smoke run writes
     nb = run_notebook("model_selection_and_setup.ipynb", tmp_path, [f"workdir={tmp_path}", f"data.source={SAMPLE}"])
     assert (tmp_path / "outputs" / "baseline" / "metrics.json").exists()
-    text = "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
-                   for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    text = "".join(
+        o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+    )
     assert "answer_loss" in text and "all-linear" in text
 
 
 @pytest.mark.notebook
 def test_finetuning_notebook_runs(tmp_path):
     from conftest import demo_config
+
     from medqa.prepare import prepare
 
     prepare(demo_config(tmp_path, *SMOKE_DATA))  # what notebook 1's smoke run writes
@@ -267,6 +293,7 @@ def test_finetuning_notebook_runs(tmp_path):
 @pytest.mark.notebook
 def test_raytune_final_notebook_runs(tmp_path):
     from conftest import demo_config
+
     from medqa.prepare import prepare
 
     prepare(demo_config(tmp_path, *SMOKE_DATA))  # what notebook 1's smoke run writes

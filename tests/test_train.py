@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
+from conftest import copy_workdir, demo_config, prepare_demo
 
-from conftest import copy_workdir, prepare_demo, demo_config
 from medqa.errors import ModelError
 
 FAST = ["train.epochs=2", "train.eval_steps=20", "train.logging_steps=5", "scoring.bootstrap_samples=200"]
@@ -36,8 +36,17 @@ def test_training_beats_baseline_on_val(trained):
 def test_run_files(trained):
     cfg, result = trained
     out = result.out_dir
-    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json", "vocab.json",
-                 "config.yaml", "metrics.jsonl", "metrics.json", "loss_curves.png", "per_example.jsonl"):
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer_config.json",
+        "vocab.json",
+        "config.yaml",
+        "metrics.jsonl",
+        "metrics.json",
+        "loss_curves.png",
+        "per_example.jsonl",
+    ):
         assert (out / name).exists(), name
     assert any((out / "tensorboard").rglob("events.out.tfevents.*"))
     assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))  # safetensors only
@@ -56,8 +65,7 @@ def test_run_files(trained):
 
 
 def test_base_frozen_and_adapter_changed(trained):
-    from medqa.modeling import load_model
-    from medqa.modeling import build_lora_model
+    from medqa.modeling import build_lora_model, load_model
 
     cfg, result = trained
     from medqa.modeling import load_adapter_model
@@ -82,8 +90,13 @@ def test_base_frozen_and_adapter_changed(trained):
 
 @pytest.mark.parametrize("preset", ["qv", "attention", "all-linear"])
 def test_trainable_count_matches_shapes(prepared, preset):
-    from medqa.modeling import count_parameters, load_model, lora_parameter_count, resolve_lora_targets
-    from medqa.modeling import build_lora_model
+    from medqa.modeling import (
+        build_lora_model,
+        count_parameters,
+        load_model,
+        lora_parameter_count,
+        resolve_lora_targets,
+    )
 
     cfg = demo_config(prepared, f"lora.targets={preset}", "lora.r=4")
     base = load_model(cfg)
@@ -146,6 +159,7 @@ def test_resume_after_interruption_matches_uninterrupted(prepared, tmp_path):
     cut_dir = copy_workdir(prepared, tmp_path / "cut")
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(demo_config(cut_dir, *FAST, *steps), callbacks=[Crash()])
+
     class Count(TrainerCallback):
         steps_run = 0
 

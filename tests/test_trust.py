@@ -7,12 +7,12 @@ from unittest import mock
 
 import pytest
 import torch
-
 from conftest import REPO
-from medqa.config import load_config
-from medqa.prepare import prepare
-from medqa.errors import DataError
 from test_prepare_inputs import GOOD_A, GOOD_Q, cfg_for, write_records
+
+from medqa.config import load_config
+from medqa.errors import DataError
+from medqa.prepare import prepare
 
 
 def _one_split(*extra):
@@ -25,10 +25,14 @@ def _one_split(*extra):
 def test_length_filter_runs_before_dedupe(tmp_path, tiny_model_dir):
     """The first copy of a question is too long; the valid later copy is kept (not rejected as a duplicate)."""
     long_answer = " ".join([GOOD_A] * 40)
-    records = [{"input": GOOD_Q, "output": long_answer}, {"input": GOOD_Q, "output": GOOD_A},
-               {"input": GOOD_Q, "output": GOOD_A + " Again."}]
-    cfg = cfg_for(tmp_path, write_records(tmp_path / "r.json", records), tiny_model_dir,
-                  *_one_split("data.max_answer_tokens=300"))
+    records = [
+        {"input": GOOD_Q, "output": long_answer},
+        {"input": GOOD_Q, "output": GOOD_A},
+        {"input": GOOD_Q, "output": GOOD_A + " Again."},
+    ]
+    cfg = cfg_for(
+        tmp_path, write_records(tmp_path / "r.json", records), tiny_model_dir, *_one_split("data.max_answer_tokens=300")
+    )
     result = prepare(cfg)
     assert result.report["rejected"] == {"answer_too_long": 1, "duplicate_question": 1}
     kept = result.splits["train"]
@@ -45,9 +49,11 @@ def test_control_characters_never_reach_the_splits_or_the_tokenizer(tmp_path, ti
     import datasets
 
     dirty_q = "I have\x00 had a dry cough\x07 and \x1b[31mmild fever\x1b[0m for three days, what should I do?\ud800"
-    records = [{"input": dirty_q, "output": GOOD_A + "\x08\x1b]0;title\x07"},
-               {"input": GOOD_Q + " Also\u200b a rash.", "output": "\ufeff" + GOOD_A},
-               {"input": "\x00\x07\x1b[0m", "output": GOOD_A}]  # nothing left: rejected, counted
+    records = [
+        {"input": dirty_q, "output": GOOD_A + "\x08\x1b]0;title\x07"},
+        {"input": GOOD_Q + " Also\u200b a rash.", "output": "\ufeff" + GOOD_A},
+        {"input": "\x00\x07\x1b[0m", "output": GOOD_A},
+    ]  # nothing left: rejected, counted
     cfg = cfg_for(tmp_path, write_records(tmp_path / "r.json", records), tiny_model_dir, *_one_split())
     result = prepare(cfg)
     report = result.report
@@ -113,11 +119,14 @@ def test_damaged_datasets_folder(tmp_path, tiny_model_dir):
     assert "could not be loaded" in message and str(folder) in message
 
 
-@pytest.mark.parametrize("name, content, expected", [
-    ("records.json", b"PAR1\x00\x00binary", "a Parquet file"),
-    ("records.json", b"\x1f\x8b\x08\x00gz", "gzip-compressed"),
-    ("records.csv", b'input,output\n"unterminated,x\n' + b"a" * 10, "not valid CSV"),
-])
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("records.json", b"PAR1\x00\x00binary", "a Parquet file"),
+        ("records.json", b"\x1f\x8b\x08\x00gz", "gzip-compressed"),
+        ("records.csv", b'input,output\n"unterminated,x\n' + b"a" * 10, "not valid CSV"),
+    ],
+)
 def test_binary_and_broken_files(tmp_path, tiny_model_dir, name, content, expected):
     path = tmp_path / name
     path.write_bytes(content)
@@ -176,15 +185,19 @@ def test_auto_precision_on_a_pre_ampere_card_is_fp16():
         return including_emulation  # emulation only
 
     cfg = load_config(REPO / "configs" / "biogpt.yaml")
-    with mock.patch("torch.cuda.is_available", return_value=True), \
-            mock.patch("torch.cuda.is_bf16_supported", side_effect=t4_bf16):
+    with (
+        mock.patch("torch.cuda.is_available", return_value=True),
+        mock.patch("torch.cuda.is_bf16_supported", side_effect=t4_bf16),
+    ):
         assert modeling.cuda_half_dtype() == torch.float16
         assert modeling.pick_device_dtype(cfg)[1] == torch.float16
         assert modeling.scoring_dtype(cfg) == "float16"
         assert modeling.precision(cfg) == {"bf16": False, "fp16": True}
         assert modeling.compute_dtype(cfg) == torch.float16
-    with mock.patch("torch.cuda.is_available", return_value=True), \
-            mock.patch("torch.cuda.is_bf16_supported", return_value=True):  # an A100/H100: native bf16
+    with (
+        mock.patch("torch.cuda.is_available", return_value=True),
+        mock.patch("torch.cuda.is_bf16_supported", return_value=True),
+    ):  # an A100/H100: native bf16
         assert modeling.pick_device_dtype(cfg)[1] == torch.bfloat16
         assert modeling.precision(cfg) == {"bf16": True, "fp16": False}
 
@@ -221,8 +234,11 @@ def test_two_demo_prepares_in_two_folders_are_byte_identical(tmp_path):
         prepare(demo_config(tmp_path / name))
 
     def files(root):
-        return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*"))
-                if p.is_file() and p.name != "manifest.json" and ".cache" not in p.parts}
+        return {
+            p.relative_to(root): p.read_bytes()
+            for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "manifest.json" and ".cache" not in p.parts
+        }
 
     a, b = files(tmp_path / "a"), files(tmp_path / "b")
     assert set(a) == set(b)
@@ -230,8 +246,12 @@ def test_two_demo_prepares_in_two_folders_are_byte_identical(tmp_path):
         key = next(p for p in a if str(p) == name)
         a[key] = a[key].replace(str(tmp_path / "a").encode(), b"WORKDIR")
         b[key] = b[key].replace(str(tmp_path / "b").encode(), b"WORKDIR")
-    for must in ("models/tiny-biogpt/vocab.json", "models/tiny-biogpt/merges.txt",
-                 "models/tiny-biogpt/model.safetensors", "data/train_data.json"):
+    for must in (
+        "models/tiny-biogpt/vocab.json",
+        "models/tiny-biogpt/merges.txt",
+        "models/tiny-biogpt/model.safetensors",
+        "data/train_data.json",
+    ):
         assert any(str(p) == must for p in a), must
     differ = sorted(str(p) for p in a if a[p] != b[p])
     assert not differ, differ
@@ -244,12 +264,21 @@ def test_two_demo_prepares_in_two_folders_are_byte_identical(tmp_path):
 def demo_run(tmp_path_factory):
     """prepare, baseline, train (packed, bf16 scoring) and evaluate on the demo, in one workdir."""
     from conftest import demo_config, prepare_demo
+
     from medqa.evaluate import evaluate
     from medqa.train import train
 
-    extra = ["model.dtype=bfloat16", "train.packing=true", "train.tokens_per_batch=1024", "train.max_steps=24",
-             "train.eval_steps=8", "train.logging_steps=4", "scoring.bootstrap_samples=0", "evaluate.num_questions=2",
-             "generate.max_new_tokens=4"]
+    extra = [
+        "model.dtype=bfloat16",
+        "train.packing=true",
+        "train.tokens_per_batch=1024",
+        "train.max_steps=24",
+        "train.eval_steps=8",
+        "train.logging_steps=4",
+        "scoring.bootstrap_samples=0",
+        "evaluate.num_questions=2",
+        "generate.max_new_tokens=4",
+    ]
     workdir = prepare_demo(tmp_path_factory.mktemp("trust"), *extra)
     cfg = demo_config(workdir, *extra)
     return cfg, train(cfg), evaluate(cfg)
@@ -266,8 +295,7 @@ def test_every_metrics_file_names_one_dtype_and_base_and_tuned_use_it(demo_run):
     assert {m["dtype"] for m in report["models"].values()} == {"bfloat16"}
     tuned = report["models"]["fine-tuned"]["test"]["answer_loss"]
     assert finetune["test"]["answer_loss"] == pytest.approx(tuned, abs=1e-6)
-    assert report["models"]["base"]["test"]["answer_loss"] == pytest.approx(baseline["test"]["answer_loss"],
-                                                                            abs=1e-6)
+    assert report["models"]["base"]["test"]["answer_loss"] == pytest.approx(baseline["test"]["answer_loss"], abs=1e-6)
 
 
 def test_packed_throughput_counts_examples_and_real_tokens(demo_run):
@@ -292,13 +320,15 @@ def test_step_time_excludes_evaluation(tmp_path, monkeypatch):
     import time as real_time
     import types
 
-    import medqa.trainer
     from conftest import demo_config, prepare_demo
+
+    import medqa.trainer
     from medqa.train import train
 
     offset = [0.0]
-    monkeypatch.setattr(medqa.trainer, "time", types.SimpleNamespace(perf_counter=lambda: real_time.perf_counter()
-                                                                     + offset[0]))
+    monkeypatch.setattr(
+        medqa.trainer, "time", types.SimpleNamespace(perf_counter=lambda: real_time.perf_counter() + offset[0])
+    )
     real = medqa.trainer.evaluate_answer_loss
 
     def slow(*args, **kwargs):
@@ -318,13 +348,20 @@ def test_step_time_excludes_evaluation(tmp_path, monkeypatch):
 def test_sanity_warning_in_the_cli_and_metrics(tmp_path, capsys):
     """A model worse than uniform guessing (the random tiny model, not flagged as the demo's) is reported loudly."""
     from conftest import demo_config
+
     from medqa.cli import main
 
     prepare(demo_config(tmp_path))
     capsys.readouterr()
-    args = ["baseline", "--config", str(REPO / "configs" / "demo.yaml"), f"workdir={tmp_path}",
-            f"data.source={REPO / 'data' / 'sample' / 'healthcaremagic_sample.json'}", "model.tiny.enabled=false",
-            "scoring.bootstrap_samples=0"]
+    args = [
+        "baseline",
+        "--config",
+        str(REPO / "configs" / "demo.yaml"),
+        f"workdir={tmp_path}",
+        f"data.source={REPO / 'data' / 'sample' / 'healthcaremagic_sample.json'}",
+        "model.tiny.enabled=false",
+        "scoring.bootstrap_samples=0",
+    ]
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "WARNING" in err and "worse than guessing uniformly" in err and "data.question_field" in err
@@ -344,8 +381,9 @@ def test_run_fingerprint_covers_what_picks_the_checkpoint_and_ignores_paths():
     from medqa.train import RUN_SECTIONS as sections
 
     def same(*overrides):
-        return determining_config(load_config(REPO / "configs" / "demo.yaml", list(overrides)), sections) == \
-            determining_config(base, sections)
+        return determining_config(
+            load_config(REPO / "configs" / "demo.yaml", list(overrides)), sections
+        ) == determining_config(base, sections)
 
     assert not same("scoring.max_examples=5")  # it sets the validation examples that choose the best checkpoint
     assert not same("train.learning_rate=0.5") and not same("lora.r=4") and not same("data.seed=1")
@@ -358,6 +396,7 @@ def test_old_encoding_rule_makes_tokenized_data_stale():
     from unittest import mock
 
     from conftest import demo_config
+
     from medqa import workdir as data_mod
 
     cfg = demo_config(REPO)

@@ -6,11 +6,16 @@ import json
 
 import pandas as pd
 import pytest
+from conftest import REPO, SAMPLE, copy_workdir, demo_config, prepare_demo
 
-from conftest import copy_workdir, prepare_demo, REPO, SAMPLE, demo_config
-
-QUICK = ["train.epochs=1", "train.eval_steps=20", "train.logging_steps=10", "scoring.bootstrap_samples=200",
-         "tune.num_samples=2", "evaluate.num_questions=6"]
+QUICK = [
+    "train.epochs=1",
+    "train.eval_steps=20",
+    "train.logging_steps=10",
+    "scoring.bootstrap_samples=200",
+    "tune.num_samples=2",
+    "evaluate.num_questions=6",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +35,20 @@ def test_search_writes_results_and_best(searched):
     cfg, result = searched
     table = pd.read_csv(result.experiment_dir / "results.csv")
     assert len(table) == 2
-    assert {"learning_rate", "weight_decay", "best_val_answer_loss", "best_val_answer_perplexity", "steps",
-            "status", "attempts"} <= set(table.columns)
+    assert {
+        "learning_rate",
+        "weight_decay",
+        "best_val_answer_loss",
+        "best_val_answer_perplexity",
+        "steps",
+        "status",
+        "attempts",
+    } <= set(table.columns)
     assert table["learning_rate"].between(*cfg.tune.learning_rate).all()
     assert set(table["status"]) <= {"completed", "stopped early"}
     # ASHA's max_t is the Trainer's own step count, so no trial is cut before its last steps by rounding.
-    from medqa.workdir import load_split
     from medqa.train import planned_steps
+    from medqa.workdir import load_split
 
     assert (table["max_steps"] == planned_steps(cfg, load_split(cfg, "train"))).all()
     assert (table.loc[table["status"] == "completed", "steps"] == table["max_steps"].max()).all()
@@ -45,7 +57,9 @@ def test_search_writes_results_and_best(searched):
     best = json.loads((result.best_dir / "trial.json").read_text())
     assert best["best_val_answer_loss"] == pytest.approx(table["best_val_answer_loss"].min())  # tune.objective default
     # each trial's kept checkpoint with its PubMedQA dev scores (demo: scoring.knowledge_questions=8), the chosen one
-    assert {"best_val_objective", "gain", "knowledge_acc", "knowledge_change", "eligible", "chosen"} <= set(table.columns)
+    assert {"best_val_objective", "gain", "knowledge_acc", "knowledge_change", "eligible", "chosen"} <= set(
+        table.columns
+    )
     assert (table["best_val_objective"] == table["best_val_answer_loss"]).all()
     assert table["chosen"].sum() == 1 and table.loc[table["chosen"], "trial"].item() == best["trial"]
     assert best["selection"]["objective"] == "answer_loss" and best["selection"]["eligible"]
@@ -121,15 +135,29 @@ def test_interrupted_search_resumes_without_rerunning(prepared, tmp_path, sig):
     workdir = copy_workdir(prepared, tmp_path)
     args = [f"workdir={workdir}", *QUICK, "tune.max_concurrent=1", "tune.grace_period=5", "train.epochs=2"]
     log = open(tmp_path / "tune.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "medqa", "tune", "--config", str(REPO / "configs" / "demo.yaml"),
-                             f"data.source={SAMPLE}", *args], stdout=log, stderr=subprocess.STDOUT,
-                            env=os.environ.copy(), cwd=REPO)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "medqa",
+            "tune",
+            "--config",
+            str(REPO / "configs" / "demo.yaml"),
+            f"data.source={SAMPLE}",
+            *args,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=os.environ.copy(),
+        cwd=REPO,
+    )
     try:
         deadline = time.time() + 240
         # Finished for Ray means recorded as TERMINATED in its experiment state (the trial's own log comes first).
         while not list((workdir / "outputs").glob(f"ray_*/{FINISHED}")) or "TERMINATED" not in _ray_state(workdir):
-            assert proc.poll() is None and time.time() < deadline, \
+            assert proc.poll() is None and time.time() < deadline, (
                 "the search ended before it could be interrupted:\n" + (tmp_path / "tune.log").read_text()[-3000:]
+            )
             time.sleep(0.5)
         proc.send_signal(getattr(signal, sig))
         proc.wait(timeout=120)
@@ -176,8 +204,9 @@ def test_evaluate_report(searched):
     # how the search chose its adapter: every trial's gain and dev knowledge change, drawn in outputs/tradeoff.png
     search = report["search"]
     assert len(search["trials"]) == 2 and sum(t["chosen"] for t in search["trials"]) == 1
-    assert all(t["knowledge_change"] == pytest.approx(t["knowledge_acc"] - t["knowledge_base_acc"])
-               for t in search["trials"])
+    assert all(
+        t["knowledge_change"] == pytest.approx(t["knowledge_acc"] - t["knowledge_base_acc"]) for t in search["trials"]
+    )
     assert "## Choosing the adapter" in md and "![gain vs knowledge kept per trial](tradeoff.png)" in md
     assert (cfg.root / "outputs" / "tradeoff.png").exists()
 
@@ -189,7 +218,19 @@ def test_ask_ends_with_disclaimer(searched, tmp_path, capsys):
     cfg, result = searched
     questions = tmp_path / "q.txt"
     questions.write_text("I have a sore throat since two days.\n\nMy knee hurts when I climb stairs.\n")
-    rc = main(["ask", "--config", str(REPO / "configs" / "demo.yaml"), f"workdir={cfg.root}", "--file", str(questions),
-               "What helps against a dry cough?", "--adapter", str(result.best_dir), "generate.max_new_tokens=12"])
+    rc = main(
+        [
+            "ask",
+            "--config",
+            str(REPO / "configs" / "demo.yaml"),
+            f"workdir={cfg.root}",
+            "--file",
+            str(questions),
+            "What helps against a dry cough?",
+            "--adapter",
+            str(result.best_dir),
+            "generate.max_new_tokens=12",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and out.count(DISCLAIMER) == 3 and "dry cough" in out and "knee" in out

@@ -34,8 +34,12 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_raw_cell
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
-ORDER = ["data_preparation", "model_selection_and_setup", "peft_finetuning_and_logging",
-         "raytune-peft-finetune-final"]  # --execute runs them in this order: each reads what the previous wrote
+ORDER = [
+    "data_preparation",
+    "model_selection_and_setup",
+    "peft_finetuning_and_logging",
+    "raytune-peft-finetune-final",
+]  # --execute runs them in this order: each reads what the previous wrote
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
 
 MAX_PNG_BYTES = 100_000
@@ -47,6 +51,7 @@ PROGRESS = re.compile(r"\d+%\|.*\||\|\s*\d+/\d+\s*\[|\d+(\.\d+)?(it|s)/(s|it)\]"
 
 
 # ---- sources and sync ---------------------------------------------------------------------------------------
+
 
 def pairs(folder: Path = NOTEBOOKS, only: list[str] | None = None) -> list[tuple[Path, Path]]:
     """(source .py, notebook .ipynb) per notebook in `folder`, in ORDER, then the rest by name."""
@@ -86,8 +91,9 @@ def merge(source, existing, stem: str):
     taken = {c.get("id") for c in old if c.get("id")}
     cells, last = [], -1
     for cell in source.cells:
-        same = [j for j, o in enumerate(old)
-                if j not in used and o.cell_type == cell.cell_type and o.source == cell.source]
+        same = [
+            j for j, o in enumerate(old) if j not in used and o.cell_type == cell.cell_type and o.source == cell.source
+        ]
         j = next((j for j in same if j > last), same[0] if same else None)
         if j is not None:
             used.add(j)
@@ -126,6 +132,7 @@ def write(nb, path: Path) -> bool:
 
 # ---- execution and output cleaning --------------------------------------------------------------------------
 
+
 def parameters_cell(nb):
     cell = next((c for c in nb.cells if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])), None)
     if cell is None:
@@ -142,8 +149,14 @@ def execute(nb, config: str, overrides: list[str], smoke: bool = False, timeout:
     original = params.source
     params.source = original + f"\nCONFIG = {config!r}\nOVERRIDES = {list(overrides)!r}\nSMOKE = {smoke!r}\n"
     try:
-        NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False, coalesce_streams=True,
-                       resources={"metadata": {"path": str(ROOT)}}).execute()
+        NotebookClient(
+            nb,
+            timeout=timeout,
+            kernel_name="python3",
+            record_timing=False,
+            coalesce_streams=True,
+            resources={"metadata": {"path": str(ROOT)}},
+        ).execute()
     finally:
         params.source = original
     return nb
@@ -151,8 +164,14 @@ def execute(nb, config: str, overrides: list[str], smoke: bool = False, timeout:
 
 def local_paths() -> list[tuple[str, str]]:
     """(local folder, placeholder), longest first, for the folders outputs may name."""
-    found = {str(ROOT): ".", sys.prefix: "<python>", sys.base_prefix: "<python>", str(Path.home()): "~",
-             tempfile.gettempdir(): "<tmp>", os.path.realpath(tempfile.gettempdir()): "<tmp>"}
+    found = {
+        str(ROOT): ".",
+        sys.prefix: "<python>",
+        sys.base_prefix: "<python>",
+        str(Path.home()): "~",
+        tempfile.gettempdir(): "<tmp>",
+        os.path.realpath(tempfile.gettempdir()): "<tmp>",
+    }
     return sorted(((p, r) for p, r in found.items() if len(p) > 1), key=lambda pr: -len(pr[0]))
 
 
@@ -187,8 +206,9 @@ def shrink_png(data: str, limit: int = MAX_PNG_BYTES) -> str:
     while True:
         size = (max(1, int(img.width * scale)), max(1, int(img.height * scale)))
         out = io.BytesIO()
-        img.resize(size, Image.LANCZOS).convert("RGBA").quantize(256, method=Image.Quantize.FASTOCTREE) \
-            .save(out, format="PNG", optimize=True)
+        img.resize(size, Image.LANCZOS).convert("RGBA").quantize(256, method=Image.Quantize.FASTOCTREE).save(
+            out, format="PNG", optimize=True
+        )
         if out.tell() <= limit or scale < 0.2:
             return base64.b64encode(out.getvalue()).decode()
         scale *= 0.8
@@ -204,8 +224,12 @@ def clean_outputs(nb):
             continue
         outputs = []
         for out in cell.outputs:  # consecutive writes to one stream as one output
-            if (out.output_type == "stream" and outputs and outputs[-1].output_type == "stream"
-                    and outputs[-1].name == out.name):
+            if (
+                out.output_type == "stream"
+                and outputs
+                and outputs[-1].output_type == "stream"
+                and outputs[-1].name == out.name
+            ):
                 outputs[-1].text += out.text
             else:
                 outputs.append(out)
@@ -235,6 +259,7 @@ def clean_outputs(nb):
 
 # ---- command line -------------------------------------------------------------------------------------------
 
+
 def _show(path: Path) -> str:
     try:
         return str(path.resolve().relative_to(Path.cwd()))
@@ -243,9 +268,11 @@ def _show(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="with --execute: config overrides")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="only report notebooks out of step with their source")
@@ -268,14 +295,16 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if args.execute:
             # The kernel imports medqa from this checkout, whatever is installed.
-            os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"),
-                                                                     os.environ.get("PYTHONPATH")]))
+            os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
             print(f"executing {_show(ipynb)} on {args.execute} ...", flush=True)
             nb = clean_outputs(execute(nb, args.execute, args.overrides, smoke=args.smoke, timeout=args.timeout))
         print(("wrote " if write(nb, ipynb) else "unchanged ") + _show(ipynb))
     if stale:
-        print("out of step with their .py source (run python tools/sync_notebooks.py):",
-              *[_show(p) for p in stale], sep="\n  ")
+        print(
+            "out of step with their .py source (run python tools/sync_notebooks.py):",
+            *[_show(p) for p in stale],
+            sep="\n  ",
+        )
         return 1
     return 0
 

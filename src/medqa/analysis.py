@@ -7,8 +7,8 @@ import re
 
 import pandas as pd
 
-from medqa.schema import Config
 from medqa.prompts import IGNORE_INDEX
+from medqa.schema import Config
 from medqa.sources import read_records
 from medqa.workdir import SPLITS, load_records, load_split, paths, read_metrics
 
@@ -27,8 +27,17 @@ SPECIALTY_KEYWORDS: dict[str, list[str]] = {
     "pediatrics": ["my son", "my daughter", "baby", "infant", "child", "month old"],
 }
 URGENCY_KEYWORDS: dict[str, list[str]] = {
-    "emergency": ["emergency", "unconscious", "can't breathe", "cannot breathe", "severe bleeding", "suicid",
-                  "chest pain", "stroke", "seizure"],
+    "emergency": [
+        "emergency",
+        "unconscious",
+        "can't breathe",
+        "cannot breathe",
+        "severe bleeding",
+        "suicid",
+        "chest pain",
+        "stroke",
+        "seizure",
+    ],
     "urgent": ["severe", "bleeding", "high fever", "unbearable", "worsening", "blood in"],
     "routine": [],  # everything else
 }
@@ -45,8 +54,14 @@ def token_lengths(cfg: Config) -> pd.DataFrame:
         ds = load_split(cfg, s, limit=False)
         for labels in ds["labels"]:
             answer = sum(1 for label in labels if label != IGNORE_INDEX)
-            rows.append({"split": s, "prompt_tokens": len(labels) - answer, "answer_tokens": answer,
-                         "total_tokens": len(labels)})
+            rows.append(
+                {
+                    "split": s,
+                    "prompt_tokens": len(labels) - answer,
+                    "answer_tokens": answer,
+                    "total_tokens": len(labels),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -76,8 +91,9 @@ def urgency_counts(texts: list[str]) -> pd.Series:
     levels = dict.fromkeys(URGENCY_KEYWORDS, 0)
     for text in texts:
         low = text.lower()
-        level = next((name for name, words in URGENCY_KEYWORDS.items() if any(_matches(low, w) for w in words)),
-                     "routine")
+        level = next(
+            (name for name, words in URGENCY_KEYWORDS.items() if any(_matches(low, w) for w in words)), "routine"
+        )
         levels[level] += 1
     return pd.Series(levels, name="questions")
 
@@ -91,8 +107,17 @@ def before_after(cfg: Config, n: int = 5) -> pd.DataFrame:
             orig = raw[r["index"]]
             q0, a0 = str(orig[cfg.data.question_field]), str(orig[cfg.data.answer_field])
             changed = abs(len(a0) - len(r["answer"])) + abs(len(q0) - len(r["question"]))
-            rows.append({"split": s, "index": r["index"], "original_question": q0, "question": r["question"],
-                         "original_answer": a0, "answer": r["answer"], "chars_removed": changed})
+            rows.append(
+                {
+                    "split": s,
+                    "index": r["index"],
+                    "original_question": q0,
+                    "question": r["question"],
+                    "original_answer": a0,
+                    "answer": r["answer"],
+                    "chars_removed": changed,
+                }
+            )
     df = pd.DataFrame(rows)
     return df.sort_values(["chars_removed", "index"], ascending=[False, True]).head(n).reset_index(drop=True)
 
@@ -106,10 +131,20 @@ def metrics_frame(runs: dict[str, dict]) -> pd.DataFrame:
             if not m:
                 continue
             ci = m.get("answer_perplexity_ci95") or [float("nan"), float("nan")]
-            rows.append({"model": name, "split": split, "examples": m["examples"], "answer tokens": m["answer_tokens"],
-                         "answer_loss": m["answer_loss"], "answer_perplexity": m["answer_perplexity"],
-                         "95% CI low": ci[0], "95% CI high": ci[1], "bits/token": m["bits_per_token"],
-                         "sequence_perplexity": m["sequence_perplexity"]})
+            rows.append(
+                {
+                    "model": name,
+                    "split": split,
+                    "examples": m["examples"],
+                    "answer tokens": m["answer_tokens"],
+                    "answer_loss": m["answer_loss"],
+                    "answer_perplexity": m["answer_perplexity"],
+                    "95% CI low": ci[0],
+                    "95% CI high": ci[1],
+                    "bits/token": m["bits_per_token"],
+                    "sequence_perplexity": m["sequence_perplexity"],
+                }
+            )
     return pd.DataFrame(rows).set_index(["split", "model"]).sort_index()
 
 

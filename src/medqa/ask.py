@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from medqa.cleaning import clean_text
-from medqa.schema import Config
 from medqa.errors import DataError
 from medqa.generate import generate_answers
 from medqa.modeling import load_adapter_model, load_model, load_tokenizer
+from medqa.schema import Config
 
 DISCLAIMER = "(Not medical advice: a research model's answer. See a doctor about your health.)"
 

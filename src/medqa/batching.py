@@ -55,9 +55,11 @@ class BatchPlan:
         return {**asdict(self), "tokens_per_batch": self.tokens_per_batch, "tokens_per_step": self.tokens_per_step}
 
     def describe(self) -> str:
-        return (f"{self.rows_per_batch} rows x {self.row_tokens} tokens = {self.tokens_per_batch:,} tokens per "
-                f"micro-batch ({self.how}), x {self.grad_accum} accumulation = {self.tokens_per_step:,} tokens per "
-                "optimizer step")
+        return (
+            f"{self.rows_per_batch} rows x {self.row_tokens} tokens = {self.tokens_per_batch:,} tokens per "
+            f"micro-batch ({self.how}), x {self.grad_accum} accumulation = {self.tokens_per_step:,} tokens per "
+            "optimizer step"
+        )
 
 
 def _dims(model_config) -> tuple[int, int, int, int]:
@@ -92,8 +94,9 @@ def eval_bytes_per_token(model_config) -> int:
     return 4 * vocab + 2 * (4 * hidden + ffn)
 
 
-def budget_from_memory(free_bytes: int, bytes_per_token: int, row_tokens: int, fixed_bytes: int = 0,
-                       cap: int = MAX_AUTO_TOKENS) -> int:
+def budget_from_memory(
+    free_bytes: int, bytes_per_token: int, row_tokens: int, fixed_bytes: int = 0, cap: int = MAX_AUTO_TOKENS
+) -> int:
     """Tokens per micro-batch that fit in MEMORY_FRACTION of `free_bytes` (minus `fixed_bytes`), as whole rows of
     `row_tokens`, at least one row and at most `cap` tokens."""
     usable = max(free_bytes * MEMORY_FRACTION - fixed_bytes, 0)
@@ -112,8 +115,9 @@ def cuda_free_bytes(device=None) -> int | None:
     return int(free)
 
 
-def plan_batches(train_cfg, row_tokens: int, model_config=None, free_bytes: int | None = None,
-                 world: int = 1) -> BatchPlan:
+def plan_batches(
+    train_cfg, row_tokens: int, model_config=None, free_bytes: int | None = None, world: int = 1
+) -> BatchPlan:
     """The micro-batch and accumulation for packed training (see the module docstring).
 
     `free_bytes` is the CUDA device's free memory (None off CUDA); `model_config` sizes the auto budget. With
@@ -129,17 +133,21 @@ def plan_batches(train_cfg, row_tokens: int, model_config=None, free_bytes: int 
         cap = t.tokens_per_step or MAX_AUTO_TOKENS
         tokens = budget_from_memory(free_bytes, per_token, row_tokens, fixed_bytes=chunk_bytes, cap=cap)
         rows = tokens // row_tokens
-        how = (f"auto: {free_bytes / 2**30:.1f} GiB free on the GPU, about {per_token / 2**20:.2f} MiB per token, "
-               f"{MEMORY_FRACTION:.0%} of it used")
+        how = (
+            f"auto: {free_bytes / 2**30:.1f} GiB free on the GPU, about {per_token / 2**20:.2f} MiB per token, "
+            f"{MEMORY_FRACTION:.0%} of it used"
+        )
     else:
         rows, how = t.batch_size, f"train.batch_size={t.batch_size} rows"
     if not t.tokens_per_step:
         return BatchPlan(rows, row_tokens, t.grad_accum, how)
     step_rows = max(1, t.tokens_per_step // row_tokens)
     if step_rows % world:
-        raise ConfigError(f"train.tokens_per_step={t.tokens_per_step} is {step_rows} rows of {row_tokens} tokens, "
-                          f"which do not split evenly over {world} processes. Use a multiple of {world} x "
-                          f"{row_tokens} = {world * row_tokens} tokens, so every process runs the same rows.")
+        raise ConfigError(
+            f"train.tokens_per_step={t.tokens_per_step} is {step_rows} rows of {row_tokens} tokens, "
+            f"which do not split evenly over {world} processes. Use a multiple of {world} x "
+            f"{row_tokens} = {world * row_tokens} tokens, so every process runs the same rows."
+        )
     step_rows //= world
     # The largest micro-batch that fits and divides the step, so every step holds exactly step_rows rows.
     rows = max(r for r in range(1, min(rows, step_rows) + 1) if step_rows % r == 0)
@@ -160,7 +168,7 @@ def length_budget_batches(lengths: list[int], batch_size: int, max_tokens: int =
     examples as fit in max_tokens once padded to its longest (first) one; otherwise `batch_size` examples."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     if not max_tokens:
-        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     out: list[list[int]] = []
     for i in order:
         if out and (len(out[-1]) + 1) * lengths[out[-1][0]] <= max_tokens:

@@ -60,8 +60,10 @@ def benchmark(cfg: Config) -> BenchmarkResult:
     start = time.perf_counter()
     names = list(cfg.evaluate.benchmarks)
     if not names:
-        raise ConfigError("evaluate.benchmarks is empty: name the lm-eval tasks to run, e.g. "
-                          "`medqa benchmark --config configs/demo.yaml evaluate.benchmarks=[pubmedqa_local]`.")
+        raise ConfigError(
+            "evaluate.benchmarks is empty: name the lm-eval tasks to run, e.g. "
+            "`medqa benchmark --config configs/demo.yaml evaluate.benchmarks=[pubmedqa_local]`."
+        )
     out = paths(cfg).benchmarks
     task_manager = build_task_manager(cfg, out / "tasks")
     check_tasks(names, task_manager)  # every task's data, before a model is loaded
@@ -96,9 +98,21 @@ def write_local_pubmedqa(cfg: Config, folder: Path) -> Path:
         items = pubmedqa_subset(items, cfg.evaluate.benchmark_questions, cfg.seed)
     folder.mkdir(parents=True, exist_ok=True)
     docs = folder / "pubmedqa_local.jsonl"
-    docs.write_text("".join(json.dumps({"id": str(x.get("id", i)), "QUESTION": x["question"],
-                                        "CONTEXTS": x["contexts"], "final_decision": x["answer"]}) + "\n"
-                            for i, x in enumerate(items)), encoding="utf-8")
+    docs.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": str(x.get("id", i)),
+                    "QUESTION": x["question"],
+                    "CONTEXTS": x["contexts"],
+                    "final_decision": x["answer"],
+                }
+            )
+            + "\n"
+            for i, x in enumerate(items)
+        ),
+        encoding="utf-8",
+    )
     upstream = Path(lm_eval.tasks.__file__).parent / "pubmedqa" / "pubmedqa.yaml"
     (folder / "pubmedqa_local.yaml").write_text(
         f"# Written by medqa benchmark: lm-eval's pubmedqa task on {len(items)} local questions.\n"
@@ -107,7 +121,9 @@ def write_local_pubmedqa(cfg: Config, folder: Path) -> Path:
         "dataset_path: json\n"
         "dataset_name: null\n"
         f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(docs.resolve()))}\n"
-        "training_split: null\nvalidation_split: null\ntest_split: test\n", encoding="utf-8")
+        "training_split: null\nvalidation_split: null\ntest_split: test\n",
+        encoding="utf-8",
+    )
     return folder
 
 
@@ -117,8 +133,10 @@ def build_task_manager(cfg: Config, folder: Path):
     try:
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise MedqaError("`medqa benchmark` needs lm-evaluation-harness: pip install 'lm-eval==0.4.13' (or "
-                         "pip install -e '.[benchmarks]'; `make setup` installs it).") from None
+        raise MedqaError(
+            "`medqa benchmark` needs lm-evaluation-harness: pip install 'lm-eval==0.4.13' (or "
+            "pip install -e '.[benchmarks]'; `make setup` installs it)."
+        ) from None
 
     builtin = any(name != LOCAL_PUBMEDQA for name in cfg.evaluate.benchmarks)
     return TaskManager(include_path=str(write_local_pubmedqa(cfg, folder)), include_defaults=builtin)
@@ -134,9 +152,11 @@ def check_tasks(names: list[str], task_manager) -> None:
         import difflib
 
         near = difflib.get_close_matches(unknown[0], task_manager.all_tasks, n=3)
-        raise BenchmarkDataError(f"evaluate.benchmarks: {unknown[0]!r} is not an lm-evaluation-harness task or group"
-                                 f"{f' (did you mean {near}?)' if near else ''}. `lm-eval ls tasks` lists them; "
-                                 f"{LOCAL_PUBMEDQA} is the shipped PubMedQA test split, offline.")
+        raise BenchmarkDataError(
+            f"evaluate.benchmarks: {unknown[0]!r} is not an lm-evaluation-harness task or group"
+            f"{f' (did you mean {near}?)' if near else ''}. `lm-eval ls tasks` lists them; "
+            f"{LOCAL_PUBMEDQA} is the shipped PubMedQA test split, offline."
+        )
     for name in names:
         try:
             get_task_dict([name], task_manager)
@@ -146,7 +166,8 @@ def check_tasks(names: list[str], task_manager) -> None:
                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Offline "
                 "(HF_DATASETS_OFFLINE=1 / HF_HUB_OFFLINE=1, as make sets them) a Hub task runs only when its data "
                 "set is already in the datasets cache (HF_HOME): run it once with network (HF_DATASETS_OFFLINE=0 "
-                f"HF_HUB_OFFLINE=0 medqa benchmark ...), or use {LOCAL_PUBMEDQA}, which needs none.") from None
+                f"HF_HUB_OFFLINE=0 medqa benchmark ...), or use {LOCAL_PUBMEDQA}, which needs none."
+            ) from None
 
 
 # ------------------------------------------------------------------------------------------------- runs
@@ -160,16 +181,29 @@ def run_tasks(cfg: Config, model, tokenizer, names: list[str], task_manager) -> 
     from lm_eval.models.huggingface import HFLM
 
     window = getattr(model.config, "max_position_embeddings", None)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=request_batch_size(cfg, model, window),
-              max_length=window, softmax_dtype=torch.float32)
+    lm = HFLM(
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=request_batch_size(cfg, model, window),
+        max_length=window,
+        softmax_dtype=torch.float32,
+    )
     limit = cfg.evaluate.benchmark_questions or None
     per_task_limit = {n: None if n == LOCAL_PUBMEDQA else limit for n in names}  # local: already the subset
     results = {}
     for name in names:  # one call per task: the local task is already cut to its questions, the others by limit
-        out = simple_evaluate(model=lm, tasks=[name], task_manager=task_manager, limit=per_task_limit[name],
-                              log_samples=True, bootstrap_iters=cfg.scoring.bootstrap_samples,
-                              random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
-                              fewshot_random_seed=cfg.seed)
+        out = simple_evaluate(
+            model=lm,
+            tasks=[name],
+            task_manager=task_manager,
+            limit=per_task_limit[name],
+            log_samples=True,
+            bootstrap_iters=cfg.scoring.bootstrap_samples,
+            random_seed=cfg.seed,
+            numpy_random_seed=cfg.seed,
+            torch_random_seed=cfg.seed,
+            fewshot_random_seed=cfg.seed,
+        )
         for key in ("results", "groups", "higher_is_better", "n-samples", "versions", "samples", "configs"):
             results.setdefault(key, {}).update(out.get(key) or {})
     results["dtype"] = scoring_dtype(cfg)
@@ -195,11 +229,13 @@ def write_run(folder: Path, run: dict) -> None:
 
     with atomic_dir(folder) as tmp:
         rest = {k: v for k, v in run.items() if k != "samples"}
-        (tmp / "results.json").write_text(json.dumps(rest, indent=2, default=handle_non_serializable) + "\n",
-                                          encoding="utf-8")
+        (tmp / "results.json").write_text(
+            json.dumps(rest, indent=2, default=handle_non_serializable) + "\n", encoding="utf-8"
+        )
         for task, samples in run["samples"].items():
             (tmp / f"samples_{task}.jsonl").write_text(
-                "".join(json.dumps(s, default=handle_non_serializable) + "\n" for s in samples), encoding="utf-8")
+                "".join(json.dumps(s, default=handle_non_serializable) + "\n" for s in samples), encoding="utf-8"
+            )
 
 
 # ------------------------------------------------------------------------------------------------- summary
@@ -215,24 +251,35 @@ def task_metrics(run: dict) -> dict[str, dict]:
                 continue
             stderr = row.get(f"{metric}_stderr,{filt}")
             table.setdefault(task, {})[metric if filt in ("", "none") else key] = {
-                "value": float(value), "stderr": float(stderr) if isinstance(stderr, (int, float)) else None}
+                "value": float(value),
+                "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+            }
     return table
 
 
 def per_question(run: dict, task: str, metric: str) -> dict:
     """doc_id -> the metric's per-question value from the logged samples (those that log one: acc, acc_norm, ...)."""
-    return {s["doc_id"]: float(s[metric]) for s in run.get("samples", {}).get(task, [])
-            if isinstance(s.get(metric), (int, float))}
+    return {
+        s["doc_id"]: float(s[metric])
+        for s in run.get("samples", {}).get(task, [])
+        if isinstance(s.get(metric), (int, float))
+    }
 
 
 def summarize(cfg: Config, runs: dict, seconds: dict, adapters: dict) -> dict:
     """Scores per model, and per fine-tuned model the change against the base: delta = model - base on the same
     questions, its 95% paired-bootstrap interval and p_lost, the share of resamples in which the model is not worse
     (small p: fine-tuning cost that score). Group rows (aggregates) get the change without a test."""
-    models = {name: {"adapter": adapters.get(name), "dir": slug(name), "seconds": seconds.get(name),
-                     "tasks": task_metrics(run),
-                     "questions": {t: int(n.get("effective", 0)) for t, n in run.get("n-samples", {}).items()}}
-              for name, run in runs.items()}
+    models = {
+        name: {
+            "adapter": adapters.get(name),
+            "dir": slug(name),
+            "seconds": seconds.get(name),
+            "tasks": task_metrics(run),
+            "questions": {t: int(n.get("effective", 0)) for t, n in run.get("n-samples", {}).items()},
+        }
+        for name, run in runs.items()
+    }
     base = runs.get("base")
     for name, run in runs.items():
         if name == "base" or base is None:
@@ -253,15 +300,23 @@ def summarize(cfg: Config, runs: dict, seconds: dict, adapters: dict) -> dict:
                     y = sign * np.array([b[i] for i in common])
                     test = paired_bootstrap(x, y, np.ones(len(common)), cfg.scoring.bootstrap_samples, cfg.seed)
                     ci = test["loss_delta_ci95"]
-                    entry.update(delta=sign * test["loss_delta"],
-                                 delta_ci95=sorted([sign * ci[0], sign * ci[1]]) if ci else None,
-                                 p_lost=test["p_value"])
+                    entry.update(
+                        delta=sign * test["loss_delta"],
+                        delta_ci95=sorted([sign * ci[0], sign * ci[1]]) if ci else None,
+                        p_lost=test["p_value"],
+                    )
                 vs.setdefault(task, {})[metric] = entry
         models[name]["vs_base"] = vs
     import lm_eval
 
-    return {"tasks": list(cfg.evaluate.benchmarks), "lm_eval": lm_eval.__version__, "model": model_path(cfg),
-            "dtype": scoring_dtype(cfg), "bootstrap_samples": cfg.scoring.bootstrap_samples, "models": models}
+    return {
+        "tasks": list(cfg.evaluate.benchmarks),
+        "lm_eval": lm_eval.__version__,
+        "model": model_path(cfg),
+        "dtype": scoring_dtype(cfg),
+        "bootstrap_samples": cfg.scoring.bootstrap_samples,
+        "models": models,
+    }
 
 
 def _fmt(x, spec: str) -> str:
@@ -270,8 +325,10 @@ def _fmt(x, spec: str) -> str:
 
 def knowledge_rows(summary: dict) -> list[str]:
     """The knowledge-kept table as markdown rows: task, metric, then per model score ± stderr and Δ vs base."""
-    lines = ["| task | metric | model | questions | score ± stderr | Δ vs base (95% CI) | p (lost) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| task | metric | model | questions | score ± stderr | Δ vs base (95% CI) | p (lost) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, m in summary["models"].items():
         for task, metrics in m["tasks"].items():
             for metric, s in metrics.items():
@@ -279,7 +336,9 @@ def knowledge_rows(summary: dict) -> list[str]:
                 ci = vs.get("delta_ci95")
                 err = f" ± {s['stderr']:.3f}" if s.get("stderr") is not None else ""
                 n = m["questions"].get(task, "-")
-                lines.append(f"| {task} | {metric} | {name} | {n} | {s['value']:.3f}{err} | "
-                             f"{_fmt(vs.get('delta'), '+.3f')}{f' ({ci[0]:+.3f} to {ci[1]:+.3f})' if ci else ''} | "
-                             f"{_fmt(vs.get('p_lost'), '.3f')} |")
+                lines.append(
+                    f"| {task} | {metric} | {name} | {n} | {s['value']:.3f}{err} | "
+                    f"{_fmt(vs.get('delta'), '+.3f')}{f' ({ci[0]:+.3f} to {ci[1]:+.3f})' if ci else ''} | "
+                    f"{_fmt(vs.get('p_lost'), '.3f')} |"
+                )
     return lines

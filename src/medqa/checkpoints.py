@@ -39,7 +39,7 @@ class CheckpointError(MedqaError):
 
 def _step(folder: Path) -> int:
     try:
-        return int(folder.name[len(PREFIX):])
+        return int(folder.name[len(PREFIX) :])
     except ValueError:
         return -1
 
@@ -110,8 +110,11 @@ def resumable_checkpoint(work: Path, processes: int = 1) -> Choice:
         why = problem(folder, processes)
         if why is None:
             if damaged:
-                log.warning("train.resume: %s; resuming from %s instead.", "; ".join(
-                    f"{p.name} is damaged ({w})" for p, w in damaged.items()), folder.name)
+                log.warning(
+                    "train.resume: %s; resuming from %s instead.",
+                    "; ".join(f"{p.name} is damaged ({w})" for p, w in damaged.items()),
+                    folder.name,
+                )
             return Choice(folder, damaged)
         damaged[folder] = why
     if damaged:
@@ -119,7 +122,8 @@ def resumable_checkpoint(work: Path, processes: int = 1) -> Choice:
         raise CheckpointError(
             f"Cannot resume: none of the {len(damaged)} checkpoints in {work} is intact ({listed}). Start the run "
             "again with train.resume=false (the damaged checkpoints are then removed), or restore an intact "
-            "checkpoint folder from a backup and run again with train.resume=true.")
+            "checkpoint folder from a backup and run again with train.resume=true."
+        )
     return Choice(None)
 
 

@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 from medqa.ask import ask, read_questions
 from medqa.baseline import baseline
-from medqa.chat import launch
 from medqa.benchmark import benchmark
+from medqa.chat import launch
 from medqa.config import describe_fields, load_config, resolved_yaml
 from medqa.distributed import is_main
 from medqa.errors import ConfigError, Interrupted, MedqaError
@@ -40,10 +40,14 @@ OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 def _prepare(cfg: Config, args: argparse.Namespace) -> None:
     result = prepare(cfg)
     r = result.report
-    print(f"read {r['read']}  kept {r['kept']}  rejected {sum(r['rejected'].values())} "
-          f"({describe_counts(r['rejected'])})  truncated {r['truncated']}")
-    print(f"wrote {result.data_dir}/{{train,val,test}}_data.json, rejected.jsonl, prepare_report.json and "
-          f"{result.tokenized_dir}/tokenized_{{train,val,test}}")
+    print(
+        f"read {r['read']}  kept {r['kept']}  rejected {sum(r['rejected'].values())} "
+        f"({describe_counts(r['rejected'])})  truncated {r['truncated']}"
+    )
+    print(
+        f"wrote {result.data_dir}/{{train,val,test}}_data.json, rejected.jsonl, prepare_report.json and "
+        f"{result.tokenized_dir}/tokenized_{{train,val,test}}"
+    )
 
 
 def _baseline(cfg: Config, args: argparse.Namespace) -> None:
@@ -115,15 +119,26 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], None], str]] = 
     "train": (_train, "LoRA fine-tuning with logged metrics; writes outputs/finetune/"),
     "tune": (_tune, "Ray Tune search over the training function; best adapter to outputs/best/"),
     "evaluate": (_evaluate, "final test comparison (perplexity, ROUGE, BLEU); writes outputs/report.md"),
-    "benchmark": (_benchmark, "lm-evaluation-harness tasks (evaluate.benchmarks, e.g. pubmedqa_local, offline) on the "
-                              "base, fine-tuned and best models; writes outputs/benchmarks/"),
+    "benchmark": (
+        _benchmark,
+        "lm-evaluation-harness tasks (evaluate.benchmarks, e.g. pubmedqa_local, offline) on the "
+        "base, fine-tuned and best models; writes outputs/benchmarks/",
+    ),
     "ask": (_ask, 'answer questions: medqa ask "question" [--adapter DIR] or --file questions.txt'),
-    "chat": (_chat, "a web page (Gradio, on 127.0.0.1) answering your questions with the base and fine-tuned models "
-                    "side by side, streamed; ratings go to outputs/chat/feedback.jsonl"),
-    "export": (_export, "merge outputs/finetune into the base model; save outputs/merged/; --push-to-hub REPO_ID "
-                        "uploads the adapter (or with --merged the merged model) with a model card (token: HF_TOKEN)"),
-    "make-tiny-model": (_make_tiny_model, "build the tiny offline BioGPT (tokenizer learned from the train split) "
-                                          "at model.name_or_path"),
+    "chat": (
+        _chat,
+        "a web page (Gradio, on 127.0.0.1) answering your questions with the base and fine-tuned models "
+        "side by side, streamed; ratings go to outputs/chat/feedback.jsonl",
+    ),
+    "export": (
+        _export,
+        "merge outputs/finetune into the base model; save outputs/merged/; --push-to-hub REPO_ID "
+        "uploads the adapter (or with --merged the merged model) with a model card (token: HF_TOKEN)",
+    ),
+    "make-tiny-model": (
+        _make_tiny_model,
+        "build the tiny offline BioGPT (tokenizer learned from the train split) at model.name_or_path",
+    ),
 }
 
 
@@ -137,33 +152,59 @@ def _fields_help() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="medqa", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="medqa",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fine-tune BioGPT (or any causal LM) with LoRA on patient questions and doctor answers.",
-        epilog=_fields_help())
+        epilog=_fields_help(),
+    )
     sub = parser.add_subparsers(dest="command", metavar="<stage>")
     for name, (_, description) in COMMANDS.items():
-        p = sub.add_parser(name, help=description, description=description, epilog=_fields_help(),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name,
+            help=description,
+            description=description,
+            epilog=_fields_help(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.add_argument("--config", help="YAML config file, e.g. configs/demo.yaml (default: built-in defaults)")
-        p.add_argument("--print-config", action="store_true", help="print the resolved config (every field, as YAML) and exit")
+        p.add_argument(
+            "--print-config", action="store_true", help="print the resolved config (every field, as YAML) and exit"
+        )
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
         if name == "export":
-            p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload to this Hub repository (e.g. user/medqa-biogpt)")
-            p.add_argument("--merged", action="store_true", help="with --push-to-hub: upload the merged model, not "
-                                                                   "the adapter")
+            p.add_argument(
+                "--push-to-hub", metavar="REPO_ID", help="upload to this Hub repository (e.g. user/medqa-biogpt)"
+            )
+            p.add_argument(
+                "--merged", action="store_true", help="with --push-to-hub: upload the merged model, not the adapter"
+            )
         if name == "chat":
-            p.add_argument("--adapter", help="LoRA adapter folder to compare with the base model (default: "
-                                             "outputs/finetune, else outputs/best)")
-            p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this "
-                                                               "machine only; 0.0.0.0 opens it to the network)")
+            p.add_argument(
+                "--adapter",
+                help="LoRA adapter folder to compare with the base model (default: "
+                "outputs/finetune, else outputs/best)",
+            )
+            p.add_argument(
+                "--host",
+                default="127.0.0.1",
+                help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)",
+            )
             p.add_argument("--port", type=int, help="port (default: 7860, or the next free one)")
-            p.add_argument("--share", action="store_true", help="also make a public gradio.live link (off; questions "
-                                                                 "and answers then leave this machine)")
+            p.add_argument(
+                "--share",
+                action="store_true",
+                help="also make a public gradio.live link (off; questions and answers then leave this machine)",
+            )
         if name == "ask":
             p.add_argument("--adapter", help="LoRA adapter folder, e.g. outputs/finetune or outputs/best")
             p.add_argument("--file", help="text file with one question per line")
-        p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides"
-                       + (' and the questions (any argument that is not key=value)' if name == "ask" else ""))
+        p.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="key=value",
+            help="dotted config overrides"
+            + (" and the questions (any argument that is not key=value)" if name == "ask" else ""),
+        )
     return parser
 
 
@@ -177,8 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     # For `ask`, arguments that are not `key=value` are the questions.
     positional = list(getattr(args, "overrides", [])) + extra
     overrides = [o for o in positional if OVERRIDE.match(o)]

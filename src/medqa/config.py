@@ -19,12 +19,40 @@ from typing import Any
 import yaml
 
 from medqa.errors import ConfigError
-from medqa.schema import (Config, DataConfig, EvaluateConfig, GenerateConfig, LoraConfig, ModelConfig,
-                          PromptConfig, ScoringConfig, SearchConfig, TinyModelConfig, TrainConfig)
+from medqa.schema import (
+    Config,
+    DataConfig,
+    EvaluateConfig,
+    GenerateConfig,
+    LoraConfig,
+    ModelConfig,
+    PromptConfig,
+    ScoringConfig,
+    SearchConfig,
+    TinyModelConfig,
+    TrainConfig,
+)
 
-__all__ = ["Config", "DataConfig", "EvaluateConfig", "GenerateConfig", "LoraConfig", "ModelConfig", "PromptConfig",
-           "ScoringConfig", "SearchConfig", "TinyModelConfig", "TrainConfig", "RENAMED", "config_from_dict",
-           "describe_fields", "differences", "load_config", "parse_overrides", "resolved_yaml"]
+__all__ = [
+    "Config",
+    "DataConfig",
+    "EvaluateConfig",
+    "GenerateConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "PromptConfig",
+    "ScoringConfig",
+    "SearchConfig",
+    "TinyModelConfig",
+    "TrainConfig",
+    "RENAMED",
+    "config_from_dict",
+    "describe_fields",
+    "differences",
+    "load_config",
+    "parse_overrides",
+    "resolved_yaml",
+]
 
 # Sections renamed since earlier releases: old YAML files and overrides still load, with a warning.
 RENAMED = {"eval": "scoring"}
@@ -72,8 +100,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
-        raise ConfigError(f"`{key}` must be of type {_type_name(tp)}, got {value!r} ({type(value).__name__}). "
-                          f"Fix the value in the YAML file or the `{key}=...` override.")
+        raise ConfigError(
+            f"`{key}` must be of type {_type_name(tp)}, got {value!r} ({type(value).__name__}). "
+            f"Fix the value in the YAML file or the `{key}=...` override."
+        )
     return value
 
 
@@ -86,8 +116,10 @@ def _apply(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
             valid = [f"{prefix}{n}" for n in names]
             close = difflib.get_close_matches(full, valid, n=1, cutoff=0.5)
             hint = f" Did you mean `{close[0]}`?" if close else ""
-            raise ConfigError(f"Unknown config key `{full}`.{hint} Valid keys here: {', '.join(valid)}. "
-                              "See `medqa --help` for every field.")
+            raise ConfigError(
+                f"Unknown config key `{full}`.{hint} Valid keys here: {', '.join(valid)}. "
+                "See `medqa --help` for every field."
+            )
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
@@ -105,8 +137,9 @@ def _renamed(values: dict[str, Any], where: str) -> dict[str, Any]:
     for old, new in RENAMED.items():
         if old in out:
             if new in out:
-                raise ConfigError(f"{where} sets both `{old}` and `{new}`; `{old}` is the old name of `{new}`. "
-                                  f"Keep only `{new}`.")
+                raise ConfigError(
+                    f"{where} sets both `{old}` and `{new}`; `{old}` is the old name of `{new}`. Keep only `{new}`."
+                )
             logging.getLogger(__name__).warning("%s: section `%s` is now called `%s`; rename it.", where, old, new)
             out[new] = out.pop(old)
     return out
@@ -143,8 +176,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"Config file {path} not found. Use one of the files under configs/, "
-                              "e.g. --config configs/demo.yaml.")
+            raise ConfigError(
+                f"Config file {path} not found. Use one of the files under configs/, e.g. --config configs/demo.yaml."
+            )
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
@@ -182,6 +216,7 @@ def describe_fields(obj: Any = None, prefix: str = "") -> list[tuple[str, str, s
 def differences(cfg: Config, base: Config | None = None) -> dict[str, Any]:
     """The nested mapping of the fields where `cfg` differs from `base` (default: the dataclass defaults): what
     a config file for `cfg` needs to hold."""
+
     def diff(a: dict, b: dict) -> dict:
         out = {}
         for key, value in a.items():
@@ -192,6 +227,7 @@ def differences(cfg: Config, base: Config | None = None) -> dict[str, Any]:
             elif value != b.get(key):
                 out[key] = value
         return out
+
     return diff(cfg.to_dict(), (base or Config()).to_dict())
 
 

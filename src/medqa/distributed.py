@@ -71,8 +71,12 @@ def init(timeout_seconds: int = 1800) -> None:
         PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=timeout_seconds))
     if is_main():
         timeout = group_timeout()
-        log.info("%d training processes (%s backend%s); rank 0 writes the outputs", world_size(),
-                 torch.distributed.get_backend(), f", collectives time out after {timeout:.0f} s" if timeout else "")
+        log.info(
+            "%d training processes (%s backend%s); rank 0 writes the outputs",
+            world_size(),
+            torch.distributed.get_backend(),
+            f", collectives time out after {timeout:.0f} s" if timeout else "",
+        )
 
 
 def group_timeout() -> float | None:
@@ -149,8 +153,9 @@ def shard(dataset):
 def answer_loss(model, dataset, pad_id: int, batch_size: int, tokens_per_batch: int = 0) -> dict:
     """Split-level metrics (no bootstrap) with each process scoring its `shard`: `metrics.summarize`, the one
     definition, on the scores `gather_scores` puts back together."""
-    return summarize(gather_scores(model, dataset, pad_id, batch_size, tokens_per_batch=tokens_per_batch),
-                     bootstrap_samples=0)
+    return summarize(
+        gather_scores(model, dataset, pad_id, batch_size, tokens_per_batch=tokens_per_batch), bootstrap_samples=0
+    )
 
 
 def gather_scores(model, dataset, pad_id: int, batch_size: int, progress: bool = False, tokens_per_batch: int = 0):

@@ -17,28 +17,35 @@ import numpy as np
 
 from medqa.artifacts import write_json, write_text_atomic
 from medqa.batching import eval_tokens_per_batch
-from medqa.schema import Config
 from medqa.errors import DataError
-from medqa.locks import locked
 from medqa.external import load_external
 from medqa.fallbacks import Fallbacks
 from medqa.generate import generate_answers
+from medqa.locks import locked
 from medqa.metrics import evaluate_answer_loss, paired_bootstrap, sanity_check
 from medqa.mixing import by_source, paired_by_source
 from medqa.modelcard import card_fields
-from medqa.records import describe_counts
+from medqa.modeling import is_tiny_model, load_adapter_model, load_model, load_tokenizer, model_path, scoring_dtype
+from medqa.plots import plot_tradeoff
 from medqa.pubmedqa import DEFAULT_TEST as DEFAULT_PUBMEDQA
 from medqa.pubmedqa import load_items as load_pubmedqa
 from medqa.pubmedqa import paired_comparison
-from medqa.pubmedqa import subset as pubmedqa_subset
 from medqa.pubmedqa import score_items as score_pubmedqa
+from medqa.pubmedqa import subset as pubmedqa_subset
 from medqa.pubmedqa import summarize as summarize_pubmedqa
-from medqa.modeling import is_tiny_model, load_adapter_model, load_model, load_tokenizer, model_path, scoring_dtype
-from medqa.textmetrics import BERTSCORE_OFF, bertscore, check_bertscore_encoder, generation_scores
-from medqa.plots import plot_tradeoff
+from medqa.records import describe_counts
+from medqa.schema import Config
 from medqa.selection import Rule
-from medqa.workdir import (adapter_inputs, candidate_adapters, load_records, load_split, paths, read_benchmarks,
-                           read_search)
+from medqa.textmetrics import BERTSCORE_OFF, bertscore, check_bertscore_encoder, generation_scores
+from medqa.workdir import (
+    adapter_inputs,
+    candidate_adapters,
+    load_records,
+    load_split,
+    paths,
+    read_benchmarks,
+    read_search,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +71,20 @@ def evaluate(cfg: Config) -> EvaluateResult:
     expected = adapter_inputs(cfg, tokenizer)
     missing = [i for i in ids if i not in records]
     if missing:
-        raise DataError(f"{paths(cfg).records('test')} does not hold {len(missing)} of the "
-                        "tokenized test examples (data/ and tokenized/ are out of step). Re-run `medqa prepare`.")
+        raise DataError(
+            f"{paths(cfg).records('test')} does not hold {len(missing)} of the "
+            "tokenized test examples (data/ and tokenized/ are out of step). Re-run `medqa prepare`."
+        )
     if cfg.evaluate.bertscore_model:  # fail now, not after the first model has been scored
         check_bertscore_encoder(cfg.evaluate.bertscore_model)
     models, answers, scores, warnings = {}, {}, {}, []
-    pubmedqa_items = (pubmedqa_subset(load_pubmedqa(cfg.evaluate.pubmedqa_file or DEFAULT_PUBMEDQA),
-                                      cfg.evaluate.pubmedqa_questions, cfg.seed)
-                      if cfg.evaluate.pubmedqa_questions else [])
+    pubmedqa_items = (
+        pubmedqa_subset(
+            load_pubmedqa(cfg.evaluate.pubmedqa_file or DEFAULT_PUBMEDQA), cfg.evaluate.pubmedqa_questions, cfg.seed
+        )
+        if cfg.evaluate.pubmedqa_questions
+        else []
+    )
     knowledge = {}
     external, external_report = load_external(cfg, tokenizer) if cfg.evaluate.external_test else (None, None)
     external_scores = {}
@@ -81,26 +94,44 @@ def evaluate(cfg: Config) -> EvaluateResult:
         # seen these test questions.
         model = load_model(cfg) if adapter is None else load_adapter_model(cfg, adapter, expected)
         budget = eval_tokens_per_batch(cfg.scoring.tokens_per_batch, model)
-        metrics, per_example = evaluate_answer_loss(model, test, tokenizer.pad_token_id, cfg.scoring.batch_size,
-                                                    cfg.scoring.bootstrap_samples, cfg.seed, progress=True,
-                                                    tokens_per_batch=budget)
+        metrics, per_example = evaluate_answer_loss(
+            model,
+            test,
+            tokenizer.pad_token_id,
+            cfg.scoring.batch_size,
+            cfg.scoring.bootstrap_samples,
+            cfg.seed,
+            progress=True,
+            tokens_per_batch=budget,
+        )
         scores[name] = per_example
         if cfg.data.sources:  # each source's test examples alone, beside the overall figure
             metrics["by_source"] = by_source(cfg, "test", per_example)
         answers[name] = generate_answers(model, tokenizer, cfg, questions, fallbacks=fallbacks)
-        models[name] = {"adapter": str(adapter) if adapter else None, "test": metrics, "dtype": scoring_dtype(cfg),
-                        "generation": generation_scores(answers[name], references)}
+        models[name] = {
+            "adapter": str(adapter) if adapter else None,
+            "test": metrics,
+            "dtype": scoring_dtype(cfg),
+            "generation": generation_scores(answers[name], references),
+        }
         if cfg.evaluate.bertscore_model:
-            models[name]["generation"].update(bertscore(answers[name], references, cfg.evaluate.bertscore_model,
-                                                        cfg.evaluate.bertscore_layers))
+            models[name]["generation"].update(
+                bertscore(answers[name], references, cfg.evaluate.bertscore_model, cfg.evaluate.bertscore_layers)
+            )
         # The same gate as baseline and train (log, stderr); only the untrained tiny demo model is expected to fail.
         warning = sanity_check({"test": metrics}, len(tokenizer), name, quiet=adapter is None and is_tiny_model(cfg))
         if warning:
             warnings.append(warning)
         if external is not None:  # another data set: does the gain generalise?
             models[name]["external"], external_scores[name] = evaluate_answer_loss(
-                model, external, tokenizer.pad_token_id, cfg.scoring.batch_size, cfg.scoring.bootstrap_samples, cfg.seed,
-                tokens_per_batch=budget)
+                model,
+                external,
+                tokenizer.pad_token_id,
+                cfg.scoring.batch_size,
+                cfg.scoring.bootstrap_samples,
+                cfg.seed,
+                tokens_per_batch=budget,
+            )
         if pubmedqa_items:  # did fine-tuning keep the base model's biomedical knowledge?
             knowledge[name] = score_pubmedqa(model, tokenizer, pubmedqa_items, cfg.scoring.batch_size)
             models[name]["pubmedqa"] = summarize_pubmedqa(knowledge[name], cfg.scoring.bootstrap_samples, cfg.seed)
@@ -109,27 +140,44 @@ def evaluate(cfg: Config) -> EvaluateResult:
     base = scores["base"]
     for name in models:
         if name != "base":
-            models[name]["vs_base"] = paired_bootstrap(base.answer_nll, scores[name].answer_nll, base.answer_tokens,
-                                                       cfg.scoring.bootstrap_samples, cfg.seed)
+            models[name]["vs_base"] = paired_bootstrap(
+                base.answer_nll, scores[name].answer_nll, base.answer_tokens, cfg.scoring.bootstrap_samples, cfg.seed
+            )
             if cfg.data.sources:
                 models[name]["vs_base_by_source"] = paired_by_source(cfg, "test", base, scores[name])
             if external_scores:
                 ext = external_scores["base"]
                 models[name]["external"]["vs_base"] = paired_bootstrap(
-                    ext.answer_nll, external_scores[name].answer_nll, ext.answer_tokens, cfg.scoring.bootstrap_samples,
-                    cfg.seed)
+                    ext.answer_nll,
+                    external_scores[name].answer_nll,
+                    ext.answer_tokens,
+                    cfg.scoring.bootstrap_samples,
+                    cfg.seed,
+                )
             if knowledge:
-                models[name]["pubmedqa"]["vs_base"] = paired_comparison(knowledge["base"], knowledge[name],
-                                                                        cfg.scoring.bootstrap_samples, cfg.seed)
-    samples = [{"question": q, "reference": r, **{name: answers[name][i] for name in models}}
-               for i, (q, r) in enumerate(zip(questions, references))]
-    report = {"model": model_path(cfg), "dtype": scoring_dtype(cfg), "sanity_warnings": warnings,
-              "external": external_report,
-              "bertscore": cfg.evaluate.bertscore_model or BERTSCORE_OFF,
-              "test_examples": len(ids), "generated": n_gen, "models": models,
-              "samples": samples, "model_card": card_fields(cfg), "benchmarks": read_benchmarks(cfg),
-              "fallbacks": fallbacks.records, "search": search_summary(cfg),
-              "seconds": round(time.perf_counter() - start, 2)}
+                models[name]["pubmedqa"]["vs_base"] = paired_comparison(
+                    knowledge["base"], knowledge[name], cfg.scoring.bootstrap_samples, cfg.seed
+                )
+    samples = [
+        {"question": q, "reference": r, **{name: answers[name][i] for name in models}}
+        for i, (q, r) in enumerate(zip(questions, references))
+    ]
+    report = {
+        "model": model_path(cfg),
+        "dtype": scoring_dtype(cfg),
+        "sanity_warnings": warnings,
+        "external": external_report,
+        "bertscore": cfg.evaluate.bertscore_model or BERTSCORE_OFF,
+        "test_examples": len(ids),
+        "generated": n_gen,
+        "models": models,
+        "samples": samples,
+        "model_card": card_fields(cfg),
+        "benchmarks": read_benchmarks(cfg),
+        "fallbacks": fallbacks.records,
+        "search": search_summary(cfg),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
     out = paths(cfg)
     write_json(out.report_json, report)
     write_text_atomic(out.report_md, render_markdown(report, cfg.evaluate.samples_in_report))
@@ -142,15 +190,30 @@ def search_summary(cfg: Config) -> dict | None:
     search = read_search(cfg)
     if search is None:
         return None
-    keys = ("trial", "learning_rate", "weight_decay", "lora_r", "lora_targets", "lora_dropout", "status",
-            "best_step", "best_val_answer_loss", "gain", "knowledge_acc", "knowledge_base_acc", "knowledge_change",
-            "eligible", "chosen")
+    keys = (
+        "trial",
+        "learning_rate",
+        "weight_decay",
+        "lora_r",
+        "lora_targets",
+        "lora_dropout",
+        "status",
+        "best_step",
+        "best_val_answer_loss",
+        "gain",
+        "knowledge_acc",
+        "knowledge_base_acc",
+        "knowledge_change",
+        "eligible",
+        "chosen",
+    )
     trials = [{k: t[k] for k in keys if k in t} for t in search["trials"]]
     selection = search["chosen"].get("selection", {"objective": "answer_loss", "rule": "lowest val answer_loss"})
     plotted = any(t.get("gain") is not None and t.get("knowledge_change") is not None for t in trials)
     if plotted:
-        rule = Rule(**{k: selection[k] for k in ("objective", "max_knowledge_drop", "knowledge_weight")
-                       if k in selection})
+        rule = Rule(
+            **{k: selection[k] for k in ("objective", "max_knowledge_drop", "knowledge_weight") if k in selection}
+        )
         plot_tradeoff(trials, rule.drop_limit, paths(cfg).tradeoff)
     return {"selection": selection, "trials": trials, "plot": paths(cfg).tradeoff.name if plotted else None}
 
@@ -161,20 +224,28 @@ def _search_lines(report: dict) -> list[str]:
     if not s:
         return []
     sel = s["selection"]
-    lines = ["## Choosing the adapter", "",
-             f"`medqa tune` chose `tuned (best trial)` by tune.objective={sel['objective']}: {sel['rule']} (the same "
-             "rule chose each trial's checkpoint, and ASHA stopped trials on it). Gain: base val answer_loss minus "
-             "the trial's, in nats per answer token (> 0: better than the base). Knowledge: PubMedQA accuracy on the "
-             "dev questions (never the test ones), change against the base model.", ""]
+    lines = [
+        "## Choosing the adapter",
+        "",
+        f"`medqa tune` chose `tuned (best trial)` by tune.objective={sel['objective']}: {sel['rule']} (the same "
+        "rule chose each trial's checkpoint, and ASHA stopped trials on it). Gain: base val answer_loss minus "
+        "the trial's, in nats per answer token (> 0: better than the base). Knowledge: PubMedQA accuracy on the "
+        "dev questions (never the test ones), change against the base model.",
+        "",
+    ]
     if sel.get("eligible") is False:
         lines += [f"> **{sel.get('message')}**", ""]
-    lines += ["| trial | learning rate | val answer_loss | gain | dev accuracy | change | eligible | chosen |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "| trial | learning rate | val answer_loss | gain | dev accuracy | change | eligible | chosen |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for t in s["trials"]:
-        lines.append(f"| {t.get('trial')} | {_fmt(t.get('learning_rate'), '.2e')} | "
-                     f"{_fmt(t.get('best_val_answer_loss'), '.4f')} | {_fmt(t.get('gain'), '+.4f')} | "
-                     f"{_fmt(t.get('knowledge_acc'))} | {_fmt(t.get('knowledge_change'), '+.3f')} | "
-                     f"{_yes(t.get('eligible'))} | {'**yes**' if t.get('chosen') else ''} |")
+        lines.append(
+            f"| {t.get('trial')} | {_fmt(t.get('learning_rate'), '.2e')} | "
+            f"{_fmt(t.get('best_val_answer_loss'), '.4f')} | {_fmt(t.get('gain'), '+.4f')} | "
+            f"{_fmt(t.get('knowledge_acc'))} | {_fmt(t.get('knowledge_change'), '+.3f')} | "
+            f"{_yes(t.get('eligible'))} | {'**yes**' if t.get('chosen') else ''} |"
+        )
     lines.append("")
     if s.get("plot"):
         lines += [f"![gain vs knowledge kept per trial]({s['plot']})", ""]
@@ -191,10 +262,19 @@ def _bertscore_lines(report: dict) -> list[str]:
         return []
     if setting.startswith("BERTScore: off"):
         return [setting, ""]
-    rows = [f"| {name} | {m['generation']['bertscore_precision']:.4f} | {m['generation']['bertscore_recall']:.4f} | "
-            f"{m['generation']['bertscore_f1']:.4f} |" for name, m in report["models"].items()]
-    return [f"BERTScore of the generated answers (encoder `{setting}`, no idf, no rescaling):", "",
-            "| model | precision | recall | F1 |", "|---|---|---|---|", *rows, ""]
+    rows = [
+        f"| {name} | {m['generation']['bertscore_precision']:.4f} | {m['generation']['bertscore_recall']:.4f} | "
+        f"{m['generation']['bertscore_f1']:.4f} |"
+        for name, m in report["models"].items()
+    ]
+    return [
+        f"BERTScore of the generated answers (encoder `{setting}`, no idf, no rescaling):",
+        "",
+        "| model | precision | recall | F1 |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def _external_table(report: dict) -> list[str]:
@@ -203,26 +283,36 @@ def _external_table(report: dict) -> list[str]:
     if not ext:
         return []
     rejected = sum(ext["rejected"].values())
-    cut = (f"{ext['truncated']} of them cut at data.max_length ({ext['max_length']} tokens)" if "truncated" in ext
-           else "")
+    cut = (
+        f"{ext['truncated']} of them cut at data.max_length ({ext['max_length']} tokens)" if "truncated" in ext else ""
+    )
     overlap = ext.get("also_in_test")
-    lines = [f"## Another data set: {ext['name']}", "",
-             f"`{ext['source']}`: {ext['read']} records read, {ext['kept']} scored{f', {cut}' if cut else ''}; "
-             f"{rejected} left out ({describe_counts(ext['rejected'])}). Cleaned as the training data and never "
-             "split; questions also in our train or val split are left out (val chose the checkpoint)."
-             + ("" if overlap is None else
-                " None of the scored questions is also in the in-domain test split." if overlap == 0 else
-                f" {overlap} of the scored questions {'is' if overlap == 1 else 'are'} also in the in-domain test "
-                "split: kept (the answers come from another source), so the two test sets share that many questions."),
-             "",
-             "| model | answer_loss | answer perplexity | 95% CI | Δ loss vs base | p (paired bootstrap) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"## Another data set: {ext['name']}",
+        "",
+        f"`{ext['source']}`: {ext['read']} records read, {ext['kept']} scored{f', {cut}' if cut else ''}; "
+        f"{rejected} left out ({describe_counts(ext['rejected'])}). Cleaned as the training data and never "
+        "split; questions also in our train or val split are left out (val chose the checkpoint)."
+        + (
+            ""
+            if overlap is None
+            else " None of the scored questions is also in the in-domain test split."
+            if overlap == 0
+            else f" {overlap} of the scored questions {'is' if overlap == 1 else 'are'} also in the in-domain test "
+            "split: kept (the answers come from another source), so the two test sets share that many questions."
+        ),
+        "",
+        "| model | answer_loss | answer perplexity | 95% CI | Δ loss vs base | p (paired bootstrap) |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, m in report["models"].items():
         t, vs = m["external"], m["external"].get("vs_base", {})
         ci = t.get("answer_perplexity_ci95")
-        lines.append(f"| {name} | {t['answer_loss']:.4f} | {t['answer_perplexity']:.2f} | "
-                     f"{f'{ci[0]:.2f}–{ci[1]:.2f}' if ci else '-'} | {_fmt(vs.get('loss_delta'), '+.4f')} | "
-                     f"{_fmt(vs.get('p_value'), '.4f')} |")
+        lines.append(
+            f"| {name} | {t['answer_loss']:.4f} | {t['answer_perplexity']:.2f} | "
+            f"{f'{ci[0]:.2f}–{ci[1]:.2f}' if ci else '-'} | {_fmt(vs.get('loss_delta'), '+.4f')} | "
+            f"{_fmt(vs.get('p_value'), '.4f')} |"
+        )
     return lines + [""]
 
 
@@ -232,21 +322,32 @@ def _knowledge_table(report: dict) -> list[str]:
     if not rows:
         return []
     n = next(iter(rows.values()))["pubmedqa"]["questions"]
-    lines = ["## Knowledge kept", "",
-             f"PubMedQA ({n} expert-labelled test questions, zero-shot, lm-evaluation-harness's definition: the "
-             "answer with the highest log-likelihood among yes/no/maybe), beside the test answer-loss change.", "",
-             "| model | PubMedQA accuracy (95% CI) | macro-F1 | Δ accuracy vs base (95% CI) | p (lost accuracy) | "
-             "test answer perplexity | Δ answer_loss vs base |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Knowledge kept",
+        "",
+        f"PubMedQA ({n} expert-labelled test questions, zero-shot, lm-evaluation-harness's definition: the "
+        "answer with the highest log-likelihood among yes/no/maybe), beside the test answer-loss change.",
+        "",
+        "| model | PubMedQA accuracy (95% CI) | macro-F1 | Δ accuracy vs base (95% CI) | p (lost accuracy) | "
+        "test answer perplexity | Δ answer_loss vs base |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, m in rows.items():
         p, vs = m["pubmedqa"], m["pubmedqa"].get("vs_base", {})
         ci = p.get("acc_ci95")
         dci = vs.get("acc_delta_ci95")
-        lines.append(f"| {name} | {p['acc']:.3f}{f' ({ci[0]:.3f}–{ci[1]:.3f})' if ci else ''} | {p['macro_f1']:.3f} | "
-                     f"{_fmt(vs.get('acc_delta'), '+.3f')}{f' ({dci[0]:+.3f} to {dci[1]:+.3f})' if dci else ''} | "
-                     f"{_fmt(vs.get('p_value_lost'), '.3f')} | {m['test']['answer_perplexity']:.2f} | "
-                     f"{_fmt(m.get('vs_base', {}).get('loss_delta'), '+.4f')} |")
-    return lines + ["", "p (lost accuracy): share of paired bootstrap resamples in which the model is not worse than "
-                        "the base; a small p means fine-tuning cost PubMedQA accuracy.", ""]
+        lines.append(
+            f"| {name} | {p['acc']:.3f}{f' ({ci[0]:.3f}–{ci[1]:.3f})' if ci else ''} | {p['macro_f1']:.3f} | "
+            f"{_fmt(vs.get('acc_delta'), '+.3f')}{f' ({dci[0]:+.3f} to {dci[1]:+.3f})' if dci else ''} | "
+            f"{_fmt(vs.get('p_value_lost'), '.3f')} | {m['test']['answer_perplexity']:.2f} | "
+            f"{_fmt(m.get('vs_base', {}).get('loss_delta'), '+.4f')} |"
+        )
+    return lines + [
+        "",
+        "p (lost accuracy): share of paired bootstrap resamples in which the model is not worse than "
+        "the base; a small p means fine-tuning cost PubMedQA accuracy.",
+        "",
+    ]
 
 
 def _benchmark_table(report: dict) -> list[str]:
@@ -254,11 +355,16 @@ def _benchmark_table(report: dict) -> list[str]:
     b = report.get("benchmarks")
     if not b:
         return []
-    return ["## Knowledge kept: lm-evaluation-harness", "",
-            f"lm-eval {b['lm_eval']} on {', '.join(b['tasks'])} (zero-shot, {b['dtype']}; per-question logs in "
-            "outputs/benchmarks/). Δ: model - base on the same questions, 95% paired-bootstrap interval; p (lost): "
-            "share of resamples in which the model is not worse (small p: fine-tuning cost that score).", "",
-            *b["table"], ""]
+    return [
+        "## Knowledge kept: lm-evaluation-harness",
+        "",
+        f"lm-eval {b['lm_eval']} on {', '.join(b['tasks'])} (zero-shot, {b['dtype']}; per-question logs in "
+        "outputs/benchmarks/). Δ: model - base on the same questions, 95% paired-bootstrap interval; p (lost): "
+        "share of resamples in which the model is not worse (small p: fine-tuning cost that score).",
+        "",
+        *b["table"],
+        "",
+    ]
 
 
 def _fmt(x, spec=".3f") -> str:
@@ -271,16 +377,21 @@ def _source_table(report: dict) -> list[str]:
     names = [n for m in models.values() for n in (m["test"].get("by_source") or {})]
     if not names:
         return []
-    lines = ["## Per source (test split)", "",
-             "| model | source | examples | answer_loss | answer perplexity | 95% CI | Δ loss vs base | p |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Per source (test split)",
+        "",
+        "| model | source | examples | answer_loss | answer perplexity | 95% CI | Δ loss vs base | p |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, m in models.items():
         for source, t in (m["test"].get("by_source") or {}).items():
             vs = (m.get("vs_base_by_source") or {}).get(source, {})
             ci = t.get("answer_perplexity_ci95")
-            lines.append(f"| {name} | {source} | {t['examples']} | {t['answer_loss']:.4f} | "
-                         f"{t['answer_perplexity']:.2f} | {f'{ci[0]:.2f}–{ci[1]:.2f}' if ci else '-'} | "
-                         f"{_fmt(vs.get('loss_delta'), '+.4f')} | {_fmt(vs.get('p_value'), '.4f')} |")
+            lines.append(
+                f"| {name} | {source} | {t['examples']} | {t['answer_loss']:.4f} | "
+                f"{t['answer_perplexity']:.2f} | {f'{ci[0]:.2f}–{ci[1]:.2f}' if ci else '-'} | "
+                f"{_fmt(vs.get('loss_delta'), '+.4f')} | {_fmt(vs.get('p_value'), '.4f')} |"
+            )
     return lines + [""]
 
 
@@ -288,11 +399,14 @@ def render_markdown(report: dict, n_samples: int) -> str:
     lines = ["# medqa evaluation report", ""]
     for warning in report.get("sanity_warnings") or []:
         lines += [f"> **{warning}**", ""]
-    lines += [f"Test split: {report['test_examples']} examples; answers generated for {report['generated']}; every "
-              f"model scored in {report.get('dtype', 'its load dtype')}.", "",
-             "| model | test answer_loss | answer perplexity | 95% CI | Δ loss vs base | p (paired bootstrap) | "
-             "ROUGE-1 | ROUGE-2 | ROUGE-L | BLEU | mean words | empty | looping |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        f"Test split: {report['test_examples']} examples; answers generated for {report['generated']}; every "
+        f"model scored in {report.get('dtype', 'its load dtype')}.",
+        "",
+        "| model | test answer_loss | answer perplexity | 95% CI | Δ loss vs base | p (paired bootstrap) | "
+        "ROUGE-1 | ROUGE-2 | ROUGE-L | BLEU | mean words | empty | looping |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, m in report["models"].items():
         t, g, vs = m["test"], m["generation"], m.get("vs_base", {})
         ci = t.get("answer_perplexity_ci95")
@@ -300,10 +414,15 @@ def render_markdown(report: dict, n_samples: int) -> str:
             f"| {name} | {t['answer_loss']:.4f} | {t['answer_perplexity']:.2f} | "
             f"{f'{ci[0]:.2f}–{ci[1]:.2f}' if ci else '-'} | {_fmt(vs.get('loss_delta'), '+.4f')} | "
             f"{_fmt(vs.get('p_value'), '.4f')} | {g['rouge1']:.3f} | {g['rouge2']:.3f} | {g['rougeL']:.3f} | "
-            f"{g['bleu']:.2f} | {g['mean_words']:.1f} | {g['empty_share']:.0%} | {g['repetitive_share']:.0%} |")
-    lines += ["", "answer_loss: mean negative log-likelihood per answer token (nats) over all answer tokens of the "
-              "test split; perplexity = exp(answer_loss). p: share of paired bootstrap resamples in which the "
-              "model is not better than the base (one-sided).", ""]
+            f"{g['bleu']:.2f} | {g['mean_words']:.1f} | {g['empty_share']:.0%} | {g['repetitive_share']:.0%} |"
+        )
+    lines += [
+        "",
+        "answer_loss: mean negative log-likelihood per answer token (nats) over all answer tokens of the "
+        "test split; perplexity = exp(answer_loss). p: share of paired bootstrap resamples in which the "
+        "model is not better than the base (one-sided).",
+        "",
+    ]
     lines += _source_table(report)
     lines += _bertscore_lines(report)
     lines += _external_table(report)
@@ -315,8 +434,16 @@ def render_markdown(report: dict, n_samples: int) -> str:
         lines += [f"**Question.** {s['question']}", "", f"**Reference (doctor).** {s['reference']}", ""]
         lines += [f"**{name}.** {s[name] or '(empty)'}" + "\n" for name in report["models"]]
     card = report["model_card"]
-    lines += ["## Model card", "", f"- Base model: `{card['base_model']}`", f"- Data: {card['data']}",
-              f"- LoRA: {card['lora']}", f"- Training: {card['training']}",
-              f"- Intended use: {card['intended_use']}", f"- Limits: {card['limits']}",
-              f"- Licence of the data: {card['licence']}", ""]
+    lines += [
+        "## Model card",
+        "",
+        f"- Base model: `{card['base_model']}`",
+        f"- Data: {card['data']}",
+        f"- LoRA: {card['lora']}",
+        f"- Training: {card['training']}",
+        f"- Intended use: {card['intended_use']}",
+        f"- Limits: {card['limits']}",
+        f"- Licence of the data: {card['licence']}",
+        "",
+    ]
     return "\n".join(lines)

@@ -15,11 +15,19 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import Counter
+
 from medqa.cleaning import normalize_key
 from medqa.errors import DataError
 from medqa.prompts import encode_example
-from medqa.records import (Candidate, check_fields_present, check_record, dedupe, describe_counts, length_reject,
-                           write_rejects)
+from medqa.records import (
+    Candidate,
+    check_fields_present,
+    check_record,
+    dedupe,
+    describe_counts,
+    length_reject,
+    write_rejects,
+)
 from medqa.schema import Config
 from medqa.sources import read_records
 from medqa.workdir import load_records, paths
@@ -34,15 +42,25 @@ def load_external(cfg: Config, tokenizer) -> tuple[object, dict]:
         records = read_records(e.external_test)
     except DataError as exc:  # the reader names data.source; here the setting is evaluate.external_test
         raise DataError(str(exc).replace("data.source", "evaluate.external_test")) from None
-    check_fields_present(records, e.external_test,
-                         {"question": (e.external_question_field, "evaluate.external_question_field"),
-                          "answer": (e.external_answer_field, "evaluate.external_answer_field")})
+    check_fields_present(
+        records,
+        e.external_test,
+        {
+            "question": (e.external_question_field, "evaluate.external_question_field"),
+            "answer": (e.external_answer_field, "evaluate.external_answer_field"),
+        },
+    )
     if not records:
-        raise DataError(f"{e.external_test} holds no records. Point evaluate.external_test at a file of question/answer "
-                        "records.")
+        raise DataError(
+            f"{e.external_test} holds no records. Point evaluate.external_test at a file of question/answer records."
+        )
     # The same checks and cleaning as prepare, with this file's field names.
-    as_data = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, question_field=e.external_question_field,
-                                                                answer_field=e.external_answer_field))
+    as_data = dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(
+            cfg.data, question_field=e.external_question_field, answer_field=e.external_answer_field
+        ),
+    )
     # Questions the fine-tuned model trained on, or that chose its checkpoint (val), are not a test of anything.
     in_train: set[str] = set()
     for split in ("train", "val"):
@@ -69,21 +87,38 @@ def load_external(cfg: Config, tokenizer) -> tuple[object, dict]:
     rejected = sorted(rejected + duplicates, key=lambda r: r["index"])
     keep = {c.index for c in unique}
     kept = [(c, enc) for c, enc in zip(kept_cands, rows) if c.index in keep]
-    ds = datasets.Dataset.from_list([
-        {"id": f"x{c.index}", "input_ids": enc.input_ids, "attention_mask": [1] * len(enc.input_ids),
-         "labels": enc.labels, "length": len(enc.input_ids)} for c, enc in kept])
+    ds = datasets.Dataset.from_list(
+        [
+            {
+                "id": f"x{c.index}",
+                "input_ids": enc.input_ids,
+                "attention_mask": [1] * len(enc.input_ids),
+                "labels": enc.labels,
+                "length": len(enc.input_ids),
+            }
+            for c, enc in kept
+        ]
+    )
     in_test = {normalize_key(r["question"]) for r in load_records(cfg, "test")}
-    report = {"source": e.external_test, "name": e.external_name, "read": len(records), "kept": len(ds),
-              "rejected": dict(sorted(Counter(r["reason"] for r in rejected).items())),
-              "truncated": sum(enc.truncated for _, enc in kept), "max_length": cfg.data.max_length,
-              "also_in_test": sum(c.key in in_test for c, _ in kept)}
+    report = {
+        "source": e.external_test,
+        "name": e.external_name,
+        "read": len(records),
+        "kept": len(ds),
+        "rejected": dict(sorted(Counter(r["reason"] for r in rejected).items())),
+        "truncated": sum(enc.truncated for _, enc in kept),
+        "max_length": cfg.data.max_length,
+        "also_in_test": sum(c.key in in_test for c, _ in kept),
+    }
     assert report["read"] == report["kept"] + sum(report["rejected"].values())
     out = paths(cfg).external
     out.mkdir(parents=True, exist_ok=True)
     write_rejects(out / "rejected.jsonl", rejected)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     if len(ds) == 0:
-        raise DataError(f"{e.external_test}: none of its {len(records)} records could be scored (rejected: "
-                        f"{describe_counts(report['rejected'])}); every one is listed in {out / 'rejected.jsonl'}. Check the field "
-                        "names (evaluate.external_question_field, evaluate.external_answer_field).")
+        raise DataError(
+            f"{e.external_test}: none of its {len(records)} records could be scored (rejected: "
+            f"{describe_counts(report['rejected'])}); every one is listed in {out / 'rejected.jsonl'}. Check the field "
+            "names (evaluate.external_question_field, evaluate.external_answer_field)."
+        )
     return ds, report

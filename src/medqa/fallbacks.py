@@ -27,5 +27,9 @@ class Fallbacks:
         reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         reason = " ".join(reason.split())[:500]  # one line: a compiler error can be pages long
         self.records.append({"optimisation": optimisation, "reason": reason, "instead": instead})
-        log.warning("%s failed (%s); running %s instead: slower, the same numbers. Recorded under \"fallbacks\" in "
-                    "the metrics.", optimisation, reason, instead)
+        log.warning(
+            '%s failed (%s); running %s instead: slower, the same numbers. Recorded under "fallbacks" in the metrics.',
+            optimisation,
+            reason,
+            instead,
+        )

@@ -28,14 +28,15 @@ from functools import lru_cache
 log = logging.getLogger(__name__)
 
 
-def fast_encoder(tokenizer) -> "FastBioGptEncoder | None":
+def fast_encoder(tokenizer) -> FastBioGptEncoder | None:
     """The fast encoder for `tokenizer` when it is exactly transformers' BioGptTokenizer, else None."""
     if type(tokenizer).__name__ != "BioGptTokenizer" or type(tokenizer).__module__.split(".")[0] != "transformers":
         return None
     if getattr(tokenizer, "do_lower_case", False) or tokenizer.init_kwargs.get("do_lower_case"):
         return None  # not BioGPT's setting; the generic path handles it
-    if set(tokenizer.added_tokens_encoder) != set(_BIOGPT_SPECIALS.values()) or \
-            getattr(tokenizer, "split_special_tokens", False):
+    if set(tokenizer.added_tokens_encoder) != set(_BIOGPT_SPECIALS.values()) or getattr(
+        tokenizer, "split_special_tokens", False
+    ):
         return None  # tokens added to it (with their strip rules) are the generic path's business
     if any(str(getattr(tokenizer, name)) != token for name, token in _BIOGPT_SPECIALS.items()):
         return None
@@ -61,7 +62,9 @@ class FastBioGptEncoder:
         _guard_literal_regexes(moses)
         self.moses = moses
         added = list(tokenizer.added_tokens_encoder)
-        self._added = re.compile("|".join(re.escape(t) for t in sorted(added, key=len, reverse=True))) if added else None
+        self._added = (
+            re.compile("|".join(re.escape(t) for t in sorted(added, key=len, reverse=True))) if added else None
+        )
         self._added_ids = dict(tokenizer.added_tokens_encoder)
         self._vocab = tokenizer.encoder
         self._unk = tokenizer.encoder.get(tokenizer.unk_token)
@@ -73,9 +76,12 @@ class FastBioGptEncoder:
         tok = self.tokenizer
         merges = sorted(tok.bpe_ranks, key=tok.bpe_ranks.get)
         specials = {k: str(getattr(tok, k)) for k in ("bos_token", "eos_token", "sep_token", "unk_token", "pad_token")}
-        return {"vocab": json.dumps(tok.encoder, ensure_ascii=False),
-                "merges": "\n".join(f"{a} {b}" for a, b in merges) + "\n", "specials": json.dumps(specials),
-                "name_or_path": str(tok.name_or_path)}
+        return {
+            "vocab": json.dumps(tok.encoder, ensure_ascii=False),
+            "merges": "\n".join(f"{a} {b}" for a, b in merges) + "\n",
+            "specials": json.dumps(specials),
+            "name_or_path": str(tok.name_or_path),
+        }
 
     def __setstate__(self, state: dict) -> None:
         self._setup(_rebuild_biogpt(state["vocab"], state["merges"], state["specials"], state["name_or_path"]))
@@ -125,9 +131,11 @@ def _nonbreaking_prefixes(moses):
             if len(token) < 2 or token[-1] != ".":
                 continue
             prefix = token[:-1]
-            if (("." in prefix and isanyalpha(prefix))
-                    or (prefix in prefixes and prefix not in numeric_only)
-                    or (i != num_tokens - 1 and tokens[i + 1] and islower(tokens[i + 1][0]))):
+            if (
+                ("." in prefix and isanyalpha(prefix))
+                or (prefix in prefixes and prefix not in numeric_only)
+                or (i != num_tokens - 1 and tokens[i + 1] and islower(tokens[i + 1][0]))
+            ):
                 pass
             elif prefix in numeric_only and (i + 1) < num_tokens and tokens[i + 1][:1] in _DIGITS:
                 pass
@@ -164,14 +172,20 @@ def _guard_literal_regexes(moses) -> None:
             setattr(moses, name, (_Guarded(value[0], needed), value[1]))
         else:
             setattr(moses, name, [(_Guarded(r, needed), sub) for r, sub in value])
-    moses.MOSES_ESCAPE_XML_REGEXES = [(_Guarded(r, _ESCAPED[r.pattern]), sub)
-                                      for r, sub in moses.MOSES_ESCAPE_XML_REGEXES]
+    moses.MOSES_ESCAPE_XML_REGEXES = [
+        (_Guarded(r, _ESCAPED[r.pattern]), sub) for r, sub in moses.MOSES_ESCAPE_XML_REGEXES
+    ]
 
 
 # sacremoses attribute -> the literal character every one of its patterns requires
-GUARDS = {"ENGLISH_SPECIFIC_APOSTROPHE": "'", "COMMA_SEPARATE_1": ",", "COMMA_SEPARATE_2": ",",
-          "COMMA_SEPARATE_3": ",", "AGGRESSIVE_HYPHEN_SPLIT": "-"}
-_ESCAPED = {"&": "&", r"\|": "|", "<": "<", ">": ">", r"\'": "'", r'\"': '"', r"\[": "[", "]": "]"}
+GUARDS = {
+    "ENGLISH_SPECIFIC_APOSTROPHE": "'",
+    "COMMA_SEPARATE_1": ",",
+    "COMMA_SEPARATE_2": ",",
+    "COMMA_SEPARATE_3": ",",
+    "AGGRESSIVE_HYPHEN_SPLIT": "-",
+}
+_ESCAPED = {"&": "&", r"\|": "|", "<": "<", ">": ">", r"\'": "'", r"\"": '"', r"\[": "[", "]": "]"}
 
 
 @lru_cache(maxsize=4)
@@ -185,7 +199,8 @@ def _rebuild_biogpt(vocab: str, merges: str, specials: str, name_or_path: str):
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "vocab.json").write_text(vocab, encoding="utf-8")
         (Path(d) / "merges.txt").write_text(merges, encoding="utf-8")
-        tok = BioGptTokenizer(vocab_file=str(Path(d) / "vocab.json"), merges_file=str(Path(d) / "merges.txt"),
-                              **json.loads(specials))
+        tok = BioGptTokenizer(
+            vocab_file=str(Path(d) / "vocab.json"), merges_file=str(Path(d) / "merges.txt"), **json.loads(specials)
+        )
     tok.name_or_path = name_or_path
     return tok

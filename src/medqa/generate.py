@@ -13,13 +13,20 @@ from collections.abc import Iterator, Sequence
 
 from medqa.batching import eval_tokens_per_batch
 from medqa.fallbacks import Fallbacks
-from medqa.schema import Config
 from medqa.metrics import length_batches
 from medqa.prompts import eos_id, prompt_ids
+from medqa.schema import Config
 
 
-def generate_answers(model, tokenizer, cfg: Config, questions: list[str], max_new_tokens: int | None = None,
-                     batch_size: int | None = None, fallbacks: Fallbacks | None = None) -> list[str]:
+def generate_answers(
+    model,
+    tokenizer,
+    cfg: Config,
+    questions: list[str],
+    max_new_tokens: int | None = None,
+    batch_size: int | None = None,
+    fallbacks: Fallbacks | None = None,
+) -> list[str]:
     """Greedy (by default) answers, in the order of `questions`. Prompts are grouped by length and padded on
     the left, so every row's answer starts right after its own prompt. A static-cache failure is recorded in
     `fallbacks` (evaluate's report)."""
@@ -34,8 +41,10 @@ def generate_answers(model, tokenizer, cfg: Config, questions: list[str], max_ne
     # At most generate.batch_size prompts, and no more than fit the scoring token budget (prompt + new tokens per
     # row): a small GPU gets smaller batches instead of running out of memory.
     budget = eval_tokens_per_batch(cfg.scoring.tokens_per_batch, model)
-    for idx in _capped(length_batches([len(p) + max_new for p in prompts], batch_size or g.batch_size, budget),
-                       batch_size or g.batch_size):
+    for idx in _capped(
+        length_batches([len(p) + max_new for p in prompts], batch_size or g.batch_size, budget),
+        batch_size or g.batch_size,
+    ):
         ids, mask, width = _batch(tokenizer, [prompts[i] for i in idx], static)
         out, static = _decode(model, _settings(cfg, tokenizer, model, ids, mask, max_new), static, fallbacks)
         for row, i in enumerate(idx):
@@ -44,8 +53,14 @@ def generate_answers(model, tokenizer, cfg: Config, questions: list[str], max_ne
     return answers
 
 
-def stream_answer(model, tokenizer, cfg: Config, question: str, history: Sequence[tuple[str, str]] = (),
-                  fallbacks: Fallbacks | None = None) -> Iterator[str]:
+def stream_answer(
+    model,
+    tokenizer,
+    cfg: Config,
+    question: str,
+    history: Sequence[tuple[str, str]] = (),
+    fallbacks: Fallbacks | None = None,
+) -> Iterator[str]:
     """The answer to one question so far, as it is generated (transformers' TextIteratorStreamer, generation in
     a thread); the last text yielded is the whole answer, decoded as `generate_answers` decodes it. `history`:
     earlier (question, answer) turns, for a chat template (`prompts.multi_turn`). Beam search cannot stream: with
@@ -123,11 +138,19 @@ def _settings(cfg: Config, tokenizer, model, ids, mask, max_new: int) -> dict:
     """model.generate's arguments from the generate section."""
     g = cfg.generate
     device = next(model.parameters()).device
-    return dict(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new,
-                do_sample=g.do_sample, temperature=g.temperature if g.do_sample else None,
-                top_p=g.top_p if g.do_sample else None, num_beams=g.num_beams,
-                repetition_penalty=g.repetition_penalty, no_repeat_ngram_size=g.no_repeat_ngram_size,
-                eos_token_id=eos_id(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    return dict(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=max_new,
+        do_sample=g.do_sample,
+        temperature=g.temperature if g.do_sample else None,
+        top_p=g.top_p if g.do_sample else None,
+        num_beams=g.num_beams,
+        repetition_penalty=g.repetition_penalty,
+        no_repeat_ngram_size=g.no_repeat_ngram_size,
+        eos_token_id=eos_id(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 def _decode(model, settings: dict, static: bool, fallbacks: Fallbacks | None):
@@ -144,7 +167,8 @@ def _decode(model, settings: dict, static: bool, fallbacks: Fallbacks | None):
                 raise
             static = False  # this batch again, and every later one, with the dynamic cache (the same answers)
             (fallbacks if fallbacks is not None else Fallbacks()).record(
-                "static_cache", exc, "generation with the dynamic KV cache")
+                "static_cache", exc, "generation with the dynamic KV cache"
+            )
         if out is None:  # retried outside the except block, so the failed attempt's memory is released
             if settings.get("streamer") is not None:
                 settings["streamer"].restart()
@@ -154,4 +178,4 @@ def _decode(model, settings: dict, static: bool, fallbacks: Fallbacks | None):
 
 def _capped(batches: list[list[int]], size: int) -> list[list[int]]:
     """Token-budget batches split further so none holds more than `size` prompts."""
-    return [b[i:i + size] for b in batches for i in range(0, len(b), size)]
+    return [b[i : i + size] for b in batches for i in range(0, len(b), size)]

@@ -1,6 +1,7 @@
 """One writer per workdir stage: a file lock (the `filelock` package) under `<workdir>/.locks/`.
 
-The rule: every stage that writes (benchmark too) holds the lock named after itself for its whole run, and only that one.
+The rule: every stage that writes (benchmark too) holds the lock named after itself for its whole run, and only
+that one.
 
     stage      lock                        what it writes (medqa.workdir)
     prepare    .locks/prepare.lock         data/, tokenized/, .cache/prepare/ (and the tiny demo model)
@@ -64,9 +65,14 @@ def holder_record(stage: str) -> dict:
     program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] not in ("", "-", "-c") else "python"
     if program == "__main__.py":  # python -m medqa
         program = f"python -m {Path(sys.argv[0]).parent.name}"
-    return {"stage": stage, "pid": os.getpid(), "host": socket.gethostname(),
-            "command": " ".join([program, *(shlex.quote(a) for a in sys.argv[1:])]),
-            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "since_epoch": time.time()}
+    return {
+        "stage": stage,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": " ".join([program, *(shlex.quote(a) for a in sys.argv[1:])]),
+        "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "since_epoch": time.time(),
+    }
 
 
 def _read_holder(path: Path) -> dict | None:
@@ -91,29 +97,41 @@ def _describe(holder: dict | None) -> str:
         return "a process that has not recorded itself yet (it is just starting)"
     age = time.time() - float(holder.get("since_epoch", time.time()))
     ago = f"{age / 3600:.1f} h ago" if age >= 3600 else f"{age / 60:.0f} min ago" if age >= 60 else f"{age:.0f} s ago"
-    return (f"pid {holder.get('pid')} on host {holder.get('host')}, command `{holder.get('command')}`, since "
-            f"{holder.get('since')} ({ago})")
+    return (
+        f"pid {holder.get('pid')} on host {holder.get('host')}, command `{holder.get('command')}`, since "
+        f"{holder.get('since')} ({ago})"
+    )
 
 
 def _refusal(stage: str, lock: Path, record: Path, holder: dict | None) -> str:
     pid, host = (holder or {}).get("pid", "?"), (holder or {}).get("host", "its host")
-    return (f"Another `medqa {stage}` is running on this workdir: {lock} is held by {_describe(holder)}. Two "
-            f"{stage} runs on one workdir would overwrite each other's outputs, so this one stops before writing "
-            f"anything. Wait until it finishes, or stop it (e.g. `kill {pid}` on {host}); if it is no longer running "
-            f"on {host} (a crashed host on a shared filesystem), delete {lock} and {record} and run again. Reading "
-            "(`medqa ask`, other stages) is not blocked.")
+    return (
+        f"Another `medqa {stage}` is running on this workdir: {lock} is held by {_describe(holder)}. Two "
+        f"{stage} runs on one workdir would overwrite each other's outputs, so this one stops before writing "
+        f"anything. Wait until it finishes, or stop it (e.g. `kill {pid}` on {host}); if it is no longer running "
+        f"on {host} (a crashed host on a shared filesystem), delete {lock} and {record} and run again. Reading "
+        "(`medqa ask`, other stages) is not blocked."
+    )
 
 
 def _takeover_warning(stage: str, previous: dict) -> None:
     if previous.get("host") == socket.gethostname():
         state = "is no longer running" if not _alive(int(previous.get("pid", 0))) else "no longer holds it"
-        log.warning("Took over the %s lock of %s: that process %s (killed or crashed without releasing it), so "
-                    "what it was writing may be incomplete; medqa's atomic artifacts and complete-checkpoint checks "
-                    "keep only finished work.", stage, _describe(previous), state)
+        log.warning(
+            "Took over the %s lock of %s: that process %s (killed or crashed without releasing it), so "
+            "what it was writing may be incomplete; medqa's atomic artifacts and complete-checkpoint checks "
+            "keep only finished work.",
+            stage,
+            _describe(previous),
+            state,
+        )
     else:
-        log.warning("Took over the %s lock recorded for %s: it ended without releasing it, or this filesystem does "
-                    "not share locks between hosts (then do not run one stage on two hosts at once).", stage,
-                    _describe(previous))
+        log.warning(
+            "Took over the %s lock recorded for %s: it ended without releasing it, or this filesystem does "
+            "not share locks between hosts (then do not run one stage on two hosts at once).",
+            stage,
+            _describe(previous),
+        )
 
 
 @contextlib.contextmanager
@@ -128,8 +146,10 @@ def hold(cfg: Config, stage: str) -> Iterator[Path | None]:
     dist.init(cfg.train.ddp_timeout)
     if not dist.is_main():
         if dist.any_rank(False):  # pairs with rank 0's any_rank below
-            raise LockedError(f"Rank 0 was refused the {stage} lock on {paths(cfg).root} (its message says by whom); "
-                              "this process stops too.")
+            raise LockedError(
+                f"Rank 0 was refused the {stage} lock on {paths(cfg).root} (its message says by whom); "
+                "this process stops too."
+            )
         yield None
         return
     lock_path, record_path = paths(cfg).lock(stage), paths(cfg).lock_holder(stage)
@@ -142,8 +162,10 @@ def hold(cfg: Config, stage: str) -> Iterator[Path | None]:
         raise LockedError(_refusal(stage, lock_path, record_path, _read_holder(record_path))) from None
     except OSError as exc:
         dist.any_rank(True)
-        raise MedqaError(f"Cannot create the {stage} lock {lock_path}: {exc.strerror or exc}. Every stage that "
-                         "writes needs a writable workdir; make it writable or set workdir to a folder that is.") from None
+        raise MedqaError(
+            f"Cannot create the {stage} lock {lock_path}: {exc.strerror or exc}. Every stage that "
+            "writes needs a writable workdir; make it writable or set workdir to a folder that is."
+        ) from None
     try:
         dist.any_rank(False)
         previous = _read_holder(record_path)

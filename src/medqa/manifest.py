@@ -17,8 +17,8 @@ from importlib import metadata
 from pathlib import Path
 
 from medqa.config import RENAMED
-from medqa.schema import Config
 from medqa.errors import MedqaError
+from medqa.schema import Config
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,9 @@ def fingerprint_model(name: str, revision: str = "main") -> str:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -86,8 +87,14 @@ def _versions() -> dict[str, str | None]:
 
 
 def write_manifest(folder: Path, stage: str, cfg: Config, inputs: dict[str, str]) -> dict:
-    manifest = {"stage": stage, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "inputs": inputs,
-                "versions": _versions(), "git_commit": _git_commit(), "config": cfg.to_dict()}
+    manifest = {
+        "stage": stage,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "inputs": inputs,
+        "versions": _versions(),
+        "git_commit": _git_commit(),
+        "config": cfg.to_dict(),
+    }
     (Path(folder) / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
 
@@ -117,13 +124,18 @@ def check_inputs(cfg: Config, folder: Path, current: dict[str, str], rebuild: st
     if manifest is None:
         problems = [f"{folder} has no {MANIFEST}, so what it was made from is unknown"]
     else:
-        problems = [f"{_EXPLAIN.get(k, (k, k))[0]} differs from {_EXPLAIN.get(k, (k, k))[1]} "
-                    f"({str(manifest['inputs'].get(k))[:24]}... vs {str(v)[:24]}...)"
-                    for k, v in current.items() if manifest["inputs"].get(k) != v]
+        problems = [
+            f"{_EXPLAIN.get(k, (k, k))[0]} differs from {_EXPLAIN.get(k, (k, k))[1]} "
+            f"({str(manifest['inputs'].get(k))[:24]}... vs {str(v)[:24]}...)"
+            for k, v in current.items()
+            if manifest["inputs"].get(k) != v
+        ]
     if not problems:
         return
-    message = (f"{folder} is stale: {'; '.join(problems)}. Rebuild it with `{rebuild}` (same config as this "
-               "stage), or pass force=true to use it anyway.")
+    message = (
+        f"{folder} is stale: {'; '.join(problems)}. Rebuild it with `{rebuild}` (same config as this "
+        "stage), or pass force=true to use it anyway."
+    )
     if cfg.force:
         log.warning("force=true: %s", message)
         return
@@ -137,13 +149,39 @@ RUN_RECORD = "run.json"
 # resumed run may differ in these. Everything else (data, model, prompt, LoRA, optimisation, seeds, and
 # scoring.max_examples, which sets the validation examples that pick the best checkpoint) must match. Paths are left
 # out because what they point at is fingerprinted in the inputs (data content, tokenizer vocabulary, model files).
-_NOT_DETERMINING = {"workdir", "force", "evaluate", "generate", "scoring.batch_size", "scoring.bootstrap_samples",
-                    "scoring.tokens_per_batch", "data.source", "data.num_proc", "data.fast_tokenizer",
-                    "model.name_or_path", "model.tokenizer", "model.gguf_file", "model.dtype", "model.tiny.path",
-                    "model.tiny.tokenizer_files", "train.resume", "train.compile", "train.compile_mode",
-                    "train.logging_steps", "train.report_to", "train.save_total_limit", "train.gradient_checkpointing",
-                    "train.loss_chunk_tokens", "train.ddp_timeout", "tune.resume", "tune.address", "tune.max_concurrent",
-                    "tune.max_failures", "tune.cpus_per_trial", "tune.gpus_per_trial"}
+_NOT_DETERMINING = {
+    "workdir",
+    "force",
+    "evaluate",
+    "generate",
+    "scoring.batch_size",
+    "scoring.bootstrap_samples",
+    "scoring.tokens_per_batch",
+    "data.source",
+    "data.num_proc",
+    "data.fast_tokenizer",
+    "model.name_or_path",
+    "model.tokenizer",
+    "model.gguf_file",
+    "model.dtype",
+    "model.tiny.path",
+    "model.tiny.tokenizer_files",
+    "train.resume",
+    "train.compile",
+    "train.compile_mode",
+    "train.logging_steps",
+    "train.report_to",
+    "train.save_total_limit",
+    "train.gradient_checkpointing",
+    "train.loss_chunk_tokens",
+    "train.ddp_timeout",
+    "tune.resume",
+    "tune.address",
+    "tune.max_concurrent",
+    "tune.max_failures",
+    "tune.cpus_per_trial",
+    "tune.gpus_per_trial",
+}
 
 
 def determining_config(cfg: Config, sections: tuple[str, ...], also: tuple[str, ...] = ()) -> dict:
@@ -175,8 +213,12 @@ def _fingerprint(determining: dict, inputs: dict[str, str]) -> str:
 
 def run_record(cfg: Config, sections: tuple[str, ...], inputs: dict[str, str], also: tuple[str, ...] = ()) -> dict:
     determining = determining_config(cfg, sections, also)
-    return {"fingerprint": _fingerprint(determining, inputs), "config": determining, "inputs": inputs,
-            "finished": False}
+    return {
+        "fingerprint": _fingerprint(determining, inputs),
+        "config": determining,
+        "inputs": inputs,
+        "finished": False,
+    }
 
 
 def _current_names(config: dict) -> dict:
@@ -210,17 +252,24 @@ def check_resumable(folder: Path, record: dict, what: str, fresh: str) -> dict |
         raise StaleArtifactError(
             f"{folder} holds {what} but no {RUN_RECORD}, so the settings it was made with are unknown and resuming "
             f"it could report another run's result under this config. Start fresh with {fresh} (its checkpoints are "
-            "then replaced).")
+            "then replaced)."
+        )
     if stored.get("fingerprint") == record["fingerprint"]:
         return stored
     old, new = _current_names(stored.get("config", {})), record["config"]
     if _fingerprint(old, stored.get("inputs", {})) == record["fingerprint"]:
         return stored  # the same run, recorded before a section was renamed
-    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    changed += [f"input {k} differs" for k in sorted(set(stored.get("inputs", {})) | set(record["inputs"]))
-                if stored.get("inputs", {}).get(k) != record["inputs"].get(k)]
+    changed = [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+    ]
+    changed += [
+        f"input {k} differs"
+        for k in sorted(set(stored.get("inputs", {})) | set(record["inputs"]))
+        if stored.get("inputs", {}).get(k) != record["inputs"].get(k)
+    ]
     state = "finished" if stored.get("finished") else "interrupted"
     raise StaleArtifactError(
         f"Cannot resume: {folder} holds an {state} {what} made with other settings ({'; '.join(changed[:8])}"
         f"{'; ...' if len(changed) > 8 else ''}). Resuming would label its result with this config. Either restore "
-        f"those settings to continue it, or start fresh with {fresh}.")
+        f"those settings to continue it, or start fresh with {fresh}."
+    )

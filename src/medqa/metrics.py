@@ -70,15 +70,20 @@ def token_nll(logits, labels, chunk_tokens: int = 4096):
     rows = max(1, chunk_tokens // max(shift_labels.shape[1], 1))
     out = []
     for r in range(0, logits.shape[0], rows):
-        chunk = logits[r:r + rows, :-1].float()
-        nll = F.cross_entropy(chunk.reshape(-1, chunk.size(-1)), shift_labels[r:r + rows].reshape(-1),
-                              ignore_index=IGNORE_INDEX, reduction="none")
+        chunk = logits[r : r + rows, :-1].float()
+        nll = F.cross_entropy(
+            chunk.reshape(-1, chunk.size(-1)),
+            shift_labels[r : r + rows].reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
+        )
         out.append(nll.view(chunk.shape[:2]))
     return torch.cat(out)
 
 
-def score_examples(model, dataset, pad_id: int, batch_size: int = 8, progress: bool = False,
-                   tokens_per_batch: int = 0) -> ExampleScores:
+def score_examples(
+    model, dataset, pad_id: int, batch_size: int = 8, progress: bool = False, tokens_per_batch: int = 0
+) -> ExampleScores:
     """Sum of answer and sequence NLL per example. Right padding with an attention mask leaves every real
     position's logits unchanged in a causal LM, so results do not depend on batch size. Batches hold
     `batch_size` examples, or with `tokens_per_batch` as many as fit in that many padded tokens (a GPU scores
@@ -149,22 +154,32 @@ def summarize(scores: ExampleScores, bootstrap_samples: int = 1000, seed: int = 
     }
 
 
-def evaluate_answer_loss(model, dataset, pad_id: int, batch_size: int = 8, bootstrap_samples: int = 1000,
-                         seed: int = 0, progress: bool = False, tokens_per_batch: int = 0) -> tuple[dict, ExampleScores]:
+def evaluate_answer_loss(
+    model,
+    dataset,
+    pad_id: int,
+    batch_size: int = 8,
+    bootstrap_samples: int = 1000,
+    seed: int = 0,
+    progress: bool = False,
+    tokens_per_batch: int = 0,
+) -> tuple[dict, ExampleScores]:
     """Score a tokenized split: the one metric function for the baseline, training and final evaluation."""
     scores = score_examples(model, dataset, pad_id, batch_size, progress, tokens_per_batch)
     return summarize(scores, bootstrap_samples, seed), scores
 
 
-def paired_bootstrap(base_nll: np.ndarray, tuned_nll: np.ndarray, tokens: np.ndarray, samples: int,
-                     seed: int) -> dict:
+def paired_bootstrap(base_nll: np.ndarray, tuned_nll: np.ndarray, tokens: np.ndarray, samples: int, seed: int) -> dict:
     """Paired bootstrap over examples (Koehn 2004) for tuned vs base answer_loss on the same tokens.
 
     `p_value` is the share of resamples in which the tuned model is not better (its loss >= the base's), with
     the +1 correction so it is never 0: a one-sided test of "fine-tuning lowered the answer loss"."""
     if samples == 0:
-        return {"loss_delta": float((tuned_nll.sum() - base_nll.sum()) / tokens.sum()), "p_value": None,
-                "loss_delta_ci95": None}
+        return {
+            "loss_delta": float((tuned_nll.sum() - base_nll.sum()) / tokens.sum()),
+            "p_value": None,
+            "loss_delta_ci95": None,
+        }
     rng = np.random.default_rng(seed)
     n = len(tokens)
     not_better = 0
@@ -176,9 +191,11 @@ def paired_bootstrap(base_nll: np.ndarray, tuned_nll: np.ndarray, tokens: np.nda
         not_better += int((delta >= 0).sum())
         deltas.append(delta)
     d = np.concatenate(deltas)
-    return {"loss_delta": float((tuned_nll.sum() - base_nll.sum()) / tokens.sum()),
-            "p_value": (not_better + 1) / (samples + 1),
-            "loss_delta_ci95": [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))]}
+    return {
+        "loss_delta": float((tuned_nll.sum() - base_nll.sum()) / tokens.sum()),
+        "p_value": (not_better + 1) / (samples + 1),
+        "loss_delta_ci95": [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))],
+    }
 
 
 def perplexity_warning(metrics: dict, vocab_size: int, what: str = "") -> str | None:
@@ -188,26 +205,34 @@ def perplexity_warning(metrics: dict, vocab_size: int, what: str = "") -> str | 
     ppl = metrics.get("answer_perplexity")
     if ppl is None or not vocab_size or ppl <= vocab_size:
         return None
-    return (f"WARNING: {what + ' ' if what else ''}answer perplexity {ppl:,.1f} is above the vocabulary size "
-            f"{vocab_size:,}: worse than guessing uniformly at random. This is the signature of a pipeline fault, "
-            "not of a weak model: usual causes are the wrong question/answer field (data.question_field, "
-            "data.answer_field), padding or prompt tokens in the loss, a tokenizer that does not belong to the model, "
-            "or text mangled before tokenization (e.g. lower-cased). A randomly initialised model (the tiny demo "
-            "model before training) is the one expected exception.")
+    return (
+        f"WARNING: {what + ' ' if what else ''}answer perplexity {ppl:,.1f} is above the vocabulary size "
+        f"{vocab_size:,}: worse than guessing uniformly at random. This is the signature of a pipeline fault, "
+        "not of a weak model: usual causes are the wrong question/answer field (data.question_field, "
+        "data.answer_field), padding or prompt tokens in the loss, a tokenizer that does not belong to the model, "
+        "or text mangled before tokenization (e.g. lower-cased). A randomly initialised model (the tiny demo "
+        "model before training) is the one expected exception."
+    )
 
 
 def sanity_check(metrics: dict, vocab_size: int, what: str, quiet: bool = False) -> str | None:
     """Warn loudly (log and stderr) when a split's answer perplexity is above the vocabulary size, and record the
     warning in `metrics["sanity_warnings"]`. `quiet`: a randomly initialised model, where it is expected (logged
     at info level and recorded as such)."""
-    warnings = [w for split in EVAL_SPLITS if split in metrics
-                for w in [perplexity_warning(metrics[split], vocab_size, f"{what} {split}")] if w]
+    warnings = [
+        w
+        for split in EVAL_SPLITS
+        if split in metrics
+        for w in [perplexity_warning(metrics[split], vocab_size, f"{what} {split}")]
+        if w
+    ]
     if not warnings:
         return None
     text = "\n".join(warnings)
     if quiet:
-        log.info("%s answer perplexity is above the vocabulary size, as expected for a randomly initialised model.",
-                 what)
+        log.info(
+            "%s answer perplexity is above the vocabulary size, as expected for a randomly initialised model.", what
+        )
         metrics["sanity_warnings"] = ["above uniform, expected: randomly initialised model"]
         return None
     log.warning(text)
@@ -218,8 +243,10 @@ def sanity_check(metrics: dict, vocab_size: int, what: str, quiet: bool = False)
 
 def metrics_table(runs: dict[str, dict]) -> str:
     """A small fixed-width table: one row per (run, split)."""
-    lines = [f"{'model':<12} {'split':<5} {'examples':>8} {'tokens':>8} {'answer_loss':>11} {'answer_ppl':>10} "
-             f"{'95% CI':>19} {'bits/tok':>8} {'seq_ppl':>9}"]
+    lines = [
+        f"{'model':<12} {'split':<5} {'examples':>8} {'tokens':>8} {'answer_loss':>11} {'answer_ppl':>10} "
+        f"{'95% CI':>19} {'bits/tok':>8} {'seq_ppl':>9}"
+    ]
     for name, metrics in runs.items():
         for split in EVAL_SPLITS:
             m = metrics.get(split)
@@ -227,7 +254,9 @@ def metrics_table(runs: dict[str, dict]) -> str:
                 continue
             ci = m["answer_perplexity_ci95"]
             ci_text = f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "-"
-            lines.append(f"{name:<12} {split:<5} {m['examples']:>8} {m['answer_tokens']:>8} {m['answer_loss']:>11.4f} "
-                         f"{m['answer_perplexity']:>10.2f} {ci_text:>19} {m['bits_per_token']:>8.3f} "
-                         f"{m['sequence_perplexity']:>9.2f}")
+            lines.append(
+                f"{name:<12} {split:<5} {m['examples']:>8} {m['answer_tokens']:>8} {m['answer_loss']:>11.4f} "
+                f"{m['answer_perplexity']:>10.2f} {ci_text:>19} {m['bits_per_token']:>8.3f} "
+                f"{m['sequence_perplexity']:>9.2f}"
+            )
     return "\n".join(lines)

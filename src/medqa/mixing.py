@@ -57,17 +57,31 @@ def epoch_composition(cfg: Config, train_ds) -> tuple[object, dict]:
     of = sources_of(cfg, "train")
     sources = [of[i] for i in train_ds["id"]]
     idx = weighted_epoch(sources, {s.name: s.weight for s in specs}, cfg.seed)
-    composition = {s.name: {"examples": sources.count(s.name), "weight": s.weight,
-                            "per_epoch": sum(1 for i in idx if sources[i] == s.name)} for s in specs}
-    log.info("data.sources weights: an epoch holds %d examples (%s)", len(idx), ", ".join(
-        f"{n}: {c['per_epoch']} of {c['examples']} x {c['weight']:g}" for n, c in composition.items()))
+    composition = {
+        s.name: {
+            "examples": sources.count(s.name),
+            "weight": s.weight,
+            "per_epoch": sum(1 for i in idx if sources[i] == s.name),
+        }
+        for s in specs
+    }
+    log.info(
+        "data.sources weights: an epoch holds %d examples (%s)",
+        len(idx),
+        ", ".join(f"{n}: {c['per_epoch']} of {c['examples']} x {c['weight']:g}" for n, c in composition.items()),
+    )
     return train_ds.select(idx), composition
 
 
 def subset(scores: ExampleScores, keep: list[bool]) -> ExampleScores:
     mask = np.asarray(keep, dtype=bool)
-    return ExampleScores([i for i, k in zip(scores.ids, keep) if k], scores.answer_nll[mask],
-                         scores.answer_tokens[mask], scores.sequence_nll[mask], scores.sequence_tokens[mask])
+    return ExampleScores(
+        [i for i, k in zip(scores.ids, keep) if k],
+        scores.answer_nll[mask],
+        scores.answer_tokens[mask],
+        scores.sequence_nll[mask],
+        scores.sequence_tokens[mask],
+    )
 
 
 def by_source(cfg: Config, split: str, scores: ExampleScores) -> dict[str, dict]:
@@ -88,6 +102,11 @@ def paired_by_source(cfg: Config, split: str, base: ExampleScores, tuned: Exampl
     for spec in source_specs(cfg.data) if of else []:
         keep = np.asarray([of.get(i) == spec.name for i in base.ids], dtype=bool)
         if base.answer_tokens[keep].sum():
-            out[spec.name] = paired_bootstrap(base.answer_nll[keep], tuned.answer_nll[keep], base.answer_tokens[keep],
-                                              cfg.scoring.bootstrap_samples, cfg.seed)
+            out[spec.name] = paired_bootstrap(
+                base.answer_nll[keep],
+                tuned.answer_nll[keep],
+                base.answer_tokens[keep],
+                cfg.scoring.bootstrap_samples,
+                cfg.seed,
+            )
     return out

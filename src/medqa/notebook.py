@@ -23,8 +23,14 @@ SMOKE_OVERRIDES: dict[str, tuple[str, ...]] = {
     "prepare": SMOKE_DATA,
     "baseline": (*SMOKE_DATA, "scoring.max_examples=16", "scoring.bootstrap_samples=200"),
     "train": (*SMOKE_DATA, "train.epochs=1", "scoring.bootstrap_samples=200"),
-    "tune": (*SMOKE_DATA, "tune.num_samples=2", "train.epochs=1", "train.eval_steps=20",
-             "scoring.bootstrap_samples=200", "evaluate.num_questions=4"),
+    "tune": (
+        *SMOKE_DATA,
+        "tune.num_samples=2",
+        "train.epochs=1",
+        "train.eval_steps=20",
+        "scoring.bootstrap_samples=200",
+        "evaluate.num_questions=4",
+    ),
 }
 
 FIGURE_DPI = 80  # inline figures: a 11 x 3.6 inch plot is a PNG of about 30 KB, small enough to commit
@@ -33,8 +39,14 @@ FIGURE_DPI = 80  # inline figures: a 11 x 3.6 inch plot is a PNG of about 30 KB,
 QUIET_WARNINGS = ("IProgress not found", "`is_gradient_checkpointing` is deprecated")
 
 
-def setup(config: str | os.PathLike, overrides: Sequence[str] = (), *, stage: str, smoke: bool = False,
-          colab_overrides: Sequence[str] = ()) -> Config:
+def setup(
+    config: str | os.PathLike,
+    overrides: Sequence[str] = (),
+    *,
+    stage: str,
+    smoke: bool = False,
+    colab_overrides: Sequence[str] = (),
+) -> Config:
     """Prepare a notebook session (working folder, logging, figures, warnings) and return its config.
 
     `stage` is one of SMOKE_OVERRIDES' keys ("prepare", "baseline", "train", "tune"); with `smoke` its quick-run
@@ -52,6 +64,8 @@ def setup(config: str | os.PathLike, overrides: Sequence[str] = (), *, stage: st
 
     matplotlib.rcParams["figure.dpi"] = FIGURE_DPI
     cfg = load_config(config, [*colab_overrides, *overrides, *(SMOKE_OVERRIDES[stage] if smoke else ())])
-    print(f"config {config}{' (smoke run)' if smoke else ''}: model {cfg.resolve(cfg.model.name_or_path)}, "
-          f"data {cfg.data.source} -> workdir {cfg.workdir}")
+    print(
+        f"config {config}{' (smoke run)' if smoke else ''}: model {cfg.resolve(cfg.model.name_or_path)}, "
+        f"data {cfg.data.source} -> workdir {cfg.workdir}"
+    )
     return cfg

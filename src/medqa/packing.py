@@ -66,8 +66,10 @@ def plan_packs(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     too_long = [i for i, n in enumerate(lengths) if n > max_tokens]
     if too_long:
-        raise ValueError(f"{len(too_long)} examples are longer than max_tokens={max_tokens} (e.g. index {too_long[0]} "
-                         f"with {lengths[too_long[0]]} tokens); pack with max_tokens >= data.max_length.")
+        raise ValueError(
+            f"{len(too_long)} examples are longer than max_tokens={max_tokens} (e.g. index {too_long[0]} "
+            f"with {lengths[too_long[0]]} tokens); pack with max_tokens >= data.max_length."
+        )
     if any(n < 1 for n in lengths):
         raise ValueError("every example needs at least one token")
     packs: list[list[int]] = []
@@ -107,8 +109,16 @@ def pack_examples(rows: Sequence[Mapping[str, Any]], max_tokens: int) -> list[di
             input_ids += ids
             labels += [IGNORE_INDEX] + lab[1:]  # never predict an example's first token from the previous one
             position_ids += range(len(ids))
-        packed.append({"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-                       "length": len(input_ids), "num_examples": len(group), "example_index": list(group)})
+        packed.append(
+            {
+                "input_ids": input_ids,
+                "labels": labels,
+                "position_ids": position_ids,
+                "length": len(input_ids),
+                "num_examples": len(group),
+                "example_index": list(group),
+            }
+        )
     return packed
 
 
@@ -133,7 +143,8 @@ def block_causal_mask(position_ids, dtype=None):
     causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
     allowed = (same & causal)[:, None]
     return torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min)
+        ~allowed, torch.finfo(dtype).min
+    )
 
 
 class PackedCollator:
@@ -154,8 +165,14 @@ class PackedCollator:
     `rows=N` pads every batch to N rows: then every batch of the epoch has the shape (N, max_length).
     """
 
-    def __init__(self, pad_id: int, block_mask: bool = True, mask_dtype=None, pad_to_multiple_of: int | None = None,
-                 rows: int | None = None):
+    def __init__(
+        self,
+        pad_id: int,
+        block_mask: bool = True,
+        mask_dtype=None,
+        pad_to_multiple_of: int | None = None,
+        rows: int | None = None,
+    ):
         self.pad_id = pad_id
         self.block_mask = block_mask
         self.mask_dtype = mask_dtype
@@ -181,8 +198,11 @@ class PackedCollator:
             labels.append(list(r["labels"]) + [IGNORE_INDEX] * pad)
             pos = r.get("position_ids")
             position_ids.append(list(range(n) if pos is None else pos) + list(range(pad)))
-        batch = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
-                 "position_ids": torch.tensor(position_ids)}
+        batch = {
+            "input_ids": torch.tensor(input_ids),
+            "labels": torch.tensor(labels),
+            "position_ids": torch.tensor(position_ids),
+        }
         if self.block_mask:
             batch["attention_mask"] = block_causal_mask(batch["position_ids"], self.mask_dtype)
         return batch
@@ -207,6 +227,11 @@ def pack_stats(lengths: Sequence[int], row_tokens: int, rows_per_batch: int = 1)
     rows = len(plan_packs(lengths, row_tokens))
     real = sum(lengths)
     batches = -(-rows // rows_per_batch)
-    return {"row_tokens": row_tokens, "rows": rows, "examples_per_row": len(lengths) / rows,
-            "fill": real / (rows * row_tokens), "rows_per_batch": rows_per_batch,
-            "efficiency": real / (batches * rows_per_batch * row_tokens)}
+    return {
+        "row_tokens": row_tokens,
+        "rows": rows,
+        "examples_per_row": len(lengths) / rows,
+        "fill": real / (rows * row_tokens),
+        "rows_per_batch": rows_per_batch,
+        "efficiency": real / (batches * rows_per_batch * row_tokens),
+    }

@@ -17,8 +17,12 @@ def _figure(size: tuple[float, float], inline: bool):
     return Figure(figsize=size)
 
 
-def plot_training(history: list[dict], baseline_loss: float | None = None, path: str | Path | None = None,
-                  max_knowledge_drop: float | None = None):
+def plot_training(
+    history: list[dict],
+    baseline_loss: float | None = None,
+    path: str | Path | None = None,
+    max_knowledge_drop: float | None = None,
+):
     """Train loss and val answer_loss per step (left), learning rate per step (right); with PubMedQA dev scores in
     the evaluations (scoring.knowledge_questions), their accuracy beside the base model's (middle), and the
     lowest accuracy tune.max_knowledge_drop allows when given."""
@@ -43,8 +47,12 @@ def plot_training(history: list[dict], baseline_loss: float | None = None, path:
         base = knowledge[-1]["eval_knowledge_base_acc"]
         ax_k.axhline(base, color="gray", linestyle="--", label="base model")
         if max_knowledge_drop is not None:
-            ax_k.axhline(base - max_knowledge_drop, color="tab:red", linestyle=":",
-                         label=f"allowed drop ({max_knowledge_drop:g})")
+            ax_k.axhline(
+                base - max_knowledge_drop,
+                color="tab:red",
+                linestyle=":",
+                label=f"allowed drop ({max_knowledge_drop:g})",
+            )
         ax_k.set_xlabel("optimizer step")
         ax_k.set_ylabel("accuracy")
         ax_k.set_title("knowledge: PubMedQA dev")
@@ -89,8 +97,9 @@ def plot_search(table, curves: dict[str, dict], out_dir: str | Path | None = Non
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of the points no other point beats on both coordinates (higher is better on both), by x."""
-    keep = [i for i, (x, y) in enumerate(points)
-            if not any(x2 >= x and y2 >= y and (x2, y2) != (x, y) for x2, y2 in points)]
+    keep = [
+        i for i, (x, y) in enumerate(points) if not any(x2 >= x and y2 >= y and (x2, y2) != (x, y) for x2, y2 in points)
+    ]
     return sorted(keep, key=lambda i: points[i][0])
 
 
@@ -101,26 +110,47 @@ def plot_tradeoff(trials: list[dict], max_knowledge_drop: float | None = None, p
     fig = _figure((6.5, 4.2), inline=path is None)
     ax = fig.subplots()
     shown = [t for t in trials if _finite(t.get("gain")) and _finite(t.get("knowledge_change"))]
-    for eligible, style in ((True, {"color": "tab:blue", "label": "eligible trial"}),
-                            (False, {"color": "lightgray", "edgecolor": "gray", "label": "forgets too much"})):
+    for eligible, style in (
+        (True, {"color": "tab:blue", "label": "eligible trial"}),
+        (False, {"color": "lightgray", "edgecolor": "gray", "label": "forgets too much"}),
+    ):
         pts = [t for t in shown if bool(t.get("eligible", True)) == eligible]
         if pts:
             ax.scatter([t["gain"] for t in pts], [t["knowledge_change"] for t in pts], s=36, zorder=3, **style)
     ok = [t for t in shown if t.get("eligible", True)]
     front = [ok[i] for i in pareto_front([(t["gain"], t["knowledge_change"]) for t in ok])]
     if len(front) > 1:
-        ax.plot([t["gain"] for t in front], [t["knowledge_change"] for t in front], "--", color="tab:blue",
-                zorder=2, label="eligible frontier")
+        ax.plot(
+            [t["gain"] for t in front],
+            [t["knowledge_change"] for t in front],
+            "--",
+            color="tab:blue",
+            zorder=2,
+            label="eligible frontier",
+        )
     chosen = [t for t in shown if t.get("chosen")]
     if chosen:
-        ax.scatter([chosen[0]["gain"]], [chosen[0]["knowledge_change"]], marker="*", s=260, color="tab:orange",
-                   edgecolor="black", zorder=4, label=f"chosen ({chosen[0].get('trial', '')})")
+        ax.scatter(
+            [chosen[0]["gain"]],
+            [chosen[0]["knowledge_change"]],
+            marker="*",
+            s=260,
+            color="tab:orange",
+            edgecolor="black",
+            zorder=4,
+            label=f"chosen ({chosen[0].get('trial', '')})",
+        )
     ax.axhline(0, color="gray", linewidth=0.8)
     if max_knowledge_drop is not None:
         ax.axhline(-max_knowledge_drop, color="tab:red", linestyle=":", label=f"allowed drop ({max_knowledge_drop:g})")
     for t in shown:
-        ax.annotate(str(t.get("trial", "")), (t["gain"], t["knowledge_change"]), fontsize=6, xytext=(3, 3),
-                    textcoords="offset points")
+        ax.annotate(
+            str(t.get("trial", "")),
+            (t["gain"], t["knowledge_change"]),
+            fontsize=6,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
     ax.set_xlabel("val answer_loss gain over the base model (nats)")
     ax.set_ylabel("PubMedQA dev accuracy change")
     ax.set_title("gain vs knowledge kept, per trial")

@@ -24,15 +24,22 @@ from typing import Any
 
 from medqa.artifacts import atomic_dir, write_json
 from medqa.cleaning import has_control_chars
-from medqa.schema import Config
 from medqa.errors import DataError
-from medqa.locks import locked
 from medqa.fasttok import fast_encoder
+from medqa.locks import locked
 from medqa.manifest import write_manifest
 from medqa.modeling import load_tokenizer, tokenizer_info, tokenizer_path, wants_tiny
 from medqa.prompts import encode_example
-from medqa.records import (Candidate, check_fields_present, clean_records, dedupe, length_reject, tiny_training_texts,
-                           write_rejects)
+from medqa.records import (
+    Candidate,
+    check_fields_present,
+    clean_records,
+    dedupe,
+    length_reject,
+    tiny_training_texts,
+    write_rejects,
+)
+from medqa.schema import Config
 from medqa.sources import MalformedLine, SourceSpec, read_records, source_specs
 from medqa.tiny import build_tiny_model
 from medqa.workdir import SPLITS, TOKENIZED_COLUMNS, paths, prepared_inputs
@@ -53,8 +60,10 @@ class PrepareResult:
 
 
 def _encode_batch(batch: dict[str, list], tokenizer, cfg: Config) -> dict[str, list]:
-    out: dict[str, list] = {k: [] for k in ("input_ids", "attention_mask", "labels", "length",
-                                            "question_tokens", "answer_tokens", "truncated")}
+    out: dict[str, list] = {
+        k: []
+        for k in ("input_ids", "attention_mask", "labels", "length", "question_tokens", "answer_tokens", "truncated")
+    }
     for q, a in zip(batch["question"], batch["answer"]):
         enc = encode_example(tokenizer, cfg.prompt, q, a, cfg.data.max_length)
         out["input_ids"].append(enc.input_ids)
@@ -75,11 +84,13 @@ def tokenize(cands: list[Candidate], encoder, cfg: Config, inputs: dict[str, str
     fills, so it would miss.)"""
     import datasets
 
-    ds = datasets.Dataset.from_dict({
-        "id": [f"q{hashlib.sha256(c.key.encode()).hexdigest()[:12]}" for c in cands],
-        "question": [c.question for c in cands],
-        "answer": [c.answer for c in cands],
-    })
+    ds = datasets.Dataset.from_dict(
+        {
+            "id": [f"q{hashlib.sha256(c.key.encode()).hexdigest()[:12]}" for c in cands],
+            "question": [c.question for c in cands],
+            "answer": [c.answer for c in cands],
+        }
+    )
     h = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode())  # prepared_inputs(): data, settings, tokenizer
     h.update(json.dumps([(c.question, c.answer) for c in cands]).encode())
     fingerprint = h.hexdigest()[:32]
@@ -87,9 +98,17 @@ def tokenize(cands: list[Candidate], encoder, cfg: Config, inputs: dict[str, str
     cache_dir.mkdir(parents=True, exist_ok=True)
     cache_file = cache_dir / f"tokenized-{fingerprint}.arrow"
     num_proc = cfg.data.num_proc if len(cands) >= 200 * cfg.data.num_proc else 1
-    return ds.map(_encode_batch, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
-                  fn_kwargs={"tokenizer": encoder, "cfg": cfg}, cache_file_name=str(cache_file),
-                  new_fingerprint=fingerprint, load_from_cache_file=True, desc="tokenize")
+    return ds.map(
+        _encode_batch,
+        batched=True,
+        batch_size=256,
+        num_proc=num_proc if num_proc > 1 else None,
+        fn_kwargs={"tokenizer": encoder, "cfg": cfg},
+        cache_file_name=str(cache_file),
+        new_fingerprint=fingerprint,
+        load_from_cache_file=True,
+        desc="tokenize",
+    )
 
 
 # ------------------------------------------------------------------------------------------ the stage
@@ -116,17 +135,27 @@ def read_sources(cfg: Config, specs: list[SourceSpec]) -> tuple[list[Any], list[
         if spec.max_records:
             recs = recs[: spec.max_records]
         if not recs:
-            raise DataError(f"{spec.source} holds no records (an empty list or file). Point {spec.key}.source at the "
-                            "file with the question/answer records.")
-        check_fields_present(recs, spec.source, {"question": (spec.question_field, f"{spec.key}.question_field"),
-                                                 "answer": (spec.answer_field, f"{spec.key}.answer_field")})
+            raise DataError(
+                f"{spec.source} holds no records (an empty list or file). Point {spec.key}.source at the "
+                "file with the question/answer records."
+            )
+        check_fields_present(
+            recs,
+            spec.source,
+            {
+                "question": (spec.question_field, f"{spec.key}.question_field"),
+                "answer": (spec.answer_field, f"{spec.key}.answer_field"),
+            },
+        )
         fields = dataclasses.replace(cfg.data, question_field=spec.question_field, answer_field=spec.answer_field)
         kept, dropped = clean_records(recs, dataclasses.replace(cfg, data=fields))
         if not kept:
             reasons = Counter(r["reason"] for r in dropped).most_common(3)
-            raise DataError(f"{spec.source}: none of its {len(recs)} records survived cleaning (top reasons: "
-                            f"{reasons}). Check {spec.key}.question_field/{spec.key}.answer_field and the min_*_chars limits; "
-                            "every record and its reason is listed in data/rejected.jsonl only when some are kept.")
+            raise DataError(
+                f"{spec.source}: none of its {len(recs)} records survived cleaning (top reasons: "
+                f"{reasons}). Check {spec.key}.question_field/{spec.key}.answer_field and the min_*_chars limits; "
+                "every record and its reason is listed in data/rejected.jsonl only when some are kept."
+            )
         offset = len(records)
         for cand in kept:
             cand.index += offset
@@ -151,8 +180,12 @@ def prepare(cfg: Config) -> PrepareResult:
     """Run the data-preparation stage and return its report."""
     start = time.perf_counter()
     specs = source_specs(cfg.data)
-    log.info("prepare: source=%s tokenizer=%s workdir=%s", ", ".join(s.source for s in specs), tokenizer_path(cfg),
-             cfg.workdir)
+    log.info(
+        "prepare: source=%s tokenizer=%s workdir=%s",
+        ", ".join(s.source for s in specs),
+        tokenizer_path(cfg),
+        cfg.workdir,
+    )
     records, cands, rejected, starts = read_sources(cfg, specs)
 
     tokenizer = _ensure_tokenizer(cfg, dedupe(cands, records)[0])
@@ -216,8 +249,10 @@ def prepare(cfg: Config) -> PrepareResult:
         report["sources"] = _per_source(specs, starts, len(records), splits, rejected, by_row, keep_rows, cut)
     assert report["read"] == sum(report["kept"].values()) + sum(report["rejected"].values())
     if not splits["train"]:
-        raise DataError(f"{report['source']}: no records landed in the train split ({report['kept']}). Use more "
-                        "records or raise data.train_fraction.")
+        raise DataError(
+            f"{report['source']}: no records landed in the train split ({report['kept']}). Use more "
+            "records or raise data.train_fraction."
+        )
 
     data_dir, tok_dir = paths(cfg).data, paths(cfg).tokenized
     _write_data(data_dir, splits, rejected, report, cfg, inputs)
@@ -230,25 +265,44 @@ def prepare(cfg: Config) -> PrepareResult:
         write_manifest(tmp, "prepare", cfg, inputs)
 
     secs = time.perf_counter() - start
-    log.info("prepare: read %d, kept %s, rejected %d (%s), truncated %d, in %.1fs", report["read"], report["kept"],
-             sum(report["rejected"].values()), report["rejected"], truncated, secs)
+    log.info(
+        "prepare: read %d, kept %s, rejected %d (%s), truncated %d, in %.1fs",
+        report["read"],
+        report["kept"],
+        sum(report["rejected"].values()),
+        report["rejected"],
+        truncated,
+        secs,
+    )
     return PrepareResult(report=report, data_dir=data_dir, tokenized_dir=tok_dir, splits=splits)
 
 
-def _per_source(specs: list[SourceSpec], starts: list[int], total: int, splits: dict[str, list[dict]],
-                rejected: list[dict], by_row: dict, keep_rows: dict, cut: list) -> dict:
+def _per_source(
+    specs: list[SourceSpec],
+    starts: list[int],
+    total: int,
+    splits: dict[str, list[dict]],
+    rejected: list[dict],
+    by_row: dict,
+    keep_rows: dict,
+    cut: list,
+) -> dict:
     """read / rejected by reason / kept per split / truncated, for each source; they add up to the overall report."""
     out = {}
     ends = starts[1:] + [total]
     for spec, start, end in zip(specs, starts, ends):
         mine = [r for r in rejected if r["source"] == spec.name]
         out[spec.name] = {
-            "source": spec.source, "weight": spec.weight, "read": end - start,
+            "source": spec.source,
+            "weight": spec.weight,
+            "read": end - start,
             "kept": {s: sum(1 for x in rows if x["source"] == spec.name) for s, rows in splits.items()},
             "rejected": dict(sorted(Counter(r["reason"] for r in mine).items())),
-            "truncated": sum(cut[r] for rows in keep_rows.values() for r in rows if by_row[r].source == spec.name)}
-        assert out[spec.name]["read"] == (sum(out[spec.name]["kept"].values())
-                                          + sum(out[spec.name]["rejected"].values()))
+            "truncated": sum(cut[r] for rows in keep_rows.values() for r in rows if by_row[r].source == spec.name),
+        }
+        assert out[spec.name]["read"] == (
+            sum(out[spec.name]["kept"].values()) + sum(out[spec.name]["rejected"].values())
+        )
     return out
 
 
@@ -257,13 +311,24 @@ def _count_control(records: list[Any], cfg: Config, specs: list[SourceSpec], sta
     count = 0
     for spec, start, end in zip(specs, starts, ends):
         fields = (spec.question_field, spec.answer_field)
-        count += sum(1 for r in records[start:end] if isinstance(r, dict) and not isinstance(r, MalformedLine)
-                     and any(isinstance(r.get(f), str) and has_control_chars(r[f]) for f in fields))
+        count += sum(
+            1
+            for r in records[start:end]
+            if isinstance(r, dict)
+            and not isinstance(r, MalformedLine)
+            and any(isinstance(r.get(f), str) and has_control_chars(r[f]) for f in fields)
+        )
     return count
 
 
-def _write_data(data_dir: Path, splits: dict[str, list[dict]], rejected: list[dict], report: dict, cfg: Config,
-                inputs: dict[str, str]) -> None:
+def _write_data(
+    data_dir: Path,
+    splits: dict[str, list[dict]],
+    rejected: list[dict],
+    report: dict,
+    cfg: Config,
+    inputs: dict[str, str],
+) -> None:
     """Write the split files into a temporary folder, then move each into place with os.replace. The report
     goes last, so a crash leaves it describing the previous complete set."""
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -272,8 +337,9 @@ def _write_data(data_dir: Path, splits: dict[str, list[dict]], rejected: list[di
     tmp.mkdir()
     try:
         for split, rows in splits.items():
-            (tmp / f"{split}_data.json").write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n",
-                                                    encoding="utf-8")
+            (tmp / f"{split}_data.json").write_text(
+                json.dumps(rows, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
+            )
         write_rejects(tmp / "rejected.jsonl", rejected)
         write_json(tmp / "prepare_report.json", report)
         write_manifest(tmp, "prepare", cfg, inputs)

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from medqa.schema import PromptConfig
 from medqa.errors import ConfigError
+from medqa.schema import PromptConfig
 
 IGNORE_INDEX = -100  # the label value that torch's cross-entropy skips
 # Version of what `encode_example` produces, part of the prepared data's fingerprint: a change in how examples are
@@ -61,18 +61,24 @@ def template_text(tokenizer, prompt: PromptConfig, history: Sequence[tuple[str, 
         before, after = prompt.template.split("{question}")
         return before, after, True
     if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(f"prompt.use_chat_template=true but tokenizer {tokenizer.name_or_path} has no chat template. "
-                          "Set prompt.use_chat_template=false to use prompt.template.")
+        raise ConfigError(
+            f"prompt.use_chat_template=true but tokenizer {tokenizer.name_or_path} has no chat template. "
+            "Set prompt.use_chat_template=false to use prompt.template."
+        )
     turns = [m for q, a in history for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
-    messages = ([{"role": "system", "content": prompt.system}] if prompt.system else []) + turns + \
-        [{"role": "user", "content": _SLOT}]
+    messages = (
+        ([{"role": "system", "content": prompt.system}] if prompt.system else [])
+        + turns
+        + [{"role": "user", "content": _SLOT}]
+    )
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     before, after = text.split(_SLOT)
     return before, after, False
 
 
-def prompt_parts(tokenizer, prompt: PromptConfig, question: str,
-                 history: Sequence[tuple[str, str]] = ()) -> tuple[list[int], list[int], list[int]]:
+def prompt_parts(
+    tokenizer, prompt: PromptConfig, question: str, history: Sequence[tuple[str, str]] = ()
+) -> tuple[list[int], list[int], list[int]]:
     """Token ids of the text before the question (with the tokenizer's special start tokens, e.g. BioGPT's
     `</s>`, unless a chat template already wrote them), of the question, and of the text after it. The three
     are tokenized apart so the question can be cut in tokens without touching the template."""
@@ -80,13 +86,21 @@ def prompt_parts(tokenizer, prompt: PromptConfig, question: str,
     return _ids(tokenizer, before, special), _ids(tokenizer, question, False), _ids(tokenizer, after, False)
 
 
-def prompt_ids(tokenizer, prompt: PromptConfig, question: str, max_length: int | None = None,
-               history: Sequence[tuple[str, str]] = ()) -> list[int]:
+def prompt_ids(
+    tokenizer,
+    prompt: PromptConfig,
+    question: str,
+    max_length: int | None = None,
+    history: Sequence[tuple[str, str]] = (),
+) -> list[int]:
     """The prompt as the model sees it at generation time; the question is cut from its start if needed. Earlier
     turns (`history`, oldest first) that do not fit in `max_length` are left out, oldest first."""
     before, q, after = prompt_parts(tokenizer, prompt, question, history)
-    while history and max_length is not None and len(before) + len(after) + min(len(q), prompt.min_question_tokens) \
-            > max_length:
+    while (
+        history
+        and max_length is not None
+        and len(before) + len(after) + min(len(q), prompt.min_question_tokens) > max_length
+    ):
         history = history[1:]
         before, q, after = prompt_parts(tokenizer, prompt, question, history)
     if max_length is not None:
@@ -107,8 +121,10 @@ def encode_example(tokenizer, prompt: PromptConfig, question: str, answer: str, 
     n_q, n_a = len(q), len(a)
     fixed = len(before) + len(after) + 1  # + EOS
     if fixed + min(n_q, prompt.min_question_tokens) + 1 > max_length:
-        raise ConfigError(f"data.max_length={max_length} leaves no room for an answer after the prompt template "
-                          f"({fixed - 1} tokens). Raise data.max_length or shorten prompt.template.")
+        raise ConfigError(
+            f"data.max_length={max_length} leaves no room for an answer after the prompt template "
+            f"({fixed - 1} tokens). Raise data.max_length or shorten prompt.template."
+        )
     excess = fixed + n_q + n_a - max_length
     if excess > 0:
         cut_q = min(excess, max(n_q - prompt.min_question_tokens, 0))

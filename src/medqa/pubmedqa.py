@@ -1,8 +1,8 @@
 """PubMedQA zero-shot: did fine-tuning keep the base model's biomedical knowledge?
 
 The 500 expert-labelled test questions ship in `data/pubmedqa/` (MIT), beside the other 500 labelled ones (the
-knowledge dev set, `dev_questions`: scored during training to choose an adapter, never reported as the test figure). Each is scored as lm-evaluation-harness's
-`pubmedqa` task defines it (a `multiple_choice` task):
+knowledge dev set, `dev_questions`: scored during training to choose an adapter, never reported as the test
+figure). Each is scored as lm-evaluation-harness's `pubmedqa` task defines it (a `multiple_choice` task):
 
 - context  = "Abstract: " + the abstract's sections joined by newlines + "\\nQuestion: " + question + "\\nAnswer:"
 - choices  = "yes", "no", "maybe", each continued after the target delimiter " "
@@ -14,8 +14,8 @@ knowledge dev set, `dev_questions`: scored during training to choose an adapter,
   ASCII words characters and bytes agree).
 - start token: the tokenizer's default special tokens (BioGPT's `</s>` in front), as medqa's prompts are
   tokenized. lm-eval's HF backend does the same since 0.4.10 (`add_bos_token=None` leaves it to the tokenizer);
-  lm-eval up to 0.4.9 passed `add_special_tokens=False` by default (no start token; Gemma excepted), so numbers from those
-  versions differ for BioGPT.
+  lm-eval up to 0.4.9 passed `add_special_tokens=False` by default (no start token; Gemma excepted), so numbers from
+  those versions differ for BioGPT.
 - truncation: a sequence longer than the window keeps its last max_length + 1 tokens; the final one is no input
   (nothing follows it), so the model reads a full window of max_length tokens, as lm-eval's
   `(context + continuation)[-(max_length + 1):][:-1]` (keeping max_length would read one context token fewer).
@@ -38,8 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from medqa.errors import DataError
-from medqa.metrics import length_batches, pad_batch, token_nll
-from medqa.metrics import paired_bootstrap
+from medqa.metrics import length_batches, pad_batch, paired_bootstrap, token_nll
 from medqa.prompts import IGNORE_INDEX
 
 CHOICES = ("yes", "no", "maybe")
@@ -54,22 +53,35 @@ def load_items(path: str | Path = DEFAULT_TEST) -> list[dict]:
     try:
         items = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:  # missing, unreadable, not UTF-8, not JSON
-        raise DataError(f"Could not read PubMedQA-format questions from {path}: {exc}. Point evaluate.pubmedqa_file at "
-                        "a JSON list like data/pubmedqa/pubmedqa_test.json, or leave it empty for the shipped one.") from None
+        raise DataError(
+            f"Could not read PubMedQA-format questions from {path}: {exc}. Point evaluate.pubmedqa_file at "
+            "a JSON list like data/pubmedqa/pubmedqa_test.json, or leave it empty for the shipped one."
+        ) from None
     if isinstance(items, dict):  # PubMedQA's ori_pqal.json
-        items = [{"id": k, "question": v.get("QUESTION"), "contexts": v.get("CONTEXTS"),
-                  "answer": v.get("final_decision")} if isinstance(v, dict) else v for k, v in items.items()]
+        items = [
+            {"id": k, "question": v.get("QUESTION"), "contexts": v.get("CONTEXTS"), "answer": v.get("final_decision")}
+            if isinstance(v, dict)
+            else v
+            for k, v in items.items()
+        ]
 
     def ok(x) -> bool:
-        return (isinstance(x, dict) and isinstance(x.get("question"), str) and x.get("answer") in CHOICES
-                and isinstance(x.get("contexts"), list) and all(isinstance(c, str) for c in x["contexts"]))
+        return (
+            isinstance(x, dict)
+            and isinstance(x.get("question"), str)
+            and x.get("answer") in CHOICES
+            and isinstance(x.get("contexts"), list)
+            and all(isinstance(c, str) for c in x["contexts"])
+        )
 
     bad = [i for i, x in enumerate(items if isinstance(items, list) else [items]) if not ok(x)]
     if not isinstance(items, list) or bad or not items:
         where = f"item {bad[0]} (of {len(bad)} bad ones)" if bad else "the file"
-        raise DataError(f"{path}: {where} is not a PubMedQA question: each needs `question` (text), `contexts` (a "
-                        f"list of texts) and `answer` in {CHOICES}, and the file at least one. Use "
-                        "data/pubmedqa/pubmedqa_test.json's layout (or PubMedQA's ori_pqal.json).")
+        raise DataError(
+            f"{path}: {where} is not a PubMedQA question: each needs `question` (text), `contexts` (a "
+            f"list of texts) and `answer` in {CHOICES}, and the file at least one. Use "
+            "data/pubmedqa/pubmedqa_test.json's layout (or PubMedQA's ori_pqal.json)."
+        )
     return items
 
 
@@ -90,8 +102,10 @@ def dev_questions(n: int, seed: int) -> list[dict]:
 
 def accuracy(scores: PubMedQAScores) -> dict:
     """acc and acc_norm only: what an in-training evaluation logs (no bootstrap)."""
-    return {"acc": float((scores.predicted == scores.gold).mean()),
-            "acc_norm": float((scores.predicted_norm == scores.gold).mean())}
+    return {
+        "acc": float((scores.predicted == scores.gold).mean()),
+        "acc_norm": float((scores.predicted_norm == scores.gold).mean()),
+    }
 
 
 def context_text(item: dict) -> str:
@@ -107,7 +121,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
         context, continuation = context[:-n_space], context[-n_space:] + continuation
     whole = list(tokenizer(context + continuation)["input_ids"])
     ctx = list(tokenizer(context)["input_ids"])
-    return ctx, whole[len(ctx):]
+    return ctx, whole[len(ctx) :]
 
 
 @dataclass
@@ -131,7 +145,9 @@ class PubMedQAScores:
         return (self.loglik / self.choice_bytes).argmax(axis=1)
 
 
-def score_items(model, tokenizer, items: list[dict], batch_size: int = 8, max_length: int | None = None) -> PubMedQAScores:
+def score_items(
+    model, tokenizer, items: list[dict], batch_size: int = 8, max_length: int | None = None
+) -> PubMedQAScores:
     """Log-likelihood of each choice for each question (see the module docstring)."""
     import torch
 
@@ -142,8 +158,8 @@ def score_items(model, tokenizer, items: list[dict], batch_size: int = 8, max_le
             ctx, cont = encode_pair(tokenizer, context_text(item), " " + choice)
             # max_length + 1 tokens; the last is never an input (see the forward below), so the model sees
             # max_length and the first continuation token still has max_length tokens before it, as in lm-eval.
-            ids = (ctx + cont)[-(max_length + 1):]
-            labels = ([IGNORE_INDEX] * len(ctx) + cont)[-(max_length + 1):]
+            ids = (ctx + cont)[-(max_length + 1) :]
+            labels = ([IGNORE_INDEX] * len(ctx) + cont)[-(max_length + 1) :]
             rows.append({"input_ids": ids, "labels": labels})
             owners.append((q, c))
     loglik = np.zeros((len(items), len(CHOICES)))
@@ -186,10 +202,14 @@ def macro_f1(gold: np.ndarray, predicted: np.ndarray) -> float:
 def summarize(scores: PubMedQAScores, bootstrap_samples: int = 1000, seed: int = 0) -> dict:
     """acc, acc_norm and macro-F1 with 95% bootstrap intervals over questions."""
     gold, pred = scores.gold, scores.predicted
-    out = {"questions": len(gold), "acc": float((pred == gold).mean()),
-           "acc_norm": float((scores.predicted_norm == gold).mean()),
-           "acc_bytes": float((scores.predicted_bytes == gold).mean()), "macro_f1": macro_f1(gold, pred),
-           "predicted_share": {c: float((pred == i).mean()) for i, c in enumerate(CHOICES)}}
+    out = {
+        "questions": len(gold),
+        "acc": float((pred == gold).mean()),
+        "acc_norm": float((scores.predicted_norm == gold).mean()),
+        "acc_bytes": float((scores.predicted_bytes == gold).mean()),
+        "macro_f1": macro_f1(gold, pred),
+        "predicted_share": {c: float((pred == i).mean()) for i, c in enumerate(CHOICES)},
+    }
     if bootstrap_samples:
         rng = np.random.default_rng(seed)
         idx = rng.integers(0, len(gold), size=(bootstrap_samples, len(gold)))
@@ -211,5 +231,4 @@ def paired_comparison(base: PubMedQAScores, tuned: PubMedQAScores, samples: int 
     # medqa's paired bootstrap with one "token" per question: its delta of sums over counts is the accuracy change,
     # and its "not better" share (delta >= 0) is, for accuracy, the share of resamples where tuning lost nothing.
     test = paired_bootstrap(a, b, np.ones(len(a)), samples, seed)
-    return {"acc_delta": test["loss_delta"], "acc_delta_ci95": test["loss_delta_ci95"],
-            "p_value_lost": test["p_value"]}
+    return {"acc_delta": test["loss_delta"], "acc_delta_ci95": test["loss_delta_ci95"], "p_value_lost": test["p_value"]}

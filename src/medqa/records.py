@@ -15,8 +15,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from medqa.cleaning import clean_text, is_greeting_only, normalize_key
-from medqa.schema import Config
 from medqa.errors import DataError
+from medqa.schema import Config
 from medqa.sources import MalformedLine
 
 
@@ -79,13 +79,16 @@ def check_fields_present(records: list[Any], source: str, fields: dict[str, tupl
             seen = sorted({str(k) for r in objects[:1000] for k in r})
             others = [k for k in seen if k not in configured] or seen
             guess = (difflib.get_close_matches(role, others, n=1, cutoff=0.3) or others)[0]
-            raise DataError(f"{source}: field {name!r} ({key}) appears in none of its {len(objects)} "
-                            f"records. Fields present: {', '.join(seen)}. Set {key} to the field that holds the "
-                            f"{role}, e.g. `{key}={guess}`.")
+            raise DataError(
+                f"{source}: field {name!r} ({key}) appears in none of its {len(objects)} "
+                f"records. Fields present: {', '.join(seen)}. Set {key} to the field that holds the "
+                f"{role}, e.g. `{key}={guess}`."
+            )
 
 
-def length_reject(cand: Candidate, question_tokens: int, answer_tokens: int, cfg: Config,
-                  records: list[Any]) -> dict | None:
+def length_reject(
+    cand: Candidate, question_tokens: int, answer_tokens: int, cfg: Config, records: list[Any]
+) -> dict | None:
     """The reject entry for a candidate over data.max_question_tokens or data.max_answer_tokens, else None."""
     if question_tokens > cfg.data.max_question_tokens:
         reason, tokens = "question_too_long", question_tokens
@@ -142,8 +145,14 @@ def dedupe(cands: list[Candidate], records: list[Any]) -> tuple[list[Candidate],
         if first is not None:
             same = (first.question, first.answer) == (cand.question, cand.answer)
             of = f" of source {first.source}" if first.source else ""
-            rejected.append({"index": cand.index, "reason": "duplicate_exact" if same else "duplicate_question",
-                             "detail": f"same question as record {first.index}{of}", "record": records[cand.index]})
+            rejected.append(
+                {
+                    "index": cand.index,
+                    "reason": "duplicate_exact" if same else "duplicate_question",
+                    "detail": f"same question as record {first.index}{of}",
+                    "record": records[cand.index],
+                }
+            )
             continue
         first_seen[cand.key] = cand
         kept.append(cand)

@@ -40,7 +40,7 @@ class Rule:
     knowledge_weight: float = 1.0
 
     @classmethod
-    def of(cls, cfg: Config) -> "Rule":
+    def of(cls, cfg: Config) -> Rule:
         t = cfg.tune
         return cls(t.objective, t.max_knowledge_drop, t.knowledge_weight)
 
@@ -67,16 +67,20 @@ class Rule:
         if self.objective == "answer_loss":
             return float(answer_loss)
         if not _known(knowledge_change):
-            raise ValueError(f"tune.objective={self.objective} needs the PubMedQA dev accuracy change "
-                             "(scoring.knowledge_questions > 0).")
+            raise ValueError(
+                f"tune.objective={self.objective} needs the PubMedQA dev accuracy change "
+                "(scoring.knowledge_questions > 0)."
+            )
         if self.objective == "weighted":
             return float(answer_loss) - self.knowledge_weight * float(knowledge_change)
         return float(answer_loss) + (0.0 if self.eligible(knowledge_change) else INELIGIBLE)
 
     def describe(self) -> str:
         if self.objective == "answer_loss_within_knowledge":
-            return (f"lowest val answer_loss among adapters whose PubMedQA dev accuracy fell by at most "
-                    f"{self.max_knowledge_drop:g} against the base model")
+            return (
+                f"lowest val answer_loss among adapters whose PubMedQA dev accuracy fell by at most "
+                f"{self.max_knowledge_drop:g} against the base model"
+            )
         if self.objective == "weighted":
             return f"lowest val answer_loss - {self.knowledge_weight:g} x PubMedQA dev accuracy change"
         return "lowest val answer_loss"
@@ -101,11 +105,17 @@ def choose(candidates: list[dict], rule: Rule, what: str = "trial") -> Choice:
     if eligible:
         return Choice(best, True, f"{what} chosen by {rule.describe()}")
     drops = [-c["knowledge_change"] for c in candidates if _known(c.get("knowledge_change"))]
-    found = (f"kept PubMedQA dev accuracy within {rule.max_knowledge_drop:g} of the base model (the smallest drop "
-             f"was {min(drops):.3f})" if drops else "has a PubMedQA dev score")
-    message = (f"No {what} {found}: chose the {what} with the lowest val answer_loss instead (as "
-               "tune.objective=answer_loss would). Allow more with tune.max_knowledge_drop, or search gentler "
-               "settings (lower learning rate, fewer steps, smaller lora.r).")
+    found = (
+        f"kept PubMedQA dev accuracy within {rule.max_knowledge_drop:g} of the base model (the smallest drop "
+        f"was {min(drops):.3f})"
+        if drops
+        else "has a PubMedQA dev score"
+    )
+    message = (
+        f"No {what} {found}: chose the {what} with the lowest val answer_loss instead (as "
+        "tune.objective=answer_loss would). Allow more with tune.max_knowledge_drop, or search gentler "
+        "settings (lower learning rate, fewer steps, smaller lora.r)."
+    )
     log.warning(message)
     return Choice(best, False, message)
 

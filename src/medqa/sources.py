@@ -25,33 +25,45 @@ log = logging.getLogger(__name__)
 # A Hub id looks like `owner/name` with no file extension; anything else is treated as a local path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
-OFFLINE_HINT = ("To work offline, point data.source at a local copy (JSON list, JSONL, CSV or a datasets folder), "
-                "or run the embedded demo with `--config configs/demo.yaml`.")
+OFFLINE_HINT = (
+    "To work offline, point data.source at a local copy (JSON list, JSONL, CSV or a datasets folder), "
+    "or run the embedded demo with `--config configs/demo.yaml`."
+)
 
 
-_BINARY_KINDS = {b"PAR1": "a Parquet file", b"\x1f\x8b": "a gzip-compressed file", b"PK\x03\x04": "a zip archive",
-                 b"\x89HDF": "an HDF5 file", b"ARROW1": "an Arrow file"}
+_BINARY_KINDS = {
+    b"PAR1": "a Parquet file",
+    b"\x1f\x8b": "a gzip-compressed file",
+    b"PK\x03\x04": "a zip archive",
+    b"\x89HDF": "an HDF5 file",
+    b"ARROW1": "an Arrow file",
+}
 
 
 def _decode(path: Path) -> str:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise DataError(f"Could not read {path}: {exc.strerror or exc}. Check that the file is readable by this user "
-                        "(permissions) and is not being written, then run again.") from None
+        raise DataError(
+            f"Could not read {path}: {exc.strerror or exc}. Check that the file is readable by this user "
+            "(permissions) and is not being written, then run again."
+        ) from None
     kind = next((k for magic, k in _BINARY_KINDS.items() if raw.startswith(magic)), None)
     if kind:
-        raise DataError(f"{path} is {kind}, not JSON, JSONL or CSV text. Convert it (e.g. with pandas: "
-                        "`pd.read_parquet(path).to_json('records.json', orient='records')`, or unpack it) and point "
-                        "data.source at the result.")
+        raise DataError(
+            f"{path} is {kind}, not JSON, JSONL or CSV text. Convert it (e.g. with pandas: "
+            "`pd.read_parquet(path).to_json('records.json', orient='records')`, or unpack it) and point "
+            "data.source at the result."
+        )
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise DataError(
-            f"{path} is not UTF-8 text: byte {exc.start} (line {line}) is {raw[exc.start:exc.start + 1]!r}. "
+            f"{path} is not UTF-8 text: byte {exc.start} (line {line}) is {raw[exc.start : exc.start + 1]!r}. "
             f"Convert the file to UTF-8, e.g. `iconv -f latin1 -t utf-8 {path} > fixed.json`, and point "
-            "data.source at the result.") from None
+            "data.source at the result."
+        ) from None
 
 
 def _read_json(path: Path, text: str) -> list[Any]:
@@ -61,14 +73,17 @@ def _read_json(path: Path, text: str) -> list[Any]:
         raise DataError(
             f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}. Fix the file there "
             "(a JSON list of objects), or save it as JSONL (one object per line, .jsonl) so that one bad "
-            "line is rejected instead of stopping the run.") from None
+            "line is rejected instead of stopping the run."
+        ) from None
     if isinstance(data, dict):
         # Some exports wrap the list: {"data": [...]}. Accept a single list-valued key.
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) == 1:
             return lists[0]
-        raise DataError(f"{path} holds a JSON object, not a list of records. Give a JSON list of "
-                        "{question, answer} objects, e.g. HealthCareMagic-100k.json's layout.")
+        raise DataError(
+            f"{path} holds a JSON object, not a list of records. Give a JSON list of "
+            "{question, answer} objects, e.g. HealthCareMagic-100k.json's layout."
+        )
     if not isinstance(data, list):
         raise DataError(f"{path} holds a JSON {type(data).__name__}, not a list of records.")
     return data
@@ -102,9 +117,11 @@ def _read_csv(path: Path, text: str) -> list[Any]:
             raise DataError(f"{path} has no CSV header row. Add a header naming the columns (e.g. input,output).")
         return [dict(row) for row in reader]
     except csv.Error as exc:
-        raise DataError(f"{path} is not valid CSV in the record that starts on line {reader.line_num + 1}: {exc}. "
-                        "Fix that record (a quote opened and never closed? quotes inside a field must be doubled), or "
-                        "save the records as JSONL, where one bad line is rejected instead of stopping the run.") from None
+        raise DataError(
+            f"{path} is not valid CSV in the record that starts on line {reader.line_num + 1}: {exc}. "
+            "Fix that record (a quote opened and never closed? quotes inside a field must be doubled), or "
+            "save the records as JSONL, where one bad line is rejected instead of stopping the run."
+        ) from None
 
 
 def _read_datasets_folder(path: Path, split: str) -> list[Any]:
@@ -114,21 +131,30 @@ def _read_datasets_folder(path: Path, split: str) -> list[Any]:
     if not any((path / m).exists() for m in markers):
         files = sorted(p.name for p in path.iterdir())[:8]
         readable = [f for f in files if f.lower().endswith((".json", ".jsonl", ".csv"))]
-        hint = (f"To read a file in it, set data.source={path / readable[0]}." if readable else
-                "Give a JSON, JSONL or CSV file instead.")
-        raise DataError(f"data.source {path} is a folder but not a saved `datasets` folder (no {' or '.join(markers)}; "
-                        f"it holds {', '.join(files) or 'nothing'}). {hint} A `datasets` folder is what "
-                        "Dataset.save_to_disk writes.")
+        hint = (
+            f"To read a file in it, set data.source={path / readable[0]}."
+            if readable
+            else "Give a JSON, JSONL or CSV file instead."
+        )
+        raise DataError(
+            f"data.source {path} is a folder but not a saved `datasets` folder (no {' or '.join(markers)}; "
+            f"it holds {', '.join(files) or 'nothing'}). {hint} A `datasets` folder is what "
+            "Dataset.save_to_disk writes."
+        )
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as exc:  # a damaged or partial save_to_disk folder
-        raise DataError(f"data.source {path} looks like a `datasets` folder but could not be loaded "
-                        f"({type(exc).__name__}: {str(exc)[:200]}). Save it again with Dataset.save_to_disk, or "
-                        "export the records to JSONL and point data.source at that file.") from None
+        raise DataError(
+            f"data.source {path} looks like a `datasets` folder but could not be loaded "
+            f"({type(exc).__name__}: {str(exc)[:200]}). Save it again with Dataset.save_to_disk, or "
+            "export the records to JSONL and point data.source at that file."
+        ) from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise DataError(f"{path} is a DatasetDict without split {split!r} (it has {list(ds)}). "
-                            f"Set data.hub_split to one of them.")
+            raise DataError(
+                f"{path} is a DatasetDict without split {split!r} (it has {list(ds)}). "
+                f"Set data.hub_split to one of them."
+            )
         ds = ds[split]
     return ds.to_list()
 
@@ -143,7 +169,8 @@ def _read_hub(dataset_id: str, split: str) -> list[Any]:
         why = "offline mode is on (HF_HUB_OFFLINE=1)" if offline else "the Hugging Face Hub could not be reached"
         raise DataError(
             f"Could not load the Hub dataset {dataset_id!r} (split {split!r}): {why}, and no cached copy was "
-            f"found ({type(exc).__name__}: {str(exc)[:200]}). {OFFLINE_HINT}") from None
+            f"found ({type(exc).__name__}: {str(exc)[:200]}). {OFFLINE_HINT}"
+        ) from None
     return ds.to_list()
 
 
@@ -162,10 +189,12 @@ def read_records(source: str, split: str = "train") -> list[Any]:
         return _read_json(path, text)
     if _HUB_ID.match(source) and not Path(source).suffix:
         return _read_hub(source, split)
-    raise DataError(f"Data file {source} not found (looked in {Path.cwd()}). Check data.source: give a path to "
-                    "a JSON/JSONL/CSV file or a datasets folder, or a Hub id such as "
-                    "lavita/ChatDoctor-HealthCareMagic-100k. The embedded sample is "
-                    "data/sample/healthcaremagic_sample.json.")
+    raise DataError(
+        f"Data file {source} not found (looked in {Path.cwd()}). Check data.source: give a path to "
+        "a JSON/JSONL/CSV file or a datasets folder, or a Hub id such as "
+        "lavita/ChatDoctor-HealthCareMagic-100k. The embedded sample is "
+        "data/sample/healthcaremagic_sample.json."
+    )
 
 
 @dataclass(frozen=True)
@@ -187,7 +216,16 @@ def source_specs(data) -> list[SourceSpec]:
     `data.source` alone."""
     if not data.sources:
         return [SourceSpec("", data.source, data.question_field, data.answer_field, data.hub_split, data.max_records)]
-    return [SourceSpec(e["name"], e["source"], e.get("question_field", data.question_field),
-                       e.get("answer_field", data.answer_field), e.get("hub_split", data.hub_split),
-                       e.get("max_records", 0), float(e.get("weight", 1.0)), f"data.sources[{i}]")
-            for i, e in enumerate(data.sources)]
+    return [
+        SourceSpec(
+            e["name"],
+            e["source"],
+            e.get("question_field", data.question_field),
+            e.get("answer_field", data.answer_field),
+            e.get("hub_split", data.hub_split),
+            e.get("max_records", 0),
+            float(e.get("weight", 1.0)),
+            f"data.sources[{i}]",
+        )
+        for i, e in enumerate(data.sources)
+    ]

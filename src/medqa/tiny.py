@@ -92,8 +92,9 @@ def learn_biogpt_vocab(texts: Iterable[str], vocab_size: int, out_dir: Path) -> 
 
     moses = MosesTokenizer(lang="en")
     # Same call as BioGptTokenizer.moses_tokenize, so the learned pieces match what it will look up.
-    word_counts = Counter(w for t in texts
-                          for w in moses.tokenize(t, aggressive_dash_splits=True, return_str=False, escape=True))
+    word_counts = Counter(
+        w for t in texts for w in moses.tokenize(t, aggressive_dash_splits=True, return_str=False, escape=True)
+    )
     tokens, merges = learn_bpe(word_counts, vocab_size)
     vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
     assert [vocab[t] for t in SPECIAL_TOKENS] == [0, 1, 2, 3]
@@ -117,14 +118,22 @@ def build_tiny_model(texts: list[str], cfg: TinyModelConfig, out_dir: str | Path
                 shutil.copyfile(src / name, files / name)
         else:
             learn_biogpt_vocab(texts, cfg.vocab_size, files)
-        tokenizer = BioGptTokenizer(vocab_file=str(files / "vocab.json"), merges_file=str(files / "merges.txt"),
-                                    model_max_length=cfg.max_positions)
+        tokenizer = BioGptTokenizer(
+            vocab_file=str(files / "vocab.json"),
+            merges_file=str(files / "merges.txt"),
+            model_max_length=cfg.max_positions,
+        )
         shutil.rmtree(files)
         config = BioGptConfig(
-            vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
-            max_position_embeddings=cfg.max_positions, initializer_range=cfg.initializer_range,
-            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.hidden_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            intermediate_size=cfg.intermediate_size,
+            max_position_embeddings=cfg.max_positions,
+            initializer_range=cfg.initializer_range,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
         torch.manual_seed(seed)

@@ -29,25 +29,49 @@ import yaml
 
 from medqa import distributed as dist
 from medqa.artifacts import atomic_dir, write_json
+from medqa.batching import BatchPlan, cuda_free_bytes, eval_tokens_per_batch, optimizer_steps, plan_batches
 from medqa.checkpoints import MarkComplete, resumable_checkpoint, set_aside
-from medqa.schema import Config, TrainConfig
 from medqa.errors import ConfigError, Interrupted, MedqaError
 from medqa.fallbacks import Fallbacks
 from medqa.locks import locked
-from medqa.mixing import by_source, epoch_composition
 from medqa.manifest import check_resumable, run_record, write_manifest, write_run_record
-from medqa.batching import BatchPlan, cuda_free_bytes, eval_tokens_per_batch, optimizer_steps, plan_batches
 from medqa.metrics import EVAL_SPLITS, metrics_table, pad_batch, sanity_check, summarize
+from medqa.mixing import by_source, epoch_composition
+from medqa.modeling import (
+    build_lora_model,
+    compute_dtype,
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    model_path,
+    pick_device_dtype,
+    precision,
+    scoring_dtype,
+)
 from medqa.packing import PackedCollator, pack_dataset, plan_packs
 from medqa.plots import plot_training
 from medqa.pubmedqa import dev_questions
+from medqa.schema import Config, TrainConfig
 from medqa.selection import Rule, choose
-from medqa.trainer import (FAST_LOSS_MODEL_TYPES, AnswerLossTrainer, FastStep, GracefulStop, History, StepTimer,
-                           supports_fast_step)
-from medqa.modeling import (build_lora_model, compute_dtype, count_parameters, load_model, load_tokenizer, model_path,
-                            pick_device_dtype, precision, scoring_dtype)
-from medqa.workdir import (HISTORY, Workdir, adapter_inputs, load_split, paths, per_example_rows, read_metrics,
-                           write_per_example)
+from medqa.trainer import (
+    FAST_LOSS_MODEL_TYPES,
+    AnswerLossTrainer,
+    FastStep,
+    GracefulStop,
+    History,
+    StepTimer,
+    supports_fast_step,
+)
+from medqa.workdir import (
+    HISTORY,
+    Workdir,
+    adapter_inputs,
+    load_split,
+    paths,
+    per_example_rows,
+    read_metrics,
+    write_per_example,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +109,8 @@ def check_process_count(cfg: Config, stored: dict | None) -> None:
         f"which changes the global batch ({before} x {now} micro-batches per step are not the same step). Resume "
         f"with the same count (torchrun --nproc_per_node {before} -m medqa train ..., or plain `medqa train` for 1), "
         "or, with train.packing=true, set train.tokens_per_step so every process count takes the same optimizer "
-        "step, or start fresh with train.resume=false.")
+        "step, or start fresh with train.resume=false."
+    )
 
 
 def check_disk(cfg: Config, folder: Path, trainable: int, total_steps: int) -> None:
@@ -97,9 +122,11 @@ def check_disk(cfg: Config, folder: Path, trainable: int, total_steps: int) -> N
     need = (cfg.train.save_total_limit + 2) * per_checkpoint + 4 * trainable + 1024 * total_steps + (20 << 20)
     free = shutil.disk_usage(folder).free
     if free < need:
-        raise MedqaError(f"Not enough disk space in {folder}: training needs about {need / 2**20:,.0f} MiB for "
-                         f"{cfg.train.save_total_limit} checkpoints, the adapter and logs, and {free / 2**20:,.0f} MiB "
-                         "are free. Free some space, lower train.save_total_limit, or set workdir to a larger disk.")
+        raise MedqaError(
+            f"Not enough disk space in {folder}: training needs about {need / 2**20:,.0f} MiB for "
+            f"{cfg.train.save_total_limit} checkpoints, the adapter and logs, and {free / 2**20:,.0f} MiB "
+            "are free. Free some space, lower train.save_total_limit, or set workdir to a larger disk."
+        )
 
 
 def _training_args(cfg: Config, work: Path, trial: bool, plan: BatchPlan | None, fallbacks: Fallbacks | None = None):
@@ -112,34 +139,51 @@ def _training_args(cfg: Config, work: Path, trial: bool, plan: BatchPlan | None,
     t = cfg.train
     cuda = torch.cuda.is_available()
     return TrainingArguments(
-        output_dir=str(work), seed=cfg.seed, data_seed=cfg.seed,
-        learning_rate=t.learning_rate, weight_decay=t.weight_decay, lr_scheduler_type=t.scheduler,
-        warmup_steps=t.warmup_ratio, max_grad_norm=t.max_grad_norm,
-        num_train_epochs=t.epochs, max_steps=t.max_steps if t.max_steps > 0 else -1,
+        output_dir=str(work),
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_ratio,
+        max_grad_norm=t.max_grad_norm,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps if t.max_steps > 0 else -1,
         per_device_train_batch_size=plan.rows_per_batch if plan else t.batch_size,
         per_device_eval_batch_size=cfg.scoring.batch_size,
         gradient_accumulation_steps=plan.grad_accum if plan else t.grad_accum,
         # Packed rows are all ~data.max_length tokens: grouping them by length would only remove randomness.
         train_sampling_strategy="group_by_length" if t.group_by_length and not plan else "random",
         length_column_name="length",
-        eval_strategy="steps", eval_steps=t.eval_steps, save_strategy="no" if trial else "steps",
-        save_steps=t.eval_steps, save_total_limit=t.save_total_limit, load_best_model_at_end=not trial,
+        eval_strategy="steps",
+        eval_steps=t.eval_steps,
+        save_strategy="no" if trial else "steps",
+        save_steps=t.eval_steps,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=not trial,
         # tune.objective (`medqa.selection`): val answer_loss, or it and what the adapter kept; equal to
         # eval_answer_loss under the default rule.
-        metric_for_best_model="eval_objective", greater_is_better=False,
+        metric_for_best_model="eval_objective",
+        greater_is_better=False,
         # Early stopping's patience counter (and the other stateful callbacks) continue from the checkpoint.
         restore_callback_states_from_checkpoint=True,
-        logging_strategy="steps", logging_steps=t.logging_steps, logging_first_step=True,
-        report_to=_report_to(cfg), remove_unused_columns=False,
+        logging_strategy="steps",
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        report_to=_report_to(cfg),
+        remove_unused_columns=False,
         # On a GPU, collate the next batches (padding, the 4D mask) in two worker processes while the GPU computes.
-        dataloader_num_workers=2 if cuda else 0, dataloader_pin_memory=cuda,
+        dataloader_num_workers=2 if cuda else 0,
+        dataloader_pin_memory=cuda,
         optim=_optimizer(fallbacks if fallbacks is not None else Fallbacks()),
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
-        disable_tqdm=False, **precision(cfg),
+        disable_tqdm=False,
+        **precision(cfg),
         # Several processes (medqa.distributed): on CPU, use_cpu is what makes accelerate use gloo DDP instead of
         # one process; LoRA uses every trainable parameter, so DDP need not search for unused ones each step.
-        use_cpu=dist.world_size() > 1 and not cuda, ddp_find_unused_parameters=False if dist.world_size() > 1 else None,
+        use_cpu=dist.world_size() > 1 and not cuda,
+        ddp_find_unused_parameters=False if dist.world_size() > 1 else None,
         ddp_timeout=t.ddp_timeout,  # the group already exists (dist.init); kept equal so both say the same
     )
 
@@ -170,17 +214,25 @@ def _report_to(cfg: Config) -> list[str]:
     wanted = [r for r in cfg.train.report_to if r != "none"]
     unknown = [r for r in wanted if r not in INTEGRATION_TO_CALLBACK]
     if unknown:
-        raise ConfigError(f"train.report_to: {unknown[0]!r} is not a tracker transformers supports; choose from "
-                          f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}, or [] for none.")
+        raise ConfigError(
+            f"train.report_to: {unknown[0]!r} is not a tracker transformers supports; choose from "
+            f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}, or [] for none."
+        )
     missing = [r for r in wanted if r not in get_available_reporting_integrations()]
     if missing and cfg.train.report_to == TrainConfig().report_to:
-        log.warning("train.report_to: %s (the default) is not installed here; training without a tracker "
-                    "(metrics.jsonl and loss_curves.png are written as always). pip install %s for its logs, or set "
-                    "train.report_to=[] to silence this.", missing[0], missing[0])
+        log.warning(
+            "train.report_to: %s (the default) is not installed here; training without a tracker "
+            "(metrics.jsonl and loss_curves.png are written as always). pip install %s for its logs, or set "
+            "train.report_to=[] to silence this.",
+            missing[0],
+            missing[0],
+        )
         return ["none"]
     if missing:
-        raise ConfigError(f"train.report_to: {missing[0]} is not installed here (pip install {missing[0].replace('_', '-')}"
-                          f"), or remove it from train.report_to (tensorboard is installed with medqa).")
+        raise ConfigError(
+            f"train.report_to: {missing[0]} is not installed here (pip install {missing[0].replace('_', '-')}"
+            f"), or remove it from train.report_to (tensorboard is installed with medqa)."
+        )
     return wanted or ["none"]
 
 
@@ -198,8 +250,10 @@ def _attention(cfg: Config) -> str:
     if cfg.train.attention != "flex":
         return "sdpa"  # auto: the measured path; flex is opt-in until the GPU table shows it pays (BENCHMARKS.md)
     if not torch.cuda.is_available():
-        raise ConfigError("train.attention=flex needs a CUDA GPU: torch's FlexAttention has no backward on CPU. "
-                          "Use train.attention=sdpa (or auto) here.")
+        raise ConfigError(
+            "train.attention=flex needs a CUDA GPU: torch's FlexAttention has no backward on CPU. "
+            "Use train.attention=sdpa (or auto) here."
+        )
     return "flex"
 
 
@@ -208,14 +262,20 @@ def _use_flex(model) -> None:
     default is 0.1), and said so."""
     base = model.get_base_model()
     base.set_attn_implementation("flex_attention")
-    attention = [m for m in base.modules()
-                 if type(m).__name__.endswith("Attention") and isinstance(getattr(m, "dropout", None), float)]
+    attention = [
+        m
+        for m in base.modules()
+        if type(m).__name__.endswith("Attention") and isinstance(getattr(m, "dropout", None), float)
+    ]
     dropped = {m.dropout for m in attention}
     for m in attention:
         m.dropout = 0.0
     if any(dropped):
-        log.warning("train.attention=flex: FlexAttention has no attention dropout; attention dropout %s -> 0 for "
-                    "this run (hidden-state dropout is unchanged).", sorted(dropped))
+        log.warning(
+            "train.attention=flex: FlexAttention has no attention dropout; attention dropout %s -> 0 for "
+            "this run (hidden-state dropout is unchanged).",
+            sorted(dropped),
+        )
 
 
 @dataclass
@@ -234,13 +294,23 @@ class Setup:
 
     def describe(self) -> dict:
         fs = self.fast_step
-        return {"packing": self.plan is not None, "batch_plan": job_plan(self.plan) if self.plan else None,
-                "compiled": bool(fs and fs.compiled), "attention": fs.attention if fs else "model default",
-                "loss_chunk_tokens": fs.chunk if fs else 0, "train_rows": len(self.train_ds),
-                "fallbacks": self.fallbacks.records,
-                **({"epoch_by_source": self.composition,
-                    "epoch_examples": sum(c["per_epoch"] for c in self.composition.values())}
-                   if self.composition else {})}
+        return {
+            "packing": self.plan is not None,
+            "batch_plan": job_plan(self.plan) if self.plan else None,
+            "compiled": bool(fs and fs.compiled),
+            "attention": fs.attention if fs else "model default",
+            "loss_chunk_tokens": fs.chunk if fs else 0,
+            "train_rows": len(self.train_ds),
+            "fallbacks": self.fallbacks.records,
+            **(
+                {
+                    "epoch_by_source": self.composition,
+                    "epoch_examples": sum(c["per_epoch"] for c in self.composition.values()),
+                }
+                if self.composition
+                else {}
+            ),
+        }
 
 
 def job_plan(plan: BatchPlan, replicas: int | None = None) -> dict:
@@ -249,8 +319,12 @@ def job_plan(plan: BatchPlan, replicas: int | None = None) -> dict:
     micro-batch: a memory budget)."""
     replicas = replicas or dist.replicas()
     d = plan.to_dict()
-    return {**d, "replicas": replicas, "tokens_per_step": d["tokens_per_step"] * replicas,
-            "tokens_per_step_per_replica": d["tokens_per_step"]}
+    return {
+        **d,
+        "replicas": replicas,
+        "tokens_per_step": d["tokens_per_step"] * replicas,
+        "tokens_per_step_per_replica": d["tokens_per_step"],
+    }
 
 
 def row_tokens(cfg: Config) -> int:
@@ -265,20 +339,28 @@ def setup_training(cfg: Config, model, train_ds, pad_id: int) -> Setup:
     train_ds, composition = epoch_composition(cfg, train_ds)  # data.sources' weights (the split itself otherwise)
     if not t.packing:
         collate = partial(pad_batch, pad_id=pad_id)
-        return Setup(train_ds, collate, None, None, sum(train_ds["length"]) / len(train_ds), 1.0, fallbacks,
-                     composition)
+        return Setup(
+            train_ds, collate, None, None, sum(train_ds["length"]) / len(train_ds), 1.0, fallbacks, composition
+        )
     # ~data.max_length / mean length examples per row; the block mask keeps them from seeing each other.
     window = getattr(model.config, "max_position_embeddings", None)
     if window and row_tokens(cfg) > window:  # a row's padding takes positions 0.. up to its width
-        raise ConfigError(f"train.pack_row_tokens={row_tokens(cfg)} is wider than the model's {window} positions. "
-                          f"Use at most {window} (or 0 for rows of data.max_length).")
+        raise ConfigError(
+            f"train.pack_row_tokens={row_tokens(cfg)} is wider than the model's {window} positions. "
+            f"Use at most {window} (or 0 for rows of data.max_length)."
+        )
     train_ds = pack_dataset(train_ds, row_tokens(cfg))
     examples_per_row = sum(train_ds["num_examples"]) / len(train_ds)
     device = next(model.parameters()).device
     # Several processes: every rank plans with the smallest free memory of all, so all run the same micro-batch
     # and the same number of gradient all-reduces per step.
-    plan = _plan(cfg, model.config, lambda: dist.min_over_ranks(cuda_free_bytes(device)) if device.type == "cuda"
-                 else None, dist.replicas(), fallbacks)
+    plan = _plan(
+        cfg,
+        model.config,
+        lambda: dist.min_over_ranks(cuda_free_bytes(device)) if device.type == "cuda" else None,
+        dist.replicas(),
+        fallbacks,
+    )
     attention = _attention(cfg)
     fast = None
     # Several replicas (processes, or GPUs in one process) train through the DDP/FSDP/DataParallel wrapper's
@@ -289,28 +371,46 @@ def setup_training(cfg: Config, model, train_ds, pad_id: int) -> Setup:
             _check_cuda_graphs(cfg, plan)
         if attention == "flex":
             _use_flex(model)
-        fast = FastStep(model, compile=compile_, compile_mode=t.compile_mode, loss_chunk_tokens=t.loss_chunk_tokens,
-                        attention=attention, mask_dtype=compute_dtype(cfg), fallbacks=fallbacks)
+        fast = FastStep(
+            model,
+            compile=compile_,
+            compile_mode=t.compile_mode,
+            loss_chunk_tokens=t.loss_chunk_tokens,
+            attention=attention,
+            mask_dtype=compute_dtype(cfg),
+            fallbacks=fallbacks,
+        )
     else:
         attention = "sdpa"  # the model's own forward, with the block mask from the collator
     if fast is None and (t.compile is True or t.loss_chunk_tokens or cfg.train.attention == "flex"):
-        log.warning("train.compile, train.loss_chunk_tokens and train.attention=flex apply to %s only; model type "
-                    "%r trains through its own forward.", ", ".join(sorted(FAST_LOSS_MODEL_TYPES)),
-                    getattr(model.config, "model_type", "?"))
+        log.warning(
+            "train.compile, train.loss_chunk_tokens and train.attention=flex apply to %s only; model type "
+            "%r trains through its own forward.",
+            ", ".join(sorted(FAST_LOSS_MODEL_TYPES)),
+            getattr(model.config, "model_type", "?"),
+        )
     # Every batch: plan.rows_per_batch rows x data.max_length tokens (one shape for the compiled step). The fast
     # step builds the attention mask on the device; only the model's own forward needs it from the collator.
     # One process over several GPUs (torch DataParallel) collates one batch for all of them, then splits it.
     per_collate = plan.rows_per_batch * (dist.replicas() if dist.world_size() == 1 else 1)
-    collate = PackedCollator(pad_id, block_mask=fast is None, mask_dtype=compute_dtype(cfg),
-                             pad_to_multiple_of=row_tokens(cfg), rows=per_collate)
-    msg = (f"packing: {len(train_ds):,} rows of up to {row_tokens(cfg)} tokens ({examples_per_row:.2f} examples "
-           f"per row); {plan.describe()}{f' in each of {dist.replicas()} replicas' if dist.replicas() > 1 else ''}; "
-           f"step: {'compiled' if fast and fast.compiled else 'eager'}, "
-           f"attention {attention}")
+    collate = PackedCollator(
+        pad_id,
+        block_mask=fast is None,
+        mask_dtype=compute_dtype(cfg),
+        pad_to_multiple_of=row_tokens(cfg),
+        rows=per_collate,
+    )
+    msg = (
+        f"packing: {len(train_ds):,} rows of up to {row_tokens(cfg)} tokens ({examples_per_row:.2f} examples "
+        f"per row); {plan.describe()}{f' in each of {dist.replicas()} replicas' if dist.replicas() > 1 else ''}; "
+        f"step: {'compiled' if fast and fast.compiled else 'eager'}, "
+        f"attention {attention}"
+    )
     log.info(msg)
     print(msg)
-    return Setup(train_ds, collate, plan, fast, sum(train_ds["length"]) / len(train_ds), examples_per_row, fallbacks,
-                 composition)
+    return Setup(
+        train_ds, collate, plan, fast, sum(train_ds["length"]) / len(train_ds), examples_per_row, fallbacks, composition
+    )
 
 
 def _plan(cfg: Config, model_config, free_bytes, world: int, fallbacks: Fallbacks | None = None) -> BatchPlan:
@@ -341,11 +441,22 @@ def _check_cuda_graphs(cfg: Config, plan: BatchPlan) -> None:
         "are overwritten by the next micro-batch's replay, which PyTorch either refuses or turns into silently wrong "
         "gradients. Use train.compile_mode=default or max-autotune-no-cudagraphs (compiled, without CUDA graphs), or "
         "an accumulation of 1: train.tokens_per_step equal to train.tokens_per_batch (if the card holds that "
-        "micro-batch), or train.grad_accum=1 without train.tokens_per_step.")
+        "micro-batch), or train.grad_accum=1 without train.tokens_per_step."
+    )
 
 
-def fit(cfg: Config, model, tokenizer, setup: Setup, eval_ds, work: Path, callbacks: list | None = None,
-        trial: bool = False, resume_from: Path | None = None, pad_id: int | None = None):
+def fit(
+    cfg: Config,
+    model,
+    tokenizer,
+    setup: Setup,
+    eval_ds,
+    work: Path,
+    callbacks: list | None = None,
+    trial: bool = False,
+    resume_from: Path | None = None,
+    pad_id: int | None = None,
+):
     """Run transformers' Trainer on the set-up rows; returns (trainer, timer). Used by `train` and by
     bench/gpu.py, which times exactly this path (with `tokenizer=None` and the `pad_id` of its synthetic rows)."""
     from transformers import EarlyStoppingCallback
@@ -358,11 +469,20 @@ def fit(cfg: Config, model, tokenizer, setup: Setup, eval_ds, work: Path, callba
     stop = GracefulStop()
     extra.append(stop.callback())
     trainer = AnswerLossTrainer(
-        model=model, args=_training_args(cfg, work, trial, setup.plan, setup.fallbacks), train_dataset=setup.train_ds,
-        eval_dataset=eval_ds, data_collator=setup.collate, processing_class=tokenizer, callbacks=extra,
-        fast_step=setup.fast_step, eval_tokens_per_batch=cfg.scoring.tokens_per_batch, pad_id=pad_id,
-        score_dtype=pick_device_dtype(cfg)[1], rule=Rule.of(cfg),
-        knowledge_items=dev_questions(cfg.scoring.knowledge_questions, cfg.seed) if tokenizer is not None else [])
+        model=model,
+        args=_training_args(cfg, work, trial, setup.plan, setup.fallbacks),
+        train_dataset=setup.train_ds,
+        eval_dataset=eval_ds,
+        data_collator=setup.collate,
+        processing_class=tokenizer,
+        callbacks=extra,
+        fast_step=setup.fast_step,
+        eval_tokens_per_batch=cfg.scoring.tokens_per_batch,
+        pad_id=pad_id,
+        score_dtype=pick_device_dtype(cfg)[1],
+        rule=Rule.of(cfg),
+        knowledge_items=dev_questions(cfg.scoring.knowledge_questions, cfg.seed) if tokenizer is not None else [],
+    )
     if setup.fast_step is not None and trainer.fast_step is None:
         setup.fast_step = None  # several processes: the model's own forward trains (describe() says so)
     with stop:
@@ -372,8 +492,10 @@ def fit(cfg: Config, model, tokenizer, setup: Setup, eval_ds, work: Path, callba
             if setup.fast_step is not None and setup.fast_step.attention == "flex":
                 setup.fast_step.base.set_attn_implementation("sdpa")  # later scoring: padded batches, SDPA
     if stop.requested:
-        raise Interrupted(f"stopped at step {trainer.state.global_step} after saving a checkpoint in {work}; run "
-                          "again with train.resume=true to continue.")
+        raise Interrupted(
+            f"stopped at step {trainer.state.global_step} after saving a checkpoint in {work}; run "
+            "again with train.resume=true to continue."
+        )
     return trainer, timer
 
 
@@ -388,7 +510,8 @@ def planned_steps(cfg: Config, train_ds, model_config=None, replicas: int = 0) -
 
     def per_replica(items: int, per_batch: int) -> int:
         # micro-batches of one replica: accelerate deals the ceil(items / per_batch) batches out in turn
-        return -(-(-(-items // per_batch)) // replicas)
+        batches = -(-items // per_batch)
+        return -(-batches // replicas)
 
     if not t.packing:
         return optimizer_steps(per_replica(len(train_ds), t.batch_size), t.grad_accum, t.epochs, t.max_steps)
@@ -398,8 +521,9 @@ def planned_steps(cfg: Config, train_ds, model_config=None, replicas: int = 0) -
 
 
 @locked("train", unless="trial")  # a Ray trial runs under the search's tune lock
-def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None = None,
-          trial: bool = False) -> TrainResult:
+def train(
+    cfg: Config, callbacks: list | None = None, run_dir: str | Path | None = None, trial: bool = False
+) -> TrainResult:
     """Fine-tune with LoRA; evaluate val answer_loss during training; keep the best checkpoint; write the run.
 
     `run_dir` (default `outputs/`) holds `finetune_checkpoints/` and `finetune/`. A Ray Tune trial passes its own
@@ -407,7 +531,9 @@ def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None
     the test split is not looked at while searching, and no run folder is written."""
     start = time.perf_counter()
     # setup
-    dist.init(cfg.train.ddp_timeout)  # torchrun / accelerate launch: join the process group first (rank 0 writes, see below)
+    dist.init(
+        cfg.train.ddp_timeout
+    )  # torchrun / accelerate launch: join the process group first (rank 0 writes, see below)
     tokenizer = load_tokenizer(cfg)
     train_ds = load_split(cfg, "train", tokenizer)
     evals = {s: load_split(cfg, s) for s in EVAL_SPLITS}
@@ -416,16 +542,20 @@ def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None
     work = where.checkpoints
     # What determines this run (settings and inputs), kept beside its checkpoints: a resume must continue the
     # same run, never report another run's adapter under this config's name.
-    record = {**run_record(cfg, RUN_SECTIONS, adapter_inputs(cfg, tokenizer), also=SELECTION),
-              "processes": dist.world_size()}
+    record = {
+        **run_record(cfg, RUN_SECTIONS, adapter_inputs(cfg, tokenizer), also=SELECTION),
+        "processes": dist.world_size(),
+    }
     choice = resumable_checkpoint(work, dist.world_size()) if cfg.train.resume else None
     checkpoint = choice.checkpoint if choice else None
     if cfg.train.resume and checkpoint is not None:
         stored = check_resumable(work, record, "training run", "train.resume=false")
         check_process_count(cfg, stored)
         if stored and stored.get("finished"):
-            log.info("train.resume=true: the run in %s already finished with these settings; its outputs are "
-                     "written again.", work)
+            log.info(
+                "train.resume=true: the run in %s already finished with these settings; its outputs are written again.",
+                work,
+            )
     elif cfg.train.resume:
         log.warning("train.resume=true but no checkpoint in %s; starting from scratch.", work)
     dist.barrier()  # every process has read the checkpoints before rank 0 may remove them
@@ -440,16 +570,21 @@ def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None
     check_disk(cfg, work, count_parameters(model)[0], cfg.train.max_steps or len(setup.train_ds))
 
     # fit
-    trainer, timer = fit(cfg, model, tokenizer, setup, evals["val"], work, callbacks, trial,
-                         checkpoint if cfg.train.resume else None)
+    trainer, timer = fit(
+        cfg, model, tokenizer, setup, evals["val"], work, callbacks, trial, checkpoint if cfg.train.resume else None
+    )
     dist.barrier()  # rank 0 has written the last line of metrics.jsonl
     if dist.is_main():
         write_run_record(work, {**record, "finished": True})
     history = [json.loads(x) for x in (work / HISTORY).read_text().splitlines()]
     timing = timer.summary(setup.describe()["compiled"])
     if timing.get("compile_seconds"):
-        log.info("torch.compile took about %.1f s (first step %.1f s, then %.3f s per step)",
-                 timing["compile_seconds"], timing["first_step_seconds"], timing["median_step_seconds"])
+        log.info(
+            "torch.compile took about %.1f s (first step %.1f s, then %.3f s per step)",
+            timing["compile_seconds"],
+            timing["first_step_seconds"],
+            timing["median_step_seconds"],
+        )
     if trial:
         return TrainResult({"steps": trainer.state.global_step, "timing": timing}, work, history)
 
@@ -470,13 +605,22 @@ def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None
             results.setdefault("by_source", {})[split] = by_source(cfg, split, scores)
     del scored
     chosen = selection(cfg, history, trainer)
-    metrics = {**results, "dtype": scoring_dtype(cfg), "model": model_path(cfg), "adapter": str(where.finetune),
-               # the in-training evaluation of the kept checkpoint (`val` above: the adapter re-scored as evaluate does)
-               "best_checkpoint": trainer.state.best_model_checkpoint,
-               "best_val_answer_loss": chosen.get("checkpoint", {}).get("answer_loss"), "selection": chosen,
-               "steps": trainer.state.global_step, "trainable_parameters": trainable, "total_parameters": total,
-               "training": {**setup.describe(), **timing}, "seconds": round(time.perf_counter() - start, 2),
-               "config": cfg.to_dict()}
+    metrics = {
+        **results,
+        "dtype": scoring_dtype(cfg),
+        "model": model_path(cfg),
+        "adapter": str(where.finetune),
+        # the in-training evaluation of the kept checkpoint (`val` above: the adapter re-scored as evaluate does)
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "best_val_answer_loss": chosen.get("checkpoint", {}).get("answer_loss"),
+        "selection": chosen,
+        "steps": trainer.state.global_step,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "training": {**setup.describe(), **timing},
+        "seconds": round(time.perf_counter() - start, 2),
+        "config": cfg.to_dict(),
+    }
 
     out_dir = where.finetune
     if not dist.is_main():  # the others wait until rank 0 has written the run, then return the same metrics
@@ -499,15 +643,24 @@ def train(cfg: Config, callbacks: list | None = None, run_dir: str | Path | None
         write_per_example(tmp / "per_example.jsonl", rows)
         write_manifest(tmp, "train", cfg, adapter_inputs(cfg, tokenizer))
         baseline = read_metrics(paths(cfg).baseline)
-        plot_training(history, baseline_loss=baseline["val"]["answer_loss"] if baseline else None,
-                      path=tmp / "loss_curves.png", max_knowledge_drop=Rule.of(cfg).drop_limit)
+        plot_training(
+            history,
+            baseline_loss=baseline["val"]["answer_loss"] if baseline else None,
+            path=tmp / "loss_curves.png",
+            max_knowledge_drop=Rule.of(cfg).drop_limit,
+        )
         runs = work / "runs"
         if runs.is_dir():
             shutil.copytree(runs, tmp / "tensorboard")
     dist.barrier()
     result = TrainResult(metrics, out_dir, history)
-    log.info("train: %d steps in %.0fs; test answer_loss %.4f (perplexity %.2f)", metrics["steps"],
-             metrics["seconds"], results["test"]["answer_loss"], results["test"]["answer_perplexity"])
+    log.info(
+        "train: %d steps in %.0fs; test answer_loss %.4f (perplexity %.2f)",
+        metrics["steps"],
+        metrics["seconds"],
+        results["test"]["answer_loss"],
+        results["test"]["answer_perplexity"],
+    )
     return result
 
 
@@ -524,11 +677,14 @@ def selection(cfg: Config, history: list[dict], trainer) -> dict:
     step = int(Path(best).name.rsplit("-", 1)[-1])
     row = next((r for r in evals if r["step"] == step), None)
     if rule.uses_knowledge:
-        choice = choose([{"answer_loss": r["eval_answer_loss"], "knowledge_change": r.get("eval_knowledge_change")}
-                         for r in evals], rule, "checkpoint")
+        choice = choose(
+            [{"answer_loss": r["eval_answer_loss"], "knowledge_change": r.get("eval_knowledge_change")} for r in evals],
+            rule,
+            "checkpoint",
+        )
         out.update(eligible=choice.eligible, message=choice.message)
     if row is not None:
-        out["checkpoint"] = {"step": step, **{k[len("eval_"):]: v for k, v in row.items() if k.startswith("eval_")}}
+        out["checkpoint"] = {"step": step, **{k[len("eval_") :]: v for k, v in row.items() if k.startswith("eval_")}}
     return out
 
 

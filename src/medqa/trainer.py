@@ -63,8 +63,14 @@ def lm_loss_sum(hidden, labels, lm_head, chunk_tokens: int = 0):
         return _chunk_loss_sum(h, y, lm_head.weight, lm_head.bias)
     total = h.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], chunk_tokens):
-        total = total + checkpoint(_chunk_loss_sum, h[start:start + chunk_tokens], y[start:start + chunk_tokens],
-                                   lm_head.weight, lm_head.bias, use_reentrant=False)
+        total = total + checkpoint(
+            _chunk_loss_sum,
+            h[start : start + chunk_tokens],
+            y[start : start + chunk_tokens],
+            lm_head.weight,
+            lm_head.bias,
+            use_reentrant=False,
+        )
     return total
 
 
@@ -79,8 +85,9 @@ def document_block_mask(position_ids):
         return (segment[b, q] == segment[b, k]) & (q >= k)
 
     batch, length = position_ids.shape
-    return create_block_mask(same_example_causal, batch, None, length, length, device=position_ids.device,
-                             _compile=position_ids.is_cuda)
+    return create_block_mask(
+        same_example_causal, batch, None, length, length, device=position_ids.device, _compile=position_ids.is_cuda
+    )
 
 
 class FastStep:
@@ -91,8 +98,16 @@ class FastStep:
     refuses the function, or the first training step on the optimised path raises (`AnswerLossTrainer.
     training_step`), `use_plain` switches to the eager step and records it in `fallbacks`."""
 
-    def __init__(self, model, compile: bool = False, compile_mode: str = "default", loss_chunk_tokens: int = 0,
-                 attention: str = "sdpa", mask_dtype=None, fallbacks: Fallbacks | None = None):
+    def __init__(
+        self,
+        model,
+        compile: bool = False,
+        compile_mode: str = "default",
+        loss_chunk_tokens: int = 0,
+        attention: str = "sdpa",
+        mask_dtype=None,
+        fallbacks: Fallbacks | None = None,
+    ):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.base = base
         self.decoder = base.base_model  # BioGptModel, LlamaModel, ...: LoRA layers live inside it
@@ -108,8 +123,9 @@ class FastStep:
             try:
                 # One shape for the whole run (dynamic=False); a changed shape would recompile, so the collator
                 # pads every batch to rows_per_batch x data.max_length.
-                self.fn = torch.compile(self._loss_sum, dynamic=False,
-                                        mode=None if compile_mode == "default" else compile_mode)
+                self.fn = torch.compile(
+                    self._loss_sum, dynamic=False, mode=None if compile_mode == "default" else compile_mode
+                )
                 self.compiled = True
             except Exception as exc:  # noqa: BLE001 - e.g. no compiler for this Python or platform
                 self.fallbacks.record(self._optimisation("compile"), exc, "the eager training step")
@@ -117,8 +133,9 @@ class FastStep:
         self.proven = not self.compiled and attention != "flex"
 
     def _optimisation(self, *names: str) -> str:
-        graphs = ["cuda_graphs"] if "compile" in names and self.compile_mode in ("reduce-overhead", "max-autotune") \
-            else []
+        graphs = (
+            ["cuda_graphs"] if "compile" in names and self.compile_mode in ("reduce-overhead", "max-autotune") else []
+        )
         return "+".join([*names, *graphs])
 
     def use_plain(self, error: BaseException) -> None:
@@ -137,8 +154,9 @@ class FastStep:
             # The block-diagonal mask, built on the device from the position ids (inside the compiled graph):
             # nothing of L x L size is made on the host or copied to the GPU.
             attention_mask = block_causal_mask(position_ids, self.mask_dtype)
-        hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False).last_hidden_state
+        hidden = self.decoder(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
         return lm_loss_sum(hidden, labels, self.lm_head, self.chunk)
 
     def __call__(self, inputs: dict, num_items_in_batch=None):
@@ -164,9 +182,17 @@ class AnswerLossTrainer(Trainer):
     adapter disabled, same precision path), so `eval_knowledge_change` is the accuracy lost or won. Every
     evaluation reports `eval_objective` (`medqa.selection`), the metric the best checkpoint is chosen by."""
 
-    def __init__(self, *args, fast_step: FastStep | None = None, eval_tokens_per_batch: int = 0,
-                 pad_id: int | None = None, score_dtype=None, knowledge_items: list[dict] | None = None,
-                 rule: Rule | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        fast_step: FastStep | None = None,
+        eval_tokens_per_batch: int = 0,
+        pad_id: int | None = None,
+        score_dtype=None,
+        knowledge_items: list[dict] | None = None,
+        rule: Rule | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.knowledge_items = knowledge_items or []
         self.rule = rule or Rule()
@@ -176,8 +202,10 @@ class AnswerLossTrainer(Trainer):
         self.score_dtype = score_dtype  # `modeling.pick_device_dtype`: evaluation scores in it, as baseline does
         self.pad_id = pad_id if pad_id is not None else self.processing_class.pad_token_id
         if fast_step is not None and self.accelerator.num_processes > 1:
-            log.warning("%d processes: training through the model's own forward (the fast step is single-process).",
-                        self.accelerator.num_processes)
+            log.warning(
+                "%d processes: training through the model's own forward (the fast step is single-process).",
+                self.accelerator.num_processes,
+            )
             fast_step = None
         self.fast_step = fast_step
         self.eval_tokens = eval_tokens_per_batch
@@ -186,8 +214,13 @@ class AnswerLossTrainer(Trainer):
         # The fast step talks to the unwrapped model's modules; with several processes (DDP, FSDP) the wrapper's
         # own forward and the Trainer's loss scaling must run, so it is used only by one process that holds the
         # model itself.
-        if (self.fast_step is None or return_outputs or not model.training or model is not self.model
-                or self.accelerator.num_processes > 1):
+        if (
+            self.fast_step is None
+            or return_outputs
+            or not model.training
+            or model is not self.model
+            or self.accelerator.num_processes > 1
+        ):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # accelerate applies mixed precision around the model's own forward, which the fast step does not call:
         # the same autocast, here.
@@ -226,20 +259,27 @@ class AnswerLossTrainer(Trainer):
                 if dist.world_size() > 1 and not self.is_fsdp_enabled:  # each process a shard, put back together
                     m = dist.answer_loss(self.model, ds, self.pad_id, self.args.per_device_eval_batch_size, tokens)
                 else:  # one process; or FSDP, whose every forward is collective: each scores the whole split
-                    m, _ = evaluate_answer_loss(self.model, ds, self.pad_id, self.args.per_device_eval_batch_size,
-                                                bootstrap_samples=0, tokens_per_batch=tokens)
+                    m, _ = evaluate_answer_loss(
+                        self.model,
+                        ds,
+                        self.pad_id,
+                        self.args.per_device_eval_batch_size,
+                        bootstrap_samples=0,
+                        tokens_per_batch=tokens,
+                    )
                 knowledge = self._knowledge() if self.knowledge_items else {}
         finally:
             if flex:
                 self.fast_step.base.set_attn_implementation("flex_attention")
-        metrics = {f"{metric_key_prefix}_answer_loss": m["answer_loss"],
-                   f"{metric_key_prefix}_answer_perplexity": m["answer_perplexity"],
-                   **{f"{metric_key_prefix}_{k}": v for k, v in knowledge.items()}}
+        metrics = {
+            f"{metric_key_prefix}_answer_loss": m["answer_loss"],
+            f"{metric_key_prefix}_answer_perplexity": m["answer_perplexity"],
+            **{f"{metric_key_prefix}_{k}": v for k, v in knowledge.items()},
+        }
         metrics[f"{metric_key_prefix}_objective"] = self.rule.value(m["answer_loss"], knowledge.get("knowledge_change"))
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
-
 
     def _knowledge(self) -> dict:
         """PubMedQA dev accuracy of the model now and of the base model (scored once per process: with LoRA
@@ -248,13 +288,17 @@ class AnswerLossTrainer(Trainer):
         batch = self.args.per_device_eval_batch_size
         if self.knowledge_base is None:
             with self.model.disable_adapter():
-                self.knowledge_base = accuracy(score_items(self.model, self.processing_class, self.knowledge_items,
-                                                           batch))
+                self.knowledge_base = accuracy(
+                    score_items(self.model, self.processing_class, self.knowledge_items, batch)
+                )
         now = accuracy(score_items(self.model, self.processing_class, self.knowledge_items, batch))
-        return {"knowledge_acc": now["acc"], "knowledge_acc_norm": now["acc_norm"],
-                "knowledge_base_acc": self.knowledge_base["acc"],
-                "knowledge_base_acc_norm": self.knowledge_base["acc_norm"],
-                "knowledge_change": now["acc"] - self.knowledge_base["acc"]}
+        return {
+            "knowledge_acc": now["acc"],
+            "knowledge_acc_norm": now["acc_norm"],
+            "knowledge_base_acc": self.knowledge_base["acc"],
+            "knowledge_base_acc_norm": self.knowledge_base["acc_norm"],
+            "knowledge_change": now["acc"] - self.knowledge_base["acc"],
+        }
 
 
 class StepTimer(TrainerCallback):
@@ -293,9 +337,13 @@ class StepTimer(TrainerCallback):
         if not d:
             return {"steps_timed": 0}
         steady = statistics.median(d[1:]) if len(d) > 1 else d[0]
-        return {"steps_timed": len(d), "first_step_seconds": round(d[0], 4),
-                "median_step_seconds": round(steady, 5), "train_seconds": round(sum(d), 3),
-                "compile_seconds": round(max(d[0] - steady, 0.0), 3) if compiled else 0.0}
+        return {
+            "steps_timed": len(d),
+            "first_step_seconds": round(d[0], 4),
+            "median_step_seconds": round(steady, 5),
+            "train_seconds": round(sum(d), 3),
+            "compile_seconds": round(max(d[0] - steady, 0.0), 3) if compiled else 0.0,
+        }
 
 
 class History(TrainerCallback):
@@ -303,8 +351,8 @@ class History(TrainerCallback):
 
     Throughput is the whole job's (every process's rows; with several processes `tokens_per_s_per_process` is one
     process's share). It counts only the time inside optimizer steps (from `StepTimer`: evaluation and checkpoint
-    saving are left out) and real tokens and examples: a packed row holds `examples_per_row` examples and `tokens_per_row`
-    real tokens on average (padding is not counted)."""
+    saving are left out) and real tokens and examples: a packed row holds `examples_per_row` examples and
+    `tokens_per_row` real tokens on average (padding is not counted)."""
 
     def __init__(self, path: Path, tokens_per_row: float, examples_per_row: float, timer: StepTimer):
         self.path = path
@@ -325,17 +373,21 @@ class History(TrainerCallback):
         row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
         if "loss" in logs:
             steps = max(state.global_step - self.last_step, 1)
-            secs = max(sum(self.timer.durations[self.last_timed:]), 1e-9)
+            secs = max(sum(self.timer.durations[self.last_timed :]), 1e-9)
             # The whole job's rows: train_batch_size is one process's micro-batch (x its GPUs under DataParallel),
             # and each of world_size processes takes one per accumulation step.
             per_process = steps * args.train_batch_size * args.gradient_accumulation_steps
             rows = per_process * args.world_size
-            row.update(train_loss=logs["loss"], learning_rate=logs.get("learning_rate"),
-                       grad_norm=logs.get("grad_norm"), examples_per_s=rows * self.examples_per_row / secs,
-                       tokens_per_s=rows * self.tokens_per_row / secs, step_seconds=secs / steps)
+            row.update(
+                train_loss=logs["loss"],
+                learning_rate=logs.get("learning_rate"),
+                grad_norm=logs.get("grad_norm"),
+                examples_per_s=rows * self.examples_per_row / secs,
+                tokens_per_s=rows * self.tokens_per_row / secs,
+                step_seconds=secs / steps,
+            )
             if args.world_size > 1:
-                row.update(processes=args.world_size,
-                           tokens_per_s_per_process=per_process * self.tokens_per_row / secs)
+                row.update(processes=args.world_size, tokens_per_s_per_process=per_process * self.tokens_per_row / secs)
             self.last_step, self.last_timed = state.global_step, len(self.timer.durations)
         elif "eval_answer_loss" in logs:
             row.update({k: v for k, v in logs.items() if k.startswith("eval_")})
@@ -370,7 +422,7 @@ class GracefulStop:
         self.requested = True
         log.warning("Stopping after this step and saving a checkpoint (Ctrl-C again to abort at once).")
 
-    def callback(self) -> "StopOnRequest":
+    def callback(self) -> StopOnRequest:
         return StopOnRequest(self)
 
 
@@ -397,11 +449,12 @@ class ReportToTune(TrainerCallback):
 
         with tempfile.TemporaryDirectory() as d:
             model.save_pretrained(d)  # the adapter only, in safetensors
-            tune.report(tune_report(metrics, state.global_step, state.max_steps),
-                        checkpoint=tune.Checkpoint.from_directory(d))
+            tune.report(
+                tune_report(metrics, state.global_step, state.max_steps), checkpoint=tune.Checkpoint.from_directory(d)
+            )
 
 
 def tune_report(metrics: dict, step: int, max_steps: int) -> dict:
     """What a trial reports to Tune after an evaluation: every eval_* metric as val_*, and the step."""
-    out = {"val_" + k[len("eval_"):]: v for k, v in metrics.items() if k.startswith("eval_")}
+    out = {"val_" + k[len("eval_") :]: v for k, v in metrics.items() if k.startswith("eval_")}
     return {**out, "step": step, "max_steps": max_steps}

@@ -21,13 +21,13 @@ from pathlib import Path
 
 from medqa.artifacts import atomic_dir, write_json
 from medqa.config import config_from_dict
-from medqa.schema import Config
 from medqa.errors import MedqaError
 from medqa.locks import locked
+from medqa.manifest import check_resumable, run_record, write_manifest, write_run_record
 from medqa.modeling import load_tokenizer, scoring_dtype
 from medqa.plots import plot_search, plot_tradeoff
+from medqa.schema import Config
 from medqa.selection import Rule, choose
-from medqa.manifest import check_resumable, run_record, write_manifest, write_run_record
 from medqa.train import RUN_SECTIONS, planned_steps, train
 from medqa.trainer import ReportToTune
 from medqa.workdir import adapter_inputs, load_split, paths, read_metrics
@@ -42,14 +42,20 @@ FINISHED = "trial_finished.log"  # one line per trial whose training ran to its 
 _TEMP_DIRS: list[Path] = []
 
 # Search-space entries: our config key -> (config field in `tune`, sampler).
-SEARCHED = {"train.learning_rate": "learning_rate", "train.weight_decay": "weight_decay", "lora.r": "lora_r",
-            "lora.alpha": "lora_alpha", "lora.dropout": "lora_dropout", "lora.targets": "lora_targets"}
+SEARCHED = {
+    "train.learning_rate": "learning_rate",
+    "train.weight_decay": "weight_decay",
+    "lora.r": "lora_r",
+    "lora.alpha": "lora_alpha",
+    "lora.dropout": "lora_dropout",
+    "lora.targets": "lora_targets",
+}
 
 
 @dataclass
 class TuneResult:
     experiment_dir: Path
-    results: "object"  # pandas DataFrame, one row per trial
+    results: object  # pandas DataFrame, one row per trial
     best_dir: Path
     best: dict
 
@@ -74,7 +80,6 @@ def run_trial(params: dict, base: dict, experiment_dir: str) -> None:
     """One trial: the base config with the sampled values, trained by `train()` in the trial's folder."""
     import torch
     from ray import tune
-
 
     torch.set_num_threads(max(1, int(base["tune"]["cpus_per_trial"])))
     context = tune.get_context()
@@ -101,8 +106,15 @@ def _init_ray(cfg: Config) -> bool:
     # Workers import medqa from the same place as the driver, and stay offline like it.
     src = str(Path(__file__).resolve().parents[1])
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "HF_TOKEN", "MPLCONFIGDIR", FAIL_ENV,
-                "TOKENIZERS_PARALLELISM"):
+    for var in (
+        "HF_HUB_OFFLINE",
+        "HF_DATASETS_OFFLINE",
+        "HF_HOME",
+        "HF_TOKEN",
+        "MPLCONFIGDIR",
+        FAIL_ENV,
+        "TOKENIZERS_PARALLELISM",
+    ):
         if os.environ.get(var):
             env[var] = os.environ[var]
     os.environ["PYTHONPATH"] = env["PYTHONPATH"]
@@ -112,8 +124,11 @@ def _init_ray(cfg: Config) -> bool:
     if address:
         # Every node runs trials: each needs medqa importable at this PYTHONPATH and the workdir (data, model and
         # outputs/, Ray's storage) at the same absolute path, i.e. on a shared filesystem.
-        log.info("tune: joining the Ray cluster at %s (workdir %s must be the same shared folder on every node)",
-                 address, paths(cfg).root.resolve())
+        log.info(
+            "tune: joining the Ray cluster at %s (workdir %s must be the same shared folder on every node)",
+            address,
+            paths(cfg).root.resolve(),
+        )
         ray.init(address=address, runtime_env={"env_vars": env})
         return True
     # Ray's socket paths must stay short (Unix sockets allow ~107 bytes), so a long workdir gets a temp dir.
@@ -122,8 +137,14 @@ def _init_ray(cfg: Config) -> bool:
         temp = Path(tempfile.mkdtemp(prefix="medqa-ray-"))
         _TEMP_DIRS.append(temp)  # removed after ray.shutdown()
     temp.mkdir(parents=True, exist_ok=True)
-    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, _temp_dir=str(temp),
-             runtime_env={"env_vars": env}, log_to_driver=False, configure_logging=False)
+    ray.init(
+        num_cpus=os.cpu_count() or 1,
+        include_dashboard=False,
+        _temp_dir=str(temp),
+        runtime_env={"env_vars": env},
+        log_to_driver=False,
+        configure_logging=False,
+    )
     return True
 
 
@@ -131,8 +152,7 @@ def _with_absolute_paths(cfg: Config) -> Config:
     """Make workdir and every local input path absolute, so trials resolve them from their own folders."""
     values = cfg.to_dict()
     values["workdir"] = str(paths(cfg).root.resolve())
-    for section, key in (("data", "source"), ("model", "name_or_path"), ("model", "tokenizer"),
-                         ("model", "gguf_file")):
+    for section, key in (("data", "source"), ("model", "name_or_path"), ("model", "tokenizer"), ("model", "gguf_file")):
         value = values[section][key]
         if value and "${" not in value and not value.startswith("pkg://") and Path(value).exists():
             values[section][key] = str(Path(value).resolve())
@@ -150,12 +170,19 @@ def tune_config(cfg: Config, total_steps: int):
 
     grace_steps = cfg.tune.grace_period * cfg.train.eval_steps
     return rt.TuneConfig(
-        metric=METRIC, mode="min", num_samples=cfg.tune.num_samples,
+        metric=METRIC,
+        mode="min",
+        num_samples=cfg.tune.num_samples,
         search_alg=BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=cfg.tune.max_concurrent),
         # Time is the optimizer step (not Tune's report count), so a trial restarted after an interruption is
         # compared at the same points as the others.
-        scheduler=ASHAScheduler(time_attr="step", max_t=max(total_steps, grace_steps), grace_period=grace_steps,
-                                reduction_factor=cfg.tune.reduction_factor))
+        scheduler=ASHAScheduler(
+            time_attr="step",
+            max_t=max(total_steps, grace_steps),
+            grace_period=grace_steps,
+            reduction_factor=cfg.tune.reduction_factor,
+        ),
+    )
 
 
 def _latest_experiment(outputs: Path) -> Path | None:
@@ -184,9 +211,12 @@ def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
     # micro-batches per step. Several processes per trial (DDP) would need Ray Train; see the README.
     total_steps = planned_steps(cfg, train_ds, replicas=max(1, int(cfg.tune.gpus_per_trial)))
     if t.packing and not t.tokens_per_step and not t.tokens_per_batch and cfg.tune.gpus_per_trial:
-        log.warning("train.tokens_per_batch=0 sizes each trial's batches from its GPU's free memory, so the step "
-                    "count ASHA plans with (%d) may differ from the trials'. Set train.tokens_per_step (as "
-                    "configs/biogpt.yaml does) to make every trial's step the same.", total_steps)
+        log.warning(
+            "train.tokens_per_batch=0 sizes each trial's batches from its GPU's free memory, so the step "
+            "count ASHA plans with (%d) may differ from the trials'. Set train.tokens_per_step (as "
+            "configs/biogpt.yaml does) to make every trial's step the same.",
+            total_steps,
+        )
     started = _init_ray(cfg)
     try:
         experiment = _latest_experiment(outputs) if cfg.tune.resume else None
@@ -200,19 +230,27 @@ def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
             write_run_record(experiment, record)
         trainable = rt.with_resources(
             rt.with_parameters(run_trial, base=cfg.to_dict(), experiment_dir=str(experiment)),
-            {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial})
+            {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial},
+        )
         if cfg.tune.resume and rt.Tuner.can_restore(str(experiment)):
             log.info("tune: restoring %s", experiment)
             tuner = rt.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
         else:
             tuner = rt.Tuner(
-                trainable, param_space=search_space(cfg), tune_config=tune_config(cfg, total_steps),
+                trainable,
+                param_space=search_space(cfg),
+                tune_config=tune_config(cfg, total_steps),
                 run_config=rt.RunConfig(
-                    name=experiment.name, storage_path=str(outputs), callbacks=callbacks,
+                    name=experiment.name,
+                    storage_path=str(outputs),
+                    callbacks=callbacks,
                     failure_config=rt.FailureConfig(max_failures=cfg.tune.max_failures),
-                    checkpoint_config=rt.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
-                                                          checkpoint_score_order="min"),
-                    verbose=1))
+                    checkpoint_config=rt.CheckpointConfig(
+                        num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order="min"
+                    ),
+                    verbose=1,
+                ),
+            )
         grid = tuner.fit()
         write_run_record(experiment, {**record, "finished": True})
     finally:
@@ -238,22 +276,35 @@ def _summarize(cfg: Config, grid, experiment: Path) -> TuneResult:
         short = result.metrics.get("trial_id", trial_id) if result.metrics else trial_id
         df = result.metrics_dataframe
         reported = df is not None and METRIC in getattr(df, "columns", [])
-        row = {"trial": short, **{k.split(".", 1)[1] if k.startswith("train.") else k.replace(".", "_"): v
-                                  for k, v in result.config.items()}}
+        row = {
+            "trial": short,
+            **{
+                k.split(".", 1)[1] if k.startswith("train.") else k.replace(".", "_"): v
+                for k, v in result.config.items()
+            },
+        }
         if reported:
             # The trial's kept checkpoint: its lowest objective (Ray's CheckpointConfig keeps the same one).
             best = df.loc[df[METRIC].idxmin()]
             curves[short] = df[["step", "val_answer_loss"]].to_dict("list")
-            row.update(best_val_objective=float(best[METRIC]), best_val_answer_loss=float(best["val_answer_loss"]),
-                       best_val_answer_perplexity=float(best["val_answer_perplexity"]), best_step=int(best["step"]),
-                       steps=int(df["step"].max()), max_steps=int(df["max_steps"].max()))
+            row.update(
+                best_val_objective=float(best[METRIC]),
+                best_val_answer_loss=float(best["val_answer_loss"]),
+                best_val_answer_perplexity=float(best["val_answer_perplexity"]),
+                best_step=int(best["step"]),
+                steps=int(df["step"].max()),
+                max_steps=int(df["max_steps"].max()),
+            )
             if base_val is not None:
                 row["gain"] = base_val - row["best_val_answer_loss"]  # nats per answer token, > 0: better than base
             for key in ("knowledge_acc", "knowledge_base_acc", "knowledge_change"):
                 if f"val_{key}" in df:
                     row[key] = float(best[f"val_{key}"])
-        status = "error" if result.error else ("completed" if reported and row["steps"] >= row["max_steps"]
-                                                else "stopped early")
+        status = (
+            "error"
+            if result.error
+            else ("completed" if reported and row["steps"] >= row["max_steps"] else "stopped early")
+        )
         row.update(status=status, attempts=attempts.count(short), path=result.path)
         rows.append(row)
         results.append(result)
@@ -261,13 +312,21 @@ def _summarize(cfg: Config, grid, experiment: Path) -> TuneResult:
     if "best_val_answer_loss" not in table or table["best_val_answer_loss"].isna().all():
         table.to_csv(experiment / "results.csv", index=False)
         errors = "; ".join(str(r.error)[:200] for r in grid if r.error)
-        raise MedqaError(f"No trial of {experiment} reported a val answer_loss (errors: {errors or 'none'}). See "
-                         f"{experiment / 'results.csv'} and the trial folders there.")
+        raise MedqaError(
+            f"No trial of {experiment} reported a val answer_loss (errors: {errors or 'none'}). See "
+            f"{experiment / 'results.csv'} and the trial folders there."
+        )
     # The best trial, by the rule that chose each trial's checkpoint (`medqa.selection`).
     rule = Rule.of(cfg)
     scored = [i for i, r in enumerate(rows) if "best_val_answer_loss" in r]
-    choice = choose([{"answer_loss": rows[i]["best_val_answer_loss"], "knowledge_change": rows[i].get("knowledge_change")}
-                     for i in scored], rule, "trial")
+    choice = choose(
+        [
+            {"answer_loss": rows[i]["best_val_answer_loss"], "knowledge_change": rows[i].get("knowledge_change")}
+            for i in scored
+        ],
+        rule,
+        "trial",
+    )
     chosen = scored[choice.index]
     table["eligible"] = [rule.eligible(r.get("knowledge_change")) if i in scored else None for i, r in enumerate(rows)]
     table["chosen"] = [i == chosen for i in range(len(rows))]
@@ -289,15 +348,31 @@ def _summarize(cfg: Config, grid, experiment: Path) -> TuneResult:
         tokenizer.save_pretrained(tmp)
         write_manifest(tmp, "tune", cfg, adapter_inputs(cfg, tokenizer))
         best_cfg = config_from_dict(cfg.to_dict(), [f"{k}={json.dumps(v)}" for k, v in best.config.items()])
-        write_json(tmp / "trial.json", {"experiment": str(experiment), **{k: v for k, v in best_row.items()
-                                        if not isinstance(v, float) or v == v}, "config": best_cfg.to_dict(),
-                                        # the search compares trials by their in-training evaluations, on the
-                                        # fp32 training weights; `medqa evaluate` re-scores this adapter in
-                                        # model.dtype beside the base model
-                                        "dtype": "nf4 base, float32 adapter" if cfg.train.qlora else "float32",
-                                        "scored_by_evaluate_in": scoring_dtype(cfg),
-                                        "selection": {**rule.to_dict(), "rule": rule.describe(),
-                                                      "eligible": choice.eligible, "message": choice.message}})
-    log.info("tune: %d trials; best %s (%s) val answer_loss %.4f -> %s", len(table), best_row["trial"],
-             choice.message, best_row["best_val_answer_loss"], best_dir)
+        write_json(
+            tmp / "trial.json",
+            {
+                "experiment": str(experiment),
+                **{k: v for k, v in best_row.items() if not isinstance(v, float) or v == v},
+                "config": best_cfg.to_dict(),
+                # the search compares trials by their in-training evaluations, on the
+                # fp32 training weights; `medqa evaluate` re-scores this adapter in
+                # model.dtype beside the base model
+                "dtype": "nf4 base, float32 adapter" if cfg.train.qlora else "float32",
+                "scored_by_evaluate_in": scoring_dtype(cfg),
+                "selection": {
+                    **rule.to_dict(),
+                    "rule": rule.describe(),
+                    "eligible": choice.eligible,
+                    "message": choice.message,
+                },
+            },
+        )
+    log.info(
+        "tune: %d trials; best %s (%s) val answer_loss %.4f -> %s",
+        len(table),
+        best_row["trial"],
+        choice.message,
+        best_row["best_val_answer_loss"],
+        best_dir,
+    )
     return TuneResult(experiment, table, best_dir, best_row)

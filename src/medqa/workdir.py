@@ -4,11 +4,14 @@ that reads it. Stages share artifacts through this module only; none imports ano
     artifact                              written by                      read by
     data/{split}_data.json                prepare.prepare                 workdir.load_records
     data/rejected.jsonl, prepare_report   prepare.prepare                 (people; the notebooks)
-    tokenized/tokenized_{split}/          prepare.prepare                 workdir.load_split (checked by check_tokenized)
+    tokenized/tokenized_{split}/          prepare.prepare                 workdir.load_split (check_tokenized)
     outputs/baseline/metrics.json         baseline.baseline               workdir.read_metrics
-    outputs/*/per_example.jsonl           baseline, train (write_per_example)   (paired comparisons by hand)
-    outputs/finetune_checkpoints/         train.fit (transformers' Trainer)     train.train on resume
-    outputs/finetune/ (adapter)           train.train                     workdir.candidate_adapters, modeling.load_adapter_model
+    outputs/*/per_example.jsonl           baseline, train (write_per_example)
+                                                                          (paired comparisons by hand)
+    outputs/finetune_checkpoints/         train.fit (transformers' Trainer)
+                                                                          train.train on resume
+    outputs/finetune/ (adapter)           train.train                     workdir.candidate_adapters,
+                                                                          modeling.load_adapter_model
     outputs/ray_*/ (search, results.csv)  tune.tune                       tune.tune on resume (Tuner.restore)
     outputs/best/ (adapter)               tune.tune                       workdir.candidate_adapters
     outputs/best/trial.json               tune.tune                       workdir.read_search (evaluate's report)
@@ -32,12 +35,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from medqa.schema import Config
 from medqa.errors import DataError
 from medqa.manifest import check_inputs, fingerprint_model, fingerprint_source
 from medqa.metrics import EVAL_SPLITS, ExampleScores  # noqa: F401  (EVAL_SPLITS: part of the contract)
 from medqa.modeling import model_path, tokenizer_info
 from medqa.prompts import ENCODE_VERSION
+from medqa.schema import Config
 from medqa.sources import source_specs
 
 SPLITS = ("train", "val", "test")
@@ -54,7 +57,7 @@ class Workdir:
     outputs: Path
 
     @classmethod
-    def of(cls, cfg: Config, outputs: str | Path | None = None) -> "Workdir":
+    def of(cls, cfg: Config, outputs: str | Path | None = None) -> Workdir:
         root = Path(cfg.workdir)
         return cls(root, Path(outputs) if outputs else root / "outputs")
 
@@ -144,19 +147,40 @@ def paths(cfg: Config) -> Workdir:
 def prepared_inputs(cfg: Config, tokenizer) -> dict[str, str]:
     """The inputs `prepare` output depends on; later stages recompute these and compare."""
     d = cfg.data
-    settings = json.dumps([ENCODE_VERSION, cfg.prompt.template, cfg.prompt.use_chat_template, cfg.prompt.system,
-                           getattr(tokenizer, "chat_template", None) if cfg.prompt.use_chat_template else None,
-                           cfg.prompt.min_question_tokens, d.max_length, d.question_field, d.answer_field, d.seed,
-                           d.train_fraction, d.val_fraction, d.hub_split, d.max_records, d.min_question_chars,
-                           d.min_answer_chars, d.max_question_tokens, d.max_answer_tokens])
-    inputs = {"source": fingerprint_source(cfg.data.source), "tokenizer": tokenizer_info(tokenizer)["vocab_sha256"],
-              "prompt_and_split": hashlib.sha256(settings.encode()).hexdigest()}
+    settings = json.dumps(
+        [
+            ENCODE_VERSION,
+            cfg.prompt.template,
+            cfg.prompt.use_chat_template,
+            cfg.prompt.system,
+            getattr(tokenizer, "chat_template", None) if cfg.prompt.use_chat_template else None,
+            cfg.prompt.min_question_tokens,
+            d.max_length,
+            d.question_field,
+            d.answer_field,
+            d.seed,
+            d.train_fraction,
+            d.val_fraction,
+            d.hub_split,
+            d.max_records,
+            d.min_question_chars,
+            d.min_answer_chars,
+            d.max_question_tokens,
+            d.max_answer_tokens,
+        ]
+    )
+    inputs = {
+        "source": fingerprint_source(cfg.data.source),
+        "tokenizer": tokenizer_info(tokenizer)["vocab_sha256"],
+        "prompt_and_split": hashlib.sha256(settings.encode()).hexdigest(),
+    }
     if d.sources:  # each source's data and how it is read (its weight changes training only, not the prepared data)
         del inputs["source"]
         for spec in source_specs(d):
             read = json.dumps([spec.question_field, spec.answer_field, spec.hub_split, spec.max_records])
-            inputs[f"source {len(inputs) - 2}: {spec.name}"] = fingerprint_source(spec.source) + ":" + hashlib.sha256(
-                read.encode()).hexdigest()[:16]
+            inputs[f"source {len(inputs) - 2}: {spec.name}"] = (
+                fingerprint_source(spec.source) + ":" + hashlib.sha256(read.encode()).hexdigest()[:16]
+            )
     return inputs
 
 
@@ -185,8 +209,10 @@ def load_split(cfg: Config, split: str, tokenizer=None, limit: bool = True):
         check_tokenized(cfg, tokenizer)
     ds = datasets.load_from_disk(str(path))
     if len(ds) == 0:
-        raise DataError(f"{path} is empty: the {split} split has no examples. Use more records or change "
-                        "data.val_fraction / data.test_fraction, then re-run `medqa prepare`.")
+        raise DataError(
+            f"{path} is empty: the {split} split has no examples. Use more records or change "
+            "data.val_fraction / data.test_fraction, then re-run `medqa prepare`."
+        )
     if limit and split != "train" and cfg.scoring.max_examples and len(ds) > cfg.scoring.max_examples:
         ds = ds.select(range(cfg.scoring.max_examples))
     return ds
@@ -255,8 +281,10 @@ def candidate_adapters(cfg: Config) -> dict[str, Path | None]:
 
 
 def per_example_rows(split: str, scores: ExampleScores) -> list[dict]:
-    return [{"split": split, "id": i, "answer_nll": float(n), "answer_tokens": int(t)}
-            for i, n, t in zip(scores.ids, scores.answer_nll, scores.answer_tokens)]
+    return [
+        {"split": split, "id": i, "answer_nll": float(n), "answer_tokens": int(t)}
+        for i, n, t in zip(scores.ids, scores.answer_nll, scores.answer_tokens)
+    ]
 
 
 def write_per_example(path: Path, rows: list[dict]) -> None:
