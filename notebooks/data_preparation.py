@@ -4,13 +4,11 @@
 # %% [markdown]
 # # 1. Data preparation
 #
-# This notebook turns the raw HealthCareMagic records into clean, de-duplicated train/val/test splits and
-# tokenized datasets. It shows how many records were kept or rejected and why, how long questions and answers
-# are in tokens, what cleaning changed, and which specialties and urgencies the questions cover.
-#
-# Load the HealthCareMagic records, clean them, drop duplicates, split train/val/test by a hash of the
-# normalised question (so no question leaks across splits), and tokenize with the prompt masked out of the loss.
-# The same function runs from the command line: `medqa prepare --config configs/demo.yaml`.
+# The raw HealthCareMagic records become clean, de-duplicated train/val/test splits, split by a hash of the
+# normalised question (so no question leaks across splits) and tokenized with the prompt masked out of the loss.
+# Below: what was kept or rejected and why (per source when `data.sources` lists several), lengths in tokens,
+# what cleaning changed, and the specialties and urgencies asked about; at the end, what this run found. Command
+# line: `medqa prepare --config configs/demo.yaml`.
 #
 # Writes `data/{train,val,test}_data.json`, `data/rejected.jsonl`, `data/prepare_report.json` and
 # `tokenized/tokenized_{train,val,test}`.
@@ -74,6 +72,15 @@ summary = pd.Series(
 )
 summary.to_frame("records")
 
+# %% [markdown]
+# Per source, when the config mixes several (`data.sources`, e.g. `configs/mix.yaml`): each source's records
+# read, kept per split and rejected by reason add up to the totals above.
+
+# %%
+from medqa.analysis import per_source_table
+
+per_source_table(report) if report.get("sources") else print(f"One source: {report['source']}")
+
 # %%
 reasons = pd.Series(report["rejected"], name="records").sort_values()
 ax = reasons.plot.barh(title="Rejected records by reason", figsize=(6, 3))
@@ -83,8 +90,9 @@ pd.read_json(result.data_dir / "rejected.jsonl", lines=True)[["index", "reason"]
 # %% [markdown]
 # ## Lengths in tokens
 #
-# The original project padded everything to 512 tokens. Here nothing is padded at this stage; batches are padded
-# dynamically later.
+# The original project padded everything to 512 tokens. Nothing is padded here: training packs several examples
+# into each row (`train.packing`, on in the GPU config) or groups them by length and pads each batch to its
+# longest, as the config says; scoring batches by length.
 
 # %%
 from medqa.analysis import token_lengths
@@ -119,7 +127,17 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
+# ## What this run found
+
+# %%
+from IPython.display import Markdown
+
+from medqa.findings import prepare_findings
+
+Markdown(prepare_findings(report))
+
+# %% [markdown]
 # ## Next
 #
-# [2. Model selection and setup](model_selection_and_setup.ipynb): the base model and its answer perplexity
+# [2. The base model and its baseline](model_selection_and_setup.ipynb): the base model and its answer perplexity
 # before fine-tuning, on the splits written here.

@@ -2,16 +2,13 @@
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/medqa-project/medqa/blob/main/notebooks/model_selection_and_setup.ipynb)
 
 # %% [markdown]
-# # 2. Model selection and setup: a baseline perplexity that can be trusted
+# # 2. The base model and its baseline: a perplexity that can be trusted
 #
-# This notebook loads the base model, shows its size and the LoRA presets' trainable parameters, and measures
-# its answer perplexity on val and test before any fine-tuning. That baseline, with its bootstrap interval and a
-# few greedy answers, is what every fine-tuned model is compared against.
-#
-# Load BioGPT (or any causal LM), describe it, and measure how well it predicts the doctors' answers.
-# `answer_loss` is the mean negative log-likelihood per answer token over all answer tokens of a
-# split; prompt tokens and padding never count. The same function scores the fine-tuned models later. Command
-# line: `medqa baseline --config configs/demo.yaml`.
+# The model the config names (`model.name_or_path`: BioGPT, or any causal LM) is loaded and described, with the
+# trainable parameters of each LoRA preset, and its answer perplexity on val and test is measured before any
+# fine-tuning: `answer_loss` is the mean negative log-likelihood per answer token over all answer tokens of a
+# split, prompt tokens and padding never counting. Every fine-tuned model is compared against this baseline, by
+# the same function. Command line: `medqa baseline --config configs/demo.yaml`.
 #
 # Needs `tokenized/` from notebook 1 (`medqa prepare`).
 
@@ -110,6 +107,16 @@ answers = generate_answers(model, tokenizer, cfg, [r["question"] for r in test])
 pd.DataFrame(
     {"question": [r["question"] for r in test], "reference": [r["answer"] for r in test], "base model": answers}
 )
+
+# %% [markdown]
+# ## What this run found
+
+# %%
+from IPython.display import Markdown
+
+from medqa.findings import baseline_findings
+
+Markdown(baseline_findings(result.metrics))
 
 # %% [markdown]
 # ## Next

@@ -4,14 +4,11 @@
 # %% [markdown]
 # # 3. LoRA fine-tuning with logged metrics
 #
-# This notebook fine-tunes the base model with LoRA and shows the logged training: train loss, val answer loss
-# and learning rate per step. It ends with the fine-tuned model's answer perplexity beside the baseline's, and
-# answers before and after fine-tuning beside the doctors' references.
-#
-# Wrap the base model with LoRA (peft), train with transformers' `Trainer` on batches grouped by length and
-# padded dynamically, evaluate val `answer_loss` during training with the baseline's function, and keep the best
-# checkpoint. Command line: `medqa train --config configs/demo.yaml`, then `medqa export` to merge the adapter
-# into a standalone model.
+# The base model is wrapped with LoRA (peft) and trained with transformers' `Trainer`; val `answer_loss` is
+# measured during training with the baseline's function (and, with `scoring.knowledge_questions`, PubMedQA dev
+# accuracy), and the checkpoint the selection rule prefers is kept. Below: the logged curves, the fine-tuned
+# answer perplexity beside the baseline's, answers before and after, and what this run found. Command line:
+# `medqa train --config configs/demo.yaml`, then `medqa export` to merge the adapter into a standalone model.
 #
 # Needs `tokenized/` (notebook 1). Writes `outputs/finetune/`: the adapter, `metrics.jsonl`, `metrics.json`,
 # `loss_curves.png` and TensorBoard logs (`tensorboard --logdir outputs/finetune/tensorboard`).
@@ -80,14 +77,22 @@ base_metrics = load_metrics(cfg, "baseline") or baseline(cfg).metrics
 from medqa.train import train
 
 result = train(cfg)
+t = result.metrics["training"]
+print(
+    f"batches: {'packed rows' if t['packing'] else 'grouped by length, padded to the longest'}; "
+    f"{t['train_rows']} rows; median step {t['median_step_seconds']:.2f} s"
+)
 
 # %% [markdown]
 # ## Loss and learning-rate curves
 
 # %%
 from medqa.plots import plot_training
+from medqa.selection import Rule
 
-fig = plot_training(result.history, baseline_loss=base_metrics["val"]["answer_loss"])
+fig = plot_training(
+    result.history, baseline_loss=base_metrics["val"]["answer_loss"], max_knowledge_drop=Rule.of(cfg).drop_limit
+)
 plt.show()
 pd.DataFrame(result.history).tail(8)
 
@@ -118,6 +123,16 @@ pd.DataFrame(
         "fine-tuned": generate_answers(tuned_model, tokenizer, cfg, questions),
     }
 )
+
+# %% [markdown]
+# ## What this run found
+
+# %%
+from IPython.display import Markdown
+
+from medqa.findings import train_findings
+
+Markdown(train_findings(result.metrics, base_metrics))
 
 # %% [markdown]
 # ## Next

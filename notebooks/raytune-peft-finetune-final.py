@@ -4,15 +4,14 @@
 # %% [markdown]
 # # 4. Ray Tune search and the final test evaluation
 #
-# This notebook searches the learning rate and weight decay with Ray Tune and shows every trial's val answer
-# loss. It then compares the base, fine-tuned and best tuned models on the held-out test split, by likelihood
-# and by the answers they write.
-#
-# Every trial runs the same `train()` as notebook 3 (the search can also cover LoRA rank, alpha, dropout and
-# targets), and ASHA stops bad trials early on val `answer_loss`. The final comparison gives bootstrap intervals
-# and a paired p-value for the likelihood, and ROUGE and BLEU for the answers. Command line:
-# `medqa tune --config configs/demo.yaml`, `medqa benchmark --config configs/demo.yaml`, then
-# `medqa evaluate --config configs/demo.yaml`.
+# Ray Tune searches the learning rate and weight decay (and, when the config says so, LoRA rank, alpha, dropout
+# and targets); every trial runs notebook 3's `train()`, and one rule (`tune.objective`) picks each trial's
+# checkpoint, prunes trials through ASHA and chooses the best one: the lowest val `answer_loss`, optionally only
+# among adapters that kept their PubMedQA dev accuracy within `tune.max_knowledge_drop` of the base model. The
+# base, fine-tuned and best-trial models are then compared on the held-out test split (bootstrap intervals,
+# paired p-values, ROUGE and BLEU, PubMedQA through lm-evaluation-harness), per source when the data mixes
+# several, and the page at the end lets you ask them your own questions. Command line: `medqa tune`, `medqa
+# benchmark`, then `medqa evaluate`, each with `--config configs/demo.yaml`.
 #
 # Needs `tokenized/` (notebook 1). On a cluster, set `RAY_ADDRESS` (or `tune.address`).
 
@@ -44,21 +43,23 @@ SMOKE = False  # True: a quick run on a few records
 SEARCH = ["tune.num_samples=2"]  # a short search: each trial is a training run; [] = the config's tune section
 
 # %%
-import matplotlib.pyplot as plt
 import pandas as pd
+from IPython.display import Image, Markdown, display
 
 from medqa.notebook import setup
 
 cfg = setup(CONFIG, SEARCH + OVERRIDES, stage="tune", smoke=SMOKE, colab_overrides=COLAB_OVERRIDES)
 
 # %% [markdown]
-# ## The search space
+# ## The search space and the selection rule
 
 # %%
+from medqa.findings import search_space_table
+from medqa.selection import Rule
 from medqa.tune import search_space
 
-print(cfg.tune)
-search_space(cfg)
+print(f"{cfg.tune.num_samples} trials, at most {cfg.tune.max_concurrent} at once; selection: {Rule.of(cfg).describe()}")
+pd.DataFrame(search_space_table(search_space(cfg))).set_index("parameter")
 
 # %% [markdown]
 # ## The search
@@ -70,38 +71,44 @@ search = tune(cfg)
 
 # %% [markdown]
 # ## Trials, best first
+#
+# `gain`: how far the trial's val answer loss fell below the base model's (nats per answer token);
+# `knowledge_change`: its PubMedQA dev accuracy minus the base model's on the same questions.
 
 # %%
 search.results.drop(columns=["path"])
 
+# %% [markdown]
+# Each trial's best val answer loss against its learning rate and weight decay, and its learning curves, as
+# `medqa tune` drew them into the experiment folder.
+
 # %%
-from pathlib import Path
-
-from medqa.plots import plot_search
-
-curves = {
-    row.trial: pd.read_csv(next(Path(row.path).glob("progress.csv")))[["step", "val_answer_loss"]].to_dict("list")
-    for row in search.results.itertuples()
-    if list(Path(row.path).glob("progress.csv"))
-}
-fig_search, fig_curves = plot_search(search.results, curves)
-plt.show()
+display(Image(search.experiment_dir / "search.png"), Image(search.experiment_dir / "curves.png"))
 
 # %% [markdown]
-# ## The best configuration
+# ## The best trial, and what it kept
+#
+# Every trial as a point: how much it lowered val answer loss below the base model's (right is better) against
+# how its PubMedQA dev accuracy moved (up is better; the dev questions are never the test ones), with the
+# frontier of the eligible trials and the chosen one.
 
 # %%
 import json
 
 best = json.loads((search.best_dir / "trial.json").read_text())
-pd.Series({k: v for k, v in best.items() if k != "config"}).to_frame("best trial")
+print(best["selection"]["message"])
+tradeoff = search.experiment_dir / "tradeoff.png"
+display(Image(tradeoff)) if tradeoff.exists() else print("No knowledge scores: set scoring.knowledge_questions.")
+pd.Series({k: v for k, v in best.items() if k not in ("config", "selection", "path", "experiment")}).to_frame(
+    "best trial"
+)
 
 # %% [markdown]
 # ## Standard benchmarks through lm-evaluation-harness
 #
 # `medqa benchmark` runs the lm-eval tasks named in `evaluate.benchmarks` on each model, loaded once by medqa and
-# handed to lm-eval as it is (the demo: `pubmedqa_local`, lm-eval's own PubMedQA task on the shipped questions,
-# offline). Per-question logs go to `outputs/benchmarks/<model>/`; the report below carries the table.
+# handed to lm-eval as it is (the demo: `pubmedqa_local`, lm-eval's own PubMedQA task on the shipped test
+# questions, offline). Per-question logs go to `outputs/benchmarks/<model>/`.
 
 # %%
 from medqa.benchmark import benchmark
@@ -144,25 +151,27 @@ rows = {
 pd.DataFrame(rows).T  # noqa: B018 (the cell's value is its output)
 
 # %% [markdown]
-# ## Knowledge kept: PubMedQA before and after fine-tuning
-#
-# Zero-shot accuracy on PubMedQA's expert-labelled test questions (`evaluate.pubmedqa_questions`), beside the
-# HealthCareMagic answer-loss gain: a fine-tune that lowers the answer loss but loses PubMedQA accuracy has
-# traded knowledge for style.
+# Per source, when the data mixes several (`data.sources`): each source's test examples scored alone, with the
+# paired change against the base model within that source.
 
 # %%
-kept = {
-    name: {
-        "PubMedQA acc": m["pubmedqa"]["acc"],
-        "macro-F1": m["pubmedqa"]["macro_f1"],
-        "Δ acc vs base": m["pubmedqa"].get("vs_base", {}).get("acc_delta"),
-        "test answer perplexity": m["test"]["answer_perplexity"],
-        "Δ answer_loss vs base": m.get("vs_base", {}).get("loss_delta"),
-    }
-    for name, m in final.report["models"].items()
-    if "pubmedqa" in m
-}
-pd.DataFrame(kept).T if kept else "PubMedQA is off: set evaluate.pubmedqa_questions (500 = all)."
+from medqa.analysis import by_source_frame
+
+per_source = by_source_frame(final.report)
+per_source if per_source is not None else print("One source: the table above is its figure.")
+
+# %% [markdown]
+# ## Knowledge kept: PubMedQA before and after fine-tuning
+#
+# Zero-shot accuracy on PubMedQA's expert-labelled test questions (lm-eval's task above, or medqa's scorer with
+# `evaluate.pubmedqa_questions`), beside the HealthCareMagic answer-loss gain: a fine-tune that lowers the answer
+# loss but loses PubMedQA accuracy has traded knowledge for style.
+
+# %%
+from medqa.analysis import knowledge_frame
+
+kept = knowledge_frame(final.report)
+kept if kept is not None else print("No PubMedQA score: set evaluate.benchmarks or evaluate.pubmedqa_questions.")
 
 # %% [markdown]
 # ## Answers side by side
@@ -172,8 +181,33 @@ pd.set_option("display.max_colwidth", 400)
 pd.DataFrame(final.report["samples"]).head(3)
 
 # %% [markdown]
+# ## What this run found
+
+# %%
+from medqa.analysis import load_metrics
+from medqa.findings import final_findings
+
+chosen_by = {"fine-tuned": (load_metrics(cfg, "finetune") or {}).get("best_val_answer_loss")}
+chosen_by["tuned (best trial)"] = best["best_val_answer_loss"]
+Markdown(final_findings(final.report, {k: v for k, v in chosen_by.items() if v is not None}))
+
+# %% [markdown]
+# ## Try it
+#
+# Ask your own questions: the base and the fine-tuned model answer side by side, streamed, with the prompt and
+# generation settings used above. Example questions come from the test split, with the doctor's answer; a rating
+# of an answer goes to `outputs/chat/feedback.jsonl`. The page is served on 127.0.0.1 (Jupyter and Colab show it
+# inline); `medqa chat --config <your config>` serves the same page from the command line. Off in smoke mode.
+
+# %%
+if not SMOKE:
+    from medqa.chat import launch
+
+    launch(cfg)
+
+# %% [markdown]
 # ## Next
 #
 # The full report, with the model card, is `outputs/report.md`. The same pipeline runs from the command line
-# (`medqa prepare`, `baseline`, `train`, `tune`, `benchmark`, `evaluate`), and `medqa ask` and `medqa export`
-# use the trained adapter: see the [README](../README.md).
+# (`medqa prepare`, `baseline`, `train`, `tune`, `benchmark`, `evaluate`), and `medqa ask`, `medqa chat` and
+# `medqa export` use the trained adapter: see the [README](../README.md).

@@ -60,6 +60,15 @@ def test_the_report_adds_up_per_source_and_overall(mixed):
         assert report["kept"][split] == sum(p["kept"][split] for p in per.values())
     assert Counter(report["rejected"]) == sum((Counter(p["rejected"]) for p in per.values()), Counter())
     assert report["truncated"] == sum(p["truncated"] for p in per.values())
+    # notebook 1's table: one row per source, and a total row equal to the overall report
+    from medqa.analysis import per_source_table
+
+    table = per_source_table(report)
+    assert list(table.index) == ["sample", "clinic", "total"]
+    total = table.loc["total"]
+    assert total["read"] == report["read"] and total["truncated"] == report["truncated"]
+    assert all(total[f"kept: {s}"] == n for s, n in report["kept"].items())
+    assert all(total[f"rejected: {r}"] == n for r, n in report["rejected"].items())
     # the files agree: every kept record and every reject names its source and its index within it
     kept = [
         r for s in ("train", "val", "test") for r in json.loads(Path(cfg.workdir, "data", f"{s}_data.json").read_text())
@@ -160,6 +169,17 @@ def test_evaluate_reports_per_source_with_the_paired_change(mixed, tmp_path):
     assert set(tuned["test"]["by_source"]) == set(tuned["vs_base_by_source"]) == {"sample", "clinic"}
     md = Path(cfg.workdir, "outputs", "report.md").read_text()
     assert "## Per source (test split)" in md and "| fine-tuned | clinic |" in md
+    # notebook 4's table: the report's per-source figures, the base model without a paired change
+    from medqa.analysis import by_source_frame
+
+    frame = by_source_frame(report)
+    row = frame.loc[("clinic", "fine-tuned")]
+    assert row["answer_perplexity"] == tuned["test"]["by_source"]["clinic"]["answer_perplexity"]
+    assert row["p"] == tuned["vs_base_by_source"]["clinic"]["p_value"]
+    assert (
+        frame.loc[("clinic", "base")]["p"] is None
+        or frame.loc[("clinic", "base")]["p"] != frame.loc[("clinic", "base")]["p"]
+    )
 
 
 # The demo prepare before data.sources existed (commit c66afdd, same code path for data.source alone): sha256 of

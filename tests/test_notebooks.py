@@ -78,11 +78,15 @@ def test_notebook_is_thin_and_reads_as_a_document(path: Path):
     assert "Open In Colab" in nb.cells[0].source and f"notebooks/{path.name}" in nb.cells[0].source
     title = nb.cells[1]
     assert title.cell_type == "markdown" and title.source.startswith("# ")
-    assert "This notebook" in title.source.split("\n\n")[1]  # opens with what it shows
+    # one paragraph saying what it does and shows, then at most what it needs and writes: not the point twice
+    assert len(title.source.split("\n\n")) <= 3 and "Command line" in title.source.split("\n\n")[1].replace("\n", " ")
     assert '"google.colab" in sys.modules' in code[0].source  # the Colab cell comes first and guards itself
     assert code[1].metadata.get("tags") == ["parameters"]
     assert "from medqa.notebook import setup" in code[2].source and "smoke=SMOKE" in code[2].source
     assert nb.cells[-1].cell_type == "markdown" and nb.cells[-1].source.startswith("## Next")
+    # it ends with what its run found, written by medqa.findings from the run's own numbers
+    found = next(i for i, c in enumerate(nb.cells) if c.source.startswith("## What this run found"))
+    assert "from medqa.findings import" in nb.cells[found + 1].source
     for cell in code:
         assert not any(line.lstrip().startswith(("def ", "class ")) for line in cell.source.splitlines()), (
             f"{path.name}: put functions in the package, not the notebook"

@@ -151,3 +151,79 @@ def metrics_frame(runs: dict[str, dict]) -> pd.DataFrame:
 def load_metrics(cfg: Config, stage: str) -> dict | None:
     """outputs/<stage>/metrics.json, or None when that stage has not run."""
     return read_metrics(paths(cfg).outputs / stage)
+
+
+def per_source_table(report: dict) -> pd.DataFrame:
+    """prepare_report.json's per-source accounting, one row per source (read, kept per split, rejected by reason,
+    truncated) and a total row equal to the report's overall figures."""
+    rows = {}
+    for name, s in report["sources"].items():
+        rows[name] = {
+            "read": s["read"],
+            **{f"kept: {k}": v for k, v in s["kept"].items()},
+            **{f"rejected: {k}": v for k, v in s["rejected"].items()},
+            "truncated": s["truncated"],
+        }
+    table = pd.DataFrame(rows).T.fillna(0).astype(int)
+    table.loc["total"] = table.sum()
+    return table
+
+
+def by_source_frame(report: dict) -> pd.DataFrame | None:
+    """evaluate's test answer perplexity per source and model (report.json's `by_source`), with the paired change
+    in answer loss against the base model within each source; None when the run had one source."""
+    rows = []
+    for name, m in report["models"].items():
+        for source, t in (m["test"].get("by_source") or {}).items():
+            vs = (m.get("vs_base_by_source") or {}).get(source, {})
+            rows.append(
+                {
+                    "model": name,
+                    "source": source,
+                    "examples": t["examples"],
+                    "answer_perplexity": t["answer_perplexity"],
+                    "95% CI": t["answer_perplexity_ci95"],
+                    "Δ answer_loss vs base": vs.get("loss_delta"),
+                    "p": vs.get("p_value"),
+                }
+            )
+    return pd.DataFrame(rows).set_index(["source", "model"]).sort_index() if rows else None
+
+
+def knowledge_frame(report: dict) -> pd.DataFrame | None:
+    """PubMedQA test accuracy per model beside its HealthCareMagic test answer perplexity: from lm-eval's tasks
+    (report.json's `benchmarks`) when `medqa benchmark` ran, else from medqa's own scorer (`pubmedqa`); None when
+    neither did."""
+    bench = (report.get("benchmarks") or {}).get("models") or {}
+    rows = {}
+    for name, m in report["models"].items():
+        row = {"test answer perplexity": m["test"]["answer_perplexity"]}
+        row["Δ answer_loss vs base"] = (m.get("vs_base") or {}).get("loss_delta")
+        b = bench.get(name) or {}
+        for task, metrics in (b.get("tasks") or {}).items():
+            if "acc" in metrics:
+                vs = ((b.get("vs_base") or {}).get(task) or {}).get("acc") or {}
+                row.update(
+                    {
+                        "PubMedQA acc": metrics["acc"]["value"],
+                        "Δ acc vs base": vs.get("delta"),
+                        "p (lost)": vs.get("p_lost"),
+                        "questions": (b.get("questions") or {}).get(task),
+                        "scored by": f"lm-eval {task}",
+                    }
+                )
+                break
+        else:
+            if "pubmedqa" in m:
+                p = m["pubmedqa"]
+                row.update(
+                    {
+                        "PubMedQA acc": p["acc"],
+                        "Δ acc vs base": (p.get("vs_base") or {}).get("acc_delta"),
+                        "questions": p.get("questions"),
+                        "scored by": "medqa",
+                    }
+                )
+        if "PubMedQA acc" in row:
+            rows[name] = row
+    return pd.DataFrame(rows).T if rows else None
