@@ -162,7 +162,7 @@ def lora_model(base):
     """A fresh LoRA copy (all linear layers, r=8), as `medqa train` builds it."""
     from peft import LoraConfig, get_peft_model
 
-    from medqa.modeling import resolve_lora_targets
+    from medqa.lora_targets import resolve_lora_targets
 
     model = copy.deepcopy(base)
     targets = resolve_lora_targets(model, "all-linear")
