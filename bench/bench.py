@@ -1,14 +1,16 @@
 """CPU benchmark: how much of the compute goes to real tokens, and what that buys, ours vs the original project.
 
-    python bench/bench.py [--quick] [--out outputs/bench/bench.json] [--markdown BENCHMARKS.md]
+    python bench/bench.py [--quick] [--out outputs/bench/bench.json]     # `make bench`: measures, writes the JSON
+    python bench/bench.py --from-json outputs/bench/bench.json --markdown BENCHMARKS.md     # `make bench-docs`
 
 Runs on the 500 shipped real records plus, when ../shared is there, the 5,452 synthetic ones (5,952 records; or
 $MEDQA_SHARED) with a tiny BioGPT (2 layers, hidden 64) built on the real BioGPT tokenizer (42,384 tokens, shipped
 in assets/), in a temporary workdir:
 
   a. padding efficiency of training batches (real tokens / tokens computed) at 8 examples per batch:
-     original (every example padded to 512), ours grouped by length (Trainer's sampler, dynamic padding),
-     ours packed (medqa.packing, rows of up to 512 tokens);
+     original (every example padded to 512), grouped by length (Trainer's sampler, padded to the batch's
+     longest: train.packing false, the CPU configs), packed (medqa.packing, rows of up to 512 tokens:
+     train.packing true, configs/biogpt.yaml);
   b. one training epoch over a subset, LoRA + AdamW, the same step code for every strategy: examples/s and
      answer tokens/s, the strategies interleaved in each repeat, speedups as paired ratios;
   c. evaluation tokens/s: medqa.metrics.score_examples (length-batched) vs one example at a time vs pad-to-512;
@@ -160,7 +162,7 @@ def lora_model(base):
     """A fresh LoRA copy (all linear layers, r=8), as `medqa train` builds it."""
     from peft import LoraConfig, get_peft_model
 
-    from medqa.modeling import resolve_lora_targets
+    from medqa.lora_targets import resolve_lora_targets
 
     model = copy.deepcopy(base)
     targets = resolve_lora_targets(model, "all-linear")
@@ -630,12 +632,13 @@ def markdown_section(res: dict) -> str:
 
 INTRO = """# Benchmarks
 
-Produced by `python bench/bench.py --markdown <this file>` (details: `bench/README.md`). On CPU, with a tiny
-BioGPT on the real BioGPT tokenizer and the 5,952 real records in `../shared/data`, it measures how much of the
-computed tokens are real (padding efficiency), training and evaluation throughput of our batching (grouped by
-length, and packed) against the original project's pad-everything-to-512, `medqa prepare` throughput, and how
-time scales with data size. The machine, library versions and date are in the results section, which each run
-replaces.
+Produced by `make bench` (measures; writes outputs/bench/bench.json) and then `make bench-docs` (writes that run's
+results section here; details: `bench/README.md`). On CPU, with a tiny BioGPT on the real BioGPT tokenizer, the 500
+real records shipped in `data/real/` and the 5,452 synthetic ones from `../shared/data` where it exists, it
+measures how much of the computed tokens are real (padding efficiency), training and evaluation throughput of
+grouping by length and of packing against the original project's pad-everything-to-512, `medqa prepare`
+throughput, and how time scales with data size. The machine, library versions and date are in the results
+section, which each `make bench-docs` replaces.
 
 """
 
@@ -652,6 +655,20 @@ def write_markdown(path: Path, res: dict) -> None:
     path.write_text(text, encoding="utf-8")
 
 
+def docs_from_json(results: Path, markdown: str | None) -> int:
+    """The results section of `markdown` rewritten from an earlier run's JSON, so documenting a run never needs
+    measuring again (and measuring never changes a tracked file)."""
+    if not markdown:
+        print("bench: --from-json needs --markdown FILE (the file whose results section to replace).")
+        return 2
+    if not results.is_file():
+        print(f"bench: {results} not found; run `make bench` first (it writes it), then `make bench-docs`.")
+        return 1
+    write_markdown(Path(markdown), json.loads(results.read_text(encoding="utf-8")))
+    log(f"wrote the results of {results} into {markdown}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ main
 
 
@@ -660,6 +677,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller subsets and 2 repeats (about 1.5 minutes)")
     ap.add_argument("--out", default=str(REPO / "outputs" / "bench" / "bench.json"), help="JSON results file")
     ap.add_argument("--markdown", default=None, help="markdown file whose results section is written/replaced")
+    ap.add_argument(
+        "--from-json",
+        default=None,
+        help="measure nothing: write --markdown from the results JSON of an earlier run (`make bench-docs`)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temporary workdir (its path is printed)")
     ap.add_argument(
         "--threads",
@@ -669,6 +691,8 @@ def main(argv: list[str] | None = None) -> int:
         "other jobs, where threads that spin-wait for each other are several times slower",
     )
     args = ap.parse_args(argv)
+    if args.from_json:
+        return docs_from_json(Path(args.from_json), args.markdown)
 
     if not DATA_FILES[1].exists():
         print(f"bench: {DATA_FILES[1]} not found (../shared); running on the 500 shipped real records only.")

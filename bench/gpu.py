@@ -240,7 +240,7 @@ def add_lora(model, r: int = 8, alpha: int = 16):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from medqa.modeling import resolve_lora_targets
+    from medqa.lora_targets import resolve_lora_targets
 
     targets = resolve_lora_targets(model, "all-linear")
     model = get_peft_model(

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check, one `run` of the device tool from the repo root, at most 7 minutes on an H100/H200:
-#   here, once:  bash ../shared/device/prepare.sh          (.whl/ and .shared/, both git-ignored)
-#   device:      run  command="bash bench/gpu_check.sh"  carry=[".whl", ".shared"]  timeout_s=450
+# The GPU check, one command from the repo root, at most 7 minutes on an H100/H200:
+#   once, with network:  bash ../shared/device/prepare.sh      (.whl/ and .shared/, both git-ignored)
+#   on the GPU machine:  bash bench/gpu_check.sh               (with .whl/ and .shared/ copied there; limit 450 s)
 # CPU dry run of the same steps (tiny model, tiny sizes, no install; tests/test_bench_smoke.py runs it):
 #   GPU_CHECK_DRY=1 OUT=/tmp/gpu-check bash bench/gpu_check.sh
 #

@@ -139,7 +139,8 @@ def test_missing_folder_and_unreachable_hub(tmp_path, capsys):
 
 
 def test_lora_presets_resolve_for_biogpt(demo_run):
-    from medqa.modeling import load_model, lora_parameter_count, resolve_lora_targets
+    from medqa.lora_targets import lora_parameter_count, resolve_lora_targets
+    from medqa.modeling import load_model
 
     cfg, _ = demo_run
     model = load_model(cfg)

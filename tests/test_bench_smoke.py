@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -94,3 +95,93 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     lines = [json.loads(x) for x in (out / "train_metrics.jsonl").read_text().splitlines()]
     assert any("train_loss" in x for x in lines)
     assert (out / "report.md").exists() and proc.returncode == 0
+
+
+def _fake_bench_results() -> dict:
+    """bench.py's results JSON in shape only (every figure made up), enough to write its markdown section."""
+    s = {"median": 1.0, "min": 0.9, "max": 1.1}
+    sizes = ("1x", "2x", "4x")
+    return {
+        "meta": {
+            "date": "2026-01-02T03:04:05",
+            "quick": True,
+            "repeats": 2,
+            "seconds": 60.0,
+            "machine": {"cores": 2, "cpu": "cpu", "torch": "t", "torch_threads": 1, "transformers": "v"},
+        },
+        "padding_efficiency": {"examples": 10, "original": 0.2, "grouped": s, "packed": s, "ours": 0.99},
+        "train": {
+            "examples": 8,
+            "model": "tiny",
+            "packed_rows_per_batch": 2,
+            "strategies": {
+                k: {"examples_per_s": s, "answer_tokens_per_s": s} for k in ("original", "grouped", "packed")
+            },
+            "speedup": {"packed": s, "grouped": s},
+        },
+        "eval": {
+            "examples": 4,
+            "tokens": 100,
+            "answer_nll_max_difference": 1e-6,
+            "tokens_per_s": {k: s for k in ("padded_512", "one_at_a_time", "length_batched")},
+            "speedup_vs_padded_512": s,
+            "speedup_vs_one_at_a_time": s,
+        },
+        "prepare": {
+            "records": 100,
+            "cached_rerun_seconds": s,
+            "records_per_s": {f"{p}-{n}": s for p in ("fast", "slow") for n in (1, 2)},
+            "fast_over_slow": s,
+            "identical_token_ids": True,
+        },
+        "scaling": {
+            **{
+                f: {
+                    "records": 1,
+                    "prepare_seconds_per_1k_records": s,
+                    "train_examples": 1,
+                    "train_seconds_per_1k_tokens": s,
+                    "train_seconds_per_example": s,
+                }
+                for f in sizes
+            },
+            "prepare_seconds_per_1k_records_4x_over_1x": 0.5,
+            "train_seconds_per_1k_tokens_4x_over_1x": 0.9,
+            "train_seconds_per_example_4x_over_1x": 0.9,
+        },
+    }
+
+
+def test_bench_docs_writes_only_the_results_section(tmp_path):
+    """`make bench-docs` (bench.py --from-json) replaces BENCHMARKS.md's results section from a run's JSON and
+    leaves the rest of the file as it was; without the JSON it says to run `make bench` first."""
+    results, md = tmp_path / "bench.json", tmp_path / "BENCHMARKS.md"
+    md.write_text((REPO / "BENCHMARKS.md").read_text())
+    cmd = [sys.executable, str(REPO / "bench" / "bench.py"), "--from-json", str(results), "--markdown", str(md)]
+    missing = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert missing.returncode == 1 and "run `make bench` first" in missing.stdout
+    results.write_text(json.dumps(_fake_bench_results()))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    before, after = (REPO / "BENCHMARKS.md").read_text(), md.read_text()
+    assert "## Results (2026-01-02T03:04:05, --quick)" in after
+
+    def outside(text):
+        head, rest = text.split("<!-- bench:start -->")
+        return head, rest.split("<!-- bench:end -->")[1]
+
+    assert outside(after) == outside(before)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_make_bench_changes_no_tracked_file():
+    """`make bench` writes only under outputs/ (ignored); BENCHMARKS.md changes only with `make bench-docs`."""
+
+    def recipe(target):
+        out = subprocess.run(["make", "-n", target], capture_output=True, text=True, cwd=REPO, check=True).stdout
+        return [line for line in out.splitlines() if "bench/bench.py" in line]
+
+    (bench,) = recipe("bench")
+    assert "--markdown" not in bench and "outputs/bench/" in bench
+    (docs,) = recipe("bench-docs")
+    assert "--from-json outputs/bench/bench.json" in docs and "--markdown BENCHMARKS.md" in docs

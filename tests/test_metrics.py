@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from medqa.metrics import bootstrap_ppl_ci, evaluate_answer_loss, length_batches, pad_batch
+from medqa.batching import length_budget_batches
+from medqa.metrics import bootstrap_ppl_ci, evaluate_answer_loss, pad_batch
 from medqa.prompts import IGNORE_INDEX
 
 PAD = 1
@@ -115,13 +116,13 @@ def test_prompt_changes_loss_only_through_context(model):
     assert alt["answer_loss"] != pytest.approx(base["answer_loss"], abs=1e-4)
 
 
-def test_pad_batch_and_length_batches():
+def test_pad_batch_and_length_budget_batches():
     rows = make_rows(5)
     batch = pad_batch(rows, PAD)
     assert batch["input_ids"].shape == (5, max(r["length"] for r in rows))
     assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
     assert (batch["input_ids"][batch["attention_mask"] == 0] == PAD).all()
-    batches = length_batches([5, 1, 9, 3, 7], 2)
+    batches = length_budget_batches([5, 1, 9, 3, 7], 2)
     assert batches == [[2, 4], [0, 3], [1]] and sorted(sum(batches, [])) == [0, 1, 2, 3, 4]
 
 

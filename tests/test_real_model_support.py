@@ -67,7 +67,8 @@ def test_llama_presets_and_counts():
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from medqa.modeling import count_parameters, lora_parameter_count, resolve_lora_targets
+    from medqa.lora_targets import lora_parameter_count, resolve_lora_targets
+    from medqa.modeling import count_parameters
 
     model = LlamaForCausalLM(
         LlamaConfig(

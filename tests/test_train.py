@@ -90,13 +90,8 @@ def test_base_frozen_and_adapter_changed(trained):
 
 @pytest.mark.parametrize("preset", ["qv", "attention", "all-linear"])
 def test_trainable_count_matches_shapes(prepared, preset):
-    from medqa.modeling import (
-        build_lora_model,
-        count_parameters,
-        load_model,
-        lora_parameter_count,
-        resolve_lora_targets,
-    )
+    from medqa.lora_targets import lora_parameter_count, resolve_lora_targets
+    from medqa.modeling import build_lora_model, count_parameters, load_model
 
     cfg = demo_config(prepared, f"lora.targets={preset}", "lora.r=4")
     base = load_model(cfg)

@@ -112,7 +112,7 @@ def _make_tiny_model(cfg: Config, args: argparse.Namespace) -> None:
     print(f"built the tiny model at {out}")
 
 
-# name -> (entry, one-line description). Later stages add their entry here.
+# name -> (entry, one-line description): the subcommands `main` parses, in the order `medqa --help` lists them.
 COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], None], str]] = {
     "prepare": (_prepare, "load, clean, deduplicate, split and tokenize the data"),
     "baseline": (_baseline, "score the untuned model: answer perplexity on val and test"),

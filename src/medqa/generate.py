@@ -11,9 +11,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 
-from medqa.batching import eval_tokens_per_batch
+from medqa.batching import eval_tokens_per_batch, length_budget_batches
 from medqa.fallbacks import Fallbacks
-from medqa.metrics import length_batches
 from medqa.prompts import eos_id, prompt_ids
 from medqa.schema import Config
 
@@ -42,7 +41,7 @@ def generate_answers(
     # row): a small GPU gets smaller batches instead of running out of memory.
     budget = eval_tokens_per_batch(cfg.scoring.tokens_per_batch, model)
     for idx in _capped(
-        length_batches([len(p) + max_new for p in prompts], batch_size or g.batch_size, budget),
+        length_budget_batches([len(p) + max_new for p in prompts], batch_size or g.batch_size, budget),
         batch_size or g.batch_size,
     ):
         ids, mask, width = _batch(tokenizer, [prompts[i] for i in idx], static)

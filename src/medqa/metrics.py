@@ -39,12 +39,6 @@ class ExampleScores:
     sequence_tokens: np.ndarray
 
 
-def length_batches(lengths: list[int], batch_size: int, max_tokens: int = 0) -> list[list[int]]:
-    """Indices grouped into batches of similar length (sorted, longest first), so padding is minimal: `batch_size`
-    examples each, or with `max_tokens` as many as fit in that many padded tokens (`medqa.batching`)."""
-    return length_budget_batches(lengths, batch_size, max_tokens)
-
-
 def pad_batch(rows: list[dict], pad_id: int) -> dict:
     """Right-pad input_ids (pad id), labels (-100) and attention_mask (0) to the longest row."""
     import torch
@@ -99,7 +93,7 @@ def score_examples(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    batches = length_batches(list(dataset["length"]), batch_size, tokens_per_batch)
+    batches = length_budget_batches(list(dataset["length"]), batch_size, tokens_per_batch)
     with torch.inference_mode():
         for idx in tqdm(batches, desc="score", disable=not progress, leave=False):
             batch = pad_batch([dataset[i] for i in idx], pad_id)

@@ -37,8 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
+from medqa.batching import length_budget_batches
 from medqa.errors import DataError
-from medqa.metrics import length_batches, pad_batch, paired_bootstrap, token_nll
+from medqa.metrics import pad_batch, paired_bootstrap, token_nll
 from medqa.prompts import IGNORE_INDEX
 
 CHOICES = ("yes", "no", "maybe")
@@ -168,7 +169,7 @@ def score_items(
     was_training = model.training
     model.eval()
     with torch.inference_mode():
-        for idx in length_batches([len(r["input_ids"]) for r in rows], batch_size):
+        for idx in length_budget_batches([len(r["input_ids"]) for r in rows], batch_size):
             batch = {k: v.to(device) for k, v in pad_batch([rows[i] for i in idx], pad).items()}
             # The last column is never an input that predicts a label (right padding: a pad, or a row's final
             # token), so the model runs on all but it; token_nll drops the last logit column, so a copy of the

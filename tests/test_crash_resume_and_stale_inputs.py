@@ -1,4 +1,6 @@
-"""Reliability: atomic artifacts, manifests that refuse stale inputs, kill-and-resume, disk checks."""
+"""A crash mid-write keeps the previous artifact, manifests refuse stale inputs (another source, another base
+model, changed settings on resume), a killed run resumes to the uninterrupted result, and the disk check stops
+training before it starts."""
 
 from __future__ import annotations
 
