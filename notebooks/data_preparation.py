@@ -26,7 +26,11 @@ if "google.colab" in sys.modules:
     import subprocess
 
     if not os.path.isdir("/content/medqa"):
-        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "/content/medqa"], check=True)
+        cloned = subprocess.run(
+            ["git", "clone", "--depth", "1", REPO_URL, "/content/medqa"], env={**os.environ, "GIT_TERMINAL_PROMPT": "0"}
+        )
+        if cloned.returncode:
+            raise SystemExit(f"Could not clone {REPO_URL}: set REPO_URL above to your fork of medqa and rerun.")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "/content/medqa"], check=True)
     os.chdir("/content/medqa")
     from medqa.colab import colab_overrides

@@ -8,46 +8,9 @@ Google Drive, and `train.resume=true` makes a re-run continue from the last chec
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
 from pathlib import Path
 
-from medqa.errors import MedqaError
-
 log = logging.getLogger(__name__)
-
-
-class CloneError(MedqaError):
-    """The repository could not be cloned. A notebook shows only its one-line message, no traceback (IPython
-    displays what `_render_traceback_` returns instead of the traceback)."""
-
-    def _render_traceback_(self) -> list[str]:
-        return [str(self)]
-
-
-def clone_repo(repo_url: str, dest: str | Path = "/content/medqa") -> Path:
-    """Shallow-clone `repo_url` into `dest`, unless `dest` is already there (a re-run of the cell).
-
-    A failed clone (the placeholder REPO_URL, a private or deleted repository, no network) raises `CloneError`
-    with one line that says to set REPO_URL to your fork. Git's credential prompt is turned off: for a
-    repository that does not exist GitHub asks for a password, which would hang a notebook cell."""
-    dest = Path(dest)
-    if dest.is_dir():
-        return dest
-    proc = subprocess.run(
-        ["git", "clone", "--depth", "1", "--quiet", repo_url, str(dest)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
-    )
-    if proc.returncode != 0:
-        lines = [x.strip() for x in proc.stderr.splitlines() if x.strip()]
-        why = lines[-1] if lines else f"git exited with status {proc.returncode}"
-        raise CloneError(
-            f"Could not clone {repo_url} ({why}): set REPO_URL in the notebook's first cell to your fork of medqa "
-            "(https://github.com/<you>/medqa) and run the cell again."
-        )
-    return dest
 
 
 def gpu_overrides(gpu_name: str | None) -> list[str]:
