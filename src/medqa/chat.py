@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import queue
 import threading
 import time
@@ -338,6 +339,8 @@ def launch(
             "through Gradio's share servers outside this machine; do not type anything private."
         )
     page = chat(cfg, adapter)
+    if "ipykernel" in sys.modules:  # a notebook: show the page inline and give the kernel back
+        kwargs.setdefault("prevent_thread_lock", True)
     try:
         return page.queue(default_concurrency_limit=1).launch(
             server_name=host, server_port=port, share=share, footer_links=[], **kwargs
