@@ -18,8 +18,8 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 import queue
+import sys
 import threading
 import time
 from collections.abc import Iterator
