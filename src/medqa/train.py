@@ -6,13 +6,16 @@ Reads `tokenized/tokenized_{train,val,test}`. Checkpoints go to `outputs/finetun
 logging step and per evaluation), `metrics.json` (val and test, as the baseline's), `per_example.jsonl`,
 `loss_curves.png` and `tensorboard/`.
 
-The module reads setup (`setup_training`: pack, plan the batch shape, build the step), fit (`fit`: the Trainer),
-score and write. Batches: unpacked, train.batch_size x train.grad_accum examples per optimizer step (e.g. 8 x 4 =
-32 examples x ~225 tokens = ~7,200 tokens on HealthCareMagic with BioGPT's tokenizer); packed (the GPU default),
-a token budget of rows of data.max_length tokens, one static shape, compiled on CUDA (`medqa.batching`,
-`medqa.trainer`). On CUDA the frozen base is held in the compute dtype and LoRA in fp32. A speed-up that fails here
-(compile, CUDA graphs, FlexAttention, fused AdamW, the memory-sized token budget) gives way to the plain path with
-one warning, recorded in metrics.json `training.fallbacks` (`medqa.fallbacks`).
+`train` names its steps: setup (`open_run`: the run record and the checkpoint to resume; `setup_training`: pack,
+plan the batch shape, build the step), fit (`fit`: the Trainer; `close_run`), score (`score_splits`, `run_metrics`)
+and write (`write_run`).
+
+Batches: unpacked, train.batch_size x train.grad_accum examples per optimizer step (e.g. 8 x 4 = 32 examples x ~225
+tokens = ~7,200 tokens on HealthCareMagic with BioGPT's tokenizer); packed (the GPU default), a token budget of rows
+of data.max_length tokens, one static shape, compiled on CUDA (`medqa.batching`, `medqa.trainer`). On CUDA the
+frozen base is held in the compute dtype and LoRA in fp32. A speed-up that fails here (compile, CUDA graphs,
+FlexAttention, fused AdamW, the memory-sized token budget) gives way to the plain path with one warning, recorded in
+metrics.json `training.fallbacks` (`medqa.fallbacks`).
 """
 
 from __future__ import annotations
