@@ -68,14 +68,11 @@ def demo_config(workdir: Path, *overrides: str) -> Config:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny BioGPT whose tokenizer is learned from the sample's train split, built once per session."""
-    from medqa.records import clean_and_dedupe, tiny_training_texts
-    from medqa.sources import read_records
-    from medqa.tiny import build_tiny_model
+    """A tiny BioGPT whose tokenizer is learned from the sample's train split, built once per session as prepare
+    builds it."""
+    from medqa.prepare import make_tiny_model
 
-    cfg = demo_config(tmp_path_factory.mktemp("tiny"))
-    cands, _ = clean_and_dedupe(read_records(str(SAMPLE)), cfg)
-    return build_tiny_model(tiny_training_texts(cands, cfg), cfg.model.tiny, cfg.resolve(cfg.model.tiny.path), seed=0)
+    return make_tiny_model(demo_config(tmp_path_factory.mktemp("tiny")))
 
 
 def prepare_demo(workdir: Path, *overrides: str) -> Path:

@@ -23,12 +23,9 @@ from medqa.distributed import is_main
 from medqa.errors import ConfigError, Interrupted, MedqaError
 from medqa.evaluate import evaluate
 from medqa.export import check_push, export, push_to_hub
-from medqa.modeling import model_path
-from medqa.prepare import prepare
-from medqa.records import clean_and_dedupe, describe_counts, tiny_training_texts
+from medqa.prepare import make_tiny_model, prepare
+from medqa.records import describe_counts
 from medqa.schema import Config
-from medqa.sources import read_records
-from medqa.tiny import build_tiny_model
 from medqa.train import train
 from medqa.tune import tune
 from medqa.workdir import paths
@@ -107,8 +104,7 @@ def _export(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _make_tiny_model(cfg: Config, args: argparse.Namespace) -> None:
-    cands, _ = clean_and_dedupe(read_records(cfg.data.source, cfg.data.hub_split), cfg)
-    out = build_tiny_model(tiny_training_texts(cands, cfg), cfg.model.tiny, model_path(cfg), seed=cfg.seed)
+    out = make_tiny_model(cfg)  # as prepare builds it
     print(f"built the tiny model at {out}")
 
 

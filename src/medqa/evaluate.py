@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,14 +23,14 @@ from medqa.external import load_external
 from medqa.fallbacks import Fallbacks
 from medqa.generate import generate_answers
 from medqa.locks import locked
-from medqa.metrics import evaluate_answer_loss, paired_bootstrap, sanity_check
+from medqa.metrics import ExampleScores, evaluate_answer_loss, paired_bootstrap, sanity_check
 from medqa.mixing import by_source, paired_by_source
 from medqa.modelcard import card_fields
 from medqa.modeling import is_tiny_model, load_adapter_model, load_model, load_tokenizer, model_path, scoring_dtype
 from medqa.plots import plot_tradeoff
 from medqa.pubmedqa import DEFAULT_TEST as DEFAULT_PUBMEDQA
+from medqa.pubmedqa import PubMedQAScores, paired_comparison
 from medqa.pubmedqa import load_items as load_pubmedqa
-from medqa.pubmedqa import paired_comparison
 from medqa.pubmedqa import score_items as score_pubmedqa
 from medqa.pubmedqa import subset as pubmedqa_subset
 from medqa.pubmedqa import summarize as summarize_pubmedqa
@@ -56,121 +57,181 @@ class EvaluateResult:
     report_md: Path
 
 
+@dataclass
+class EvalInputs:
+    """What every model is scored on: the tokenized test split, the questions to answer and their doctors'
+    answers, and the optional other sets (PubMedQA questions, evaluate.external_test)."""
+
+    tokenizer: Any
+    test: Any  # the tokenized test split
+    questions: list[str]  # the first evaluate.num_questions test questions (all when 0), answered by each model
+    references: list[str]  # their answers in the data
+    expected: dict  # what an adapter must have been trained on (workdir.adapter_inputs)
+    pubmedqa: list[dict] = field(default_factory=list)  # evaluate.pubmedqa_questions questions ([] when 0)
+    external: Any = None  # the tokenized external test set, when evaluate.external_test names one
+    external_report: dict | None = None
+
+
+@dataclass
+class ModelScores:
+    """One model's results, kept together: its report entry (report["models"][name]), its answers, and the
+    per-example scores that the paired comparisons against the base model need."""
+
+    name: str
+    entry: dict  # adapter, test, dtype, generation; external, pubmedqa when measured; vs_base... for a fine-tuned one
+    answers: list[str]
+    test: ExampleScores
+    external: ExampleScores | None = None
+    knowledge: PubMedQAScores | None = None
+    warning: str | None = None  # sanity_check's, for the report
+
+
 @locked("evaluate")
 def evaluate(cfg: Config) -> EvaluateResult:
     """Score every available model on test, generate and score answers, write the report."""
     start = time.perf_counter()
+    data = load_test_set(cfg)
+    fallbacks = Fallbacks()  # a speed-up that could not run here (static-cache generation), for the report
+    runs = [score_model(cfg, data, name, adapter, fallbacks) for name, adapter in candidate_adapters(cfg).items()]
+    compare_to_base(cfg, runs)
+    report = build_report(cfg, data, runs, fallbacks, start)
+    out = paths(cfg)
+    write_json(out.report_json, report)
+    write_text_atomic(out.report_md, render_markdown(report, cfg.evaluate.samples_in_report))
+    return EvaluateResult(report, out.report_md)
+
+
+def load_test_set(cfg: Config) -> EvalInputs:
+    """The test split and its records (which must agree), the questions to answer, and the optional PubMedQA
+    questions and external test set (`medqa.external`, which writes outputs/external/). Checks the BERTScore
+    encoder now, not after the first model has been scored."""
     tokenizer = load_tokenizer(cfg)
     test = load_split(cfg, "test", tokenizer)
     records = {r["id"]: r for r in load_records(cfg, "test")}
     ids = list(test["id"])
-    n_gen = len(ids) if cfg.evaluate.num_questions == 0 else min(cfg.evaluate.num_questions, len(ids))
-    questions = [records[i]["question"] for i in ids[:n_gen]]
-    references = [records[i]["answer"] for i in ids[:n_gen]]
-
-    expected = adapter_inputs(cfg, tokenizer)
     missing = [i for i in ids if i not in records]
     if missing:
         raise DataError(
             f"{paths(cfg).records('test')} does not hold {len(missing)} of the "
             "tokenized test examples (data/ and tokenized/ are out of step). Re-run `medqa prepare`."
         )
-    if cfg.evaluate.bertscore_model:  # fail now, not after the first model has been scored
-        check_bertscore_encoder(cfg.evaluate.bertscore_model)
-    models, answers, scores, warnings = {}, {}, {}, []
-    pubmedqa_items = (
-        pubmedqa_subset(
-            load_pubmedqa(cfg.evaluate.pubmedqa_file or DEFAULT_PUBMEDQA), cfg.evaluate.pubmedqa_questions, cfg.seed
-        )
-        if cfg.evaluate.pubmedqa_questions
-        else []
+    e = cfg.evaluate
+    answered = ids if e.num_questions == 0 else ids[: e.num_questions]
+    data = EvalInputs(
+        tokenizer,
+        test,
+        [records[i]["question"] for i in answered],
+        [records[i]["answer"] for i in answered],
+        adapter_inputs(cfg, tokenizer),
     )
-    knowledge = {}
-    external, external_report = load_external(cfg, tokenizer) if cfg.evaluate.external_test else (None, None)
-    external_scores = {}
-    fallbacks = Fallbacks()  # a speed-up that could not run here (static-cache generation), for the report
-    for name, adapter in candidate_adapters(cfg).items():
-        # An adapter must come from this base model AND these splits: one trained on other splits may have
-        # seen these test questions.
-        model = load_model(cfg) if adapter is None else load_adapter_model(cfg, adapter, expected)
-        budget = eval_tokens_per_batch(cfg.scoring.tokens_per_batch, model)
-        metrics, per_example = evaluate_answer_loss(
-            model,
-            test,
-            tokenizer.pad_token_id,
-            cfg.scoring.batch_size,
-            cfg.scoring.bootstrap_samples,
-            cfg.seed,
-            progress=True,
-            tokens_per_batch=budget,
+    if e.bertscore_model:
+        check_bertscore_encoder(e.bertscore_model)
+    if e.pubmedqa_questions:
+        data.pubmedqa = pubmedqa_subset(
+            load_pubmedqa(e.pubmedqa_file or DEFAULT_PUBMEDQA), e.pubmedqa_questions, cfg.seed
         )
-        scores[name] = per_example
-        if cfg.data.sources:  # each source's test examples alone, beside the overall figure
-            metrics["by_source"] = by_source(cfg, "test", per_example)
-        answers[name] = generate_answers(model, tokenizer, cfg, questions, fallbacks=fallbacks)
-        models[name] = {
-            "adapter": str(adapter) if adapter else None,
-            "test": metrics,
-            "dtype": scoring_dtype(cfg),
-            "generation": generation_scores(answers[name], references),
-        }
-        if cfg.evaluate.bertscore_model:
-            models[name]["generation"].update(
-                bertscore(answers[name], references, cfg.evaluate.bertscore_model, cfg.evaluate.bertscore_layers)
+    if e.external_test:
+        data.external, data.external_report = load_external(cfg, tokenizer)
+    return data
+
+
+def score_model(cfg: Config, data: EvalInputs, name: str, adapter: Path | None, fallbacks: Fallbacks) -> ModelScores:
+    """One model: test answer-loss (and per source), generated answers and their scores, the sanity gate, and the
+    external test set and PubMedQA when configured."""
+    # An adapter must come from this base model AND these splits: one trained on other splits may have seen these
+    # test questions.
+    model = load_model(cfg) if adapter is None else load_adapter_model(cfg, adapter, data.expected)
+    budget = eval_tokens_per_batch(cfg.scoring.tokens_per_batch, model)
+    metrics, per_example = answer_loss(cfg, model, data.test, data.tokenizer, budget)
+    if cfg.data.sources:  # each source's test examples alone, beside the overall figure
+        metrics["by_source"] = by_source(cfg, "test", per_example)
+    answers = answer_questions(cfg, model, data, name, fallbacks)
+    entry = {
+        "adapter": str(adapter) if adapter else None,
+        "test": metrics,
+        "dtype": scoring_dtype(cfg),
+        "generation": generation_metrics(cfg, answers, data.references),
+    }
+    run = ModelScores(name, entry, answers, per_example)
+    # The same gate as baseline and train (log, stderr); only the untrained tiny demo model is expected to fail.
+    run.warning = sanity_check(
+        {"test": metrics}, len(data.tokenizer), name, quiet=adapter is None and is_tiny_model(cfg)
+    )
+    if data.external is not None:  # another data set: does the gain generalise?
+        log.info("evaluate: %s: scoring the %d examples of %s", name, len(data.external), cfg.evaluate.external_name)
+        entry["external"], run.external = answer_loss(cfg, model, data.external, data.tokenizer, budget)
+    if data.pubmedqa:  # did fine-tuning keep the base model's biomedical knowledge?
+        log.info("evaluate: %s: scoring %d PubMedQA questions", name, len(data.pubmedqa))
+        run.knowledge = score_pubmedqa(model, data.tokenizer, data.pubmedqa, cfg.scoring.batch_size, progress=True)
+        entry["pubmedqa"] = summarize_pubmedqa(run.knowledge, cfg.scoring.bootstrap_samples, cfg.seed)
+    log.info("evaluate: %s test answer_loss %.4f", name, metrics["answer_loss"])
+    return run
+
+
+def answer_loss(cfg: Config, model, dataset, tokenizer, tokens_per_batch: int) -> tuple[dict, ExampleScores]:
+    """The baseline stage's metric function on a tokenized set, with a progress bar."""
+    return evaluate_answer_loss(
+        model,
+        dataset,
+        tokenizer.pad_token_id,
+        cfg.scoring.batch_size,
+        cfg.scoring.bootstrap_samples,
+        cfg.seed,
+        progress=True,
+        tokens_per_batch=tokens_per_batch,
+    )
+
+
+def answer_questions(cfg: Config, model, data: EvalInputs, name: str, fallbacks: Fallbacks) -> list[str]:
+    """The model's answers to the test questions, with a progress bar."""
+    log.info("evaluate: %s: answering %d test questions", name, len(data.questions))
+    return generate_answers(model, data.tokenizer, cfg, data.questions, fallbacks=fallbacks, progress=True)
+
+
+def generation_metrics(cfg: Config, answers: list[str], references: list[str]) -> dict:
+    """ROUGE, BLEU and the answers' shape; BERTScore too when evaluate.bertscore_model names an encoder."""
+    scores = generation_scores(answers, references)
+    if cfg.evaluate.bertscore_model:
+        scores.update(bertscore(answers, references, cfg.evaluate.bertscore_model, cfg.evaluate.bertscore_layers))
+    return scores
+
+
+def compare_to_base(cfg: Config, runs: list[ModelScores]) -> None:
+    """Each fine-tuned model against the base on the same examples (paired bootstrap): test answer-loss (and per
+    source), the external test set and PubMedQA accuracy, when measured. Adds `vs_base` to their report entries."""
+    base = next(r for r in runs if r.name == "base")
+    n, seed = cfg.scoring.bootstrap_samples, cfg.seed
+    for run in runs:
+        if run is base:
+            continue
+        run.entry["vs_base"] = paired_bootstrap(
+            base.test.answer_nll, run.test.answer_nll, base.test.answer_tokens, n, seed
+        )
+        if cfg.data.sources:
+            run.entry["vs_base_by_source"] = paired_by_source(cfg, "test", base.test, run.test)
+        if run.external is not None:
+            run.entry["external"]["vs_base"] = paired_bootstrap(
+                base.external.answer_nll, run.external.answer_nll, base.external.answer_tokens, n, seed
             )
-        # The same gate as baseline and train (log, stderr); only the untrained tiny demo model is expected to fail.
-        warning = sanity_check({"test": metrics}, len(tokenizer), name, quiet=adapter is None and is_tiny_model(cfg))
-        if warning:
-            warnings.append(warning)
-        if external is not None:  # another data set: does the gain generalise?
-            models[name]["external"], external_scores[name] = evaluate_answer_loss(
-                model,
-                external,
-                tokenizer.pad_token_id,
-                cfg.scoring.batch_size,
-                cfg.scoring.bootstrap_samples,
-                cfg.seed,
-                tokens_per_batch=budget,
-            )
-        if pubmedqa_items:  # did fine-tuning keep the base model's biomedical knowledge?
-            knowledge[name] = score_pubmedqa(model, tokenizer, pubmedqa_items, cfg.scoring.batch_size)
-            models[name]["pubmedqa"] = summarize_pubmedqa(knowledge[name], cfg.scoring.bootstrap_samples, cfg.seed)
-        log.info("evaluate: %s test answer_loss %.4f", name, metrics["answer_loss"])
-        del model
-    base = scores["base"]
-    for name in models:
-        if name != "base":
-            models[name]["vs_base"] = paired_bootstrap(
-                base.answer_nll, scores[name].answer_nll, base.answer_tokens, cfg.scoring.bootstrap_samples, cfg.seed
-            )
-            if cfg.data.sources:
-                models[name]["vs_base_by_source"] = paired_by_source(cfg, "test", base, scores[name])
-            if external_scores:
-                ext = external_scores["base"]
-                models[name]["external"]["vs_base"] = paired_bootstrap(
-                    ext.answer_nll,
-                    external_scores[name].answer_nll,
-                    ext.answer_tokens,
-                    cfg.scoring.bootstrap_samples,
-                    cfg.seed,
-                )
-            if knowledge:
-                models[name]["pubmedqa"]["vs_base"] = paired_comparison(
-                    knowledge["base"], knowledge[name], cfg.scoring.bootstrap_samples, cfg.seed
-                )
+        if run.knowledge is not None:
+            run.entry["pubmedqa"]["vs_base"] = paired_comparison(base.knowledge, run.knowledge, n, seed)
+
+
+def build_report(cfg: Config, data: EvalInputs, runs: list[ModelScores], fallbacks: Fallbacks, start: float) -> dict:
+    """report.json: every model's entry, the answers side by side, the model card, the benchmarks and search."""
     samples = [
-        {"question": q, "reference": r, **{name: answers[name][i] for name in models}}
-        for i, (q, r) in enumerate(zip(questions, references))
+        {"question": q, "reference": r, **{run.name: run.answers[i] for run in runs}}
+        for i, (q, r) in enumerate(zip(data.questions, data.references))
     ]
-    report = {
+    return {
         "model": model_path(cfg),
         "dtype": scoring_dtype(cfg),
-        "sanity_warnings": warnings,
-        "external": external_report,
+        "sanity_warnings": [run.warning for run in runs if run.warning],
+        "external": data.external_report,
         "bertscore": cfg.evaluate.bertscore_model or BERTSCORE_OFF,
-        "test_examples": len(ids),
-        "generated": n_gen,
-        "models": models,
+        "test_examples": len(data.test),
+        "generated": len(data.questions),
+        "models": {run.name: run.entry for run in runs},
         "samples": samples,
         "model_card": card_fields(cfg),
         "benchmarks": read_benchmarks(cfg),
@@ -178,10 +239,6 @@ def evaluate(cfg: Config) -> EvaluateResult:
         "search": search_summary(cfg),
         "seconds": round(time.perf_counter() - start, 2),
     }
-    out = paths(cfg)
-    write_json(out.report_json, report)
-    write_text_atomic(out.report_md, render_markdown(report, cfg.evaluate.samples_in_report))
-    return EvaluateResult(report, out.report_md)
 
 
 def search_summary(cfg: Config) -> dict | None:

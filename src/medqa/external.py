@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections import Counter
+
+from tqdm.auto import tqdm
 
 from medqa.cleaning import normalize_key
 from medqa.errors import DataError
@@ -32,12 +35,15 @@ from medqa.schema import Config
 from medqa.sources import read_records
 from medqa.workdir import load_records, paths
 
+log = logging.getLogger(__name__)
+
 
 def load_external(cfg: Config, tokenizer) -> tuple[object, dict]:
     """(tokenized Dataset of the kept records, report {read, kept, rejected}); writes outputs/external/."""
     import datasets
 
     e = cfg.evaluate
+    log.info("evaluate: reading the external test set %s", e.external_test)
     try:
         records = read_records(e.external_test)
     except DataError as exc:  # the reader names data.source; here the setting is evaluate.external_test
@@ -75,7 +81,7 @@ def load_external(cfg: Config, tokenizer) -> tuple[object, dict]:
         else:
             cands.append(Candidate(index, q, reason_or_a, normalize_key(q), split="test"))
     rows, kept_cands = [], []
-    for cand in cands:
+    for cand in tqdm(cands, desc="tokenize external", disable=len(cands) < 1000, leave=False):
         enc = encode_example(tokenizer, cfg.prompt, cand.question, cand.answer, cfg.data.max_length)
         reject = length_reject(cand, enc.question_tokens, enc.answer_tokens, cfg, records)
         if reject:

@@ -25,10 +25,13 @@ def generate_answers(
     max_new_tokens: int | None = None,
     batch_size: int | None = None,
     fallbacks: Fallbacks | None = None,
+    progress: bool = False,
 ) -> list[str]:
     """Greedy (by default) answers, in the order of `questions`. Prompts are grouped by length and padded on
     the left, so every row's answer starts right after its own prompt. A static-cache failure is recorded in
-    `fallbacks` (evaluate's report)."""
+    `fallbacks` (evaluate's report). `progress`: a progress bar over the batches, as test scoring shows."""
+    from tqdm.auto import tqdm
+
     g = cfg.generate
     max_new = max_new_tokens or g.max_new_tokens
     room = max(cfg.data.max_length - max_new, 16)
@@ -40,10 +43,11 @@ def generate_answers(
     # At most generate.batch_size prompts, and no more than fit the scoring token budget (prompt + new tokens per
     # row): a small GPU gets smaller batches instead of running out of memory.
     budget = eval_tokens_per_batch(cfg.scoring.tokens_per_batch, model)
-    for idx in _capped(
+    batches = _capped(
         length_budget_batches([len(p) + max_new for p in prompts], batch_size or g.batch_size, budget),
         batch_size or g.batch_size,
-    ):
+    )
+    for idx in tqdm(batches, desc="generate", disable=not progress, leave=False):
         ids, mask, width = _batch(tokenizer, [prompts[i] for i in idx], static)
         out, static = _decode(model, _settings(cfg, tokenizer, model, ids, mask, max_new), static, fallbacks)
         for row, i in enumerate(idx):

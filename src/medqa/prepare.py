@@ -28,7 +28,7 @@ from medqa.errors import DataError
 from medqa.fasttok import fast_encoder
 from medqa.locks import locked
 from medqa.manifest import write_manifest
-from medqa.modeling import load_tokenizer, tokenizer_info, tokenizer_path, wants_tiny
+from medqa.modeling import load_tokenizer, model_path, tokenizer_info, tokenizer_path, wants_tiny
 from medqa.prompts import encode_example
 from medqa.records import (
     Candidate,
@@ -114,12 +114,178 @@ def tokenize(cands: list[Candidate], encoder, cfg: Config, inputs: dict[str, str
 # ------------------------------------------------------------------------------------------ the stage
 
 
+@locked("prepare")
+def prepare(cfg: Config) -> PrepareResult:
+    """Run the data-preparation stage: read and clean, tokenize, keep (token limits, duplicates), split, write."""
+    start = time.perf_counter()
+    specs = source_specs(cfg.data)
+    log.info(
+        "prepare: source=%s tokenizer=%s workdir=%s",
+        ", ".join(s.source for s in specs),
+        tokenizer_path(cfg),
+        cfg.workdir,
+    )
+    records, cands, rejected, starts = read_sources(cfg, specs)
+    tokenizer = _ensure_tokenizer(cfg, dedupe(cands, records)[0])
+    inputs = prepared_inputs(cfg, tokenizer)
+    encoder, path = pick_encoder(cfg, tokenizer)
+    tokenized = tokenize(cands, encoder, cfg, inputs)
+    kept = keep_rows(cfg, records, cands, rejected, tokenized)
+    splits = place(kept, specs, starts, mix=bool(cfg.data.sources))
+    report = build_report(cfg, specs, starts, records, kept, splits, tokenizer, path)
+    data_dir, tok_dir = write_prepared(cfg, splits, kept, report, inputs, tokenized)
+    log.info(
+        "prepare: read %d, kept %s, rejected %d (%s), truncated %d, in %.1fs",
+        report["read"],
+        report["kept"],
+        sum(report["rejected"].values()),
+        report["rejected"],
+        report["truncated"],
+        time.perf_counter() - start,
+    )
+    return PrepareResult(report=report, data_dir=data_dir, tokenized_dir=tok_dir, splits=splits)
+
+
+def make_tiny_model(cfg: Config, cands: list[Candidate] | None = None) -> Path:
+    """Build the tiny demo model (`medqa.tiny.build_tiny_model`) at model.name_or_path, its vocabulary learned
+    from the train split of `cands`: deduplicated candidates, or when None the configured sources read, cleaned
+    and deduplicated as prepare does. The one way to build it: prepare, `medqa make-tiny-model` and the tests."""
+    if cands is None:
+        records, cands, _, _ = read_sources(cfg, source_specs(cfg.data))
+        cands = dedupe(cands, records)[0]
+    texts = tiny_training_texts(cands, cfg)
+    log.info("Building the tiny demo model from %d training records.", len(texts))
+    return build_tiny_model(texts, cfg.model.tiny, model_path(cfg), seed=cfg.seed)
+
+
 def _ensure_tokenizer(cfg: Config, cands: list[Candidate]):
+    """The configured tokenizer, after building the tiny demo model when it is the configured one and missing."""
     if wants_tiny(cfg):
-        texts = tiny_training_texts(cands, cfg)
-        log.info("Building the tiny demo model from %d training records.", len(texts))
-        build_tiny_model(texts, cfg.model.tiny, cfg.resolve(cfg.model.tiny.path), seed=cfg.seed)
+        make_tiny_model(cfg, cands)
     return load_tokenizer(cfg)
+
+
+def pick_encoder(cfg: Config, tokenizer) -> tuple[Any, str]:
+    """(encoder, "fast" or "slow"): BioGPT's tokenizer has a fast path with the same ids (medqa.fasttok); any other
+    tokenizer, or data.fast_tokenizer=false, runs as it is."""
+    encoder = (fast_encoder(tokenizer) if cfg.data.fast_tokenizer else None) or tokenizer
+    path = "fast" if encoder is not tokenizer else "slow"
+    log.info("tokenize: %s path (%s)", path, type(tokenizer).__name__)
+    return encoder, path
+
+
+@dataclass
+class Kept:
+    """What `keep_rows` keeps of the tokenized candidates, by row of the tokenized dataset."""
+
+    rows: dict[str, list[int]]  # per split, the kept rows
+    by_row: dict[int, Candidate]  # the candidate of each kept row
+    rejected: list[dict]  # every record not kept, in index order
+    ids: list[str]  # per row: the example id
+    truncated: list[bool]  # per row: cut at data.max_length
+
+    @property
+    def truncated_count(self) -> int:
+        return sum(self.truncated[r] for rows in self.rows.values() for r in rows)
+
+
+def keep_rows(cfg: Config, records: list[Any], cands: list[Candidate], rejected: list[dict], tokenized) -> Kept:
+    """Apply the token-length limits, then deduplicate, and put each kept row in its candidate's split. Filter first,
+    then deduplicate: when the first copy of a question is too long, a valid later copy is kept. `rejected` (the
+    cleaning's rejects) is extended with the new ones and returned sorted by index."""
+    # Whole columns as lists, read once: indexing a Dataset column row by row costs a copy of its schema each time,
+    # which made these loops most of prepare's time.
+    columns = tokenized.select_columns(["id", "question_tokens", "answer_tokens", "truncated"]).to_dict()
+    q_tokens, a_tokens = columns["question_tokens"], columns["answer_tokens"]
+    valid: list[Candidate] = []
+    row_of: dict[int, int] = {}
+    for row, cand in enumerate(cands):
+        reject = length_reject(cand, q_tokens[row], a_tokens[row], cfg, records)
+        if reject:
+            rejected.append(reject)
+        else:
+            valid.append(cand)
+            row_of[cand.index] = row
+    unique, duplicates = dedupe(valid, records)
+    rows: dict[str, list[int]] = {s: [] for s in SPLITS}
+    by_row = {row_of[cand.index]: cand for cand in unique}
+    for row, cand in by_row.items():
+        rows[cand.split].append(row)
+    rejected = sorted(rejected + duplicates, key=lambda r: r["index"])
+    return Kept(rows, by_row, rejected, columns["id"], columns["truncated"])
+
+
+def place(kept: Kept, specs: list[SourceSpec], starts: list[int], mix: bool) -> dict[str, list[dict]]:
+    """The kept records of each split as the data files hold them (id, index, question, answer; with data.sources
+    also the source, and the index within it). With data.sources every reject in `kept` is also given its source
+    and its index within it."""
+
+    def record(row: int) -> dict:
+        cand = kept.by_row[row]
+        if not mix:
+            return {"id": kept.ids[row], "index": cand.index, "question": cand.question, "answer": cand.answer}
+        name, index = _source_of(cand.index, specs, starts)
+        return {"id": kept.ids[row], "source": name, "index": index, "question": cand.question, "answer": cand.answer}
+
+    splits = {s: [record(r) for r in rows] for s, rows in kept.rows.items()}
+    if mix:  # every reject names its source and its index within it
+        for r in kept.rejected:
+            r["source"], r["index"] = _source_of(r["index"], specs, starts)
+            r.update(record=r.pop("record"))  # the record as read stays the last field
+    return splits
+
+
+def build_report(
+    cfg: Config,
+    specs: list[SourceSpec],
+    starts: list[int],
+    records: list[Any],
+    kept: Kept,
+    splits: dict[str, list[dict]],
+    tokenizer,
+    path: str,
+) -> dict:
+    """prepare_report.json: read = kept + rejected (overall and, with data.sources, per source). Raises when the
+    train split is empty."""
+    mix = bool(cfg.data.sources)
+    report = {
+        "source": cfg.data.source if not mix else [spec.source for spec in specs],
+        "read": len(records),
+        "kept": {s: len(rows) for s, rows in kept.rows.items()},
+        "rejected": dict(sorted(Counter(r["reason"] for r in kept.rejected).items())),
+        "truncated": kept.truncated_count,
+        # records kept or not whose question or answer had control characters or escape sequences removed
+        "control_characters_removed": _count_control(records, cfg, specs, starts),
+        "tokenizer": tokenizer_path(cfg),
+        "tokenizer_info": tokenizer_info(tokenizer),
+        "tokenizer_path": path,  # medqa.fasttok or the tokenizer as it is
+        "max_length": cfg.data.max_length,
+    }
+    if mix:
+        report["sources"] = _per_source(specs, starts, len(records), splits, kept)
+    assert report["read"] == sum(report["kept"].values()) + sum(report["rejected"].values())
+    if not splits["train"]:
+        raise DataError(
+            f"{report['source']}: no records landed in the train split ({report['kept']}). Use more "
+            "records or raise data.train_fraction."
+        )
+    return report
+
+
+def write_prepared(
+    cfg: Config, splits: dict[str, list[dict]], kept: Kept, report: dict, inputs: dict[str, str], tokenized
+) -> tuple[Path, Path]:
+    """Write data/ (`_write_data`) and tokenized/ (atomically); returns the two folders."""
+    data_dir, tok_dir = paths(cfg).data, paths(cfg).tokenized
+    _write_data(data_dir, splits, kept.rejected, report, cfg, inputs)
+    with atomic_dir(tok_dir) as tmp:
+        for split, rows in kept.rows.items():
+            part = tokenized.select(rows).select_columns(TOKENIZED_COLUMNS)
+            # An empty split (e.g. test_fraction=0) saves as one empty shard; datasets' shard count fails on it.
+            part.save_to_disk(str(tmp / f"tokenized_{split}"), **({"num_shards": 1} if not rows else {}))
+        write_json(tmp / "prepare_report.json", report)
+        write_manifest(tmp, "prepare", cfg, inputs)
+    return data_dir, tok_dir
 
 
 def read_sources(cfg: Config, specs: list[SourceSpec]) -> tuple[list[Any], list[Candidate], list[dict], list[int]]:
@@ -175,130 +341,23 @@ def _source_of(index: int, specs: list[SourceSpec], starts: list[int]) -> tuple[
     return specs[i].name, index - starts[i]
 
 
-@locked("prepare")
-def prepare(cfg: Config) -> PrepareResult:
-    """Run the data-preparation stage and return its report."""
-    start = time.perf_counter()
-    specs = source_specs(cfg.data)
-    log.info(
-        "prepare: source=%s tokenizer=%s workdir=%s",
-        ", ".join(s.source for s in specs),
-        tokenizer_path(cfg),
-        cfg.workdir,
-    )
-    records, cands, rejected, starts = read_sources(cfg, specs)
-
-    tokenizer = _ensure_tokenizer(cfg, dedupe(cands, records)[0])
-    inputs = prepared_inputs(cfg, tokenizer)
-    # BioGPT's tokenizer has a fast path with the same ids (medqa.fasttok); any other tokenizer runs as it is.
-    encoder = (fast_encoder(tokenizer) if cfg.data.fast_tokenizer else None) or tokenizer
-    path = "fast" if encoder is not tokenizer else "slow"
-    log.info("tokenize: %s path (%s)", path, type(tokenizer).__name__)
-    tokenized = tokenize(cands, encoder, cfg, inputs)
-    # Whole columns as lists, read once: indexing a Dataset column row by row costs a copy of its schema each time,
-    # which made these loops most of prepare's time.
-    columns = tokenized.select_columns(["id", "question_tokens", "answer_tokens", "truncated"]).to_dict()
-    q_tokens, a_tokens = columns["question_tokens"], columns["answer_tokens"]
-    # Filter first, then deduplicate: when the first copy of a question is too long, a valid later copy is kept.
-    valid: list[Candidate] = []
-    row_of: dict[int, int] = {}
-    for row, cand in enumerate(cands):
-        reject = length_reject(cand, q_tokens[row], a_tokens[row], cfg, records)
-        if reject:
-            rejected.append(reject)
-        else:
-            valid.append(cand)
-            row_of[cand.index] = row
-    unique, duplicates = dedupe(valid, records)
-    rejected = sorted(rejected + duplicates, key=lambda r: r["index"])
-    keep_rows: dict[str, list[int]] = {s: [] for s in SPLITS}
-    by_row = {row_of[cand.index]: cand for cand in unique}
-    for row, cand in by_row.items():
-        keep_rows[cand.split].append(row)
-
-    ids, cut = columns["id"], columns["truncated"]
-    mix = bool(cfg.data.sources)
-
-    def kept_record(r: int) -> dict:
-        cand = by_row[r]
-        if not mix:
-            return {"id": ids[r], "index": cand.index, "question": cand.question, "answer": cand.answer}
-        name, index = _source_of(cand.index, specs, starts)
-        return {"id": ids[r], "source": name, "index": index, "question": cand.question, "answer": cand.answer}
-
-    splits = {s: [kept_record(r) for r in rows] for s, rows in keep_rows.items()}
-    truncated = sum(cut[r] for rows in keep_rows.values() for r in rows)
-    if mix:  # every reject names its source and its index within it
-        for r in rejected:
-            r["source"], r["index"] = _source_of(r["index"], specs, starts)
-            r.update(record=r.pop("record"))  # the record as read stays the last field
-    report = {
-        "source": cfg.data.source if not mix else [spec.source for spec in specs],
-        "read": len(records),
-        "kept": {s: len(rows) for s, rows in keep_rows.items()},
-        "rejected": dict(sorted(Counter(r["reason"] for r in rejected).items())),
-        "truncated": truncated,
-        # records kept or not whose question or answer had control characters or escape sequences removed
-        "control_characters_removed": _count_control(records, cfg, specs, starts),
-        "tokenizer": tokenizer_path(cfg),
-        "tokenizer_info": tokenizer_info(tokenizer),
-        "tokenizer_path": path,  # medqa.fasttok or the tokenizer as it is
-        "max_length": cfg.data.max_length,
-    }
-    if mix:
-        report["sources"] = _per_source(specs, starts, len(records), splits, rejected, by_row, keep_rows, cut)
-    assert report["read"] == sum(report["kept"].values()) + sum(report["rejected"].values())
-    if not splits["train"]:
-        raise DataError(
-            f"{report['source']}: no records landed in the train split ({report['kept']}). Use more "
-            "records or raise data.train_fraction."
-        )
-
-    data_dir, tok_dir = paths(cfg).data, paths(cfg).tokenized
-    _write_data(data_dir, splits, rejected, report, cfg, inputs)
-    with atomic_dir(tok_dir) as tmp:
-        for split, rows in keep_rows.items():
-            part = tokenized.select(rows).select_columns(TOKENIZED_COLUMNS)
-            # An empty split (e.g. test_fraction=0) saves as one empty shard; datasets' shard count fails on it.
-            part.save_to_disk(str(tmp / f"tokenized_{split}"), **({"num_shards": 1} if not rows else {}))
-        write_json(tmp / "prepare_report.json", report)
-        write_manifest(tmp, "prepare", cfg, inputs)
-
-    secs = time.perf_counter() - start
-    log.info(
-        "prepare: read %d, kept %s, rejected %d (%s), truncated %d, in %.1fs",
-        report["read"],
-        report["kept"],
-        sum(report["rejected"].values()),
-        report["rejected"],
-        truncated,
-        secs,
-    )
-    return PrepareResult(report=report, data_dir=data_dir, tokenized_dir=tok_dir, splits=splits)
-
-
 def _per_source(
-    specs: list[SourceSpec],
-    starts: list[int],
-    total: int,
-    splits: dict[str, list[dict]],
-    rejected: list[dict],
-    by_row: dict,
-    keep_rows: dict,
-    cut: list,
+    specs: list[SourceSpec], starts: list[int], total: int, splits: dict[str, list[dict]], kept: Kept
 ) -> dict:
     """read / rejected by reason / kept per split / truncated, for each source; they add up to the overall report."""
     out = {}
     ends = starts[1:] + [total]
     for spec, start, end in zip(specs, starts, ends):
-        mine = [r for r in rejected if r["source"] == spec.name]
+        mine = [r for r in kept.rejected if r["source"] == spec.name]
         out[spec.name] = {
             "source": spec.source,
             "weight": spec.weight,
             "read": end - start,
             "kept": {s: sum(1 for x in rows if x["source"] == spec.name) for s, rows in splits.items()},
             "rejected": dict(sorted(Counter(r["reason"] for r in mine).items())),
-            "truncated": sum(cut[r] for rows in keep_rows.values() for r in rows if by_row[r].source == spec.name),
+            "truncated": sum(
+                kept.truncated[r] for rows in kept.rows.values() for r in rows if kept.by_row[r].source == spec.name
+            ),
         }
         assert out[spec.name]["read"] == (
             sum(out[spec.name]["kept"].values()) + sum(out[spec.name]["rejected"].values())

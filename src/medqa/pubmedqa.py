@@ -147,10 +147,12 @@ class PubMedQAScores:
 
 
 def score_items(
-    model, tokenizer, items: list[dict], batch_size: int = 8, max_length: int | None = None
+    model, tokenizer, items: list[dict], batch_size: int = 8, max_length: int | None = None, progress: bool = False
 ) -> PubMedQAScores:
-    """Log-likelihood of each choice for each question (see the module docstring)."""
+    """Log-likelihood of each choice for each question (see the module docstring). `progress`: a progress bar
+    over the batches, as test scoring shows."""
     import torch
+    from tqdm.auto import tqdm
 
     max_length = max_length or getattr(model.config, "max_position_embeddings", 1024)
     rows, owners = [], []
@@ -169,7 +171,8 @@ def score_items(
     was_training = model.training
     model.eval()
     with torch.inference_mode():
-        for idx in length_budget_batches([len(r["input_ids"]) for r in rows], batch_size):
+        batches = length_budget_batches([len(r["input_ids"]) for r in rows], batch_size)
+        for idx in tqdm(batches, desc="pubmedqa", disable=not progress, leave=False):
             batch = {k: v.to(device) for k, v in pad_batch([rows[i] for i in idx], pad).items()}
             # The last column is never an input that predicts a label (right padding: a pad, or a row's final
             # token), so the model runs on all but it; token_nll drops the last logit column, so a copy of the

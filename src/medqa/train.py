@@ -6,13 +6,16 @@ Reads `tokenized/tokenized_{train,val,test}`. Checkpoints go to `outputs/finetun
 logging step and per evaluation), `metrics.json` (val and test, as the baseline's), `per_example.jsonl`,
 `loss_curves.png` and `tensorboard/`.
 
-The module reads setup (`setup_training`: pack, plan the batch shape, build the step), fit (`fit`: the Trainer),
-score and write. Batches: unpacked, train.batch_size x train.grad_accum examples per optimizer step (e.g. 8 x 4 =
-32 examples x ~225 tokens = ~7,200 tokens on HealthCareMagic with BioGPT's tokenizer); packed (the GPU default),
-a token budget of rows of data.max_length tokens, one static shape, compiled on CUDA (`medqa.batching`,
-`medqa.trainer`). On CUDA the frozen base is held in the compute dtype and LoRA in fp32. A speed-up that fails here
-(compile, CUDA graphs, FlexAttention, fused AdamW, the memory-sized token budget) gives way to the plain path with
-one warning, recorded in metrics.json `training.fallbacks` (`medqa.fallbacks`).
+`train` names its steps: setup (`open_run`: the run record and the checkpoint to resume; `setup_training`: pack,
+plan the batch shape, build the step), fit (`fit`: the Trainer; `close_run`), score (`score_splits`, `run_metrics`)
+and write (`write_run`).
+
+Batches: unpacked, train.batch_size x train.grad_accum examples per optimizer step (e.g. 8 x 4 = 32 examples x ~225
+tokens = ~7,200 tokens on HealthCareMagic with BioGPT's tokenizer); packed (the GPU default), a token budget of rows
+of data.max_length tokens, one static shape, compiled on CUDA (`medqa.batching`, `medqa.trainer`). On CUDA the
+frozen base is held in the compute dtype and LoRA in fp32. A speed-up that fails here (compile, CUDA graphs,
+FlexAttention, fused AdamW, the memory-sized token budget) gives way to the plain path with one warning, recorded in
+metrics.json `training.fallbacks` (`medqa.fallbacks`).
 """
 
 from __future__ import annotations
@@ -530,18 +533,32 @@ def train(
     folder and `trial=True`: it only trains and evaluates val (reported to Tune by a callback, with the adapter);
     the test split is not looked at while searching, and no run folder is written."""
     start = time.perf_counter()
-    # setup
-    dist.init(
-        cfg.train.ddp_timeout
-    )  # torchrun / accelerate launch: join the process group first (rank 0 writes, see below)
+    dist.init(cfg.train.ddp_timeout)  # torchrun / accelerate launch: join the process group first (rank 0 writes)
     tokenizer = load_tokenizer(cfg)
     train_ds = load_split(cfg, "train", tokenizer)
     evals = {s: load_split(cfg, s) for s in EVAL_SPLITS}
     model = build_lora_model(cfg)
     where = Workdir.of(cfg, run_dir)
-    work = where.checkpoints
-    # What determines this run (settings and inputs), kept beside its checkpoints: a resume must continue the
-    # same run, never report another run's adapter under this config's name.
+    record, checkpoint = open_run(cfg, where.checkpoints, tokenizer)
+    setup = setup_training(cfg, model, train_ds, tokenizer.pad_token_id)
+    check_disk(cfg, where.checkpoints, count_parameters(model)[0], cfg.train.max_steps or len(setup.train_ds))
+    trainer, timer = fit(cfg, model, tokenizer, setup, evals["val"], where.checkpoints, callbacks, trial, checkpoint)
+    history, timing = close_run(where.checkpoints, record, setup, timer)
+    if trial:
+        return TrainResult({"steps": trainer.state.global_step, "timing": timing}, where.checkpoints, history)
+    results, rows = score_splits(cfg, trainer, where.checkpoints, evals, tokenizer)
+    metrics = run_metrics(cfg, trainer, where, results, history, setup.describe(), timing, start)
+    if dist.is_main():
+        sanity_check(metrics, len(tokenizer), "fine-tuned")
+        write_run(cfg, trainer, tokenizer, where, metrics, rows, history)
+    dist.barrier()  # the others wait until rank 0 has written the run, then return the same metrics
+    return TrainResult(metrics, where.finetune, history)
+
+
+def open_run(cfg: Config, work: Path, tokenizer) -> tuple[dict, Path | None]:
+    """The run's record and the checkpoint to resume from (None: a fresh run). What determines this run (settings
+    and inputs) is kept beside its checkpoints: a resume must continue the same run, never report another run's
+    adapter under this config's name. A fresh run removes the folder's old checkpoints and history."""
     record = {
         **run_record(cfg, RUN_SECTIONS, adapter_inputs(cfg, tokenizer), also=SELECTION),
         "processes": dist.world_size(),
@@ -566,13 +583,11 @@ def train(
             set_aside(choice)  # damaged newer checkpoints: renamed, so their steps are trained and saved again
         write_run_record(work, record)
     dist.barrier()
-    setup = setup_training(cfg, model, train_ds, tokenizer.pad_token_id)
-    check_disk(cfg, work, count_parameters(model)[0], cfg.train.max_steps or len(setup.train_ds))
+    return record, checkpoint
 
-    # fit
-    trainer, timer = fit(
-        cfg, model, tokenizer, setup, evals["val"], work, callbacks, trial, checkpoint if cfg.train.resume else None
-    )
+
+def close_run(work: Path, record: dict, setup: Setup, timer: StepTimer) -> tuple[list[dict], dict]:
+    """After fitting: the run marked finished, its history (metrics.jsonl's lines) and its timing."""
     dist.barrier()  # rank 0 has written the last line of metrics.jsonl
     if dist.is_main():
         write_run_record(work, {**record, "finished": True})
@@ -585,14 +600,15 @@ def train(
             timing["first_step_seconds"],
             timing["median_step_seconds"],
         )
-    if trial:
-        return TrainResult({"steps": trainer.state.global_step, "timing": timing}, work, history)
+    return history, timing
 
-    # score: the best checkpoint is loaded (load_best_model_at_end). It is scored as `medqa baseline` and
-    # `medqa evaluate` score models: the base model loaded in model.dtype with the adapter on top, by the same
-    # function, so base and fine-tuned numbers never mix precisions (training held the base in the compute dtype
-    # and LoRA in fp32, under autocast).
-    trainable, total = count_parameters(trainer.model)
+
+def score_splits(cfg: Config, trainer, work: Path, evals: dict, tokenizer) -> tuple[dict, list[dict]]:
+    """(metrics per split, and per source with data.sources; per-example rows) of the best checkpoint, which the
+    Trainer has loaded (load_best_model_at_end). It is scored as `medqa baseline` and `medqa evaluate` score
+    models: the base model loaded in model.dtype with the adapter on top, by the same function, so base and
+    fine-tuned numbers never mix precisions (training held the base in the compute dtype and LoRA in fp32, under
+    autocast)."""
     scored = _as_scored(cfg, trainer, work)
     results, rows = {}, []
     eval_tokens = eval_tokens_per_batch(cfg.scoring.tokens_per_batch, scored)
@@ -603,9 +619,24 @@ def train(
         rows += per_example_rows(split, scores)
         if cfg.data.sources:
             results.setdefault("by_source", {})[split] = by_source(cfg, split, scores)
-    del scored
+    return results, rows
+
+
+def run_metrics(
+    cfg: Config,
+    trainer,
+    where: Workdir,
+    results: dict,
+    history: list[dict],
+    training: dict,
+    timing: dict,
+    start: float,
+) -> dict:
+    """metrics.json: the scores, how the checkpoint was chosen, the parameter counts, how training ran (`training`:
+    `Setup.describe()`, then `timing`) and the config."""
+    trainable, total = count_parameters(trainer.model)
     chosen = selection(cfg, history, trainer)
-    metrics = {
+    return {
         **results,
         "dtype": scoring_dtype(cfg),
         "model": model_path(cfg),
@@ -617,19 +648,19 @@ def train(
         "steps": trainer.state.global_step,
         "trainable_parameters": trainable,
         "total_parameters": total,
-        "training": {**setup.describe(), **timing},
+        "training": {**training, **timing},
         "seconds": round(time.perf_counter() - start, 2),
         "config": cfg.to_dict(),
     }
 
-    out_dir = where.finetune
-    if not dist.is_main():  # the others wait until rank 0 has written the run, then return the same metrics
-        dist.barrier()
-        return TrainResult(metrics, out_dir, history)
-    sanity_check(metrics, len(tokenizer), "fine-tuned")
 
-    # write
-    with atomic_dir(out_dir) as tmp:
+def write_run(
+    cfg: Config, trainer, tokenizer, where: Workdir, metrics: dict, rows: list[dict], history: list[dict]
+) -> None:
+    """Write outputs/finetune/ atomically (rank 0 only): the adapter, the tokenizer, config.yaml, metrics.jsonl,
+    metrics.json, per_example.jsonl, the manifest, loss_curves.png and tensorboard/."""
+    work = where.checkpoints
+    with atomic_dir(where.finetune) as tmp:
         if trainer.is_fsdp_enabled:  # the adapter `_as_scored` gathered from the shards
             for f in (work / GATHERED).iterdir():
                 if f.name.startswith("adapter_") or f.name == "README.md":
@@ -652,16 +683,13 @@ def train(
         runs = work / "runs"
         if runs.is_dir():
             shutil.copytree(runs, tmp / "tensorboard")
-    dist.barrier()
-    result = TrainResult(metrics, out_dir, history)
     log.info(
         "train: %d steps in %.0fs; test answer_loss %.4f (perplexity %.2f)",
         metrics["steps"],
         metrics["seconds"],
-        results["test"]["answer_loss"],
-        results["test"]["answer_perplexity"],
+        metrics["test"]["answer_loss"],
+        metrics["test"]["answer_perplexity"],
     )
-    return result
 
 
 def selection(cfg: Config, history: list[dict], trainer) -> dict:
