@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from conftest import REAL_500, REPO, demo_config
 
 from medqa.cli import main
 from medqa.errors import ModelError
+from medqa.workdir import paths
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +74,7 @@ def test_tiny_tokenizer_round_trips_and_reloads(demo_run):
     ids = tok(text)["input_ids"]
     assert ids[0] == 2 and tok.unk_token_id not in ids  # BioGPT starts with </s>
     assert tok.decode(ids, skip_special_tokens=True) == text
-    vocab = json.loads((cfg.root / "models" / "tiny-biogpt" / "vocab.json").read_text())
+    vocab = json.loads((Path(cfg.resolve(cfg.model.tiny.path)) / "vocab.json").read_text())
     assert any(k.endswith("</w>") for k in vocab) and [vocab[t] for t in ("<s>", "<pad>", "</s>", "<unk>")] == [
         0,
         1,
@@ -104,7 +106,7 @@ def test_tokenized_with_another_tokenizer_is_refused(demo_run, tmp_path, biogpt_
     from medqa.modeling import load_tokenizer
 
     cfg, _ = demo_run
-    other = demo_config(cfg.root, f"model.tokenizer={biogpt_tokenizer_dir}")
+    other = demo_config(paths(cfg).root, f"model.tokenizer={biogpt_tokenizer_dir}")
     assert len(load_tokenizer(other)) == 42384
     from medqa.manifest import StaleArtifactError
 

@@ -22,6 +22,7 @@ from medqa.benchmark import (
     run_tasks,
 )
 from medqa.pubmedqa import CHOICES, context_text, encode_pair, load_items, score_items, subset  # noqa: E402
+from medqa.workdir import paths  # noqa: E402
 
 QUICK = [
     "train.max_steps=6",
@@ -94,7 +95,7 @@ def benchmarked(tmp_path_factory):
 
 def test_benchmark_stage_writes_logs_summary_and_paired_changes(benchmarked):
     cfg, result = benchmarked
-    out = cfg.root / "outputs" / "benchmarks"
+    out = paths(cfg).benchmarks
     summary = json.loads((out / "summary.json").read_text())
     assert summary == json.loads(json.dumps(result.summary))
     assert set(summary["models"]) == {"base", "fine-tuned"}
@@ -121,7 +122,7 @@ def test_report_carries_the_benchmark_table(benchmarked):
     md = evaluate(cfg).report_md.read_text()
     assert "## Knowledge kept: lm-evaluation-harness" in md
     assert all(row in md for row in result.summary["table"])
-    report = json.loads((cfg.root / "outputs" / "report.json").read_text())
+    report = json.loads(paths(cfg).report_json.read_text())
     assert report["benchmarks"]["models"]["fine-tuned"]["vs_base"] == result.summary["models"]["fine-tuned"]["vs_base"]
 
 

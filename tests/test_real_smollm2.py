@@ -46,10 +46,11 @@ def test_reported_test_loss_matches_an_independent_computation(real_run):
     import torch
 
     from medqa.modeling import load_adapter_model
+    from medqa.workdir import paths
 
     cfg, report = real_run
-    model = load_adapter_model(cfg, cfg.root / "outputs" / "finetune")
-    test = datasets.load_from_disk(str(cfg.root / "tokenized" / "tokenized_test"))
+    model = load_adapter_model(cfg, paths(cfg).finetune)
+    test = datasets.load_from_disk(str(paths(cfg).tokenized_split("test")))
     total, count = 0.0, 0
     with torch.no_grad():
         for row in test:

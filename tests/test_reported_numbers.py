@@ -14,6 +14,7 @@ from conftest import REPO
 
 from medqa.config import load_config
 from medqa.prepare import prepare
+from medqa.workdir import paths
 
 # ------------------------------------------------------------------------------------------ precision
 
@@ -130,9 +131,9 @@ def test_every_metrics_file_names_one_dtype_and_base_and_tuned_use_it(demo_run):
     """Scored in model.dtype (bf16 here, on CPU): baseline, the fine-tuned run and the report say so, and the
     fine-tuned test loss train reports is exactly what evaluate measures on the saved adapter."""
     cfg, trained, evaluated = demo_run
-    baseline = json.loads((cfg.root / "outputs" / "baseline" / "metrics.json").read_text())
-    finetune = json.loads((cfg.root / "outputs" / "finetune" / "metrics.json").read_text())
-    report = json.loads((cfg.root / "outputs" / "report.json").read_text())
+    baseline = json.loads((paths(cfg).baseline / "metrics.json").read_text())
+    finetune = json.loads((paths(cfg).finetune / "metrics.json").read_text())
+    report = json.loads(paths(cfg).report_json.read_text())
     assert baseline["dtype"] == finetune["dtype"] == report["dtype"] == "bfloat16"
     assert {m["dtype"] for m in report["models"].values()} == {"bfloat16"}
     tuned = report["models"]["fine-tuned"]["test"]["answer_loss"]
@@ -148,7 +149,7 @@ def test_packed_throughput_counts_examples_and_real_tokens(demo_run):
     cfg, trained, _ = demo_run
     rows = [json.loads(x) for x in (trained.out_dir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "train_loss" in r]
-    lengths = datasets.load_from_disk(str(cfg.root / "tokenized" / "tokenized_train"))["length"]
+    lengths = datasets.load_from_disk(str(paths(cfg).tokenized_split("train")))["length"]
     for r in train_rows:
         assert r["tokens_per_s"] / r["examples_per_s"] == pytest.approx(sum(lengths) / len(lengths), rel=1e-6)
         assert r["step_seconds"] > 0

@@ -9,6 +9,7 @@ import torch
 from conftest import copy_workdir, demo_config, prepare_demo
 
 from medqa.errors import ModelError
+from medqa.workdir import paths
 
 FAST = ["train.epochs=2", "train.eval_steps=20", "train.logging_steps=5", "scoring.bootstrap_samples=200"]
 
@@ -28,7 +29,7 @@ def trained(prepared):
 
 def test_training_beats_baseline_on_val(trained):
     cfg, result = trained
-    base = json.loads((cfg.root / "outputs" / "baseline" / "metrics.json").read_text())
+    base = json.loads((paths(cfg).baseline / "metrics.json").read_text())
     assert result.metrics["val"]["answer_loss"] < base["val"]["answer_loss"] - 0.5
     assert result.metrics["test"]["answer_loss"] < base["test"]["answer_loss"]
 
@@ -110,7 +111,7 @@ def test_reloaded_adapter_reproduces_test_loss(trained):
 
     cfg, result = trained
     model = load_adapter_model(cfg, result.out_dir)
-    ds = datasets.load_from_disk(str(cfg.root / "tokenized" / "tokenized_test"))
+    ds = datasets.load_from_disk(str(paths(cfg).tokenized_split("test")))
     m, _ = evaluate_answer_loss(model, ds, 1, batch_size=3, bootstrap_samples=0)
     assert m["answer_loss"] == pytest.approx(result.metrics["test"]["answer_loss"], abs=1e-4)
 

@@ -8,6 +8,8 @@ import pandas as pd
 import pytest
 from conftest import REPO, SAMPLE, copy_workdir, demo_config, prepare_demo
 
+from medqa.workdir import paths
+
 QUICK = [
     "train.epochs=1",
     "train.eval_steps=20",
@@ -53,7 +55,7 @@ def test_search_writes_results_and_best(searched):
     assert (table["max_steps"] == planned_steps(cfg, load_split(cfg, "train"))).all()
     assert (table.loc[table["status"] == "completed", "steps"] == table["max_steps"].max()).all()
     assert (result.experiment_dir / "search.png").exists() and (result.experiment_dir / "curves.png").exists()
-    assert result.experiment_dir.parent == cfg.root / "outputs" and result.experiment_dir.name.startswith("ray_")
+    assert result.experiment_dir.parent == paths(cfg).outputs and result.experiment_dir.name.startswith("ray_")
     best = json.loads((result.best_dir / "trial.json").read_text())
     assert best["best_val_answer_loss"] == pytest.approx(table["best_val_answer_loss"].min())  # tune.objective default
     # each trial's kept checkpoint with its PubMedQA dev scores (demo: scoring.knowledge_questions=8), the chosen one
@@ -79,7 +81,7 @@ def test_resuming_a_search_under_changed_settings_refuses(searched):
     cfg, result = searched
     best = (result.best_dir / "trial.json").read_text()
     with pytest.raises(StaleArtifactError) as info:
-        tune(demo_config(cfg.root, *QUICK, "tune.resume=true", "tune.learning_rate=[0.001, 0.002]"))
+        tune(demo_config(paths(cfg).root, *QUICK, "tune.resume=true", "tune.learning_rate=[0.001, 0.002]"))
     assert "tune.learning_rate" in str(info.value) and "tune.resume=false" in str(info.value)
     assert (result.best_dir / "trial.json").read_text() == best
 
@@ -92,7 +94,7 @@ def test_best_adapter_reloads_and_scores_as_reported(searched):
 
     cfg, result = searched
     model = load_adapter_model(cfg, result.best_dir)
-    val = datasets.load_from_disk(str(cfg.root / "tokenized" / "tokenized_val"))
+    val = datasets.load_from_disk(str(paths(cfg).tokenized_split("val")))
     m, _ = evaluate_answer_loss(model, val, 1, batch_size=5, bootstrap_samples=0)
     assert m["answer_loss"] == pytest.approx(result.best["best_val_answer_loss"], abs=1e-4)
 
@@ -183,9 +185,9 @@ def test_evaluate_report(searched):
 
     train(cfg)
     result = evaluate(cfg)
-    report = json.loads((cfg.root / "outputs" / "report.json").read_text())
+    report = json.loads(paths(cfg).report_json.read_text())
     assert set(report["models"]) == {"base", "fine-tuned", "tuned (best trial)"}
-    baseline = json.loads((cfg.root / "outputs" / "baseline" / "metrics.json").read_text())
+    baseline = json.loads((paths(cfg).baseline / "metrics.json").read_text())
     for key in ("answer_loss", "answer_perplexity", "sequence_loss"):
         assert report["models"]["base"]["test"][key] == pytest.approx(baseline["test"][key], abs=1e-6)
     tuned = report["models"]["fine-tuned"]
@@ -208,7 +210,7 @@ def test_evaluate_report(searched):
         t["knowledge_change"] == pytest.approx(t["knowledge_acc"] - t["knowledge_base_acc"]) for t in search["trials"]
     )
     assert "## Choosing the adapter" in md and "![gain vs knowledge kept per trial](tradeoff.png)" in md
-    assert (cfg.root / "outputs" / "tradeoff.png").exists()
+    assert paths(cfg).tradeoff.exists()
 
 
 def test_ask_ends_with_disclaimer(searched, tmp_path, capsys):
@@ -223,7 +225,7 @@ def test_ask_ends_with_disclaimer(searched, tmp_path, capsys):
             "ask",
             "--config",
             str(REPO / "configs" / "demo.yaml"),
-            f"workdir={cfg.root}",
+            f"workdir={cfg.workdir}",
             "--file",
             str(questions),
             "What helps against a dry cough?",

@@ -28,9 +28,9 @@ from medqa.schema import (
     ModelConfig,
     PromptConfig,
     ScoringConfig,
-    SearchConfig,
     TinyModelConfig,
     TrainConfig,
+    TuneConfig,
 )
 
 __all__ = [
@@ -42,9 +42,9 @@ __all__ = [
     "ModelConfig",
     "PromptConfig",
     "ScoringConfig",
-    "SearchConfig",
     "TinyModelConfig",
     "TrainConfig",
+    "TuneConfig",
     "RENAMED",
     "config_from_dict",
     "describe_fields",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from medqa.config import RENAMED
 from medqa.errors import MedqaError
-from medqa.schema import Config
+from medqa.schema import Config, not_determining
 
 log = logging.getLogger(__name__)
 
@@ -145,43 +145,11 @@ def check_inputs(cfg: Config, folder: Path, current: dict[str, str], rebuild: st
 # ------------------------------------------------------------------------------------------ resumable runs
 
 RUN_RECORD = "run.json"
-# Settings that change how fast a run goes, where its files are, or how it is reported, never what it learns: a
-# resumed run may differ in these. Everything else (data, model, prompt, LoRA, optimisation, seeds, and
-# scoring.max_examples, which sets the validation examples that pick the best checkpoint) must match. Paths are left
-# out because what they point at is fingerprinted in the inputs (data content, tokenizer vocabulary, model files).
-_NOT_DETERMINING = {
-    "workdir",
-    "force",
-    "evaluate",
-    "generate",
-    "scoring.batch_size",
-    "scoring.bootstrap_samples",
-    "scoring.tokens_per_batch",
-    "data.source",
-    "data.num_proc",
-    "data.fast_tokenizer",
-    "model.name_or_path",
-    "model.tokenizer",
-    "model.gguf_file",
-    "model.dtype",
-    "model.tiny.path",
-    "model.tiny.tokenizer_files",
-    "train.resume",
-    "train.compile",
-    "train.compile_mode",
-    "train.logging_steps",
-    "train.report_to",
-    "train.save_total_limit",
-    "train.gradient_checkpointing",
-    "train.loss_chunk_tokens",
-    "train.ddp_timeout",
-    "tune.resume",
-    "tune.address",
-    "tune.max_concurrent",
-    "tune.max_failures",
-    "tune.cpus_per_trial",
-    "tune.gpus_per_trial",
-}
+# Settings a resumed run may change: those declared affects="nothing" in `medqa.schema` (how fast a run goes, where
+# its files are, how it is reported, never what it learns) and paths (what they point at is fingerprinted in the
+# inputs: data content, tokenizer vocabulary, model files). Everything else (data, model, prompt, LoRA, optimisation,
+# seeds, and scoring.max_examples, which sets the validation examples that pick the best checkpoint) must match.
+_NOT_DETERMINING = not_determining()
 
 
 def determining_config(cfg: Config, sections: tuple[str, ...], also: tuple[str, ...] = ()) -> dict:

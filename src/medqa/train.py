@@ -148,7 +148,7 @@ def _training_args(cfg: Config, work: Path, trial: bool, plan: BatchPlan | None,
         learning_rate=t.learning_rate,
         weight_decay=t.weight_decay,
         lr_scheduler_type=t.scheduler,
-        warmup_steps=t.warmup_ratio,
+        warmup_steps=t.warmup_ratio,  # transformers 5 has no warmup_ratio: a float < 1 here is a share of steps
         max_grad_norm=t.max_grad_norm,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps if t.max_steps > 0 else -1,

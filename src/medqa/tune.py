@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from medqa import schema
 from medqa.artifacts import atomic_dir, write_json
 from medqa.config import config_from_dict
 from medqa.errors import MedqaError
@@ -41,15 +42,8 @@ FINISHED = "trial_finished.log"  # one line per trial whose training ran to its 
 
 _TEMP_DIRS: list[Path] = []
 
-# Search-space entries: our config key -> (config field in `tune`, sampler).
-SEARCHED = {
-    "train.learning_rate": "learning_rate",
-    "train.weight_decay": "weight_decay",
-    "lora.r": "lora_r",
-    "lora.alpha": "lora_alpha",
-    "lora.dropout": "lora_dropout",
-    "lora.targets": "lora_targets",
-}
+# Search-space entries, as `medqa.schema` declares them: field of `tune` -> (the config key it searches, sampler).
+SEARCHED = schema.searched()
 
 
 @dataclass
@@ -63,16 +57,16 @@ class TuneResult:
 def search_space(cfg: Config) -> dict:
     from ray import tune
 
-    t = cfg.tune
-    space = {"train.learning_rate": tune.loguniform(*t.learning_rate)}
-    if t.weight_decay[0] == t.weight_decay[1]:
-        space["train.weight_decay"] = t.weight_decay[0]
-    else:
-        space["train.weight_decay"] = tune.uniform(*t.weight_decay)
-    for key, name in list(SEARCHED.items())[2:]:
-        choices = getattr(t, name)
-        if choices:
-            space[key] = tune.choice(choices)
+    space = {}
+    for name, (key, sampler) in SEARCHED.items():
+        value = getattr(cfg.tune, name)
+        if sampler == "choice":
+            if value:  # empty: not searched
+                space[key] = tune.choice(value)
+        elif sampler == "uniform" and value[0] == value[1]:
+            space[key] = value[0]
+        else:
+            space[key] = getattr(tune, sampler)(*value)  # tune.loguniform(low, high), tune.uniform(low, high)
     return space
 
 
@@ -149,16 +143,18 @@ def _init_ray(cfg: Config) -> bool:
 
 
 def _with_absolute_paths(cfg: Config) -> Config:
-    """Make workdir and every local input path absolute, so trials resolve them from their own folders."""
+    """Make workdir and every local path (the fields `medqa.schema` declares path=True) absolute, so trials
+    resolve them from their own folders."""
     values = cfg.to_dict()
-    values["workdir"] = str(paths(cfg).root.resolve())
-    for section, key in (("data", "source"), ("model", "name_or_path"), ("model", "tokenizer"), ("model", "gguf_file")):
-        value = values[section][key]
+    for key in schema.keys(path=True):
+        *sections, name = key.split(".")
+        node = values
+        for section in sections:
+            node = node[section]
+        value = node[name]
         if value and "${" not in value and not value.startswith("pkg://") and Path(value).exists():
-            values[section][key] = str(Path(value).resolve())
-    tiny = values["model"]["tiny"]
-    if tiny["tokenizer_files"] and Path(tiny["tokenizer_files"]).exists():
-        tiny["tokenizer_files"] = str(Path(tiny["tokenizer_files"]).resolve())
+            node[name] = str(Path(value).resolve())
+    values["workdir"] = str(paths(cfg).root.resolve())  # even before it exists
     return config_from_dict(values)
 
 

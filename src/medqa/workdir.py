@@ -35,6 +35,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from medqa import schema
 from medqa.errors import DataError
 from medqa.manifest import check_inputs, fingerprint_model, fingerprint_source
 from medqa.metrics import EVAL_SPLITS, ExampleScores  # noqa: F401  (EVAL_SPLITS: part of the contract)
@@ -144,31 +145,46 @@ def paths(cfg: Config) -> Workdir:
 # ------------------------------------------------------------------------------------------- freshness
 
 
+# The prepared data's settings fingerprint hashes every field declared affects="prepare" in `medqa.schema`, but the
+# paths (data.source, model.tokenizer: their content is fingerprinted) and data.sources (fingerprinted per source
+# below). These fields were hashed in this order before the schema declared them, and stay so, so that data prepared
+# and adapters trained since then keep their fingerprint. A field declared since enters by name when it is set away
+# from its default: its default must keep the old behaviour (when not, bump prompts.ENCODE_VERSION).
+_HASHED_SINCE_THE_START = (
+    "prompt.template",
+    "prompt.use_chat_template",
+    "prompt.system",
+    "prompt.chat_template",  # not a field: the tokenizer's template, when it is used
+    "prompt.min_question_tokens",
+    "data.max_length",
+    "data.question_field",
+    "data.answer_field",
+    "data.seed",
+    "data.train_fraction",
+    "data.val_fraction",
+    "data.hub_split",
+    "data.max_records",
+    "data.min_question_chars",
+    "data.min_answer_chars",
+    "data.max_question_tokens",
+    "data.max_answer_tokens",
+)
+
+
+def prepare_settings(cfg: Config, tokenizer) -> list:
+    """The settings the prepared data depends on, besides its sources and tokenizer (see above)."""
+    hashed = [k for k in schema.keys("prepare", path=False) if k != "data.sources"]
+    values = {k: schema.get(cfg, k) for k in hashed}
+    values["prompt.chat_template"] = getattr(tokenizer, "chat_template", None) if cfg.prompt.use_chat_template else None
+    settings = [ENCODE_VERSION, *(values.pop(k) for k in _HASHED_SINCE_THE_START if k in values)]
+    since = {k: v for k, v in values.items() if v != schema.default(k)}
+    return settings + [since] if since else settings
+
+
 def prepared_inputs(cfg: Config, tokenizer) -> dict[str, str]:
     """The inputs `prepare` output depends on; later stages recompute these and compare."""
     d = cfg.data
-    settings = json.dumps(
-        [
-            ENCODE_VERSION,
-            cfg.prompt.template,
-            cfg.prompt.use_chat_template,
-            cfg.prompt.system,
-            getattr(tokenizer, "chat_template", None) if cfg.prompt.use_chat_template else None,
-            cfg.prompt.min_question_tokens,
-            d.max_length,
-            d.question_field,
-            d.answer_field,
-            d.seed,
-            d.train_fraction,
-            d.val_fraction,
-            d.hub_split,
-            d.max_records,
-            d.min_question_chars,
-            d.min_answer_chars,
-            d.max_question_tokens,
-            d.max_answer_tokens,
-        ]
-    )
+    settings = json.dumps(prepare_settings(cfg, tokenizer))
     inputs = {
         "source": fingerprint_source(cfg.data.source),
         "tokenizer": tokenizer_info(tokenizer)["vocab_sha256"],
