@@ -376,7 +376,7 @@ class TrainConfig(Section):
     max_steps: int = _f(0, "Optimizer steps to run; 0 = use epochs.", affects="train", ge=0)
     batch_size: int = _f(
         8,
-        "Examples per device batch (batches are grouped by length and padded dynamically); "
+        "Examples per device batch, grouped by length and padded to the batch's longest (train.packing=false); "
         "with packing, packed rows per micro-batch when train.tokens_per_batch is 0 off CUDA.",
         affects="train",
         ge=1,
