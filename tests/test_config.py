@@ -139,3 +139,14 @@ def test_cli_error_is_one_paragraph_without_traceback(capsys):
     assert main(["prepare", "--config", str(REPO / "configs" / "demo.yaml"), "data.sed=1"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "data.seed" in err and err.count("\n") == 1
+
+
+def test_an_unquoted_no_is_the_choice_no(tmp_path):
+    """YAML 1.1 reads `mixed_precision: no` as false: where `no` is one of the field's choices it means "no"; a
+    false where a free text is expected stays an error."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(path).train.mixed_precision == "no"
+    assert load_config(REPO / "configs" / "demo.yaml", ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="prompt.template"):
+        load_config(REPO / "configs" / "demo.yaml", ["prompt.template=no"])

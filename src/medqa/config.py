@@ -20,6 +20,7 @@ import yaml
 
 from medqa.errors import ConfigError
 from medqa.schema import (
+    FIELDS,
     Config,
     DataConfig,
     EvaluateConfig,
@@ -99,6 +100,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             pass
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
+    if tp is str and value is False and key in FIELDS and "no" in FIELDS[key].metadata["choices"]:
+        return "no"  # YAML 1.1 reads an unquoted `no` (train.mixed_precision: no) as false
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         raise ConfigError(
             f"`{key}` must be of type {_type_name(tp)}, got {value!r} ({type(value).__name__}). "
