@@ -256,3 +256,17 @@ def test_a_section_validated_alone_names_its_keys():
         schema.GenerateConfig(top_p=1.5).validate()
     with pytest.raises(ConfigError, match=r"model\.tiny\.num_heads must be >= 1"):
         schema.TinyModelConfig(num_heads=0).validate()
+
+
+def test_tune_makes_each_mixed_source_absolute(tmp_path, monkeypatch):
+    """A relative `source` inside data.sources resolves from where the search started, not from a trial's folder;
+    names, fields and weights stay as they are."""
+    from medqa.tune import _with_absolute_paths
+
+    (tmp_path / "a.json").write_text("[]")
+    monkeypatch.chdir(tmp_path)
+    sources = '[{"name": "a", "source": "a.json", "weight": 2}, {"name": "hub", "source": "org/not-a-local-path"}]'
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"data.sources={sources}", "workdir=w"])
+    out = _with_absolute_paths(cfg).data.sources
+    assert out[0] == {**cfg.data.sources[0], "source": str(tmp_path / "a.json")}
+    assert out[1] == cfg.data.sources[1]

@@ -152,10 +152,17 @@ def _with_absolute_paths(cfg: Config) -> Config:
         for section in sections:
             node = node[section]
         value = node[name]
-        if value and "${" not in value and not value.startswith("pkg://") and Path(value).exists():
+        if _local(value):
             node[name] = str(Path(value).resolve())
+    for entry in values["data"]["sources"]:  # each source of a mix (its weight must stay in the run fingerprint)
+        if _local(entry.get("source")):
+            entry["source"] = str(Path(entry["source"]).resolve())
     values["workdir"] = str(paths(cfg).root.resolve())  # even before it exists
     return config_from_dict(values)
+
+
+def _local(value) -> bool:
+    return bool(value) and "${" not in value and not value.startswith("pkg://") and Path(value).exists()
 
 
 def tune_config(cfg: Config, total_steps: int):
