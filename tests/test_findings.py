@@ -65,6 +65,9 @@ def test_train_findings_compare_with_the_baseline_and_name_the_checkpoint():
         "lowered test answer perplexity from 46.16 to **28.52** (-38.2%" in text and "val from 44.00 to 27.90" in text
     )
     assert "step 20 of 40" in text and "changed by -0.010 from the base model's 0.450" in text and "lost" in text
+    assert "fell back" not in text
+    metrics["selection"].update(eligible=False, max_knowledge_drop=0.005)
+    assert "No checkpoint kept PubMedQA dev accuracy within 0.005" in train_findings(metrics, base)
     metrics["test"] = _test(50.0)
     del metrics["selection"]
     text = train_findings(metrics, base)

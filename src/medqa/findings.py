@@ -83,6 +83,12 @@ def train_findings(metrics: dict, baseline: dict | None = None) -> str:
             f"{chosen['answer_loss']:.4f}), chosen by the rule `{metrics['selection']['objective']}`"
             + _knowledge_clause(chosen.get("knowledge_change"), chosen.get("knowledge_base_acc"))
         )
+        if metrics["selection"].get("eligible") is False:
+            lines.append(
+                f"No checkpoint kept PubMedQA dev accuracy within {metrics['selection']['max_knowledge_drop']:g} of "
+                "the base model's, so the rule fell back to the lowest val answer loss: a lower learning rate, fewer "
+                "steps or a smaller `lora.r` (a search over them, notebook 4) may keep more."
+            )
     return _md(lines)
 
 
