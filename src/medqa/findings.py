@@ -118,16 +118,15 @@ def final_findings(report: dict, val_losses: dict[str, float] | None = None) -> 
         val_t, val_f = val_losses[tuned], val_losses["fine-tuned"]
         test_t, test_f = models[tuned]["test"]["answer_loss"], models["fine-tuned"]["test"]["answer_loss"]
         won_val, won_test = val_t < val_f, test_t < test_f
-        story = (
-            "and on test too"
-            if won_val and won_test
-            else "but lost to it on test: with this few val examples the search chose by noise as much as by "
-            "signal; more val records or more trials would make its choice firmer"
-            if won_val
-            else "and won on test nonetheless"
-            if won_test
-            else "and on test too"
-        )
+        if won_val == won_test:  # validation and test agree
+            story = "and on test too"
+        elif won_val:
+            story = (
+                "but lost to it on test: with this few val examples the search chose by noise as much as by "
+                "signal; more val records or more trials would make its choice firmer"
+            )
+        else:
+            story = "and won on test nonetheless"
         lines.append(
             f"The search's best trial {'beat' if won_val else 'did not beat'} the plain fine-tune on validation "
             f"(val answer loss {val_t:.4f} vs {val_f:.4f}) {story} (test answer loss {test_t:.4f} vs {test_f:.4f})."
