@@ -132,6 +132,10 @@ class PubMedQAScores:
     loglik: np.ndarray  # (n, 3)
     choice_chars: np.ndarray  # (3,): characters of "yes", "no", "maybe" (lm-eval's acc_norm divisor)
     choice_bytes: np.ndarray  # (3,): their UTF-8 bytes (lm-eval's acc_bytes divisor)
+    # `score_knowledge` only: per question, the summed NLL of the context's tokens after the first, and their count
+    # (the abstract loss, `abstract_loss` below); None from `score_items`.
+    text_nll: np.ndarray | None = None
+    text_tokens: np.ndarray | None = None
 
     @property
     def predicted(self) -> np.ndarray:
@@ -189,6 +193,151 @@ def score_items(
     chars = np.array([len(c) for c in CHOICES], dtype=float)
     utf8 = np.array([len(c.encode("utf-8")) for c in CHOICES], dtype=float)
     return PubMedQAScores([str(item.get("id", i)) for i, item in enumerate(items)], gold, loglik, chars, utf8)
+
+
+def _knowledge_rows(tokenizer, items: list[dict], max_length: int) -> tuple[list[dict], list[tuple], dict]:
+    """The rows `score_knowledge` runs; the reads (row, question, choice, positions, target tokens) that give each
+    choice's log-likelihood; and {main row: question}, the rows whose labels mark the context's own tokens (the
+    abstract loss)."""
+    rows, reads, mains = [], [], {}
+    for q, item in enumerate(items):
+        context = context_text(item)
+        pairs = [encode_pair(tokenizer, context, " " + choice) for choice in CHOICES]
+        ctx = pairs[0][0][-max_length:]  # the window `score_items` gives a single-token choice
+        main = {"input_ids": list(ctx), "labels": list(ctx)}
+        rows.append(main)
+        here, merged = len(rows) - 1, False
+        mains[here] = q
+        for c, (full, cont) in enumerate(pairs):
+            if len(cont) == 1:  # read off the context's last position
+                reads.append((here, q, c, [len(ctx) - 1], cont))
+            elif not merged and len(full) + len(cont) - 1 <= max_length:
+                # Appended to the main row: the context's positions see nothing after them (causal attention), so
+                # the abstract loss and the other choices read the same logits; this choice's tokens follow it.
+                merged = True
+                main["input_ids"] += cont[:-1]
+                main["labels"] += [IGNORE_INDEX] * (len(cont) - 1)
+                reads.append((here, q, c, list(range(len(full) - 1, len(full) - 1 + len(cont))), cont))
+            else:  # a row of its own, built as `score_items` builds it
+                ids = (full + cont)[-(max_length + 1) :]
+                n = min(len(cont), len(ids) - 1)
+                rows.append({"input_ids": ids[:-1], "labels": [IGNORE_INDEX] * (len(ids) - 1)})
+                reads.append((len(rows) - 1, q, c, list(range(len(ids) - 1 - n, len(ids) - 1)), ids[-n:]))
+    return rows, reads, mains
+
+
+def score_knowledge(
+    model, tokenizer, items: list[dict], batch_size: int = 8, max_length: int | None = None, progress: bool = False
+) -> PubMedQAScores:
+    """`score_items`' log-likelihoods in one forward per question where the tokenizer allows, plus the abstract
+    loss. The model reads the question's context (its last max_length tokens, as in `score_items`):
+
+    - a choice whose continuation is one token (" yes", " no", " maybe" for SmolLM2 and Llama-style BPEs) is read
+      off the context's last position, so the three choices cost one forward instead of three;
+    - one choice of several tokens (BioGPT's " maybe") is appended to the same row and read where its tokens
+      follow (causal attention leaves the context's logits unchanged); any other gets a row of its own;
+    - the context's own tokens give `text_nll` / `text_tokens`: the summed NLL of every context token after the
+      first ("Abstract: " + the abstract + the question), the abstract loss (`abstract_loss`).
+
+    tests/test_knowledge.py checks the log-likelihoods equal `score_items`' and the text NLL the model's own loss."""
+    import torch
+    from tqdm.auto import tqdm
+
+    max_length = max_length or getattr(model.config, "max_position_embeddings", 1024)
+    rows, reads, mains = _knowledge_rows(tokenizer, items, max_length)
+    by_row: dict[int, list[tuple]] = {}
+    for read in reads:
+        by_row.setdefault(read[0], []).append(read)
+    loglik = np.zeros((len(items), len(CHOICES)))
+    text_nll, text_tokens = np.zeros(len(items)), np.zeros(len(items), dtype=np.int64)
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        batches = length_budget_batches([len(r["input_ids"]) for r in rows], batch_size)
+        for idx in tqdm(batches, desc="pubmedqa", disable=not progress, leave=False):
+            batch = {k: v.to(device) for k, v in pad_batch([rows[i] for i in idx], pad).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            nll = token_nll(logits, batch["labels"]).double()
+            counted = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1)
+            for r, i in enumerate(idx):
+                if i in mains:
+                    text_nll[mains[i]], text_tokens[mains[i]] = nll[r].sum().item(), int(counted[r])
+                for _, q, c, positions, targets in by_row.get(i, []):
+                    logp = logits[r, positions].float().log_softmax(-1)
+                    picked = logp[torch.arange(len(targets)), torch.tensor(targets, device=logp.device)]
+                    loglik[q, c] = picked.double().sum().item()
+    model.train(was_training)
+    gold = np.array([CHOICES.index(item["answer"]) for item in items])
+    chars = np.array([len(c) for c in CHOICES], dtype=float)
+    utf8 = np.array([len(c.encode("utf-8")) for c in CHOICES], dtype=float)
+    ids = [str(item.get("id", i)) for i, item in enumerate(items)]
+    return PubMedQAScores(ids, gold, loglik, chars, utf8, text_nll, text_tokens)
+
+
+def forwards_saved(tokenizer, items: list[dict], max_length: int = 1024) -> tuple[int, int]:
+    """(rows `score_knowledge` runs, rows `score_items` runs) for these questions: what one forward saves."""
+    rows, _, _ = _knowledge_rows(tokenizer, items, max_length)
+    return len(rows), len(items) * len(CHOICES)
+
+
+def abstract_loss(scores: PubMedQAScores) -> float:
+    """Mean NLL per context token (nats): summed over every question's context tokens after the first, divided by
+    their count, as answer_loss is over answer tokens."""
+    if scores.text_nll is None:
+        raise ValueError("abstract loss needs scores from score_knowledge")
+    return float(scores.text_nll.sum() / max(int(scores.text_tokens.sum()), 1))
+
+
+def knowledge_summary(scores: PubMedQAScores) -> dict:
+    """What a knowledge evaluation records: accuracy, acc_norm, the predicted-answer shares, macro-F1 and the
+    abstract loss (no bootstrap: cheap enough for every evaluation)."""
+    pred = scores.predicted
+    out = {
+        **accuracy(scores),
+        "questions": len(scores.ids),
+        "macro_f1": macro_f1(scores.gold, pred),
+        "predicted_share": {c: float((pred == i).mean()) for i, c in enumerate(CHOICES)},
+    }
+    if scores.text_nll is not None:
+        out.update(abstract_loss=abstract_loss(scores), abstract_tokens=int(scores.text_tokens.sum()))
+    return out
+
+
+def paired_text(base: PubMedQAScores, tuned: PubMedQAScores, samples: int = 1000, seed: int = 0) -> dict:
+    """Abstract loss of the tuned model against the base on the same contexts: the change in nats, its relative
+    size (tuned / base - 1), a 95% paired-bootstrap interval over questions and the one-sided p that tuning did not
+    raise it (medqa.metrics.paired_bootstrap, as for answer loss)."""
+    if base.ids != tuned.ids or not np.array_equal(base.text_tokens, tuned.text_tokens):
+        raise ValueError("paired comparison needs the same questions, tokenized alike")
+    test = paired_bootstrap(base.text_nll, tuned.text_nll, base.text_tokens, samples, seed)
+    b = abstract_loss(base)
+    return {
+        "abstract_loss_base": b,
+        "abstract_loss": abstract_loss(tuned),
+        "abstract_delta": test["loss_delta"],
+        "abstract_delta_ci95": test["loss_delta_ci95"],
+        "abstract_change": abstract_loss(tuned) / b - 1.0,
+        "abstract_change_ci95": [x / b for x in test["loss_delta_ci95"]] if test["loss_delta_ci95"] else None,
+        # here "p" is the share of resamples where tuning did NOT lower the loss: near 1 means it rose
+        "p_value_not_lower": test["p_value"],
+    }
+
+
+def check_no_dev_overlap(items: list[dict], path, dev_path: str | Path = DEFAULT_DEV) -> None:
+    """Refuse evaluated PubMedQA questions that are knowledge dev questions (which choose the adapter): a reported
+    figure on them would be a selection figure. PubMedQA's ori_pqal.json holds all 1,000 labelled questions, the
+    dev ones among them."""
+    dev = {str(x.get("id")) for x in load_items(dev_path)}
+    shared = [str(x.get("id")) for x in items if str(x.get("id")) in dev]
+    if shared:
+        raise DataError(
+            f"{path}: {len(shared)} of its {len(items)} PubMedQA questions (ids {', '.join(shared[:3])}"
+            f"{', ...' if len(shared) > 3 else ''}) are knowledge dev questions ({dev_path}), which training and "
+            "the search use to choose the adapter, so a score on them is not a test figure. Evaluate on questions "
+            "outside the dev set: data/pubmedqa/pubmedqa_test.json (the default), or remove those ids from the file."
+        )
 
 
 def macro_f1(gold: np.ndarray, predicted: np.ndarray) -> float:
