@@ -11,9 +11,11 @@ import pytest
 from conftest import demo_config, prepare_demo
 
 from medqa.errors import ConfigError
-from medqa.selection import INELIGIBLE, Rule, choose
+from medqa.selection import INELIGIBLE, MISS_SCALE, Rule, choose
 
-WITHIN = Rule("answer_loss_within_knowledge", max_knowledge_drop=0.02)
+WITHIN = Rule("answer_loss_within_knowledge", knowledge_measure="pubmedqa", max_knowledge_drop=0.02)
+ABSTRACT = Rule("answer_loss_within_knowledge", knowledge_measure="abstract_loss", max_abstract_loss_rise=0.02)
+BOTH = Rule("answer_loss_within_knowledge", knowledge_measure="both")
 # made-up trials: answer_loss and PubMedQA dev accuracy change against the base model
 TRIALS = [
     {"answer_loss": 1.00, "knowledge_change": -0.10},  # gains most, forgets most
@@ -23,35 +25,59 @@ TRIALS = [
 ]  # keeps everything, gains least
 
 
+def _acc(loss, change):
+    return {"answer_loss": loss, "knowledge_change": change}
+
+
 def test_each_rule_picks_its_trial():
-    assert choose(TRIALS, Rule()).index == 0  # today's rule: lowest val answer_loss
+    assert choose(TRIALS, Rule()).index == 0  # lowest val answer_loss
     choice = choose(TRIALS, WITHIN)
     assert choice.index == 1 and choice.eligible
-    assert [WITHIN.eligible(t["knowledge_change"]) for t in TRIALS] == [False, True, False, True]
-    # weighted: loss - w * change; w = 10 makes forgetting 0.1 cost 1 nat
-    assert choose(TRIALS, Rule("weighted", knowledge_weight=10.0)).index == 1  # 2.0, 1.3, 1.4, 1.3 -> first of equals
-    assert choose(TRIALS, Rule("weighted", knowledge_weight=0.0)).index == 0
-    assert Rule("weighted", knowledge_weight=10.0).value(1.1, -0.03) == pytest.approx(1.4)
+    assert [WITHIN.eligible(t) for t in TRIALS] == [False, True, False, True]
+    # weighted on accuracy: loss - w * change; w = 10 makes forgetting 0.1 cost 1 nat
+    weighted = Rule("weighted", knowledge_measure="pubmedqa", accuracy_weight=10.0)
+    assert choose(TRIALS, weighted).index == 1  # 2.0, 1.3, 1.4, 1.3 -> first of equals
+    assert choose(TRIALS, Rule("weighted", knowledge_measure="pubmedqa", accuracy_weight=0.0)).index == 0
+    assert weighted.value(_acc(1.1, -0.03)) == pytest.approx(1.4)
+
+
+def test_abstract_loss_rule_and_both():
+    trials = [
+        {"answer_loss": 1.0, "abstract_change": 0.05, "abstract_delta": 0.10, "knowledge_change": 0.0},
+        {"answer_loss": 1.2, "abstract_change": 0.01, "abstract_delta": 0.02, "knowledge_change": -0.04},
+        {"answer_loss": 1.3, "abstract_change": 0.015, "abstract_delta": 0.03, "knowledge_change": -0.01},
+    ]
+    assert choose(trials, ABSTRACT).index == 1  # 1.0 rose 5% > 2%
+    assert choose(trials, BOTH).index == 2  # 1 also lost 4 points of accuracy
+    # weighted on abstract loss: a nat of abstract loss costs a nat of answer loss
+    w = Rule("weighted", knowledge_measure="abstract_loss")
+    assert [w.value(t) for t in trials] == pytest.approx([1.1, 1.22, 1.33])
+    with pytest.raises(ValueError, match="needs abstract_change"):
+        ABSTRACT.value({"answer_loss": 1.0, "knowledge_change": 0.0})
 
 
 def test_a_drop_equal_to_the_limit_is_eligible():
     change = 0.40 - 0.42  # accuracies are k / n: -0.020000000000000018 in floating point
-    assert WITHIN.eligible(change) and not WITHIN.eligible(0.40 - 0.43)
-    assert WITHIN.value(1.3, change) == 1.3 and WITHIN.value(1.3, -0.03) == 1.3 + INELIGIBLE
+    assert WITHIN.eligible(_acc(1.3, change)) and not WITHIN.eligible(_acc(1.3, 0.40 - 0.43))
+    assert WITHIN.value(_acc(1.3, change)) == 1.3
+    assert WITHIN.value(_acc(1.3, -0.03)) == pytest.approx(1.3 + INELIGIBLE + MISS_SCALE * 0.01)
 
 
-def test_none_eligible_falls_back_to_answer_loss_with_a_clear_message(caplog):
-    forgetful = [
-        {"answer_loss": 1.3, "knowledge_change": -0.05},
-        {"answer_loss": 1.1, "knowledge_change": -0.20},
-        {"answer_loss": 1.2, "knowledge_change": -0.04},
-    ]
+def test_near_misses_rank_before_far_misses_then_by_loss(caplog):
+    """None within the limit: the nearest miss is chosen (not the lowest answer loss, the most forgetful), equal
+    misses by answer loss; the Trainer and ASHA see the same order through the value."""
+    forgetful = [_acc(1.3, -0.05), _acc(1.1, -0.20), _acc(1.2, -0.04), _acc(1.25, -0.04)]
+    values = [WITHIN.value(t) for t in forgetful]
+    assert sorted(range(4), key=values.__getitem__) == [2, 3, 0, 1]
     with caplog.at_level(logging.WARNING, logger="medqa.selection"):
         choice = choose(forgetful, WITHIN, "trial")
-    assert choice.index == 1 == choose(forgetful, Rule()).index and not choice.eligible
-    assert "No trial kept PubMedQA dev accuracy within 0.02" in choice.message
-    assert "smallest drop was 0.040" in choice.message and "tune.max_knowledge_drop" in choice.message
+    assert choice.index == 2 and not choice.eligible and choose(forgetful, Rule()).index == 1
+    assert "No trial kept its knowledge within the limits" in choice.message
+    assert "nearest miss" in choice.message and "tune.max_knowledge_drop" in choice.message
+    assert "accuracy change -0.040" in choice.message
     assert choice.message in caplog.text
+    # any eligible candidate beats every miss, whatever its loss
+    assert choose([*forgetful, _acc(9.0, 0.0)], WITHIN).index == 4
 
 
 def test_knowledge_rules_need_knowledge_questions(tmp_path):
@@ -61,8 +87,8 @@ def test_knowledge_rules_need_knowledge_questions(tmp_path):
         demo_config(tmp_path, "tune.objective=lowest_loss")
     with pytest.raises(ConfigError, match="scoring.knowledge_questions must be between"):
         demo_config(tmp_path, "scoring.knowledge_questions=501")
-    with pytest.raises(ValueError, match="needs the PubMedQA dev accuracy change"):
-        WITHIN.value(1.0, None)
+    with pytest.raises(ValueError, match="needs knowledge_change"):
+        WITHIN.value({"answer_loss": 1.0})
 
 
 def test_trainer_tune_and_asha_use_one_metric(tmp_path, monkeypatch):
@@ -77,7 +103,7 @@ def test_trainer_tune_and_asha_use_one_metric(tmp_path, monkeypatch):
     from medqa.trainer import ReportToTune, tune_report
     from medqa.tune import METRIC, tune_config
 
-    cfg = demo_config(tmp_path, "tune.objective=answer_loss_within_knowledge")
+    cfg = demo_config(tmp_path, "tune.objective=answer_loss_within_knowledge", "tune.knowledge_measure=pubmedqa")
     args = _training_args(cfg, tmp_path, False, None)
     assert args.metric_for_best_model == "eval_objective" and not args.greater_is_better
     tc = tune_config(cfg, total_steps=120)
@@ -88,7 +114,7 @@ def test_trainer_tune_and_asha_use_one_metric(tmp_path, monkeypatch):
         "eval_answer_loss": 1.1,
         "eval_answer_perplexity": 3.0,
         "eval_knowledge_change": -0.03,
-        "eval_objective": WITHIN.value(1.1, -0.03),
+        "eval_objective": WITHIN.value(_acc(1.1, -0.03)),
     }
     reported = []
     fake_tune = types.SimpleNamespace(
@@ -101,7 +127,7 @@ def test_trainer_tune_and_asha_use_one_metric(tmp_path, monkeypatch):
     state = types.SimpleNamespace(global_step=40, max_steps=120)
     ReportToTune().on_evaluate(None, state, None, metrics=metrics, model=model)
     assert reported == [tune_report(metrics, 40, 120)]
-    assert reported[0][tc.metric] == metrics["eval_objective"] == 1.1 + INELIGIBLE
+    assert reported[0][tc.metric] == metrics["eval_objective"] > INELIGIBLE
     assert reported[0]["val_answer_loss"] == 1.1 and reported[0]["step"] == 40
 
 
@@ -142,7 +168,7 @@ def _scripted(monkeypatch, losses, changes):
     "changes, step, eligible",
     [
         ([0.0, -0.01, -0.05, -0.10], 4, True),  # steps 6, 8 gain more but forget too much
-        ([-0.05, -0.06, -0.08, -0.10], 8, False),  # none keeps enough: lowest answer_loss, with the message
+        ([-0.05, -0.06, -0.08, -0.10], 2, False),  # none keeps enough: the nearest miss, with the message
     ],
 )
 def test_trainer_keeps_the_checkpoint_the_rule_picks(prepared, monkeypatch, changes, step, eligible, caplog):
@@ -150,12 +176,12 @@ def test_trainer_keeps_the_checkpoint_the_rule_picks(prepared, monkeypatch, chan
 
     losses = [3.0, 2.0, 1.5, 1.0]
     _scripted(monkeypatch, losses, changes)
-    cfg = demo_config(prepared, *RUN, "tune.objective=answer_loss_within_knowledge")
+    cfg = demo_config(prepared, *RUN, "tune.objective=answer_loss_within_knowledge", "tune.knowledge_measure=pubmedqa")
     with caplog.at_level(logging.WARNING, logger="medqa.selection"):
         result = train(cfg)
     evals = [r for r in result.history if "eval_objective" in r]
     assert [r["step"] for r in evals] == [2, 4, 6, 8]
-    assert [r["eval_objective"] for r in evals] == [WITHIN.value(a, c) for a, c in zip(losses, changes)]
+    assert [r["eval_objective"] for r in evals] == [WITHIN.value(_acc(a, c)) for a, c in zip(losses, changes)]
     assert result.metrics["best_checkpoint"].endswith(f"checkpoint-{step}")
     pick = choose([{"answer_loss": a, "knowledge_change": c} for a, c in zip(losses, changes)], WITHIN)
     assert evals[pick.index]["step"] == step  # the function tune uses agrees with the Trainer's choice
@@ -166,7 +192,7 @@ def test_trainer_keeps_the_checkpoint_the_rule_picks(prepared, monkeypatch, chan
         and sel["objective"] == "answer_loss_within_knowledge"
     )
     assert result.metrics["best_val_answer_loss"] == losses[step // 2 - 1]
-    assert ("No checkpoint kept PubMedQA dev accuracy" in caplog.text) is not eligible
+    assert ("No checkpoint kept its knowledge" in caplog.text) is not eligible
 
 
 def test_knowledge_in_metrics_jsonl_equals_scoring_the_saved_adapter(prepared):
@@ -212,7 +238,7 @@ def test_tradeoff_plot_and_frontier(tmp_path):
     points = [(0.5, -0.10), (0.3, -0.01), (0.2, -0.03), (0.1, 0.02), (0.3, -0.05)]
     assert pareto_front(points) == [3, 1, 0]  # by gain; (0.2, -0.03) and (0.3, -0.05) are beaten
     trials = [
-        {"trial": f"t{i}", "gain": g, "knowledge_change": c, "eligible": WITHIN.eligible(c), "chosen": i == 1}
+        {"trial": f"t{i}", "gain": g, "knowledge_change": c, "eligible": WITHIN.eligible(_acc(1, c)), "chosen": i == 1}
         for i, (g, c) in enumerate(points)
     ]
     plot_tradeoff(trials, 0.02, tmp_path / "tradeoff.png")

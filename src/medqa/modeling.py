@@ -311,6 +311,7 @@ def build_lora_model(cfg: Config):
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
+        use_rslora=cfg.lora.use_rslora,
         target_modules=targets,
         task_type="CAUSAL_LM",
     )

@@ -32,6 +32,11 @@ from medqa.errors import ConfigError
 
 # How an adapter is chosen (`medqa.selection`): the checkpoint of a run, the trial of a search, what ASHA prunes on.
 OBJECTIVES = ("answer_loss", "answer_loss_within_knowledge", "weighted")
+# What "knowledge kept" is measured by (`medqa.selection`): the abstract loss on the PubMedQA dev abstracts, their
+# PubMedQA accuracy, or both.
+KNOWLEDGE_MEASURES = ("abstract_loss", "pubmedqa", "both")
+# Adapter scales the frontier tries (`medqa.frontier`): 0 is the base model, 1 the adapter as trained.
+FRONTIER_ALPHAS = [0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 KNOWLEDGE_DEV_SIZE = 500  # PubMedQA dev questions shipped in data/pubmedqa/pubmedqa_dev.json
 AFFECTS = ("prepare", "train", "search", "nothing")
 SAMPLERS = ("loguniform", "uniform", "choice")
@@ -304,6 +309,12 @@ class LoraConfig(Section):
     r: int = _f(8, "Rank of the update matrices.", affects="train", ge=1)
     alpha: int = _f(16, "Scaling numerator: the update is scaled by alpha / r.", affects="train", gt=0)
     dropout: float = _f(0.05, "Dropout on the LoRA input.", affects="train", ge=0, lt=1)
+    use_rslora: bool = _f(
+        False,
+        "Rank-stabilised LoRA (Kalajdzievski 2023): the update is scaled by alpha / sqrt(r) instead of alpha / r, so a "
+        "large rank (64) learns as fast as a small one.",
+        affects="train",
+    )
     targets: str | list[str] = _f(
         "all-linear",
         "Preset (qv, attention, all-linear) resolved per architecture, "
@@ -374,6 +385,14 @@ class TrainConfig(Section):
     weight_decay: float = _f(0.0, "AdamW weight decay.", affects="train", ge=0)
     epochs: float = _f(1.0, "Training epochs (ignored when max_steps > 0).", affects="train", gt=0)
     max_steps: int = _f(0, "Optimizer steps to run; 0 = use epochs.", affects="train", ge=0)
+    kl_to_base: float = _f(
+        0.0,
+        "Regulariser: beta of beta x KL(base || tuned), the base model's next-token distribution (the adapter "
+        "disabled, no gradient) against the tuned one's, per answer token, added to the training loss. 0 = off "
+        "(exactly the plain loss); costs one more forward of the frozen model per step.",
+        affects="train",
+        ge=0,
+    )
     batch_size: int = _f(
         8,
         "Examples per device batch, grouped by length and padded to the batch's longest (train.packing=false); "
@@ -574,32 +593,72 @@ class TuneConfig(Section):
         False, "Restore the latest interrupted experiment under outputs/ray_* (Tuner.restore).", affects="nothing"
     )
     seed: int = _f(0, "Seed of the random search.", affects="search")
+    max_steps: list[int] = _f(
+        [],
+        "Choices for train.max_steps (0 = train.epochs; empty = not searched): e.g. [40, 0] lets a trial run a "
+        "whole epoch beside short ones.",
+        affects="search",
+        searches="train.max_steps",
+        sampler="choice",
+    )
     objective: str = _f(
         "answer_loss",
         "How the adapter is chosen, the same rule for the best checkpoint of a run "
-        "(`medqa train`), the best trial of a search and ASHA's pruning: answer_loss "
-        "(lowest val answer_loss); answer_loss_within_knowledge (lowest val answer_loss "
-        "among those whose PubMedQA dev accuracy fell by at most tune.max_knowledge_drop "
-        "against the base model; none such: lowest val answer_loss, with a warning); "
-        "weighted (val answer_loss - tune.knowledge_weight x the accuracy change). The "
+        "(`medqa train`), the best trial of a search, ASHA's pruning and the point of the "
+        "frontier: answer_loss (lowest val answer_loss); answer_loss_within_knowledge (lowest "
+        "val answer_loss among those that kept tune.knowledge_measure within its limit "
+        "against the base model; none such: the nearest miss, with a warning); weighted (val "
+        "answer_loss + tune.knowledge_weight x the abstract loss change + "
+        "tune.accuracy_weight x the PubMedQA accuracy drop, by tune.knowledge_measure). The "
         "last two need scoring.knowledge_questions > 0.",
         affects="train",
         choices=OBJECTIVES,
     )
+    knowledge_measure: str = _f(
+        "abstract_loss",
+        "What knowledge kept is measured by, on the PubMedQA dev questions: abstract_loss "
+        "(the loss per token on their abstracts, a paired continuous measure: tight "
+        "intervals from few questions), pubmedqa (their accuracy: noisy on 100 questions, "
+        "near the always-yes share for small models), or both. One of {choices}.",
+        affects="train",
+        choices=KNOWLEDGE_MEASURES,
+    )
     max_knowledge_drop: float = _f(
         0.02,
-        "answer_loss_within_knowledge: the largest PubMedQA dev accuracy drop against "
-        "the base model an eligible adapter may show (0.02 = 2 points).",
+        "The largest PubMedQA dev accuracy drop against the base model an eligible adapter "
+        "may show (0.02 = 2 points), with knowledge_measure pubmedqa or both.",
         affects="train",
         ge=0,
         le=1,
     )
-    knowledge_weight: float = _f(
-        1.0,
-        "weighted: nats of val answer_loss one unit of PubMedQA dev accuracy is worth "
-        "(1.0: losing 0.05 accuracy costs as much as 0.05 nats per answer token).",
+    max_abstract_loss_rise: float = _f(
+        0.02,
+        "The largest relative rise of the abstract loss against the base model an eligible "
+        "adapter may show (0.02 = 2%), with knowledge_measure abstract_loss or both.",
         affects="train",
         ge=0,
+    )
+    knowledge_weight: float = _f(
+        1.0,
+        "weighted: nats of val answer_loss one nat of abstract loss is worth (1.0: a "
+        "nat per token is a nat per token, on either text).",
+        affects="train",
+        ge=0,
+    )
+    accuracy_weight: float = _f(
+        10.0,
+        "weighted: nats of val answer_loss one unit of PubMedQA dev accuracy is worth (10: a "
+        "5-point drop costs 0.5 nats, the size of the answer-loss gains fine-tuning gives a "
+        "135M model on the real records).",
+        affects="train",
+        ge=0,
+    )
+    frontier_alphas: list[float] = _f(
+        list(FRONTIER_ALPHAS),
+        "Scales of each kept adapter's LoRA update the frontier scores after the search "
+        "(0 = the base model, 1 = as trained; exact for LoRA, not for DoRA); [1.0] = no "
+        "scaling; [] = no frontier (the best trial as trained).",
+        affects="search",
     )
 
     def check(self) -> None:
@@ -609,6 +668,11 @@ class TuneConfig(Section):
                 raise ConfigError(f"tune.{name} must be [low, high] with 0 <= low <= high; got {bounds}.")
         if self.learning_rate[0] <= 0:
             raise ConfigError(f"tune.learning_rate bounds must be > 0 (log-uniform); got {self.learning_rate}.")
+        if any(not 0 <= a <= 4 for a in self.frontier_alphas):
+            raise ConfigError(
+                f"tune.frontier_alphas must be scales between 0 and 4 (1 = the adapter as trained); got "
+                f"{self.frontier_alphas}."
+            )
 
 
 @dataclass

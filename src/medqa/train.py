@@ -31,11 +31,13 @@ from pathlib import Path
 import yaml
 
 from medqa import distributed as dist
+from medqa import schema
 from medqa.artifacts import atomic_dir, write_json
 from medqa.batching import BatchPlan, cuda_free_bytes, eval_tokens_per_batch, optimizer_steps, plan_batches
 from medqa.checkpoints import MarkComplete, resumable_checkpoint, set_aside
 from medqa.errors import ConfigError, Interrupted, MedqaError
 from medqa.fallbacks import Fallbacks
+from medqa.knowledge import Probe
 from medqa.locks import locked
 from medqa.manifest import check_resumable, run_record, write_manifest, write_run_record
 from medqa.metrics import EVAL_SPLITS, metrics_table, pad_batch, sanity_check, summarize
@@ -80,7 +82,8 @@ log = logging.getLogger(__name__)
 
 GATHERED = "adapter_gathered"  # FSDP only: the final adapter gathered from the processes' shards
 RUN_SECTIONS = ("data", "prompt", "model", "lora", "train", "scoring")  # the config sections a training run depends on
-SELECTION = ("tune.objective", "tune.max_knowledge_drop", "tune.knowledge_weight")  # and these, its best checkpoint
+# and the rule that picks its best checkpoint (`medqa.selection`): the tune fields declared to affect a run
+SELECTION = tuple(k for k in schema.keys("train", path=False) if k.startswith("tune."))
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
 
 
@@ -484,7 +487,7 @@ def fit(
         pad_id=pad_id,
         score_dtype=pick_device_dtype(cfg)[1],
         rule=Rule.of(cfg),
-        knowledge_items=dev_questions(cfg.scoring.knowledge_questions, cfg.seed) if tokenizer is not None else [],
+        knowledge=knowledge_probe(cfg, tokenizer, f"training:{pick_device_dtype(cfg)[1]}") if tokenizer else None,
     )
     if setup.fast_step is not None and trainer.fast_step is None:
         setup.fast_step = None  # several processes: the model's own forward trains (describe() says so)
@@ -500,6 +503,20 @@ def fit(
             "again with train.resume=true to continue."
         )
     return trainer, timer
+
+
+def knowledge_probe(cfg: Config, tokenizer, precision: str, questions: int | None = None) -> Probe | None:
+    """The knowledge dev questions (scoring.knowledge_questions, or `questions`) with the workdir's cache of the
+    base model's scores on them (`medqa.knowledge`); None when there are none."""
+    n = cfg.scoring.knowledge_questions if questions is None else questions
+    if not n:
+        return None
+    return Probe(
+        dev_questions(n, cfg.seed),
+        cfg.scoring.batch_size,
+        Workdir.of(cfg).knowledge_cache,
+        {"base_model": adapter_inputs(cfg, tokenizer)["base_model"], "precision": precision},
+    )
 
 
 def planned_steps(cfg: Config, train_ds, model_config=None, replicas: int = 0) -> int:
@@ -705,15 +722,17 @@ def selection(cfg: Config, history: list[dict], trainer) -> dict:
     step = int(Path(best).name.rsplit("-", 1)[-1])
     row = next((r for r in evals if r["step"] == step), None)
     if rule.uses_knowledge:
-        choice = choose(
-            [{"answer_loss": r["eval_answer_loss"], "knowledge_change": r.get("eval_knowledge_change")} for r in evals],
-            rule,
-            "checkpoint",
-        )
+        choice = choose([candidate(r) for r in evals], rule, "checkpoint")
         out.update(eligible=choice.eligible, message=choice.message)
     if row is not None:
         out["checkpoint"] = {"step": step, **{k[len("eval_") :]: v for k, v in row.items() if k.startswith("eval_")}}
     return out
+
+
+def candidate(row: dict, prefix: str = "eval_") -> dict:
+    """A logged evaluation (metrics.jsonl's eval_*, or a trial's val_*) as `medqa.selection` compares it."""
+    keys = ("answer_loss", "knowledge_change", "abstract_change", "abstract_delta")
+    return {k: row[prefix + k] for k in keys if prefix + k in row}
 
 
 def _as_scored(cfg: Config, trainer, work: Path):

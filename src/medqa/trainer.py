@@ -26,11 +26,11 @@ from transformers import Trainer, TrainerCallback
 from medqa import distributed as dist
 from medqa.batching import eval_tokens_per_batch
 from medqa.fallbacks import Fallbacks
+from medqa.knowledge import Probe
 from medqa.metrics import evaluate_answer_loss
 from medqa.modeling import scoring_autocast
 from medqa.packing import block_causal_mask
 from medqa.prompts import IGNORE_INDEX
-from medqa.pubmedqa import accuracy, score_items
 from medqa.selection import Rule
 
 log = logging.getLogger(__name__)
@@ -177,10 +177,12 @@ class AnswerLossTrainer(Trainer):
     into batches, so it would not be comparable with the baseline. With `fast_step`, training losses come from
     `FastStep` (same value, compiled and static-shaped).
 
-    With `knowledge_items` (PubMedQA dev questions, scoring.knowledge_questions) each evaluation also answers them
-    (`medqa.pubmedqa.score_items`, as `medqa evaluate` scores the test questions), and the base model once (the
-    adapter disabled, same precision path), so `eval_knowledge_change` is the accuracy lost or won. Every
-    evaluation reports `eval_objective` (`medqa.selection`), the metric the best checkpoint is chosen by."""
+    With `knowledge` (a `medqa.knowledge.Probe` over PubMedQA dev questions, scoring.knowledge_questions) each
+    evaluation also answers them (`medqa.pubmedqa.score_knowledge`: one forward per question, the abstract loss from
+    the same forward) beside the base model's scores (the adapter disabled, same precision path; computed once per
+    workdir and cached), so `eval_knowledge_change` is the accuracy lost or won and `eval_abstract_change` the
+    abstract loss's relative rise. Every evaluation reports `eval_objective` (`medqa.selection`), the metric the best
+    checkpoint is chosen by."""
 
     def __init__(
         self,
@@ -189,16 +191,15 @@ class AnswerLossTrainer(Trainer):
         eval_tokens_per_batch: int = 0,
         pad_id: int | None = None,
         score_dtype=None,
-        knowledge_items: list[dict] | None = None,
+        knowledge: Probe | None = None,
         rule: Rule | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        self.knowledge_items = knowledge_items or []
+        self.knowledge = knowledge if knowledge is not None and knowledge.items else None
         self.rule = rule or Rule()
-        if self.rule.uses_knowledge and not self.knowledge_items:
+        if self.rule.uses_knowledge and self.knowledge is None:
             raise ValueError(f"tune.objective={self.rule.objective} needs PubMedQA dev questions to score")
-        self.knowledge_base: dict | None = None  # the base model's acc / acc_norm on them, scored once
         self.score_dtype = score_dtype  # `modeling.pick_device_dtype`: evaluation scores in it, as baseline does
         self.pad_id = pad_id if pad_id is not None else self.processing_class.pad_token_id
         if fast_step is not None and self.accelerator.num_processes > 1:
@@ -267,7 +268,7 @@ class AnswerLossTrainer(Trainer):
                         bootstrap_samples=0,
                         tokens_per_batch=tokens,
                     )
-                knowledge = self._knowledge() if self.knowledge_items else {}
+                knowledge = self._knowledge() if self.knowledge is not None else {}
         finally:
             if flex:
                 self.fast_step.base.set_attn_implementation("flex_attention")
@@ -276,29 +277,17 @@ class AnswerLossTrainer(Trainer):
             f"{metric_key_prefix}_answer_perplexity": m["answer_perplexity"],
             **{f"{metric_key_prefix}_{k}": v for k, v in knowledge.items()},
         }
-        metrics[f"{metric_key_prefix}_objective"] = self.rule.value(m["answer_loss"], knowledge.get("knowledge_change"))
+        metrics[f"{metric_key_prefix}_objective"] = self.rule.value({"answer_loss": m["answer_loss"], **knowledge})
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
     def _knowledge(self) -> dict:
-        """PubMedQA dev accuracy of the model now and of the base model (scored once per process: with LoRA
-        disabled the model is the base, in the same dtypes and under the same autocast)."""
-        # Every process scores all the questions (a few hundred forwards): the same numbers on every rank.
-        batch = self.args.per_device_eval_batch_size
-        if self.knowledge_base is None:
-            with self.model.disable_adapter():
-                self.knowledge_base = accuracy(
-                    score_items(self.model, self.processing_class, self.knowledge_items, batch)
-                )
-        now = accuracy(score_items(self.model, self.processing_class, self.knowledge_items, batch))
-        return {
-            "knowledge_acc": now["acc"],
-            "knowledge_acc_norm": now["acc_norm"],
-            "knowledge_base_acc": self.knowledge_base["acc"],
-            "knowledge_base_acc_norm": self.knowledge_base["acc_norm"],
-            "knowledge_change": now["acc"] - self.knowledge_base["acc"],
-        }
+        """The knowledge fields (`medqa.knowledge.compare`) of the model now against the base model's (scored once
+        per workdir: with LoRA disabled the model is the base, in the same dtypes and under the same autocast)."""
+        # Every process scores all the questions (one forward each): the same numbers on every rank.
+        self.knowledge.batch_size = self.args.per_device_eval_batch_size
+        return self.knowledge.measure(self.model, self.processing_class)
 
 
 class StepTimer(TrainerCallback):

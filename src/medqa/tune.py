@@ -188,6 +188,24 @@ def tune_config(cfg: Config, total_steps: int):
     )
 
 
+# What a trial's row keeps of its kept checkpoint's knowledge evaluation (val_* in its reports).
+KNOWLEDGE_COLUMNS = (
+    "knowledge_acc",
+    "knowledge_base_acc",
+    "knowledge_change",
+    "abstract_loss",
+    "abstract_base_loss",
+    "abstract_delta",
+    "abstract_change",
+)
+
+
+def _candidate(row: dict) -> dict:
+    """A trial's row as `medqa.selection` compares it."""
+    keys = ("knowledge_change", "abstract_change", "abstract_delta")
+    return {"answer_loss": row.get("best_val_answer_loss"), **{k: row[k] for k in keys if k in row}}
+
+
 def _latest_experiment(outputs: Path) -> Path | None:
     from ray import tune
 
@@ -300,7 +318,7 @@ def _summarize(cfg: Config, grid, experiment: Path) -> TuneResult:
             )
             if base_val is not None:
                 row["gain"] = base_val - row["best_val_answer_loss"]  # nats per answer token, > 0: better than base
-            for key in ("knowledge_acc", "knowledge_base_acc", "knowledge_change"):
+            for key in KNOWLEDGE_COLUMNS:
                 if f"val_{key}" in df:
                     row[key] = float(best[f"val_{key}"])
         status = (
@@ -322,16 +340,9 @@ def _summarize(cfg: Config, grid, experiment: Path) -> TuneResult:
     # The best trial, by the rule that chose each trial's checkpoint (`medqa.selection`).
     rule = Rule.of(cfg)
     scored = [i for i, r in enumerate(rows) if "best_val_answer_loss" in r]
-    choice = choose(
-        [
-            {"answer_loss": rows[i]["best_val_answer_loss"], "knowledge_change": rows[i].get("knowledge_change")}
-            for i in scored
-        ],
-        rule,
-        "trial",
-    )
+    choice = choose([_candidate(rows[i]) for i in scored], rule, "trial")
     chosen = scored[choice.index]
-    table["eligible"] = [rule.eligible(r.get("knowledge_change")) if i in scored else None for i, r in enumerate(rows)]
+    table["eligible"] = [rule.eligible(_candidate(r)) if i in scored else None for i, r in enumerate(rows)]
     table["chosen"] = [i == chosen for i in range(len(rows))]
     table = table.sort_values(["chosen", "best_val_objective"], ascending=[False, True], na_position="last")
     table.to_csv(experiment / "results.csv", index=False)

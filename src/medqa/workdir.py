@@ -137,6 +137,15 @@ class Workdir:
     def tradeoff(self) -> Path:
         return self.outputs / "tradeoff.png"
 
+    @property
+    def frontier(self) -> Path:
+        return self.outputs / "frontier"
+
+    @property
+    def knowledge_cache(self) -> Path:
+        """The base model's knowledge scores, computed once per workdir (every trial and stage reads them)."""
+        return self.cache / "knowledge"
+
 
 def paths(cfg: Config) -> Workdir:
     return Workdir.of(cfg)
