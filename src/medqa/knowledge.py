@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from medqa.artifacts import write_json
-from medqa.pubmedqa import PubMedQAScores, abstract_loss, accuracy, score_knowledge
+from medqa.pubmedqa import PubMedQAScores, abstract_loss, accuracy, dev_questions, score_knowledge
+from medqa.schema import Config
+from medqa.workdir import Workdir, adapter_inputs
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,20 @@ class Probe:
     def measure(self, model, tokenizer) -> dict:
         """The model's knowledge fields against the base model's (see `compare`)."""
         return compare(self.scores(model, tokenizer), self.base(model, tokenizer))
+
+
+def knowledge_probe(cfg: Config, tokenizer, precision: str, questions: int | None = None) -> Probe | None:
+    """The knowledge dev questions (scoring.knowledge_questions, or `questions`) with the workdir's cache of the
+    base model's scores on them; None when there are none. `precision`: the dtype the base is scored in."""
+    n = cfg.scoring.knowledge_questions if questions is None else questions
+    if not n:
+        return None
+    return Probe(
+        dev_questions(n, cfg.seed),
+        cfg.scoring.batch_size,
+        Workdir.of(cfg).knowledge_cache,
+        {"base_model": adapter_inputs(cfg, tokenizer)["base_model"], "precision": precision},
+    )
 
 
 def _write(path: Path, s: PubMedQAScores) -> None:

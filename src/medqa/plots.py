@@ -161,5 +161,107 @@ def plot_tradeoff(trials: list[dict], max_knowledge_drop: float | None = None, p
     return fig
 
 
+def plot_frontier(rows: list[dict], rule, path: str | Path | None = None):
+    """The frontier (`medqa.frontier`): every (adapter, scale) point as val answer perplexity change against the
+    base model (left is better) and abstract loss change (down is better; PubMedQA dev accuracy drop when the
+    abstract loss is not measured); the Pareto front, the target box (perplexity at least 40% lower, knowledge
+    within the rule's limit) and the chosen point."""
+    fig = _figure((7.0, 4.6), inline=path is None)
+    ax = fig.subplots()
+    use_abstract = any(_finite(r.get("abstract_change")) for r in rows)
+    key = "abstract_change" if use_abstract else "knowledge_change"
+    sign = 1.0 if use_abstract else -1.0
+
+    def y(r):
+        v = r.get(key)
+        return sign * v if _finite(v) else 0.0
+
+    x = [r["answer_perplexity_change"] for r in rows]
+    sources = sorted({r["source"] for r in rows if r["source"] != "base"})
+    colors = dict(zip(sources, plt_colors(len(sources))))
+    for src in sources:
+        pts = [r for r in rows if r["source"] == src]
+        ax.plot(
+            [r["answer_perplexity_change"] for r in pts],
+            [y(r) for r in pts],
+            "-o",
+            ms=4,
+            lw=0.8,
+            color=colors[src],
+            label=src,
+            zorder=2,
+        )
+        for r in pts:
+            ax.annotate(
+                f"{r['alpha']:g}",
+                (r["answer_perplexity_change"], y(r)),
+                fontsize=6,
+                xytext=(3, 2),
+                textcoords="offset points",
+            )
+    ax.scatter([0], [0], marker="s", color="black", zorder=3, label="base model")
+    front = sorted([r for r in rows if r.get("on_front")], key=lambda r: r["answer_perplexity_change"])
+    if len(front) > 1:
+        ax.plot(
+            [r["answer_perplexity_change"] for r in front],
+            [y(r) for r in front],
+            "--",
+            color="gray",
+            lw=1.5,
+            zorder=1,
+            label="Pareto front",
+        )
+    limit = rule.max_abstract_loss_rise if use_abstract else rule.max_knowledge_drop
+    ax.axvline(-0.40, color="tab:green", linestyle=":", lw=1)
+    ax.axhline(limit, color="tab:green", linestyle=":", lw=1)
+    ax.fill_between(
+        [min(min(x), -0.40) - 0.05, -0.40],
+        -1,
+        limit,
+        color="tab:green",
+        alpha=0.08,
+        label="target (perplexity -40%, knowledge within limit)",
+    )
+    chosen = [r for r in rows if r.get("chosen")]
+    if chosen:
+        c = chosen[0]
+        ax.scatter(
+            [c["answer_perplexity_change"]],
+            [y(c)],
+            marker="*",
+            s=280,
+            color="tab:orange",
+            edgecolor="black",
+            zorder=4,
+            label=f"chosen ({c['source']}, alpha {c['alpha']:g})",
+        )
+    ys = [y(r) for r in rows]
+    ax.set_ylim(min(min(ys), 0) - 0.01, max(max(ys), limit) + 0.01)
+    ax.set_xlim(min(min(x), -0.40) - 0.05, max(max(x), 0) + 0.05)
+    ax.xaxis.set_major_formatter(_percent())
+    ax.yaxis.set_major_formatter(_percent())
+    ax.set_xlabel("val answer perplexity change against the base model")
+    ax.set_ylabel("abstract loss change (PubMedQA dev abstracts)" if use_abstract else "PubMedQA dev accuracy drop")
+    ax.set_title("the trade-off front: every kept adapter at every scale")
+    ax.legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def plt_colors(n: int) -> list:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10"]
+    return [cmap(i % 10) for i in range(n)]
+
+
+def _percent():
+    from matplotlib.ticker import PercentFormatter
+
+    return PercentFormatter(1.0, decimals=0)
+
+
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and x == x and abs(x) != float("inf")

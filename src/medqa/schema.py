@@ -660,6 +660,14 @@ class TuneConfig(Section):
         "scaling; [] = no frontier (the best trial as trained).",
         affects="search",
     )
+    final_knowledge_questions: int = _f(
+        KNOWLEDGE_DEV_SIZE,
+        "PubMedQA dev questions the frontier's chosen point (and the base model, once per workdir) is finally "
+        "scored on: all 500 by default, a far tighter figure than the subset scored at every evaluation (0 = off).",
+        affects="nothing",
+        ge=0,
+        le=KNOWLEDGE_DEV_SIZE,
+    )
 
     def check(self) -> None:
         for name in ("learning_rate", "weight_decay"):

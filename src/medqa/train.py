@@ -37,7 +37,7 @@ from medqa.batching import BatchPlan, cuda_free_bytes, eval_tokens_per_batch, op
 from medqa.checkpoints import MarkComplete, resumable_checkpoint, set_aside
 from medqa.errors import ConfigError, Interrupted, MedqaError
 from medqa.fallbacks import Fallbacks
-from medqa.knowledge import Probe
+from medqa.knowledge import knowledge_probe
 from medqa.locks import locked
 from medqa.manifest import check_resumable, run_record, write_manifest, write_run_record
 from medqa.metrics import EVAL_SPLITS, metrics_table, pad_batch, sanity_check, summarize
@@ -55,7 +55,6 @@ from medqa.modeling import (
 )
 from medqa.packing import PackedCollator, pack_dataset, plan_packs
 from medqa.plots import plot_training
-from medqa.pubmedqa import dev_questions
 from medqa.schema import Config, TrainConfig
 from medqa.selection import Rule, choose
 from medqa.trainer import (
@@ -487,7 +486,7 @@ def fit(
         pad_id=pad_id,
         score_dtype=pick_device_dtype(cfg)[1],
         rule=Rule.of(cfg),
-        knowledge=knowledge_probe(cfg, tokenizer, f"training:{pick_device_dtype(cfg)[1]}") if tokenizer else None,
+        knowledge=knowledge_probe(cfg, tokenizer, scoring_dtype(cfg)) if tokenizer else None,
     )
     if setup.fast_step is not None and trainer.fast_step is None:
         setup.fast_step = None  # several processes: the model's own forward trains (describe() says so)
@@ -503,20 +502,6 @@ def fit(
             "again with train.resume=true to continue."
         )
     return trainer, timer
-
-
-def knowledge_probe(cfg: Config, tokenizer, precision: str, questions: int | None = None) -> Probe | None:
-    """The knowledge dev questions (scoring.knowledge_questions, or `questions`) with the workdir's cache of the
-    base model's scores on them (`medqa.knowledge`); None when there are none."""
-    n = cfg.scoring.knowledge_questions if questions is None else questions
-    if not n:
-        return None
-    return Probe(
-        dev_questions(n, cfg.seed),
-        cfg.scoring.batch_size,
-        Workdir.of(cfg).knowledge_cache,
-        {"base_model": adapter_inputs(cfg, tokenizer)["base_model"], "precision": precision},
-    )
 
 
 def planned_steps(cfg: Config, train_ds, model_config=None, replicas: int = 0) -> int:

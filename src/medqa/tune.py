@@ -23,9 +23,10 @@ from medqa import schema
 from medqa.artifacts import atomic_dir, write_json
 from medqa.config import config_from_dict
 from medqa.errors import MedqaError
+from medqa.frontier import Source, run_frontier, scale_adapter
 from medqa.locks import locked
-from medqa.manifest import check_resumable, run_record, write_manifest, write_run_record
-from medqa.modeling import load_tokenizer, scoring_dtype
+from medqa.manifest import check_resumable, read_manifest, run_record, write_manifest, write_run_record
+from medqa.modeling import load_tokenizer, pick_device_dtype, scoring_dtype, training_base_dtype
 from medqa.plots import plot_search, plot_tradeoff
 from medqa.schema import Config
 from medqa.selection import Rule, choose
@@ -206,6 +207,31 @@ def _candidate(row: dict) -> dict:
     return {"answer_loss": row.get("best_val_answer_loss"), **{k: row[k] for k in keys if k in row}}
 
 
+FINETUNE = "finetune"  # the plain fine-tune's name among the frontier's sources
+
+
+def _kept(v) -> bool:
+    return not isinstance(v, float) or v == v
+
+
+def _trial_source(row: dict, result) -> Source:
+    """A trial's kept checkpoint (its lowest val_objective, as Ray's CheckpointConfig keeps it)."""
+    checkpoint = result.get_best_checkpoint(METRIC, "min")
+    params = {k: v for k, v in result.config.items()}
+    return Source(row["trial"], Path(checkpoint.path), row.get("best_step"), params)
+
+
+def _finetune_source(cfg: Config, tokenizer) -> list[Source]:
+    """The plain fine-tune (outputs/finetune), when it was trained on this base model and data: the frontier
+    compares it beside the trials."""
+    folder = paths(cfg).finetune
+    manifest = read_manifest(folder) if (folder / "adapter_config.json").exists() else None
+    if manifest is None or manifest.get("inputs") != adapter_inputs(cfg, tokenizer):
+        return []
+    metrics = read_metrics(folder) or {}
+    return [Source(FINETUNE, folder, (metrics.get("selection", {}).get("checkpoint") or {}).get("step"))]
+
+
 def _latest_experiment(outputs: Path) -> Path | None:
     from ray import tune
 
@@ -349,29 +375,46 @@ def _summarize(cfg: Config, grid, experiment: Path) -> TuneResult:
     plot_search(table, curves, experiment)
     if "knowledge_change" in table and "gain" in table:
         plot_tradeoff(table.to_dict("records"), rule.drop_limit, experiment / "tradeoff.png")
-    best = results[chosen]
-    checkpoint = best.get_best_checkpoint(METRIC, "min")
     best_row = table.iloc[0].to_dict()
+    sources = [_trial_source(rows[i], results[i]) for i in scored]
+    tokenizer = load_tokenizer(cfg)
+    point, front = None, None
+    if cfg.tune.frontier_alphas:
+        front = run_frontier(cfg, [*_finetune_source(cfg, tokenizer), *sources], tokenizer)
+        point = front.rows[front.chosen]
+        source = next(s for s in [*_finetune_source(cfg, tokenizer), *sources] if s.name == point["source"])
+        choice = front.choice
+    else:
+        source = sources[scored.index(chosen)]
     best_dir = paths(cfg).best
-
+    alpha = point["alpha"] if point else 1.0
+    trial = (next((r for r in rows if r["trial"] == source.name), None) if source.name != FINETUNE else None) or {}
+    config = source.params if source.name != FINETUNE else {}
+    best_cfg = config_from_dict(cfg.to_dict(), [f"{k}={json.dumps(v)}" for k, v in (config or {}).items()])
     with atomic_dir(best_dir) as tmp:
-        with checkpoint.as_directory() as d:
-            for f in Path(d).iterdir():
-                shutil.copy2(f, tmp / f.name)
-        tokenizer = load_tokenizer(cfg)
+        scale_adapter(source.path, tmp, alpha)
         tokenizer.save_pretrained(tmp)
         write_manifest(tmp, "tune", cfg, adapter_inputs(cfg, tokenizer))
-        best_cfg = config_from_dict(cfg.to_dict(), [f"{k}={json.dumps(v)}" for k, v in best.config.items()])
         write_json(
             tmp / "trial.json",
             {
                 "experiment": str(experiment),
-                **{k: v for k, v in best_row.items() if not isinstance(v, float) or v == v},
+                **{k: v for k, v in (trial or best_row if source.name != FINETUNE else {}).items() if _kept(v)},
+                "trial": source.name,
+                "source": "the plain fine-tune (outputs/finetune)" if source.name == FINETUNE else "search trial",
+                # the adapter's LoRA update as trained, times adapter_scale (`medqa.frontier`)
+                "adapter_scale": alpha,
+                "frontier": front.summary() if front else None,
                 "config": best_cfg.to_dict(),
                 # the search compares trials by their in-training evaluations, on the
                 # fp32 training weights; `medqa evaluate` re-scores this adapter in
                 # model.dtype beside the base model
-                "dtype": "nf4 base, float32 adapter" if cfg.train.qlora else "float32",
+                "dtype": (
+                    "nf4 base, float32 adapter"
+                    if cfg.train.qlora
+                    else f"{str(training_base_dtype(cfg, pick_device_dtype(cfg)[0])).replace('torch.', '')} base, "
+                    "float32 adapter"
+                ),
                 "scored_by_evaluate_in": scoring_dtype(cfg),
                 "selection": {
                     **rule.to_dict(),
@@ -382,11 +425,11 @@ def _summarize(cfg: Config, grid, experiment: Path) -> TuneResult:
             },
         )
     log.info(
-        "tune: %d trials; best %s (%s) val answer_loss %.4f -> %s",
+        "tune: %d trials; chose %s at adapter scale %.2f (%s) -> %s",
         len(table),
-        best_row["trial"],
+        source.name,
+        alpha,
         choice.message,
-        best_row["best_val_answer_loss"],
         best_dir,
     )
     return TuneResult(experiment, table, best_dir, best_row)

@@ -1,0 +1,253 @@
+"""The trade-off front: every kept adapter, scaled back after training, scored for its gain and what it keeps.
+
+WiSE-FT (Wortsman et al. 2022) and the weight averaging that gave the best reward-forgetting front in Lin et al.
+2024 ("Mitigating the Alignment Tax of RLHF") interpolate between the base and the tuned weights. For LoRA that
+interpolation is exact and free: W = W0 + alpha * (s * B A), i.e. peft's `rescale_adapter_scale(model, alpha)`
+(alpha 0 is the base model, 1 the adapter as trained; not exact for DoRA, whose magnitude is not linear in it).
+
+`frontier(cfg, sources)` scores each source (the kept checkpoint of every trial and the plain fine-tune) at every
+alpha in tune.frontier_alphas on the val answer loss and on the knowledge dev questions (`medqa.knowledge`: the
+base model's scores cached once per workdir), marks the Pareto front (no other point is at least as good on every
+measure and better on one), lets the rule (`medqa.selection`) choose from the front, scores the chosen point's
+PubMedQA accuracy on all 500 dev questions, and writes outputs/frontier/frontier.csv (one row per point),
+frontier.png and the chosen adapter already scaled (its lora_B matrices times alpha: the saved adapter is the
+in-memory scaled one), so evaluate, benchmark, ask, chat and export load it unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from medqa.artifacts import atomic_dir, write_json
+from medqa.knowledge import compare, knowledge_probe
+from medqa.metrics import evaluate_answer_loss
+from medqa.modeling import load_model, scoring_dtype
+from medqa.plots import plot_frontier
+from medqa.pubmedqa import score_knowledge, summarize
+from medqa.schema import KNOWLEDGE_DEV_SIZE, Config
+from medqa.selection import Rule, choose
+from medqa.workdir import load_split, paths, read_metrics
+
+log = logging.getLogger(__name__)
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+TARGET_PERPLEXITY_DROP = 0.40  # the issue's target box: answer perplexity at least 40% below the base model's
+
+
+@dataclass
+class Source:
+    """A kept adapter: `name` (finetune, or the trial's id), its folder, and the step it was kept at."""
+
+    name: str
+    path: Path
+    step: int | None = None
+    params: dict | None = None  # the searched values of a trial
+
+
+def knowledge_cost(point: dict, rule: Rule) -> tuple[float, ...]:
+    """What the front minimises besides val answer loss, by tune.knowledge_measure (lower is better)."""
+    cost = []
+    if rule.knowledge_measure in ("abstract_loss", "both") and point.get("abstract_change") is not None:
+        cost.append(point["abstract_change"])
+    if rule.knowledge_measure in ("pubmedqa", "both") and point.get("knowledge_change") is not None:
+        cost.append(-point["knowledge_change"])
+    return tuple(cost)
+
+
+def pareto(costs: list[tuple[float, ...]]) -> list[bool]:
+    """True for each point no other point dominates (at least as low on every cost and lower on one)."""
+
+    def dominates(a, b):
+        return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+    return [not any(dominates(other, c) for other in costs) for c in costs]
+
+
+def scale_adapter(src: Path, dst: Path, alpha: float) -> None:
+    """Copy a saved LoRA adapter with its update scaled by alpha: every lora_B matrix times alpha (the update is
+    s * B A, so this is exactly `rescale_adapter_scale`), in safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src / "adapter_config.json", dst / "adapter_config.json")
+    tensors = load_file(str(src / "adapter_model.safetensors"))
+    scaled = {k: (v * alpha if "lora_B" in k else v).contiguous() for k, v in tensors.items()}
+    save_file(scaled, str(dst / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def _uses_dora(path: Path) -> bool:
+    import json
+
+    return bool(json.loads((path / "adapter_config.json").read_text()).get("use_dora"))
+
+
+def score_front(cfg: Config, sources: list[Source], tokenizer, val_ds, probe, base_val: dict | None = None) -> list:
+    """One row per (source, alpha), and the base model as alpha 0: val answer loss and the knowledge fields."""
+    from peft import PeftModel
+    from peft.helpers import rescale_adapter_scale
+
+    rule = Rule.of(cfg)
+    pad = tokenizer.pad_token_id
+    bs = cfg.scoring.batch_size
+
+    def answer(model) -> dict:
+        m, _ = evaluate_answer_loss(model, val_ds, pad, bs, bootstrap_samples=0)
+        return {"val_answer_loss": m["answer_loss"], "val_answer_perplexity": m["answer_perplexity"]}
+
+    base = load_model(cfg)
+    rows = [{"source": "base", "step": None, "alpha": 0.0, **(base_val or answer(base))}]
+    if probe is not None:
+        base_scores = probe.base(base, tokenizer)
+        rows[0].update(compare(base_scores, base_scores))
+    model = None
+    for i, src in enumerate(sources):
+        name = f"s{i}"
+        if model is None:
+            model = PeftModel.from_pretrained(base, str(src.path), adapter_name=name)
+        else:
+            model.load_adapter(str(src.path), adapter_name=name)
+        model.set_adapter(name)
+        model.eval()
+        alphas = [a for a in cfg.tune.frontier_alphas if a > 0] or [1.0]
+        if _uses_dora(src.path) and alphas != [1.0]:
+            log.warning("frontier: %s is a DoRA adapter, whose scaling is not exact: only alpha 1 is scored", src.name)
+            alphas = [1.0]
+        for alpha in alphas:
+            with rescale_adapter_scale(model, alpha):
+                row = {"source": src.name, "step": src.step, "alpha": alpha, **(src.params or {}), **answer(model)}
+                if probe is not None:
+                    row.update(compare(probe.scores(model, tokenizer), probe.base(model, tokenizer)))
+            rows.append(row)
+            log.info(
+                "frontier: %s alpha %.2f: val answer_loss %.4f%s",
+                src.name,
+                alpha,
+                row["val_answer_loss"],
+                f", abstract loss {row['abstract_change']:+.2%}" if "abstract_change" in row else "",
+            )
+    base_loss = rows[0]["val_answer_loss"]
+    for row in rows:
+        row["gain"] = base_loss - row["val_answer_loss"]
+        row["answer_perplexity_change"] = math.exp(-row["gain"]) - 1.0
+    front = pareto([(r["val_answer_loss"], *knowledge_cost(r, rule)) for r in rows])
+    for row, on in zip(rows, front):
+        row["on_front"] = on
+        row["eligible"] = rule.eligible(_candidate(row))
+        row["objective"] = rule.value(_candidate(row))
+    return rows, model
+
+
+def _candidate(row: dict) -> dict:
+    out = {"answer_loss": row["val_answer_loss"]}
+    for k in ("knowledge_change", "abstract_change", "abstract_delta"):
+        if row.get(k) is not None:
+            out[k] = row[k]
+    return out
+
+
+def choose_point(rows: list[dict], rule: Rule):
+    """The rule's choice among the front's points (never the base model, alpha 0, when an adapter is on it)."""
+    front = [i for i, r in enumerate(rows) if r["on_front"] and r["alpha"] > 0] or [
+        i for i, r in enumerate(rows) if r["alpha"] > 0
+    ]
+    choice = choose([_candidate(rows[i]) for i in front], rule, "point of the frontier")
+    return front[choice.index], choice
+
+
+def final_knowledge(cfg: Config, model, tokenizer, questions: int) -> dict | None:
+    """The chosen point's PubMedQA accuracy on `questions` dev questions (all 500 by default) beside the base
+    model's (cached once per workdir), with answer shares, macro-F1 and the majority-answer baseline."""
+    if not questions:
+        return None
+    probe = knowledge_probe(cfg, tokenizer, scoring_dtype(cfg), questions)
+    now = score_knowledge(model, tokenizer, probe.items, cfg.scoring.batch_size)
+    base = probe.base(model, tokenizer)
+    out = {"questions": len(probe.items), **compare(now, base)}
+    out["tuned"] = summarize(now, 0)
+    out["base"] = summarize(base, 0)
+    gold = [x["answer"] for x in probe.items]
+    majority = max(set(gold), key=gold.count)
+    out["majority_answer"] = majority
+    out["majority_baseline_acc"] = gold.count(majority) / len(gold)
+    return out
+
+
+@dataclass
+class Front:
+    rows: list[dict]  # one per point; the base model first
+    chosen: int  # into rows
+    choice: object  # medqa.selection.Choice
+    final: dict | None  # the chosen point's PubMedQA accuracy on all dev questions, beside the base model's
+    folder: Path
+
+    def summary(self) -> dict:
+        """What trial.json records of the front."""
+        p = self.rows[self.chosen]
+        return {
+            "csv": str(self.folder / "frontier.csv"),
+            "points": len(self.rows),
+            "on_front": sum(r["on_front"] for r in self.rows),
+            "alphas": sorted({r["alpha"] for r in self.rows}),
+            "chosen": {k: v for k, v in p.items() if v is None or not isinstance(v, float) or v == v},
+            "final_dev_pubmedqa": self.final,
+        }
+
+
+def run_frontier(cfg: Config, sources: list[Source], tokenizer) -> Front:
+    """Score the front, choose from it, score the choice on all dev questions, write outputs/frontier/."""
+    import pandas as pd
+    from peft.helpers import rescale_adapter_scale
+
+    if not sources:
+        raise ValueError("the frontier needs at least one adapter")
+    rule = Rule.of(cfg)
+    val = load_split(cfg, "val")
+    baseline = read_metrics(paths(cfg).baseline)
+    base_val = None
+    if baseline and baseline.get("val", {}).get("examples") == len(val) and baseline.get("dtype") == scoring_dtype(cfg):
+        # the baseline stage scored the same rows with the same function and dtype
+        base_val = {
+            "val_answer_loss": baseline["val"]["answer_loss"],
+            "val_answer_perplexity": baseline["val"]["answer_perplexity"],
+        }
+    probe = knowledge_probe(cfg, tokenizer, scoring_dtype(cfg))
+    rows, model = score_front(cfg, sources, tokenizer, val, probe, base_val)
+    chosen, choice = choose_point(rows, rule)
+    point = rows[chosen]
+    for row in rows:
+        row["chosen"] = row is point
+    model.set_adapter(f"s{[s.name for s in sources].index(point['source'])}")
+    with rescale_adapter_scale(model, point["alpha"]):
+        final = final_knowledge(cfg, model, tokenizer, cfg.tune.final_knowledge_questions)
+    folder = paths(cfg).frontier
+    with atomic_dir(folder) as tmp:
+        pd.DataFrame(rows).to_csv(tmp / "frontier.csv", index=False)
+        plot_frontier(rows, rule, tmp / "frontier.png")
+        write_json(tmp / "final_dev_pubmedqa.json", final or {})
+    log.info(
+        "frontier: %d points, %d on the front; chose %s at alpha %.2f (val answer_loss %.4f%s)",
+        len(rows),
+        sum(r["on_front"] for r in rows),
+        point["source"],
+        point["alpha"],
+        point["val_answer_loss"],
+        f", abstract loss {point['abstract_change']:+.2%}" if "abstract_change" in point else "",
+    )
+    return Front(rows, chosen, choice, final, folder)
+
+
+__all__ = [
+    "KNOWLEDGE_DEV_SIZE",
+    "TARGET_PERPLEXITY_DROP",
+    "Source",
+    "choose_point",
+    "final_knowledge",
+    "knowledge_cost",
+    "pareto",
+    "scale_adapter",
+    "score_front",
+]

@@ -1,0 +1,82 @@
+"""The trade-off front (`medqa.frontier`): an adapter scaled after training is exact at its ends (alpha 0 is the base
+model, 1 the adapter), the saved scaled adapter is the in-memory scaled one, and the front keeps exactly the points
+no other point dominates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medqa.frontier import knowledge_cost, pareto, scale_adapter
+from medqa.selection import Rule
+
+
+def _lora(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "fc1"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a trained-looking update (peft starts B at 0)
+    model.save_pretrained(tmp_path / "adapter")
+    return model.eval()
+
+
+def test_alpha_ends_and_saved_scaled_adapter(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from peft.helpers import rescale_adapter_scale
+    from transformers import AutoModelForCausalLM
+
+    model = _lora(tiny_model_dir, tmp_path)
+    ids = torch.randint(5, 500, (2, 24))
+    with torch.no_grad():
+        tuned = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+        with rescale_adapter_scale(model, 0.0):
+            zero = model(input_ids=ids).logits
+        with rescale_adapter_scale(model, 1.0):
+            one = model(input_ids=ids).logits
+        with rescale_adapter_scale(model, 0.6):
+            scaled = model(input_ids=ids).logits
+    assert (tuned - base).abs().max() > 1e-3  # the adapter changes the model
+    assert torch.allclose(zero, base, atol=1e-6) and torch.allclose(one, tuned, atol=1e-6)
+    assert not torch.allclose(scaled, tuned, atol=1e-4) and not torch.allclose(scaled, base, atol=1e-4)
+    scale_adapter(tmp_path / "adapter", tmp_path / "scaled", 0.6)
+    fresh = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    saved = PeftModel.from_pretrained(fresh, str(tmp_path / "scaled")).eval()
+    with torch.no_grad():
+        assert torch.allclose(saved(input_ids=ids).logits, scaled, atol=1e-5)
+
+
+def test_front_excludes_exactly_the_dominated_points():
+    # (val answer loss, abstract change): lower is better on both
+    points = [(1.0, 0.05), (1.2, 0.01), (1.1, 0.03), (1.3, 0.00), (1.2, 0.02), (1.1, 0.03), (1.4, 0.00), (2.0, -0.01)]
+    assert pareto(points) == [True, True, True, True, False, True, False, True]
+    # dominated by (1.2, 0.01): (1.2, 0.02); by (1.3, 0.00): (1.4, 0.00); equal points dominate neither
+    three = [(1.0, 0.0, 0.0), (1.0, 0.0, 0.1), (0.9, 0.1, 0.1)]
+    assert pareto(three) == [True, False, True]
+
+
+def test_knowledge_cost_follows_the_measure():
+    point = {"abstract_change": 0.03, "knowledge_change": -0.02}
+    assert knowledge_cost(point, Rule("answer_loss_within_knowledge", "abstract_loss")) == (0.03,)
+    assert knowledge_cost(point, Rule("answer_loss_within_knowledge", "pubmedqa")) == (0.02,)
+    assert knowledge_cost(point, Rule("answer_loss_within_knowledge", "both")) == (0.03, 0.02)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_scaled_adapter_file_is_b_times_alpha(tiny_model_dir, tmp_path, alpha):
+    from safetensors.torch import load_file
+
+    _lora(tiny_model_dir, tmp_path)
+    scale_adapter(tmp_path / "adapter", tmp_path / "scaled", alpha)
+    before = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    after = load_file(str(tmp_path / "scaled" / "adapter_model.safetensors"))
+    assert before.keys() == after.keys() and any("lora_B" in k for k in before)
+    for k in before:
+        assert torch.equal(after[k], before[k] * alpha if "lora_B" in k else before[k])
