@@ -371,7 +371,7 @@ def setup_training(cfg: Config, model, train_ds, pad_id: int) -> Setup:
     # Several replicas (processes, or GPUs in one process) train through the DDP/FSDP/DataParallel wrapper's
     # forward (AnswerLossTrainer), which needs the block mask from the collator: no fast step then.
     if supports_fast_step(model) and dist.replicas() == 1:
-        compile_ = _use_compile(cfg)
+        compile_ = _use_compile(cfg) and not t.kl_to_base  # the KL's disabled-adapter forward stays eager
         if compile_:
             _check_cuda_graphs(cfg, plan)
         if attention == "flex":
@@ -384,6 +384,7 @@ def setup_training(cfg: Config, model, train_ds, pad_id: int) -> Setup:
             attention=attention,
             mask_dtype=compute_dtype(cfg),
             fallbacks=fallbacks,
+            kl_beta=t.kl_to_base,
         )
     else:
         attention = "sdpa"  # the model's own forward, with the block mask from the collator
@@ -486,6 +487,7 @@ def fit(
         pad_id=pad_id,
         score_dtype=pick_device_dtype(cfg)[1],
         rule=Rule.of(cfg),
+        kl_beta=cfg.train.kl_to_base,
         knowledge=knowledge_probe(cfg, tokenizer, scoring_dtype(cfg)) if tokenizer else None,
     )
     if setup.fast_step is not None and trainer.fast_step is None:

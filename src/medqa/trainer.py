@@ -74,6 +74,21 @@ def lm_loss_sum(hidden, labels, lm_head, chunk_tokens: int = 0):
     return total
 
 
+def kl_to_base_sum(tuned_logits, base_logits, labels):
+    """Sum over labelled positions of KL(p_base || p_tuned) of the next-token distributions (fp32): the
+    `train.kl_to_base` regulariser's numerator. Forward KL from the frozen base keeps mass wherever the base model
+    puts it (what it knew), where the reverse would let the tuned model drop modes."""
+    mask = labels[:, 1:] != IGNORE_INDEX
+    return kl_rows(tuned_logits[:, :-1][mask], base_logits[:, :-1][mask])
+
+
+def kl_rows(tuned_logits, base_logits):
+    """Sum over rows of KL(softmax(base) || softmax(tuned)), in fp32."""
+    tuned = tuned_logits.float().log_softmax(-1)
+    base = base_logits.float().log_softmax(-1)
+    return (base.exp() * (base - tuned)).sum()
+
+
 def document_block_mask(position_ids):
     """FlexAttention BlockMask for packed rows: causal within each example (a new one starts where position_ids is
     0), nothing across examples. Only the blocks that hold allowed pairs are computed."""
@@ -107,9 +122,13 @@ class FastStep:
         attention: str = "sdpa",
         mask_dtype=None,
         fallbacks: Fallbacks | None = None,
+        kl_beta: float = 0.0,
     ):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.base = base
+        # train.kl_to_base: the peft model, whose disable_adapter() gives the base model's forward for free
+        self.kl_beta = kl_beta
+        self.peft = model if kl_beta and hasattr(model, "disable_adapter") else None
         self.decoder = base.base_model  # BioGptModel, LlamaModel, ...: LoRA layers live inside it
         self.lm_head = base.get_output_embeddings()
         self.chunk = loss_chunk_tokens
@@ -157,7 +176,17 @@ class FastStep:
         hidden = self.decoder(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
-        return lm_loss_sum(hidden, labels, self.lm_head, self.chunk)
+        loss = lm_loss_sum(hidden, labels, self.lm_head, self.chunk)
+        if self.peft is None:
+            return loss
+        with torch.no_grad(), self.peft.disable_adapter():
+            base_hidden = self.decoder(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state
+        # only the labelled positions' logits: the KL is taken where the loss is
+        mask = labels[:, 1:] != IGNORE_INDEX
+        kl = kl_rows(self.lm_head(hidden[:, :-1][mask]), self.lm_head(base_hidden[:, :-1][mask]))
+        return loss + self.kl_beta * kl
 
     def __call__(self, inputs: dict, num_items_in_batch=None):
         labels = inputs["labels"]
@@ -193,9 +222,11 @@ class AnswerLossTrainer(Trainer):
         score_dtype=None,
         knowledge: Probe | None = None,
         rule: Rule | None = None,
+        kl_beta: float = 0.0,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        self.kl_beta = kl_beta
         self.knowledge = knowledge if knowledge is not None and knowledge.items else None
         self.rule = rule or Rule()
         if self.rule.uses_knowledge and self.knowledge is None:
@@ -222,11 +253,24 @@ class AnswerLossTrainer(Trainer):
             or model is not self.model
             or self.accelerator.num_processes > 1
         ):
+            if self.kl_beta and model.training and not return_outputs:
+                return self._loss_with_kl(model, inputs, num_items_in_batch)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # accelerate applies mixed precision around the model's own forward, which the fast step does not call:
         # the same autocast, here.
         with self.accelerator.autocast():
             return self.fast_step(inputs, num_items_in_batch)
+
+    def _loss_with_kl(self, model, inputs, num_items_in_batch=None):
+        """The model's own loss plus train.kl_to_base x KL(base || tuned) per labelled token (the same divisor:
+        the accumulated batch's labelled tokens, or this micro-batch's)."""
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        peft = self.accelerator.unwrap_model(model)
+        with torch.no_grad(), peft.disable_adapter():
+            base_logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+        labels = inputs["labels"]
+        count = num_items_in_batch if num_items_in_batch is not None else (labels[:, 1:] != IGNORE_INDEX).sum()
+        return loss + self.kl_beta * kl_to_base_sum(outputs.logits, base_logits, labels) / count
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         fs = self.fast_step
