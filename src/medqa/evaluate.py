@@ -29,9 +29,9 @@ from medqa.modelcard import card_fields
 from medqa.modeling import is_tiny_model, load_adapter_model, load_model, load_tokenizer, model_path, scoring_dtype
 from medqa.plots import plot_tradeoff
 from medqa.pubmedqa import DEFAULT_TEST as DEFAULT_PUBMEDQA
-from medqa.pubmedqa import PubMedQAScores, paired_comparison
+from medqa.pubmedqa import PubMedQAScores, abstract_loss, check_no_dev_overlap, paired_comparison, paired_text
 from medqa.pubmedqa import load_items as load_pubmedqa
-from medqa.pubmedqa import score_items as score_pubmedqa
+from medqa.pubmedqa import score_knowledge as score_pubmedqa
 from medqa.pubmedqa import subset as pubmedqa_subset
 from medqa.pubmedqa import summarize as summarize_pubmedqa
 from medqa.records import describe_counts
@@ -127,9 +127,9 @@ def load_test_set(cfg: Config) -> EvalInputs:
     if e.bertscore_model:
         check_bertscore_encoder(e.bertscore_model)
     if e.pubmedqa_questions:
-        data.pubmedqa = pubmedqa_subset(
-            load_pubmedqa(e.pubmedqa_file or DEFAULT_PUBMEDQA), e.pubmedqa_questions, cfg.seed
-        )
+        source = e.pubmedqa_file or DEFAULT_PUBMEDQA
+        data.pubmedqa = pubmedqa_subset(load_pubmedqa(source), e.pubmedqa_questions, cfg.seed)
+        check_no_dev_overlap(data.pubmedqa, source)  # the dev questions chose the adapter: never a test figure
     if e.external_test:
         data.external, data.external_report = load_external(cfg, tokenizer)
     return data
@@ -164,6 +164,14 @@ def score_model(cfg: Config, data: EvalInputs, name: str, adapter: Path | None, 
         log.info("evaluate: %s: scoring %d PubMedQA questions", name, len(data.pubmedqa))
         run.knowledge = score_pubmedqa(model, data.tokenizer, data.pubmedqa, cfg.scoring.batch_size, progress=True)
         entry["pubmedqa"] = summarize_pubmedqa(run.knowledge, cfg.scoring.bootstrap_samples, cfg.seed)
+        gold = run.knowledge.gold
+        majority = int(np.bincount(gold).argmax())
+        entry["pubmedqa"].update(
+            abstract_loss=abstract_loss(run.knowledge),
+            abstract_tokens=int(run.knowledge.text_tokens.sum()),
+            majority_answer=["yes", "no", "maybe"][majority],
+            majority_baseline_acc=float((gold == majority).mean()),
+        )
     log.info("evaluate: %s test answer_loss %.4f", name, metrics["answer_loss"])
     return run
 
@@ -214,7 +222,10 @@ def compare_to_base(cfg: Config, runs: list[ModelScores]) -> None:
                 base.external.answer_nll, run.external.answer_nll, base.external.answer_tokens, n, seed
             )
         if run.knowledge is not None:
-            run.entry["pubmedqa"]["vs_base"] = paired_comparison(base.knowledge, run.knowledge, n, seed)
+            run.entry["pubmedqa"]["vs_base"] = {
+                **paired_comparison(base.knowledge, run.knowledge, n, seed),
+                **paired_text(base.knowledge, run.knowledge, n, seed),
+            }
 
 
 def build_report(cfg: Config, data: EvalInputs, runs: list[ModelScores], fallbacks: Fallbacks, start: float) -> dict:
@@ -252,8 +263,10 @@ def search_summary(cfg: Config) -> dict | None:
         "learning_rate",
         "weight_decay",
         "lora_r",
+        "lora_alpha",
         "lora_targets",
         "lora_dropout",
+        "max_steps",
         "status",
         "best_step",
         "best_val_answer_loss",
@@ -261,6 +274,7 @@ def search_summary(cfg: Config) -> dict | None:
         "knowledge_acc",
         "knowledge_base_acc",
         "knowledge_change",
+        "abstract_change",
         "eligible",
         "chosen",
     )
@@ -268,11 +282,17 @@ def search_summary(cfg: Config) -> dict | None:
     selection = search["chosen"].get("selection", {"objective": "answer_loss", "rule": "lowest val answer_loss"})
     plotted = any(t.get("gain") is not None and t.get("knowledge_change") is not None for t in trials)
     if plotted:
-        rule = Rule(
-            **{k: selection[k] for k in ("objective", "max_knowledge_drop", "knowledge_weight") if k in selection}
-        )
+        rule = Rule(**{k: selection[k] for k in Rule.__dataclass_fields__ if k in selection})
         plot_tradeoff(trials, rule.drop_limit, paths(cfg).tradeoff)
-    return {"selection": selection, "trials": trials, "plot": paths(cfg).tradeoff.name if plotted else None}
+    return {
+        "selection": selection,
+        "trials": trials,
+        "plot": paths(cfg).tradeoff.name if plotted else None,
+        # `medqa.frontier`: the adapter outputs/best/ holds, its scale and the front it was chosen from
+        "chosen_source": search["chosen"].get("trial"),
+        "adapter_scale": search["chosen"].get("adapter_scale", 1.0),
+        "frontier": search["chosen"].get("frontier"),
+    }
 
 
 def _search_lines(report: dict) -> list[str]:
@@ -306,6 +326,27 @@ def _search_lines(report: dict) -> list[str]:
     lines.append("")
     if s.get("plot"):
         lines += [f"![gain vs knowledge kept per trial]({s['plot']})", ""]
+    front = s.get("frontier")
+    if front:
+        c = front["chosen"]
+        lines += [
+            f"The frontier scored every kept adapter at scales {', '.join(f'{a:g}' for a in front['alphas'])} "
+            f"({front['points']} points, {front['on_front']} on the Pareto front; {front['csv']}). The rule chose "
+            f"**{c['source']} at adapter scale {c['alpha']:g}**: val answer perplexity "
+            f"{_fmt(c.get('answer_perplexity_change'), '+.1%')} against the base model, abstract loss "
+            f"{_fmt(c.get('abstract_change'), '+.2%')}, PubMedQA dev accuracy change "
+            f"{_fmt(c.get('knowledge_change'), '+.3f')} on the questions scored at each point.",
+            "",
+        ]
+        final = front.get("final_dev_pubmedqa")
+        if final:
+            lines += [
+                f"On all {final['questions']} PubMedQA dev questions the chosen point answers "
+                f"{final['knowledge_acc']:.3f} against the base model's {final['knowledge_base_acc']:.3f} "
+                f"(change {final['knowledge_change']:+.3f}; always answering {final['majority_answer']!r}: "
+                f"{final['majority_baseline_acc']:.3f}), abstract loss {_fmt(final.get('abstract_change'), '+.2%')}.",
+                "",
+            ]
     return lines
 
 
@@ -374,35 +415,46 @@ def _external_table(report: dict) -> list[str]:
 
 
 def _knowledge_table(report: dict) -> list[str]:
-    """PubMedQA before and after fine-tuning, next to the HealthCareMagic gain (when it was measured)."""
+    """PubMedQA and the abstract loss before and after fine-tuning, next to the HealthCareMagic gain (when they
+    were measured)."""
     rows = {name: m for name, m in report["models"].items() if "pubmedqa" in m}
     if not rows:
         return []
-    n = next(iter(rows.values()))["pubmedqa"]["questions"]
+    first = next(iter(rows.values()))["pubmedqa"]
+    n = first["questions"]
     lines = [
         "## Knowledge kept",
         "",
         f"PubMedQA ({n} expert-labelled test questions, zero-shot, lm-evaluation-harness's definition: the "
-        "answer with the highest log-likelihood among yes/no/maybe), beside the test answer-loss change.",
+        "answer with the highest log-likelihood among yes/no/maybe), its predicted-answer shares beside the "
+        f"majority-answer baseline ({first.get('majority_answer', '?')!r} always: "
+        f"{_fmt(first.get('majority_baseline_acc'))}), and the abstract loss: nats per token on the same "
+        "questions' abstracts (a paired, continuous measure), beside the test answer-loss change.",
         "",
-        "| model | PubMedQA accuracy (95% CI) | macro-F1 | Δ accuracy vs base (95% CI) | p (lost accuracy) | "
-        "test answer perplexity | Δ answer_loss vs base |",
-        "|---|---|---|---|---|---|---|",
+        "| model | PubMedQA accuracy (95% CI) | macro-F1 | answered yes / no / maybe | Δ accuracy vs base (95% CI) | "
+        "p (lost accuracy) | abstract loss | Δ abstract loss vs base (95% CI) | test answer perplexity | "
+        "Δ answer_loss vs base |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in rows.items():
         p, vs = m["pubmedqa"], m["pubmedqa"].get("vs_base", {})
         ci = p.get("acc_ci95")
         dci = vs.get("acc_delta_ci95")
+        share = p.get("predicted_share", {})
+        aci = vs.get("abstract_change_ci95")
         lines.append(
             f"| {name} | {p['acc']:.3f}{f' ({ci[0]:.3f}–{ci[1]:.3f})' if ci else ''} | {p['macro_f1']:.3f} | "
+            f"{' / '.join(f'{share.get(c, 0):.0%}' for c in ('yes', 'no', 'maybe'))} | "
             f"{_fmt(vs.get('acc_delta'), '+.3f')}{f' ({dci[0]:+.3f} to {dci[1]:+.3f})' if dci else ''} | "
-            f"{_fmt(vs.get('p_value_lost'), '.3f')} | {m['test']['answer_perplexity']:.2f} | "
-            f"{_fmt(m.get('vs_base', {}).get('loss_delta'), '+.4f')} |"
+            f"{_fmt(vs.get('p_value_lost'), '.3f')} | {_fmt(p.get('abstract_loss'), '.4f')} | "
+            f"{_fmt(vs.get('abstract_change'), '+.2%')}{f' ({aci[0]:+.2%} to {aci[1]:+.2%})' if aci else ''} | "
+            f"{m['test']['answer_perplexity']:.2f} | {_fmt(m.get('vs_base', {}).get('loss_delta'), '+.4f')} |"
         )
     return lines + [
         "",
         "p (lost accuracy): share of paired bootstrap resamples in which the model is not worse than "
-        "the base; a small p means fine-tuning cost PubMedQA accuracy.",
+        "the base; a small p means fine-tuning cost PubMedQA accuracy. Δ abstract loss: relative change "
+        "(model / base - 1), positive = the model finds PubMed text less likely than the base did.",
         "",
     ]
 

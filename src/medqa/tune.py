@@ -4,8 +4,10 @@ ASHA stops bad trials early on the `val_objective` each trial reports at every e
 `medqa.selection`: val answer_loss, or it and the PubMedQA dev accuracy kept); the same rule keeps each trial's
 best checkpoint and chooses the best trial. Storage stays under `outputs/ray_<timestamp>/`; each trial keeps only
 its best adapter (Ray checkpoint, num_to_keep=1). Writes `results.csv` (one row per trial), `search.png`,
-`curves.png` and, with knowledge scores, `tradeoff.png` there, and copies the best trial's adapter to
-`outputs/best/`. `tune.resume=true` restores the latest interrupted experiment with `Tuner.restore`.
+`curves.png` and, with knowledge scores, `tradeoff.png` there. Then the frontier (`medqa.frontier`,
+tune.frontier_alphas) scores every kept adapter (each trial's, and the plain fine-tune's when it exists) scaled back
+by each alpha, and the rule chooses from its Pareto front; the chosen adapter, already scaled, goes to
+`outputs/best/` with trial.json (without a frontier: the best trial as trained). `tune.resume=true` restores the latest interrupted experiment with `Tuner.restore`.
 """
 
 from __future__ import annotations
@@ -363,58 +365,66 @@ def _summarize(cfg: Config, grid, experiment: Path) -> TuneResult:
             f"No trial of {experiment} reported a val answer_loss (errors: {errors or 'none'}). See "
             f"{experiment / 'results.csv'} and the trial folders there."
         )
-    # The best trial, by the rule that chose each trial's checkpoint (`medqa.selection`).
+    # The best trial as trained, by the rule that chose each trial's checkpoint (`medqa.selection`); then, with a
+    # frontier, the rule's choice among every kept adapter at every scale (`medqa.frontier`).
     rule = Rule.of(cfg)
     scored = [i for i, r in enumerate(rows) if "best_val_answer_loss" in r]
     choice = choose([_candidate(rows[i]) for i in scored], rule, "trial")
-    chosen = scored[choice.index]
     table["eligible"] = [rule.eligible(_candidate(r)) if i in scored else None for i, r in enumerate(rows)]
-    table["chosen"] = [i == chosen for i in range(len(rows))]
+    tokenizer = load_tokenizer(cfg)
+    sources = [_trial_source(rows[i], results[i]) for i in scored]
+    front = None
+    if cfg.tune.frontier_alphas:
+        candidates = [*_finetune_source(cfg, tokenizer), *sources]
+        front = run_frontier(cfg, candidates, tokenizer)
+        point = front.rows[front.chosen]
+        source = next(s for s in candidates if s.name == point["source"])
+        choice, alpha, val_loss = front.choice, point["alpha"], point["val_answer_loss"]
+    else:
+        source, alpha = sources[choice.index], 1.0
+        val_loss = rows[scored[choice.index]]["best_val_answer_loss"]
+    table["chosen"] = table["trial"] == source.name
     table = table.sort_values(["chosen", "best_val_objective"], ascending=[False, True], na_position="last")
     table.to_csv(experiment / "results.csv", index=False)
     plot_search(table, curves, experiment)
     if "knowledge_change" in table and "gain" in table:
         plot_tradeoff(table.to_dict("records"), rule.drop_limit, experiment / "tradeoff.png")
-    best_row = table.iloc[0].to_dict()
-    sources = [_trial_source(rows[i], results[i]) for i in scored]
-    tokenizer = load_tokenizer(cfg)
-    point, front = None, None
-    if cfg.tune.frontier_alphas:
-        front = run_frontier(cfg, [*_finetune_source(cfg, tokenizer), *sources], tokenizer)
-        point = front.rows[front.chosen]
-        source = next(s for s in [*_finetune_source(cfg, tokenizer), *sources] if s.name == point["source"])
-        choice = front.choice
-    else:
-        source = sources[scored.index(chosen)]
-    best_dir = paths(cfg).best
-    alpha = point["alpha"] if point else 1.0
-    trial = (next((r for r in rows if r["trial"] == source.name), None) if source.name != FINETUNE else None) or {}
-    config = source.params if source.name != FINETUNE else {}
-    best_cfg = config_from_dict(cfg.to_dict(), [f"{k}={json.dumps(v)}" for k, v in (config or {}).items()])
-    with atomic_dir(best_dir) as tmp:
-        scale_adapter(source.path, tmp, alpha)
+    trial = next((r for r in table.to_dict("records") if r["trial"] == source.name), {})  # {}: the plain fine-tune
+    best = {
+        **{k: v for k, v in trial.items() if _kept(v)},
+        "trial": source.name,
+        "source": "the plain fine-tune (outputs/finetune)" if source.name == FINETUNE else "search trial",
+        # the val answer loss of the adapter saved in outputs/best: the frontier's score of the chosen point (in
+        # the scoring dtype), or the trial's in-training evaluation without a frontier
+        "best_val_answer_loss": val_loss,
+        # the adapter's LoRA update as trained, times adapter_scale (`medqa.frontier`)
+        "adapter_scale": alpha,
+    }
+    save_best(cfg, experiment, source, best, front, choice, tokenizer)
+    return TuneResult(experiment, table, paths(cfg).best, best)
+
+
+def save_best(cfg: Config, experiment: Path, source: Source, best: dict, front, choice, tokenizer) -> None:
+    """outputs/best/: the chosen adapter, scaled by best["adapter_scale"], its tokenizer and manifest, and
+    trial.json (what was chosen, from which search and front, by which rule)."""
+    rule = Rule.of(cfg)
+    best_cfg = config_from_dict(cfg.to_dict(), [f"{k}={json.dumps(v)}" for k, v in (source.params or {}).items()])
+    base_dtype = str(training_base_dtype(cfg, pick_device_dtype(cfg)[0])).replace("torch.", "")
+    with atomic_dir(paths(cfg).best) as tmp:
+        scale_adapter(source.path, tmp, best["adapter_scale"])
         tokenizer.save_pretrained(tmp)
         write_manifest(tmp, "tune", cfg, adapter_inputs(cfg, tokenizer))
         write_json(
             tmp / "trial.json",
             {
                 "experiment": str(experiment),
-                **{k: v for k, v in (trial or best_row if source.name != FINETUNE else {}).items() if _kept(v)},
-                "trial": source.name,
-                "source": "the plain fine-tune (outputs/finetune)" if source.name == FINETUNE else "search trial",
-                # the adapter's LoRA update as trained, times adapter_scale (`medqa.frontier`)
-                "adapter_scale": alpha,
+                **best,
                 "frontier": front.summary() if front else None,
                 "config": best_cfg.to_dict(),
-                # the search compares trials by their in-training evaluations, on the
-                # fp32 training weights; `medqa evaluate` re-scores this adapter in
+                # the search compares trials by their in-training evaluations, on the training weights (the
+                # frozen base in `training_base_dtype`, LoRA in fp32); `medqa evaluate` re-scores this adapter in
                 # model.dtype beside the base model
-                "dtype": (
-                    "nf4 base, float32 adapter"
-                    if cfg.train.qlora
-                    else f"{str(training_base_dtype(cfg, pick_device_dtype(cfg)[0])).replace('torch.', '')} base, "
-                    "float32 adapter"
-                ),
+                "dtype": "nf4 base, float32 adapter" if cfg.train.qlora else f"{base_dtype} base, float32 adapter",
                 "scored_by_evaluate_in": scoring_dtype(cfg),
                 "selection": {
                     **rule.to_dict(),
@@ -425,11 +435,9 @@ def _summarize(cfg: Config, grid, experiment: Path) -> TuneResult:
             },
         )
     log.info(
-        "tune: %d trials; chose %s at adapter scale %.2f (%s) -> %s",
-        len(table),
+        "tune: chose %s at adapter scale %.2f (%s) -> %s",
         source.name,
-        alpha,
+        best["adapter_scale"],
         choice.message,
-        best_dir,
+        paths(cfg).best,
     )
-    return TuneResult(experiment, table, best_dir, best_row)
