@@ -67,7 +67,10 @@ def test_train_findings_compare_with_the_baseline_and_name_the_checkpoint():
     assert "step 20 of 40" in text and "changed by -0.010 from the base model's 0.450" in text and "lost" in text
     assert "fell back" not in text
     metrics["selection"].update(eligible=False, max_knowledge_drop=0.005)
-    assert "No checkpoint kept PubMedQA dev accuracy within 0.005" in train_findings(metrics, base)
+    text = train_findings(metrics, base)
+    assert "chosen by the rule's fallback" in text and "fell back to the nearest miss" in text
+    metrics["selection"]["checkpoint"]["abstract_change"] = 0.0123
+    assert "abstract loss on the dev abstracts was +1.23%" in train_findings(metrics, base)
     metrics["test"] = _test(50.0)
     del metrics["selection"]
     text = train_findings(metrics, base)
@@ -128,9 +131,40 @@ def test_knowledge_frame_reads_lm_eval_or_medqa_and_is_none_without_either():
     report = _report(3.30)
     frame = knowledge_frame(report)
     assert list(frame.index) == ["base", "fine-tuned"]  # the best trial has no PubMedQA score here: left out
-    assert frame.loc["fine-tuned", "PubMedQA acc"] == 0.395 and frame.loc["fine-tuned", "Δ acc vs base"] == -0.06
-    assert frame.loc["fine-tuned", "scored by"] == "lm-eval pubmedqa_local"
+    assert frame.loc["fine-tuned", "lm-eval pubmedqa_local acc"] == 0.395
+    assert frame.loc["fine-tuned", "lm-eval Δ acc"] == -0.06
     del report["benchmarks"]
     assert knowledge_frame(report) is None
-    report["models"]["base"]["pubmedqa"] = {"acc": 0.5, "questions": 10}
-    assert knowledge_frame(report).loc["base", "scored by"] == "medqa"
+    report["models"]["base"]["pubmedqa"] = {
+        "acc": 0.5,
+        "questions": 10,
+        "predicted_share": {"yes": 0.7, "no": 0.3, "maybe": 0.0},
+        "majority_baseline_acc": 0.6,
+        "abstract_loss": 2.5,
+    }
+    frame = knowledge_frame(report)
+    assert frame.loc["base", "PubMedQA acc"] == 0.5 and frame.loc["base", "answered yes/no/maybe"] == "70% / 30% / 0%"
+    assert frame.loc["base", "majority baseline"] == 0.6 and frame.loc["base", "abstract loss"] == 2.5
+
+
+def test_target_check_names_what_was_missed():
+    from medqa.findings import target_check, target_sentence
+
+    report = {
+        "models": {
+            "base": {"test": _test(46.16)},
+            "a": {
+                "test": _test(27.0),  # -41.5%
+                "pubmedqa": {"vs_base": {"acc_delta": -0.02, "abstract_change": 0.019}},
+            },
+            "b": {
+                "test": _test(28.52),  # -38.2%
+                "pubmedqa": {"vs_base": {"acc_delta": -0.06, "abstract_change": 0.05}},
+            },
+        }
+    }
+    assert target_check(report, "a")["met"] and not target_check(report, "b")["met"]
+    text = target_sentence(report)
+    assert "**a** meets the target" in text
+    assert "**b** misses the target: answer perplexity -38.2% (limit -40%) missed" in text
+    assert "PubMedQA accuracy -0.060 (limit -0.02) missed" in text and "abstract loss +5.0% (limit +2%) missed" in text

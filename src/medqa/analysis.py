@@ -191,39 +191,47 @@ def by_source_frame(report: dict) -> pd.DataFrame | None:
 
 
 def knowledge_frame(report: dict) -> pd.DataFrame | None:
-    """PubMedQA test accuracy per model beside its HealthCareMagic test answer perplexity: from lm-eval's tasks
-    (report.json's `benchmarks`) when `medqa benchmark` ran, else from medqa's own scorer (`pubmedqa`); None when
-    neither did."""
+    """PubMedQA test accuracy and the abstract loss per model beside its HealthCareMagic test answer perplexity:
+    medqa's scorer (`pubmedqa`: accuracy with its interval, the predicted-answer shares beside the majority-answer
+    baseline, macro-F1, the abstract loss and their paired changes) and lm-eval's accuracy (report.json's
+    `benchmarks`) when `medqa benchmark` ran; None when neither did."""
     bench = (report.get("benchmarks") or {}).get("models") or {}
     rows = {}
     for name, m in report["models"].items():
         row = {"test answer perplexity": m["test"]["answer_perplexity"]}
         row["Δ answer_loss vs base"] = (m.get("vs_base") or {}).get("loss_delta")
+        if "pubmedqa" in m:
+            p = m["pubmedqa"]
+            vs = p.get("vs_base") or {}
+            share = p.get("predicted_share") or {}
+            row.update(
+                {
+                    "PubMedQA acc": p["acc"],
+                    "acc 95% CI": p.get("acc_ci95"),
+                    "Δ acc vs base": vs.get("acc_delta"),
+                    "Δ acc 95% CI": vs.get("acc_delta_ci95"),
+                    "p (lost)": vs.get("p_value_lost"),
+                    "macro-F1": p.get("macro_f1"),
+                    "answered yes/no/maybe": " / ".join(f"{share.get(c, 0):.0%}" for c in ("yes", "no", "maybe")),
+                    "majority baseline": p.get("majority_baseline_acc"),
+                    "questions": p.get("questions"),
+                    "abstract loss": p.get("abstract_loss"),
+                    "Δ abstract loss": vs.get("abstract_change"),
+                    "Δ abstract 95% CI": vs.get("abstract_change_ci95"),
+                }
+            )
         b = bench.get(name) or {}
         for task, metrics in (b.get("tasks") or {}).items():
             if "acc" in metrics:
                 vs = ((b.get("vs_base") or {}).get(task) or {}).get("acc") or {}
                 row.update(
                     {
-                        "PubMedQA acc": metrics["acc"]["value"],
-                        "Δ acc vs base": vs.get("delta"),
-                        "p (lost)": vs.get("p_lost"),
-                        "questions": (b.get("questions") or {}).get(task),
-                        "scored by": f"lm-eval {task}",
+                        f"lm-eval {task} acc": metrics["acc"]["value"],
+                        "lm-eval Δ acc": vs.get("delta"),
+                        "lm-eval questions": (b.get("questions") or {}).get(task),
                     }
                 )
                 break
-        else:
-            if "pubmedqa" in m:
-                p = m["pubmedqa"]
-                row.update(
-                    {
-                        "PubMedQA acc": p["acc"],
-                        "Δ acc vs base": (p.get("vs_base") or {}).get("acc_delta"),
-                        "questions": p.get("questions"),
-                        "scored by": "medqa",
-                    }
-                )
-        if "PubMedQA acc" in row:
+        if len(row) > 2:
             rows[name] = row
     return pd.DataFrame(rows).T if rows else None

@@ -78,16 +78,19 @@ def train_findings(metrics: dict, baseline: dict | None = None) -> str:
         lines.append(f"Test answer perplexity: **{test['answer_perplexity']:.2f}** (no baseline to compare with).")
     chosen = (metrics.get("selection") or {}).get("checkpoint")
     if chosen:
+        fell_back = metrics["selection"].get("eligible") is False
+        how = "by the rule's fallback" if fell_back else "by the rule"
         lines.append(
             f"The kept checkpoint is step {chosen['step']} of {metrics['steps']} (val answer loss "
-            f"{chosen['answer_loss']:.4f}), chosen by the rule `{metrics['selection']['objective']}`"
+            f"{chosen['answer_loss']:.4f}), chosen {how} `{metrics['selection']['objective']}`"
             + _knowledge_clause(chosen.get("knowledge_change"), chosen.get("knowledge_base_acc"))
+            + _abstract_clause(chosen.get("abstract_change"))
         )
-        if metrics["selection"].get("eligible") is False:
+        if fell_back:
             lines.append(
-                f"No checkpoint kept PubMedQA dev accuracy within {metrics['selection']['max_knowledge_drop']:g} of "
-                "the base model's, so the rule fell back to the lowest val answer loss: a lower learning rate, fewer "
-                "steps or a smaller `lora.r` (a search over them, notebook 4) may keep more."
+                "No checkpoint kept its knowledge within the rule's limits, so the rule fell back to the nearest "
+                "miss: a lower learning rate, fewer steps or a smaller `lora.r` (a search over them, notebook 4), "
+                "or the adapter scaled back after training (the frontier, notebook 4) may keep more."
             )
     return _md(lines)
 
@@ -131,6 +134,13 @@ def final_findings(report: dict, val_losses: dict[str, float] | None = None) -> 
             f"The search's best trial {'beat' if won_val else 'did not beat'} the plain fine-tune on validation "
             f"(val answer loss {val_t:.4f} vs {val_f:.4f}) {story} (test answer loss {test_t:.4f} vs {test_f:.4f})."
         )
+    target = target_sentence(report)
+    if target:
+        lines.append(
+            "Against the target (test answer perplexity at least 40% below the base model's, PubMedQA accuracy at "
+            "most 2 points and abstract loss at most 2% worse):"
+        )
+        lines.append(target)
     return _md(lines) if lines else "Only the base model was evaluated: train an adapter to compare."
 
 
@@ -155,8 +165,25 @@ def search_space_table(space: dict) -> list[dict]:
 
 
 def _knowledge_kept(report: dict, name: str) -> str:
-    """PubMedQA test accuracy change of `name`, from lm-eval (benchmarks) or medqa's scorer, with its p."""
+    """PubMedQA test accuracy change of `name` with its p, from medqa's scorer (with the abstract loss change)
+    when it scored at least as many questions as lm-eval (benchmarks), else from lm-eval."""
+    pub = report["models"][name].get("pubmedqa") or {}
     bench = ((report.get("benchmarks") or {}).get("models") or {}).get(name) or {}
+    lm_eval_n = max((bench.get("questions") or {}).values(), default=0)
+    if "vs_base" in pub and pub.get("questions", 0) >= lm_eval_n:
+        vs = pub["vs_base"]
+        base_acc = pub["acc"] - vs["acc_delta"]
+        text = (
+            f"; PubMedQA accuracy {base_acc:.3f} -> {pub['acc']:.3f} ({vs['acc_delta']:+.3f}"
+            + (f", p of a loss {vs['p_value_lost']:.3f}" if vs.get("p_value_lost") is not None else "")
+            + f", {pub['questions']} questions)"
+        )
+        if vs.get("abstract_change") is not None:
+            ci = vs.get("abstract_change_ci95")
+            text += f", abstract loss {vs['abstract_change']:+.2%}" + (
+                f" (95% CI {ci[0]:+.2%} to {ci[1]:+.2%})" if ci else ""
+            )
+        return text
     for task, per_metric in (bench.get("vs_base") or {}).items():
         acc = per_metric.get("acc")
         if acc:
@@ -166,10 +193,60 @@ def _knowledge_kept(report: dict, name: str) -> str:
                 f"({acc['delta']:+.3f}, p of a loss {acc['p_lost']:.3f}, "
                 f"{bench['questions'][task]} questions, lm-eval)"
             )
-    pub = report["models"][name].get("pubmedqa") or {}
     if "vs_base" in pub:
         return f"; PubMedQA accuracy {pub['acc']:.3f} ({pub['vs_base']['acc_delta']:+.3f} vs base)"
     return ""
+
+
+# The target a chosen adapter is held to (README, "The trade-off"): answer perplexity at least 40% below the base
+# model's, PubMedQA accuracy at most 2 points below, abstract loss at most 2% above, on the test split.
+TARGET = {"perplexity_drop": 0.40, "accuracy_drop": 0.02, "abstract_rise": 0.02}
+
+
+def target_check(report: dict, name: str) -> dict | None:
+    """Whether `name` met the target on test: each criterion's value, limit and verdict; None without the
+    numbers (PubMedQA with the abstract loss, and the base model)."""
+    models = report["models"]
+    m, base = models.get(name), models.get("base")
+    if not m or not base or "vs_base" not in (m.get("pubmedqa") or {}):
+        return None
+    vs = m["pubmedqa"]["vs_base"]
+    ppl = m["test"]["answer_perplexity"] / base["test"]["answer_perplexity"] - 1
+    checks = {
+        "answer perplexity": (ppl, -TARGET["perplexity_drop"], ppl <= -TARGET["perplexity_drop"]),
+        "PubMedQA accuracy": (
+            vs["acc_delta"],
+            -TARGET["accuracy_drop"],
+            vs["acc_delta"] >= -TARGET["accuracy_drop"] - 1e-9,
+        ),
+    }
+    if vs.get("abstract_change") is not None:
+        a = vs["abstract_change"]
+        checks["abstract loss"] = (a, TARGET["abstract_rise"], a <= TARGET["abstract_rise"])
+    return {"met": all(ok for _, _, ok in checks.values()), "checks": checks}
+
+
+def target_sentence(report: dict) -> str:
+    """One sentence per adapter: met the target, or which criteria it missed and by how much."""
+    out = []
+    for name in report["models"]:
+        if name == "base":
+            continue
+        t = target_check(report, name)
+        if t is None:
+            continue
+        parts = [
+            (
+                f"{what} {value:+.3f} (limit {limit:+.2f})"
+                if what == "PubMedQA accuracy"
+                else f"{what} {value:+.1%} (limit {limit:+.0%})"
+            )
+            + ("" if ok else " missed")
+            for what, (value, limit, ok) in t["checks"].items()
+        ]
+        verdict = "meets the target" if t["met"] else "misses the target"
+        out.append(f"**{name}** {verdict}: {', '.join(parts)}.")
+    return _md(out)
 
 
 def _knowledge_clause(change: float | None, base_acc: float | None) -> str:
@@ -179,6 +256,12 @@ def _knowledge_clause(change: float | None, base_acc: float | None) -> str:
     return f"; at that step its PubMedQA dev accuracy had changed by {change:+.3f}{where} " + (
         "(nothing forgotten on these questions)." if change >= 0 else "(some knowledge lost)."
     )
+
+
+def _abstract_clause(change: float | None) -> str:
+    if change is None or not math.isfinite(change):
+        return ""
+    return f" Its abstract loss on the dev abstracts was {change:+.2%} against the base model's."
 
 
 def _splits(kept: dict) -> str:

@@ -240,12 +240,68 @@ def run_frontier(cfg: Config, sources: list[Source], tokenizer) -> Front:
     return Front(rows, chosen, choice, final, folder)
 
 
+def front_table(trial: dict):
+    """The front's points (frontier.csv, those on the Pareto front) as a readable table, the chosen one marked."""
+    import pandas as pd
+
+    front = pd.read_csv(trial["frontier"]["csv"])
+    keep = [
+        c
+        for c in (
+            "source",
+            "step",
+            "alpha",
+            "val_answer_perplexity",
+            "answer_perplexity_change",
+            "abstract_change",
+            "knowledge_acc",
+            "knowledge_change",
+            "eligible",
+            "chosen",
+        )
+        if c in front
+    ]
+    return front[front["on_front"]][keep].sort_values("answer_perplexity_change").reset_index(drop=True)
+
+
+def final_table(trial: dict):
+    """The chosen point and the base model on all the dev questions: accuracy, macro-F1, answer shares, the
+    majority-answer baseline and the abstract loss."""
+    import pandas as pd
+
+    final = (trial.get("frontier") or {}).get("final_dev_pubmedqa")
+    if not final:
+        return "Not scored: tune.final_knowledge_questions is 0 (or no frontier ran)."
+    rows = {}
+    for name, key, loss in (
+        ("base", "base", "abstract_base_loss"),
+        (f"chosen ({trial.get('trial')}, alpha {trial.get('adapter_scale', 1):g})", "tuned", "abstract_loss"),
+    ):
+        s = final[key]
+        rows[name] = {
+            "questions": s["questions"],
+            "accuracy": s["acc"],
+            "macro-F1": s["macro_f1"],
+            **{f"answered {c}": s["predicted_share"][c] for c in ("yes", "no", "maybe")},
+            "abstract loss": final.get(loss),
+        }
+    frame = pd.DataFrame(rows).T
+    frame.attrs["majority baseline"] = final["majority_baseline_acc"]
+    print(
+        f"Always answering {final['majority_answer']!r}: {final['majority_baseline_acc']:.3f}. Change: accuracy "
+        f"{final['knowledge_change']:+.3f}, abstract loss {final.get('abstract_change', float('nan')):+.2%}."
+    )
+    return frame
+
+
 __all__ = [
     "KNOWLEDGE_DEV_SIZE",
     "TARGET_PERPLEXITY_DROP",
     "Source",
     "choose_point",
     "final_knowledge",
+    "final_table",
+    "front_table",
     "knowledge_cost",
     "pareto",
     "scale_adapter",

@@ -1,13 +1,14 @@
 """Stage 4a, `tune(cfg)`: a Ray Tune search whose trials run the same `train()` as `medqa train`.
 
 ASHA stops bad trials early on the `val_objective` each trial reports at every evaluation (`tune.objective`,
-`medqa.selection`: val answer_loss, or it and the PubMedQA dev accuracy kept); the same rule keeps each trial's
-best checkpoint and chooses the best trial. Storage stays under `outputs/ray_<timestamp>/`; each trial keeps only
-its best adapter (Ray checkpoint, num_to_keep=1). Writes `results.csv` (one row per trial), `search.png`,
-`curves.png` and, with knowledge scores, `tradeoff.png` there. Then the frontier (`medqa.frontier`,
-tune.frontier_alphas) scores every kept adapter (each trial's, and the plain fine-tune's when it exists) scaled back
-by each alpha, and the rule chooses from its Pareto front; the chosen adapter, already scaled, goes to
-`outputs/best/` with trial.json (without a frontier: the best trial as trained). `tune.resume=true` restores the latest interrupted experiment with `Tuner.restore`.
+`medqa.selection`: val answer_loss, or it and the knowledge kept on the PubMedQA dev questions); the same rule
+keeps each trial's best checkpoint and chooses the best trial. Storage stays under `outputs/ray_<timestamp>/`;
+each trial keeps only its best adapter (Ray checkpoint, num_to_keep=1). Writes `results.csv` (one row per trial),
+`search.png`, `curves.png` and, with knowledge scores, `tradeoff.png` there. Then the frontier (`medqa.frontier`,
+tune.frontier_alphas) scores every kept adapter (each trial's, and the plain fine-tune's when it exists) scaled
+back by each alpha, and the rule chooses from its Pareto front; the chosen adapter, already scaled, goes to
+`outputs/best/` with trial.json (without a frontier: the best trial as trained). `tune.resume=true` restores the
+latest interrupted experiment with `Tuner.restore`.
 """
 
 from __future__ import annotations
