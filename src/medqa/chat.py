@@ -36,7 +36,17 @@ from medqa.generate import stream_answer
 from medqa.modelcard import DATA_LICENCE
 from medqa.modeling import load_adapter_model, load_model, load_tokenizer
 from medqa.prompts import multi_turn
-from medqa.ratings import BASE, POSITIONS, RATINGS, TUNED, Rating, draw_order, model_identity, record_feedback
+from medqa.ratings import (
+    BASE,
+    POSITIONS,
+    RATINGS,
+    TUNED,
+    Rating,
+    draw_order,
+    model_identity,
+    record_feedback,
+    workdir_relative,
+)
 from medqa.schema import Config
 from medqa.workdir import candidate_adapters, load_records, paths
 
@@ -203,7 +213,7 @@ def chat(cfg: Config, adapter: str | Path | None = None, sides: list[Side] | Non
             return {status: "⚠️ Ask a question first; then rate an answer."}
         entry = Rating(shown, side, rating, comment).entry(identities)
         path = record_feedback(cfg, entry)
-        said = f"Saved your rating ({side}: {rating}) to {path}. Thank you."
+        said = f"Saved your rating of {side} ({entry['rated']}: {rating}) to {workdir_relative(cfg, path)}. Thank you."
         if show_names:
             return {status: said}
         order = shown["order"]

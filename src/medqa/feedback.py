@@ -26,7 +26,7 @@ from pathlib import Path
 
 from medqa.modeling import load_tokenizer
 from medqa.prompts import template_text
-from medqa.ratings import BASE, TUNED, read_feedback
+from medqa.ratings import BASE, TUNED, read_feedback, workdir_relative
 from medqa.schema import Config
 from medqa.workdir import paths
 
@@ -82,7 +82,7 @@ def feedback(cfg: Config, export_preferences: str | Path | None = None) -> Feedb
     ratings, problems = read_feedback(source) if source.exists() else ([], [])
     for _, problem in problems:
         log.warning(problem)
-    summary = summarise(ratings, [number for number, _ in problems], _shown(cfg, source))
+    summary = summarise(ratings, [number for number, _ in problems], workdir_relative(cfg, source))
     if not ratings:
         what = "has no ratings" if source.exists() else "does not exist"
         summary["message"] = (
@@ -177,14 +177,6 @@ def preference_rows(cfg: Config, ratings: list[dict]) -> list[dict]:
             }
         )
     return rows
-
-
-def _shown(cfg: Config, path: Path) -> str:
-    """`path` relative to the workdir (the summary may be shared; never an absolute path)."""
-    try:
-        return path.resolve().relative_to(paths(cfg).root.resolve()).as_posix()
-    except ValueError:
-        return path.name
 
 
 def _rate(g: dict) -> str:

@@ -38,10 +38,10 @@ def model_identity(cfg: Config, adapter: str | Path | None = None) -> dict:
     """What names a model in the page and in feedback.jsonl: {"label", "model", "fingerprint"}, with "adapter" and
     "step" for an adapter. Folders are given relative to the workdir (or by their own name when outside it), never
     as absolute paths: a rating file may be shared."""
-    model = _relative(cfg, model_path(cfg))
+    model = workdir_relative(cfg, model_path(cfg))
     if adapter is None:
         return {"label": model, "model": model, "fingerprint": fingerprint_model(model_path(cfg), cfg.model.revision)}
-    folder = _relative(cfg, str(adapter))
+    folder = workdir_relative(cfg, str(adapter))
     step = (read_metrics(Path(adapter)) or {}).get("steps")
     return {
         "label": f"{folder} (step {step})" if step is not None else folder,
@@ -52,7 +52,10 @@ def model_identity(cfg: Config, adapter: str | Path | None = None) -> dict:
     }
 
 
-def _relative(cfg: Config, name: str) -> str:
+def workdir_relative(cfg: Config, name: str | Path) -> str:
+    """A folder or file as the page, the feedback file and the summary name it: relative to the workdir, or by its
+    own name when outside it (a Hub id, or a path the config gives relatively, as it is)."""
+    name = str(name)
     path = Path(name).expanduser()
     if not path.is_absolute():
         return name  # a Hub id or a path as the config gives it
