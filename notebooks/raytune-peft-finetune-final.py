@@ -53,7 +53,9 @@ import pandas as pd
 from IPython.display import Image, Markdown, display
 
 from medqa.notebook import setup
+from medqa.quiet import quiet_libraries
 
+quiet_libraries()
 cfg = setup(CONFIG, SEARCH + OVERRIDES, stage="tune", smoke=SMOKE, colab_overrides=COLAB_OVERRIDES)
 
 # %% [markdown]

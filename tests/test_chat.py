@@ -1,6 +1,8 @@
 """`medqa chat` in a real browser: the CLI serves the page on the tiny demo models (127.0.0.1, a free port), headless
 Chromium (Debian's, driven by Selenium through Debian's chromedriver) asks, both answers stream and equal
 `medqa ask`'s, a rating lands in outputs/chat/feedback.jsonl; a bad request gets a message and the server goes on.
+The blind page (the default; the labelled one is `--show-names`): the answers are A and B in the recorded order,
+a rating of A is recorded against the model that was A, and the names show only after it.
 Also, without a browser: streaming ends on generate_answers' text (static-cache fallback included), and concurrent
 ratings never interleave."""
 
@@ -64,6 +66,17 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(workdir, tmp_path_factory):
+    """`medqa chat --show-names` (the labelled page), stopped when the module's tests end."""
+    yield from _serve(workdir, tmp_path_factory, "--show-names")
+
+
+@pytest.fixture(scope="module")
+def blind_server(workdir, tmp_path_factory):
+    """`medqa chat` as it starts by default: blind."""
+    yield from _serve(workdir, tmp_path_factory)
+
+
+def _serve(workdir, tmp_path_factory, *flags: str):
     """`medqa chat` in its own process group, stopped (the whole group) when the module's tests end."""
     port = _free_port()
     log = tmp_path_factory.mktemp("chat-server") / "server.log"
@@ -79,6 +92,7 @@ def server(workdir, tmp_path_factory):
         *CHAT,
         "--port",
         str(port),
+        *flags,
     ]
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -176,12 +190,12 @@ def _set_question(driver, text: str) -> None:
     )
 
 
-def _answers(driver) -> dict[str, str]:
+def _answers(driver, columns=(("base", "answer-base"), ("fine-tuned", "answer-fine-tuned"))) -> dict[str, str]:
     """The latest answer in each column, as the page holds it."""
     from selenium.webdriver.common.by import By
 
     out = {}
-    for name, elem in (("base", "answer-base"), ("fine-tuned", "answer-fine-tuned")):
+    for name, elem in columns:
         bots = driver.find_elements(By.CSS_SELECTOR, f"#{elem} [data-testid='bot'] .message-content")
         out[name] = bots[-1].get_attribute("textContent") if bots else None
     return out
@@ -281,9 +295,82 @@ def test_page_answers_like_ask_streams_and_records_a_rating(server, browser, wor
     )
     assert entry["reference"] == test[0]["answer"]
     assert entry["settings"]["max_new_tokens"] == 24 and entry["settings"]["do_sample"] is False
+    assert entry["blind"] is False and entry["order"] == {"A": "base", "B": "fine-tuned"}
+    assert str(workdir) not in lines[0]  # models named relative to the workdir, never by an absolute path
+    assert entry["models"]["base"]["label"] == "models/tiny-biogpt"
+    assert entry["models"]["fine-tuned"]["label"] == "outputs/finetune (step 4)"
+    assert "fine-tuned: outputs/finetune (step 4)" in _text(browser, "answer-fine-tuned")
     assert entry["models"]["base"]["fingerprint"] == fingerprint_model(str(workdir / "models" / "tiny-biogpt"))
     assert entry["models"]["fine-tuned"]["fingerprint"] == fingerprint_model(str(paths(cfg).finetune))
     assert entry["models"]["base"]["fingerprint"] != entry["models"]["fine-tuned"]["fingerprint"]
+
+
+BLIND = (("A", "answer-a"), ("B", "answer-b"))
+NAMES = ("models/tiny-biogpt", "outputs/finetune", "base", "fine-tuned")  # what the blind columns must not say
+
+
+def test_blind_page_records_the_rating_against_the_model_that_was_a(blind_server, browser, workdir):
+    """Two questions: the answers show as A and B with no name in the columns, each column holds the answer of the
+    model the line records at that position (as `medqa ask` gives it), in the order drawn from the recorded seed
+    and draw; a rating of A is recorded against the model that was A, and only then do the names show."""
+    from selenium.webdriver.common.by import By
+
+    from medqa.ask import DISCLAIMER, ask
+    from medqa.ratings import draw_order
+    from medqa.workdir import paths
+
+    cfg = demo_config(workdir, *CHAT)
+    feedback = paths(cfg).chat_feedback
+    before = feedback.read_text(encoding="utf-8").splitlines() if feedback.exists() else []
+    _open(browser, blind_server["url"])
+    assert not browser.find_elements(By.ID, "answer-base") and "Blind" in _text(browser, "mode")
+    questions = ["My knee hurts when I climb stairs. What should I do?", "I have had a dry cough for three days."]
+    status, entries = "", []
+    for i, (question, rating) in enumerate(zip(questions, ("better", "worse"))):
+        _set_question(browser, question)
+        status = _ask_and_wait(browser, status)
+        assert status.startswith("Both answered"), status
+        shown = _answers(browser, BLIND)
+        columns = {p: _text(browser, f"answer-{p.lower()}").replace(shown[p] or "", "") for p in "AB"}
+        assert not [n for n in NAMES for text in columns.values() if n in text], columns  # labels say A and B only
+        assert not _text(browser, "names")
+
+        browser.find_element(By.ID, f"rate-a-{rating}").click()
+        status = _wait(lambda: (s := _text(browser, "status")).startswith("Saved your rating") and s, what="saving")
+        lines = feedback.read_text(encoding="utf-8").splitlines()
+        assert len(lines) == len(before) + i + 1
+        entry = json.loads(lines[-1])
+        entries.append(entry)
+        a, b = entry["order"]["A"], entry["order"]["B"]
+        assert entry["blind"] is True and sorted((a, b)) == ["base", "fine-tuned"]
+        assert [a, b] == draw_order(entry["order_seed"], entry["order_draw"]) and entry["order_seed"] == cfg.seed
+        expected = {
+            name: answer.removesuffix("\n" + DISCLAIMER)
+            for name, answer in (
+                ("base", ask(cfg, [question])[0]),
+                ("fine-tuned", ask(cfg, [question], paths(cfg).finetune)[0]),
+            )
+        }
+        assert shown == {"A": expected[a] or "(no answer)", "B": expected[b] or "(no answer)"}
+        assert entry["answers"] == expected
+        assert (entry["rated"], entry["rated_side"], entry["rating"]) == (a, "A", rating)
+        assert entry["preferred"] == (a if rating == "better" else b)
+        # now the names: in the page, and the rating buttons off (one blind rating per question)
+        revealed = _text(browser, "names")
+        assert f"A was {a}" in revealed and f"B was {b}" in revealed and "outputs/finetune (step 4)" in revealed
+        assert _text(browser, "answer-a").startswith(f"A: {a}")
+        assert not browser.find_element(By.ID, "rate-b-better").is_enabled()
+    assert [e["order_draw"] for e in entries] == [entries[0]["order_draw"], entries[0]["order_draw"] + 1]
+    assert str(workdir) not in "".join(feedback.read_text(encoding="utf-8").splitlines()[len(before) :])
+
+
+def test_the_order_is_drawn_per_question_and_reproducible():
+    from medqa.ratings import draw_order
+
+    orders = [tuple(draw_order(42, draw)) for draw in range(40)]
+    assert orders == [tuple(draw_order(42, draw)) for draw in range(40)]
+    assert 10 <= orders.count(("base", "fine-tuned")) <= 30  # both orders, about as often
+    assert orders != [tuple(draw_order(43, draw)) for draw in range(40)]
 
 
 def test_bad_requests_get_a_message_and_the_server_goes_on(server, browser):
@@ -341,7 +428,7 @@ def test_streamed_answer_grows_and_ends_as_generate_answers(workdir, monkeypatch
 
 
 def _append(workdir: str, who: int, n: int) -> None:
-    from medqa.chat import record_feedback
+    from medqa.ratings import record_feedback
 
     cfg = demo_config(Path(workdir))
     for i in range(n):

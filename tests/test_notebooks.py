@@ -83,6 +83,7 @@ def test_notebook_is_thin_and_reads_as_a_document(path: Path):
     assert '"google.colab" in sys.modules' in code[0].source  # the Colab cell comes first and guards itself
     assert code[1].metadata.get("tags") == ["parameters"]
     assert "from medqa.notebook import setup" in code[2].source and "smoke=SMOKE" in code[2].source
+    assert "\nquiet_libraries()\n" in code[2].source  # results, not library chatter (medqa.quiet)
     assert nb.cells[-1].cell_type == "markdown" and nb.cells[-1].source.startswith("## Next")
     # it ends with what its run found, written by medqa.findings from the run's own numbers
     found = next(i for i, c in enumerate(nb.cells) if c.source.startswith("## What this run found"))
@@ -234,6 +235,94 @@ def test_clean_outputs_drops_noise_and_local_paths(tmp_path):
     assert "widgets" not in nb.metadata and not local_paths_in(nbformat.writes(nb))
 
 
+# ---- library chatter ----------------------------------------------------------------------------------------
+
+# Lines from Ray, lm-eval, transformers and the libraries under them that a reader of a notebook can do nothing
+# about (medqa.quiet silences them). Each was seen in a committed notebook; a new one found in a run goes here.
+CHATTER = (
+    re.compile(r"\t(INFO|DEBUG) \S+\.py:\d+ -- "),  # Ray's own log format, e.g. "Missing packages: ['ipywidgets']"
+    re.compile(r"^(INFO|DEBUG) (ray|lm_eval|transformers|datasets|absl|httpx|matplotlib)[\w.]*: "),  # INFO lines
+    re.compile(r"Experiment state snapshotting has been triggered"),  # Ray Tune, once per checkpoint
+    re.compile(r"`pretrained` model kwarg is not of type `str`"),  # lm-eval, given the loaded model on purpose
+    re.compile(r"Passed an already-initialized model through `pretrained`"),
+    re.compile(r"Missing packages: \['ipywidgets'\]"),
+    re.compile(r"Using default tokenizer\."),  # absl, from rouge-score
+    re.compile(r"HTTP Request: (GET|HEAD|POST) "),  # httpx, from Gradio
+    re.compile(r"Token indices sequence length is longer than the specified maximum"),  # transformers, then cut
+)
+
+
+def library_chatter(nb) -> list[str]:
+    """The lines of `nb`'s text outputs that match CHATTER."""
+    lines = [
+        line
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.get("outputs", [])
+        if out.get("output_type") == "stream"
+        for line in out.get("text", "").splitlines()
+    ]
+    return [line for line in lines if any(p.search(line) for p in CHATTER)]
+
+
+def test_chatter_is_caught_and_medqas_own_lines_are_not():
+    """The lines the committed notebook 4 carried before medqa.quiet are caught; medqa's progress is not."""
+    seen = (
+        "2026-12-01 11:38:28,224\tINFO util.py:155 -- Missing packages: ['ipywidgets']. Run `pip install -U "
+        "ipywidgets`, then restart the notebook server for rich notebook output.\n"
+        "Experiment state snapshotting has been triggered multiple times in the last 5.0 seconds and may become a "
+        "bottleneck.\n"
+        "INFO lm_eval.tasks: Selected tasks:\n"
+        "WARNING lm_eval.models.huggingface: `pretrained` model kwarg is not of type `str`. Many other model "
+        "arguments may be ignored.\n"
+        "INFO absl: Using default tokenizer.\n"
+        'INFO httpx: HTTP Request: GET http://127.0.0.1:7860/gradio_api/startup-events "HTTP/1.1 200 OK"\n'
+        "[transformers] Token indices sequence length is longer than the specified maximum sequence length for "
+        "this model (1101 > 1024). Running this sequence through the model will result in indexing errors\n"
+        "INFO matplotlib.font_manager: generated new fontManager\n"
+    )
+    own = (
+        "INFO medqa.benchmark: benchmark: base done in 197.8 s\nWARNING medqa.modeling: no pad token\n"
+        "WARNING lm_eval.models.huggingface: Combined length of context (1099) and continuation (4) exceeds "
+        "model's maximum length (1024). Truncating 80 tokens from the left.\n"
+    )
+    out = nbformat.v4.new_output("stream", name="stderr", text=seen + own)
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x", outputs=[out])])
+    assert library_chatter(nb) == seen.splitlines()
+
+
+def test_quiet_libraries_keeps_warnings_that_matter(capsys):
+    """After quiet_libraries: the libraries' INFO lines and the listed warnings are dropped; another warning from
+    the same logger, and medqa's INFO lines, still reach the notebook."""
+    import logging
+
+    from medqa.quiet import DROPPED, quiet_libraries
+
+    quiet_libraries()
+    quiet_libraries()  # twice changes nothing
+    handler = logging.StreamHandler()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    old = root.level
+    root.setLevel(logging.INFO)
+    try:
+        logging.getLogger("lm_eval.tasks").info("Selected tasks:")
+        hf = logging.getLogger("lm_eval.models.huggingface")
+        for message in DROPPED["lm_eval.models.huggingface"]:
+            hf.warning(message + " (as lm-eval says it)")
+        hf.warning("Context length 2048 exceeded: the prompt was truncated")
+        logging.getLogger("ray.tune.execution.experiment_state").warning(
+            "Experiment state snapshotting has been triggered multiple times"
+        )
+        logging.getLogger("medqa.tune").info("tune: 2 trials")
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old)
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["Context length 2048 exceeded: the prompt was truncated", "tune: 2 trials"]
+    assert len(logging.getLogger("lm_eval.models.huggingface").filters) == 1
+
+
 # ---- execution (smoke mode on the demo, in memory) ----------------------------------------------------------
 
 
@@ -302,6 +391,9 @@ def test_raytune_final_notebook_runs(tmp_path):
 
     prepare(demo_config(tmp_path, *SMOKE_DATA))  # what notebook 1's smoke run writes
     nb = run_notebook("raytune-peft-finetune-final.ipynb", tmp_path, [f"workdir={tmp_path}", f"data.source={SAMPLE}"])
+    assert not library_chatter(nb), "library chatter in notebook 4 (see medqa.quiet):\n" + "\n".join(
+        library_chatter(nb)
+    )
     assert (tmp_path / "outputs" / "best" / "adapter_model.safetensors").exists()
     assert (tmp_path / "outputs" / "report.md").exists()
     images = sum(1 for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {}))

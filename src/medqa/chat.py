@@ -3,9 +3,13 @@
 Both answers stream token by token through `generate.stream_answer`, the code path of `medqa ask` and `evaluate`
 (the same prompt template and generation settings; the settings can be changed in the page within the config's
 bounds). Example questions come from the test split, and the doctor's answer is shown once both models have
-answered. A rating of an answer (better / worse / both bad, and an optional comment) is appended to
-`outputs/chat/feedback.jsonl` with the question, both answers, the settings and both models' fingerprints, under a
-file lock (`chat_feedback_lock`), so two browser tabs, or two servers on one workdir, never interleave lines.
+answered. The page is blind by default: the answers are "A" and "B" in an order drawn per question (seeded and
+recorded), and the names show once an answer is rated, since a rating given knowing which model wrote an answer
+is biased by it (why arena-style comparisons hide the names); `--show-names` labels the columns instead. A rating
+(better / worse / about the same / both bad, and an optional comment) is appended to `outputs/chat/feedback.jsonl`
+with the question, both answers, the settings, which model was A, and both models' labels and fingerprints
+(`medqa.ratings`), under a file lock, so two tabs or two servers on one workdir never interleave lines;
+`medqa feedback` summarises it.
 
 The server listens on 127.0.0.1 unless told otherwise, sends no analytics and loads nothing from the network.
 One question is answered at a time (a second tab waits in Gradio's queue): both models run at once, each in its
@@ -15,7 +19,7 @@ own thread, and that already uses every core of a small machine.
 from __future__ import annotations
 
 import dataclasses
-import json
+import itertools
 import logging
 import os
 import queue
@@ -29,10 +33,20 @@ from pathlib import Path
 from medqa.cleaning import clean_text
 from medqa.errors import ConfigError, MedqaError, ModelError
 from medqa.generate import stream_answer
-from medqa.manifest import fingerprint_model
 from medqa.modelcard import DATA_LICENCE
-from medqa.modeling import load_adapter_model, load_model, load_tokenizer, model_path
+from medqa.modeling import load_adapter_model, load_model, load_tokenizer
 from medqa.prompts import multi_turn
+from medqa.ratings import (
+    BASE,
+    POSITIONS,
+    RATINGS,
+    TUNED,
+    Rating,
+    draw_order,
+    model_identity,
+    record_feedback,
+    workdir_relative,
+)
 from medqa.schema import Config
 from medqa.workdir import candidate_adapters, load_records, paths
 
@@ -44,7 +58,6 @@ NOTICE = (
 )
 MAX_QUESTION_CHARS = 4000  # the longest cleaned training questions are ~2,500 characters; the prompt keeps the end
 N_EXAMPLES = 6
-RATINGS = {"better": "this one is better", "worse": "this one is worse", "both bad": "both are bad"}
 SETTINGS = ("max_new_tokens", "do_sample", "temperature", "top_p", "repetition_penalty", "no_repeat_ngram_size")
 
 
@@ -55,7 +68,7 @@ class Side:
     name: str
     model: object
     tokenizer: object
-    identity: dict  # {"path", "fingerprint"} (and "adapter" for the fine-tuned side)
+    identity: dict  # medqa.ratings.model_identity: label, folders relative to the workdir, step, fingerprint
 
 
 def load_sides(cfg: Config, adapter: str | Path | None = None) -> list[Side]:
@@ -68,13 +81,10 @@ def load_sides(cfg: Config, adapter: str | Path | None = None) -> list[Side]:
                 f"No adapter to compare with under {paths(cfg).outputs}: run `medqa train --config "
                 "<your config>` first (it writes outputs/finetune), or give one with --adapter DIR."
             )
-    base_path = model_path(cfg)
-    base = {"path": base_path, "fingerprint": fingerprint_model(base_path, cfg.model.revision)}
-    tuned = {"path": base_path, "adapter": str(adapter), "fingerprint": fingerprint_model(str(adapter))}
     # a tokenizer each: the two models generate in two threads at once
     return [
-        Side("base", load_model(cfg), load_tokenizer(cfg), base),
-        Side("fine-tuned", load_adapter_model(cfg, adapter), load_tokenizer(cfg), tuned),
+        Side(BASE, load_model(cfg), load_tokenizer(cfg), model_identity(cfg)),
+        Side(TUNED, load_adapter_model(cfg, adapter), load_tokenizer(cfg), model_identity(cfg, adapter)),
     ]
 
 
@@ -134,111 +144,85 @@ def stream_both(
         yield dict(latest)
 
 
-def record_feedback(cfg: Config, entry: dict) -> Path:
-    """Append one rating to outputs/chat/feedback.jsonl (one JSON object a line), holding its file lock so
-    concurrent writers (two tabs, two servers on one workdir) never interleave a line."""
-    from filelock import FileLock
-
-    path, lock = paths(cfg).chat_feedback, paths(cfg).chat_feedback_lock
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **entry}, ensure_ascii=False) + "\n"
-    with FileLock(lock, timeout=30), open(path, "a", encoding="utf-8") as fh:
-        fh.write(line)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return path
-
-
 def example_questions(cfg: Config) -> dict[str, str]:
     """Example questions from the test split (never train), each with the doctor's answer: question -> answer."""
     records = load_records(cfg, "test")
     return {r["question"]: r["answer"] for r in records[:N_EXAMPLES]}
 
 
-def chat(cfg: Config, adapter: str | Path | None = None, sides: list[Side] | None = None):
-    """The page (a gr.Blocks): question box, both answers side by side, settings, examples, ratings."""
+def chat(cfg: Config, adapter: str | Path | None = None, sides: list[Side] | None = None, show_names: bool = False):
+    """The page (a gr.Blocks): question box, both answers side by side, settings, examples, ratings.
+
+    Blind by default: the answers are "A" and "B", in an order drawn per question (`draw_order`, from `cfg.seed`
+    and the question's number on this server), and the names show once the answer is rated (once per question).
+    `show_names` labels each column with its model, base on the left, as the page did before it was blind."""
     gr = _gradio()
     sides = sides or load_sides(cfg, adapter)
     examples = example_questions(cfg)
     turns = multi_turn(sides[0].tokenizer, cfg.prompt)
-    g = cfg.generate
-    mode = (
-        "**Multi-turn**: the chat template holds the conversation, so follow-up questions see the earlier "
-        "turns (each model its own answers). *New conversation* starts over."
-        if turns
-        else "**Single-turn**: the prompt template holds one question, so every question is answered on its own "
-        "(no memory of earlier ones)."
-    )
+    draws = itertools.count()
+    identities = {s.name: s.identity for s in sides}
 
     def ask(text, history, *values):
-        settings = dict(zip(SETTINGS, values))
-        idle = gr.update(interactive=False)
         try:
             question = check_question(text)
-            run_cfg = with_settings(cfg, **settings)
+            run_cfg = with_settings(cfg, **dict(zip(SETTINGS, values)))
         except (ValueError, ConfigError) as exc:
-            yield (gr.skip(), gr.skip(), f"⚠️ {exc}", gr.skip(), gr.skip(), gr.skip(), *[gr.skip()] * 6)
+            yield {status: f"⚠️ {exc}"}
             return
+        draw = next(draws)
+        order = [s.name for s in sides] if show_names else draw_order(cfg.seed, draw, tuple(s.name for s in sides))
         past = history if turns else {s.name: [] for s in sides}
-        shown = {s.name: _messages(past[s.name]) for s in sides}
         start = time.monotonic()
         answers = {s.name: "" for s in sides}
-        yield (
-            *[shown[s.name] + _turn(question, "") for s in sides],
-            "Answering…",
-            "",
-            gr.skip(),
-            gr.skip(),
-            *[idle] * 6,
-        )
+        shown = _columns(boxes, order, past, question, answers)
+        labels = {} if show_names else {box: gr.update(value=shown[box], label=p) for p, box in boxes.items()}
+        idle = {b: gr.update(interactive=False) for b in buttons}
+        yield {**shown, **labels, **idle, status: "Answering…", reference: "", names: ""}
         try:
             for answers in stream_both(sides, run_cfg, question, past):
-                yield (
-                    *[shown[s.name] + _turn(question, answers[s.name]) for s in sides],
-                    "Answering…",
-                    "",
-                    gr.skip(),
-                    gr.skip(),
-                    *[gr.skip()] * 6,
-                )
+                yield _columns(boxes, order, past, question, answers)
         except Exception as exc:  # noqa: BLE001 - said in the page; the server goes on serving
             log.exception("generation failed")
-            yield (gr.skip(), gr.skip(), f"⚠️ Generation failed: {exc}", "", gr.skip(), gr.skip(), *[gr.skip()] * 6)
+            yield {status: f"⚠️ Generation failed: {exc}", reference: ""}
             return
-        new_history = {s.name: past[s.name] + [(question, answers[s.name])] for s in sides}
-        reference = examples.get(question)
-        turn = {
-            "question": question,
-            "history": {s.name: past[s.name] for s in sides},
-            "answers": answers,
-            "settings": dataclasses.asdict(run_cfg.generate),
-            "reference": reference,
+        answer = examples.get(question)
+        changed = [k for k, v in dataclasses.asdict(run_cfg.generate).items() if getattr(cfg.generate, k) != v]
+        yield {
+            **_columns(boxes, order, past, question, {k: v or "(no answer)" for k, v in answers.items()}),
+            status: f"Both answered in {time.monotonic() - start:.1f} s. Rate an answer below it.",
+            reference: f"**The doctor's answer** (test split):\n\n{answer}" if answer else "",
+            state: {s.name: past[s.name] + [(question, answers[s.name])] for s in sides},
+            turn: {
+                "question": question,
+                "history": {s.name: past[s.name] for s in sides},
+                "answers": answers,
+                "settings": dataclasses.asdict(run_cfg.generate),
+                "settings_changed": changed,
+                "reference": answer,
+                "blind": not show_names,
+                "order": dict(zip(POSITIONS, order)),
+                "order_seed": cfg.seed,
+                "order_draw": draw,
+            },
+            **{b: gr.update(interactive=True) for b in buttons},
         }
-        done = f"Both answered in {time.monotonic() - start:.1f} s. Rate an answer below it."
-        yield (
-            *[shown[s.name] + _turn(question, answers[s.name] or "(no answer)") for s in sides],
-            done,
-            f"**The doctor's answer** (test split):\n\n{reference}" if reference else "",
-            new_history,
-            turn,
-            *[gr.update(interactive=True)] * 6,
-        )
 
-    def rate(side_name, rating, turn, comment):
-        if not turn:
-            return "⚠️ Ask a question first; then rate an answer."
-        other = next(s.name for s in sides if s.name != side_name)
-        preferred = {"better": side_name, "worse": other}.get(rating)
-        entry = {
-            **turn,
-            "rated": side_name,
-            "rating": rating,
-            "preferred": preferred,
-            "comment": comment.strip(),
-            "models": {s.name: s.identity for s in sides},
-        }
+    def rate(side, rating, shown, comment):
+        if not shown:
+            return {status: "⚠️ Ask a question first; then rate an answer."}
+        entry = Rating(shown, side, rating, comment).entry(identities)
         path = record_feedback(cfg, entry)
-        return f"Saved your rating ({side_name}: {rating}) to {path}. Thank you."
+        said = f"Saved your rating of {side} ({entry['rated']}: {rating}) to {workdir_relative(cfg, path)}. Thank you."
+        if show_names:
+            return {status: said}
+        order = shown["order"]
+        return {
+            status: said,
+            names: " · ".join(f"**{p}** was {order[p]}: {identities[order[p]]['label']}" for p in POSITIONS),
+            **{box: gr.update(label=f"{p}: {order[p]} ({identities[order[p]]['label']})") for p, box in boxes.items()},
+            **{b: gr.update(interactive=False) for b in buttons},  # one blind rating per question
+        }
 
     with gr.Blocks(title="medqa chat", analytics_enabled=False) as page:
         gr.Markdown(f"# medqa chat: base and fine-tuned side by side\n{NOTICE}", elem_id="notice")
@@ -246,38 +230,29 @@ def chat(cfg: Config, adapter: str | Path | None = None, sides: list[Side] | Non
             f"**Data licence:** {DATA_LICENCE} Examples below are from the test split of `{cfg.data.source}`.",
             elem_id="licence",
         )
-        gr.Markdown(mode, elem_id="mode")
-        history = gr.State({s.name: [] for s in sides})
+        gr.Markdown(_mode(turns, show_names), elem_id="mode")
+        state = gr.State({s.name: [] for s in sides})
         turn = gr.State(None)
-        boxes, buttons = [], []
+        boxes, buttons = {}, {}
         with gr.Row():
-            for s in sides:
+            for position, s in zip(POSITIONS, sides):
+                slug = _slug(s.name) if show_names else position.lower()
                 with gr.Column():
-                    label = f"{s.name}: {s.identity.get('adapter', s.identity['path'])}"
-                    boxes.append(
-                        gr.Chatbot(
-                            label=label,
-                            elem_id=f"answer-{_slug(s.name)}",
-                            height=360,
-                            render_markdown=False,
-                            feedback_options=None,
-                            buttons=["copy"],
-                        )
+                    boxes[position] = gr.Chatbot(
+                        label=f"{s.name}: {s.identity['label']}" if show_names else position,
+                        elem_id=f"answer-{slug}",
+                        height=360,
+                        render_markdown=False,
+                        feedback_options=None,
+                        buttons=["copy"],
                     )
                     with gr.Row():
-                        for rating in RATINGS:
-                            buttons.append(
-                                (
-                                    s.name,
-                                    rating,
-                                    gr.Button(
-                                        RATINGS[rating],
-                                        size="sm",
-                                        interactive=False,
-                                        elem_id=f"rate-{_slug(s.name)}-{_slug(rating)}",
-                                    ),
-                                )
+                        for rating, text in RATINGS.items():
+                            button = gr.Button(
+                                text, size="sm", interactive=False, elem_id=f"rate-{slug}-{_slug(rating)}"
                             )
+                            buttons[button] = (position, rating)
+        names = gr.Markdown("", elem_id="names")
         question = gr.Textbox(
             label="Your question",
             lines=3,
@@ -292,36 +267,63 @@ def chat(cfg: Config, adapter: str | Path | None = None, sides: list[Side] | Non
         comment = gr.Textbox(label="Comment on your rating (optional)", lines=1, elem_id="comment")
         gr.Examples([[q] for q in examples], inputs=[question], label="Questions from the test split")
         with gr.Accordion("Generation settings (the config's, as `medqa ask` uses them)", open=False):
-            limit = cfg.data.max_length - cfg.prompt.min_question_tokens
-            controls = [
-                gr.Slider(1, max(limit, g.max_new_tokens), value=g.max_new_tokens, step=1, label="max_new_tokens"),
-                gr.Checkbox(value=g.do_sample, label="do_sample (sample instead of greedy)"),
-                gr.Slider(0.05, max(2.0, g.temperature), value=g.temperature, label="temperature (with do_sample)"),
-                gr.Slider(0.05, 1.0, value=g.top_p, label="top_p (with do_sample)"),
-                gr.Slider(
-                    min(1.0, g.repetition_penalty),
-                    max(2.0, g.repetition_penalty),
-                    value=g.repetition_penalty,
-                    label="repetition_penalty",
-                ),
-                gr.Slider(
-                    0,
-                    max(10, g.no_repeat_ngram_size),
-                    value=g.no_repeat_ngram_size,
-                    step=1,
-                    label="no_repeat_ngram_size (0 = off)",
-                ),
-            ]
-        outputs = [*boxes, status, reference, history, turn, *[b for _, _, b in buttons]]
-        gr.on([send.click, question.submit], ask, [question, history, *controls], outputs, concurrency_limit=1)
-        for name, rating, button in buttons:
-            button.click(lambda t, c, n=name, r=rating: rate(n, r, t, c), [turn, comment], [status])
+            controls = _settings(gr, cfg)
+        outputs = [*boxes.values(), status, reference, names, state, turn, *buttons]
+        gr.on([send.click, question.submit], ask, [question, state, *controls], outputs, concurrency_limit=1)
+        for button, (position, rating) in buttons.items():
+            button.click(lambda t, c, p=position, r=rating: rate(p, r, t, c), [turn, comment], outputs)
         new.click(
-            lambda: ({s.name: [] for s in sides}, None, *[[] for _ in sides], "", ""),
+            lambda: ({s.name: [] for s in sides}, None, *[[] for _ in sides], "", "", ""),
             None,
-            [history, turn, *boxes, status, reference],
+            [state, turn, *boxes.values(), status, reference, names],
         )
     return page
+
+
+def _columns(boxes: dict, order: list[str], past: dict, question: str, answers: dict[str, str]) -> dict:
+    """Each column's conversation: the model shown at that position, its earlier turns and this answer."""
+    return {box: _messages(past[name]) + _turn(question, answers[name]) for box, name in zip(boxes.values(), order)}
+
+
+def _mode(turns: bool, show_names: bool) -> str:
+    memory = (
+        "**Multi-turn**: the chat template holds the conversation, so follow-up questions see the earlier turns "
+        "(each model its own answers). *New conversation* starts over."
+        if turns
+        else "**Single-turn**: the prompt template holds one question, so every question is answered on its own "
+        "(no memory of earlier ones)."
+    )
+    if show_names:
+        return memory
+    return (
+        f"{memory}\n\n**Blind**: the two models answer as A and B, in an order drawn anew for each question; "
+        "their names show after your rating (one rating per question)."
+    )
+
+
+def _settings(gr, cfg: Config) -> list:
+    """The generation settings' controls, starting at the config's values, within its bounds."""
+    g = cfg.generate
+    limit = cfg.data.max_length - cfg.prompt.min_question_tokens
+    return [
+        gr.Slider(1, max(limit, g.max_new_tokens), value=g.max_new_tokens, step=1, label="max_new_tokens"),
+        gr.Checkbox(value=g.do_sample, label="do_sample (sample instead of greedy)"),
+        gr.Slider(0.05, max(2.0, g.temperature), value=g.temperature, label="temperature (with do_sample)"),
+        gr.Slider(0.05, 1.0, value=g.top_p, label="top_p (with do_sample)"),
+        gr.Slider(
+            min(1.0, g.repetition_penalty),
+            max(2.0, g.repetition_penalty),
+            value=g.repetition_penalty,
+            label="repetition_penalty",
+        ),
+        gr.Slider(
+            0,
+            max(10, g.no_repeat_ngram_size),
+            value=g.no_repeat_ngram_size,
+            step=1,
+            label="no_repeat_ngram_size (0 = off)",
+        ),
+    ]
 
 
 def launch(
@@ -330,15 +332,17 @@ def launch(
     host: str = "127.0.0.1",
     port: int | None = None,
     share: bool = False,
+    show_names: bool = False,
     **kwargs,
 ):
-    """Build the page and serve it (blocks until Ctrl-C; in a notebook it shows inline and returns)."""
+    """Build the page and serve it (blocks until Ctrl-C; in a notebook it shows inline and returns). Blind ratings
+    unless `show_names`."""
     if share:
         log.warning(
             "--share: a public Gradio link. Questions typed in the page, and the answers, then travel "
             "through Gradio's share servers outside this machine; do not type anything private."
         )
-    page = chat(cfg, adapter)
+    page = chat(cfg, adapter, show_names=show_names)
     if "ipykernel" in sys.modules:  # a notebook: show the page inline and give the kernel back
         kwargs.setdefault("prevent_thread_lock", True)
     try:

@@ -23,6 +23,7 @@ from medqa.distributed import is_main
 from medqa.errors import ConfigError, Interrupted, MedqaError
 from medqa.evaluate import evaluate
 from medqa.export import check_push, export, push_to_hub
+from medqa.feedback import feedback
 from medqa.prepare import make_tiny_model, prepare
 from medqa.records import describe_counts
 from medqa.schema import Config
@@ -88,7 +89,19 @@ def _ask(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _chat(cfg: Config, args: argparse.Namespace) -> None:
-    launch(cfg, args.adapter, host=args.host, port=args.port, share=args.share)
+    launch(cfg, args.adapter, host=args.host, port=args.port, share=args.share, show_names=args.show_names)
+
+
+def _feedback(cfg: Config, args: argparse.Namespace) -> None:
+    result = feedback(cfg, args.export_preferences)
+    print(result.table())
+    if result.out:
+        print(f"wrote {result.out}")
+    if result.preferences:
+        print(
+            f"wrote {result.summary['exported_pairs']} preference pairs (prompt, chosen, rejected) to "
+            f"{result.preferences}"
+        )
 
 
 def _export(cfg: Config, args: argparse.Namespace) -> None:
@@ -124,7 +137,13 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], None], str]] = 
     "chat": (
         _chat,
         "a web page (Gradio, on 127.0.0.1) answering your questions with the base and fine-tuned models "
-        "side by side, streamed; ratings go to outputs/chat/feedback.jsonl",
+        "side by side, streamed, blind (A and B) unless --show-names; ratings go to outputs/chat/feedback.jsonl",
+    ),
+    "feedback": (
+        _feedback,
+        "summarise the chat page's ratings (outputs/chat/feedback.jsonl): wins, losses, ties, both bad and the "
+        "fine-tuned win rate with its 95-percent Wilson interval per model pair and settings; writes "
+        "outputs/chat/feedback_summary.json; --export-preferences FILE writes DPO pairs (prompt, chosen, rejected)",
     ),
     "export": (
         _export,
@@ -190,6 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
                 "--share",
                 action="store_true",
                 help="also make a public gradio.live link (off; questions and answers then leave this machine)",
+            )
+            p.add_argument(
+                "--show-names",
+                action="store_true",
+                help="label the answers base / fine-tuned (default: blind, as A and B in an order drawn per "
+                "question, the names shown after the rating)",
+            )
+        if name == "feedback":
+            p.add_argument(
+                "--export-preferences",
+                metavar="FILE",
+                help="also write the decided ratings as JSON lines {prompt, chosen, rejected} (TRL's DPOTrainer "
+                "format; ties and both bad skipped)",
             )
         if name == "ask":
             p.add_argument("--adapter", help="LoRA adapter folder, e.g. outputs/finetune or outputs/best")

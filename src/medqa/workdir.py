@@ -20,7 +20,8 @@ that reads it. Stages share artifacts through this module only; none imports ano
     outputs/report.{json,md}              evaluate.evaluate               export.push_to_hub (model card)
     outputs/external/                     external.load_external          (people)
     outputs/merged/                       export.export                   (users: from_pretrained)
-    outputs/chat/feedback.jsonl           chat.record_feedback            (people; a later preference-tuning step)
+    outputs/chat/feedback.jsonl           ratings.record_feedback (chat)  ratings.read_feedback (feedback.feedback)
+    outputs/chat/feedback_summary.json    feedback.feedback               (people; --export-preferences: DPO data)
     .locks/{stage}.lock, {stage}.lock.json  locks.hold (each writing stage)  locks.hold (a second writer: refused)
 
 Every path comes from `paths(cfg)` (a `Workdir`). Whether an artifact is fresh for a config is decided here too:
@@ -120,6 +121,10 @@ class Workdir:
     @property
     def chat_feedback(self) -> Path:
         return self.outputs / "chat" / "feedback.jsonl"
+
+    @property
+    def chat_feedback_summary(self) -> Path:
+        return self.outputs / "chat" / "feedback_summary.json"
 
     @property
     def chat_feedback_lock(self) -> Path:
