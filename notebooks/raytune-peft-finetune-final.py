@@ -46,7 +46,7 @@ if "google.colab" in sys.modules:
 CONFIG = "configs/demo.yaml"  # configs/biogpt.yaml for the real model and the full dataset
 OVERRIDES: list[str] = []  # e.g. ["data.source=path/to/HealthCareMagic-100k.json", "workdir=outputs/run2"]
 SMOKE = False  # True: a quick run on a few records
-SEARCH = ["tune.num_samples=2"]  # a short search: each trial is a training run; [] = the config's tune section
+SEARCH: list[str] = []  # [] = the config's tune section; e.g. ["tune.num_samples=2"] for a shorter search
 
 # %%
 import pandas as pd

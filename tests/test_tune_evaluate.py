@@ -57,7 +57,18 @@ def test_search_writes_results_and_best(searched):
     assert (result.experiment_dir / "search.png").exists() and (result.experiment_dir / "curves.png").exists()
     assert result.experiment_dir.parent == paths(cfg).outputs and result.experiment_dir.name.startswith("ray_")
     best = json.loads((result.best_dir / "trial.json").read_text())
-    assert best["best_val_answer_loss"] == pytest.approx(table["best_val_answer_loss"].min())  # tune.objective default
+    # the frontier: the base model and each trial's kept checkpoint at every scale > 0 (no plain fine-tune here)
+    front = pd.read_csv(paths(cfg).frontier / "frontier.csv")
+    assert len(front) == 1 + 2 * 7 and set(front["alpha"]) == set(cfg.tune.frontier_alphas)
+    as_trained = front[front["alpha"] == 1.0].set_index("source")["val_answer_loss"]
+    for _, trial in table.iterrows():  # rescored as trained: the trial's own in-training val answer loss
+        assert as_trained[trial["trial"]] == pytest.approx(trial["best_val_answer_loss"], abs=1e-4)
+    # tune.objective default: the lowest val answer loss of every point, saved already scaled
+    chosen = front[front["chosen"]].iloc[0]
+    assert chosen["val_answer_loss"] == front.loc[front["alpha"] > 0, "val_answer_loss"].min()
+    assert best["best_val_answer_loss"] == pytest.approx(chosen["val_answer_loss"])
+    assert best["adapter_scale"] == chosen["alpha"] and best["trial"] == chosen["source"]
+    assert (paths(cfg).frontier / "frontier.png").stat().st_size > 10_000
     # each trial's kept checkpoint with its PubMedQA dev scores (demo: scoring.knowledge_questions=8), the chosen one
     assert {"best_val_objective", "gain", "knowledge_acc", "knowledge_change", "eligible", "chosen"} <= set(
         table.columns
