@@ -144,3 +144,38 @@ def test_scores_are_finite_and_text_tokens_counted():
             tok(context_text(item) + " " + choice)
     scores = score_knowledge(_tiny_biogpt(len(tok.vocab)), tok, items)
     assert np.isfinite(scores.loglik).all() and (scores.text_tokens > 10).all()
+
+
+def test_base_scores_are_computed_once_per_workdir(tmp_path, monkeypatch):
+    """A second Probe (another trial, the frontier, a later stage) reads the base model's scores from the workdir's
+    cache instead of scoring them again; another key (model files, dtype) scores anew."""
+    from medqa import knowledge
+    from medqa.knowledge import Probe
+
+    items = load_items(DEFAULT_DEV)[:4]
+    tok = SplitTokenizer(False)
+    for item in items:
+        for choice in CHOICES:
+            tok(context_text(item) + " " + choice)
+    model = _tiny_biogpt(len(tok.vocab))
+    calls = []
+    real = knowledge.score_knowledge
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(knowledge, "score_knowledge", counting)
+    key = {"base_model": "abc", "precision": "float32"}
+    first = Probe(items, 2, tmp_path, key).base(model, tok)
+    again = Probe(items, 2, tmp_path, key).base(model, tok)
+    assert len(calls) == 1 and again.ids == first.ids
+    assert np.array_equal(again.loglik, first.loglik) and np.array_equal(again.text_nll, first.text_nll)
+    Probe(items, 2, tmp_path, {**key, "precision": "bfloat16"}).base(model, tok)
+    assert len(calls) == 2
+    measured = Probe(items, 2, tmp_path, key).measure(model, tok)  # the model is the base: nothing changed
+    assert measured["knowledge_change"] == 0 and measured["abstract_change"] == 0 and len(calls) == 3
+    probe = Probe(items, 2, tmp_path, key)
+    probe.cache_file().write_text("{damaged")
+    probe.base(model, tok)  # a damaged cache is scored again, not trusted
+    assert len(calls) == 4
