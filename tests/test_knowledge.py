@@ -179,3 +179,12 @@ def test_base_scores_are_computed_once_per_workdir(tmp_path, monkeypatch):
     probe.cache_file().write_text("{damaged")
     probe.base(model, tok)  # a damaged cache is scored again, not trusted
     assert len(calls) == 4
+
+
+def test_choice_loss_is_the_gold_answers_cross_entropy_among_the_three():
+    from medqa.knowledge import choice_loss
+    from medqa.pubmedqa import PubMedQAScores
+
+    ll = np.log(np.array([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]])) - 3.0  # unnormalised: a constant per row
+    s = PubMedQAScores(["a", "b"], np.array([0, 2]), ll, np.ones(3), np.ones(3))
+    assert choice_loss(s) == pytest.approx((-np.log(0.5) - np.log(0.3)) / 2)

@@ -103,7 +103,13 @@ def test_trainer_tune_and_asha_use_one_metric(tmp_path, monkeypatch):
     from medqa.trainer import ReportToTune, tune_report
     from medqa.tune import METRIC, tune_config
 
-    cfg = demo_config(tmp_path, "tune.objective=answer_loss_within_knowledge", "tune.knowledge_measure=pubmedqa")
+    # without a frontier (with one, trials compete on val answer loss: test_asha_lets_the_longest_searched_trial_finish)
+    cfg = demo_config(
+        tmp_path,
+        "tune.objective=answer_loss_within_knowledge",
+        "tune.knowledge_measure=pubmedqa",
+        "tune.frontier_alphas=[]",
+    )
     args = _training_args(cfg, tmp_path, False, None)
     assert args.metric_for_best_model == "eval_objective" and not args.greater_is_better
     tc = tune_config(cfg, total_steps=120)
@@ -243,3 +249,20 @@ def test_tradeoff_plot_and_frontier(tmp_path):
     ]
     plot_tradeoff(trials, 0.02, tmp_path / "tradeoff.png")
     assert (tmp_path / "tradeoff.png").stat().st_size > 10_000
+
+
+def test_asha_lets_the_longest_searched_trial_finish(prepared):
+    """tune.max_steps searched: ASHA's max_t is the longest choice's step count (a whole epoch for 0), not the base
+    config's train.max_steps; with a frontier, trials compete on val answer loss and keep their lowest-loss
+    checkpoint (the frontier scales them back and applies the rule)."""
+    from medqa.train import planned_steps
+    from medqa.tune import FRONTIER_METRIC, METRIC, metric, search_steps, tune_config
+    from medqa.workdir import load_split
+
+    cfg = demo_config(prepared, "train.max_steps=4", "tune.max_steps=[0, 6]")
+    ds = load_split(cfg, "train")
+    epoch = planned_steps(demo_config(prepared, "train.max_steps=0"), ds)
+    assert epoch > 6 and search_steps(cfg, ds) == epoch
+    assert search_steps(demo_config(prepared, "train.max_steps=4"), ds) == 4
+    assert tune_config(cfg, search_steps(cfg, ds)).scheduler._max_t == epoch
+    assert metric(cfg) == FRONTIER_METRIC and metric(demo_config(prepared, "tune.frontier_alphas=[]")) == METRIC

@@ -16,21 +16,24 @@ in-memory scaled one), so evaluate, benchmark, ask, chat and export load it unch
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from medqa.artifacts import atomic_dir, write_json
 from medqa.knowledge import compare, knowledge_probe
 from medqa.metrics import evaluate_answer_loss
 from medqa.modeling import load_model, scoring_dtype
 from medqa.plots import plot_frontier
-from medqa.pubmedqa import score_knowledge, summarize
+from medqa.pubmedqa import CHOICES, score_knowledge, summarize
 from medqa.schema import KNOWLEDGE_DEV_SIZE, Config
 from medqa.selection import Rule, choose
-from medqa.workdir import load_split, paths, read_metrics
+from medqa.workdir import load_split, paths
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +75,22 @@ def scale_adapter(src: Path, dst: Path, alpha: float) -> None:
     s * B A, so this is exactly `rescale_adapter_scale`), in safetensors."""
     from safetensors.torch import load_file, save_file
 
+    config = json.loads((src / "adapter_config.json").read_text())
+    if alpha != 1.0 and (config.get("modules_to_save") or config.get("bias", "none") != "none"):
+        raise ValueError(
+            f"{src}: an adapter with modules_to_save or trained biases is not the base model plus a scaled update; "
+            "only alpha 1 is exact for it."
+        )
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copy2(src / "adapter_config.json", dst / "adapter_config.json")
     tensors = load_file(str(src / "adapter_model.safetensors"))
-    scaled = {k: (v * alpha if "lora_B" in k else v).contiguous() for k, v in tensors.items()}
+    scaled = {
+        k: (v * alpha if "lora_B" in k or "lora_embedding_B" in k else v).contiguous() for k, v in tensors.items()
+    }
     save_file(scaled, str(dst / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 def _uses_dora(path: Path) -> bool:
-    import json
-
     return bool(json.loads((path / "adapter_config.json").read_text()).get("use_dora"))
 
 
@@ -131,6 +140,7 @@ def score_front(cfg: Config, sources: list[Source], tokenizer, val_ds, probe, ba
             )
     base_loss = rows[0]["val_answer_loss"]
     for row in rows:
+        row["best_val_answer_perplexity"] = row["val_answer_perplexity"]
         row["gain"] = base_loss - row["val_answer_loss"]
         row["answer_perplexity_change"] = math.exp(-row["gain"]) - 1.0
     front = pareto([(r["val_answer_loss"], *knowledge_cost(r, rule)) for r in rows])
@@ -169,10 +179,10 @@ def final_knowledge(cfg: Config, model, tokenizer, questions: int) -> dict | Non
     out = {"questions": len(probe.items), **compare(now, base)}
     out["tuned"] = summarize(now, 0)
     out["base"] = summarize(base, 0)
-    gold = [x["answer"] for x in probe.items]
-    majority = max(set(gold), key=gold.count)
-    out["majority_answer"] = majority
-    out["majority_baseline_acc"] = gold.count(majority) / len(gold)
+    counts = np.bincount(now.gold, minlength=len(CHOICES))
+    majority = int(counts.argmax())  # the first of equals: deterministic
+    out["majority_answer"] = CHOICES[majority]
+    out["majority_baseline_acc"] = float(counts[majority] / counts.sum())
     return out
 
 
@@ -206,16 +216,8 @@ def run_frontier(cfg: Config, sources: list[Source], tokenizer) -> Front:
         raise ValueError("the frontier needs at least one adapter")
     rule = Rule.of(cfg)
     val = load_split(cfg, "val")
-    baseline = read_metrics(paths(cfg).baseline)
-    base_val = None
-    if baseline and baseline.get("val", {}).get("examples") == len(val) and baseline.get("dtype") == scoring_dtype(cfg):
-        # the baseline stage scored the same rows with the same function and dtype
-        base_val = {
-            "val_answer_loss": baseline["val"]["answer_loss"],
-            "val_answer_perplexity": baseline["val"]["answer_perplexity"],
-        }
     probe = knowledge_probe(cfg, tokenizer, scoring_dtype(cfg))
-    rows, model = score_front(cfg, sources, tokenizer, val, probe, base_val)
+    rows, model = score_front(cfg, sources, tokenizer, val, probe)
     chosen, choice = choose_point(rows, rule)
     point = rows[chosen]
     for row in rows:

@@ -27,6 +27,14 @@ from medqa.workdir import Workdir, adapter_inputs
 log = logging.getLogger(__name__)
 
 
+def choice_loss(scores: PubMedQAScores) -> float:
+    """Mean over questions of -log p(gold | the three choices): the cross-entropy of the labelled answer among
+    " yes", " no" and " maybe" (their log-likelihoods renormalised), a continuous, paired companion of accuracy."""
+    ll = scores.loglik
+    logz = np.logaddexp.reduce(ll, axis=1)
+    return float(np.mean(logz - ll[np.arange(len(ll)), scores.gold]))
+
+
 def compare(now: PubMedQAScores, base: PubMedQAScores) -> dict:
     """The knowledge fields of a candidate (`medqa.selection`) and of metrics.jsonl's evaluations."""
     a, b = accuracy(now), accuracy(base)
@@ -36,8 +44,14 @@ def compare(now: PubMedQAScores, base: PubMedQAScores) -> dict:
         "knowledge_base_acc": b["acc"],
         "knowledge_base_acc_norm": b["acc_norm"],
         "knowledge_change": a["acc"] - b["acc"],
+        "choice_loss": choice_loss(now),
+        "choice_delta": choice_loss(now) - choice_loss(base),
     }
+    if now.ids != base.ids:
+        raise ValueError("knowledge scores of different questions cannot be compared")
     if now.text_nll is not None and base.text_nll is not None:
+        if not np.array_equal(now.text_tokens, base.text_tokens):
+            raise ValueError("abstract losses over different tokens cannot be compared (another tokenizer?)")
         loss, base_loss = abstract_loss(now), abstract_loss(base)
         out.update(
             abstract_loss=loss,
@@ -117,7 +131,8 @@ def knowledge_probe(cfg: Config, tokenizer, precision: str, questions: int | Non
         dev_questions(n, cfg.seed),
         cfg.scoring.batch_size,
         Workdir.of(cfg).knowledge_cache,
-        {"base_model": adapter_inputs(cfg, tokenizer)["base_model"], "precision": precision},
+        # the model files, the tokenizer (and data), and the precision path the base is held in
+        {**adapter_inputs(cfg, tokenizer), "precision": precision, "qlora": cfg.train.qlora},
     )
 
 

@@ -168,7 +168,9 @@ def plot_frontier(rows: list[dict], rule, path: str | Path | None = None):
     within the rule's limit) and the chosen point."""
     fig = _figure((7.0, 4.6), inline=path is None)
     ax = fig.subplots()
-    use_abstract = any(_finite(r.get("abstract_change")) for r in rows)
+    use_abstract = rule.knowledge_measure in ("abstract_loss", "both") and any(
+        _finite(r.get("abstract_change")) for r in rows
+    )
     key = "abstract_change" if use_abstract else "knowledge_change"
     sign = 1.0 if use_abstract else -1.0
 

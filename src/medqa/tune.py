@@ -40,6 +40,16 @@ from medqa.workdir import adapter_inputs, load_split, paths, read_metrics
 log = logging.getLogger(__name__)
 
 METRIC = "val_objective"  # what ASHA prunes on, Ray keeps checkpoints by and the best trial is chosen by
+# ... with a frontier (tune.frontier_alphas): the search overshoots, so trials compete on their gain alone and each
+# keeps its lowest val answer loss; the frontier then scales them back and the rule chooses with knowledge.
+FRONTIER_METRIC = "val_answer_loss"
+
+
+def metric(cfg: Config) -> str:
+    """What ASHA prunes on and Ray keeps each trial's checkpoint by."""
+    return FRONTIER_METRIC if cfg.tune.frontier_alphas else METRIC
+
+
 FAIL_ENV = "MEDQA_INJECT_TRIAL_FAILURE"  # tests: the first trial attempt of an experiment raises once
 ATTEMPTS = "trial_attempts.log"  # one line per trial start: trial id (a retried trial appears twice)
 FINISHED = "trial_finished.log"  # one line per trial whose training ran to its end
@@ -169,15 +179,26 @@ def _local(value) -> bool:
     return bool(value) and "${" not in value and not value.startswith("pkg://") and Path(value).exists()
 
 
+def search_steps(cfg: Config, train_ds) -> int:
+    """The longest trial's optimizer steps (ASHA's max_t): with train.max_steps searched (tune.max_steps), the
+    longest choice's, so ASHA never cuts that trial short."""
+    replicas = max(1, int(cfg.tune.gpus_per_trial))
+    return max(
+        planned_steps(config_from_dict(cfg.to_dict(), [f"train.max_steps={n}"]), train_ds, replicas=replicas)
+        for n in (cfg.tune.max_steps or [cfg.train.max_steps])
+    )
+
+
 def tune_config(cfg: Config, total_steps: int):
-    """Tune's settings: random search, ASHA on METRIC (the objective every trial reports), lower is better."""
+    """Tune's settings: random search, ASHA on `metric(cfg)` (the objective every trial reports, or its val answer
+    loss when a frontier follows), lower is better."""
     from ray import tune as rt
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
     grace_steps = cfg.tune.grace_period * cfg.train.eval_steps
     return rt.TuneConfig(
-        metric=METRIC,
+        metric=metric(cfg),
         mode="min",
         num_samples=cfg.tune.num_samples,
         search_alg=BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=cfg.tune.max_concurrent),
@@ -210,16 +231,27 @@ def _candidate(row: dict) -> dict:
     return {"answer_loss": row.get("best_val_answer_loss"), **{k: row[k] for k in keys if k in row}}
 
 
-FINETUNE = "finetune"  # the plain fine-tune's name among the frontier's sources
+FINETUNE = "plain fine-tune"  # the plain fine-tune's name among the frontier's sources
+# A trial row's fields that the frontier's chosen point has its own value for (trial.json takes the point's).
+POINT_FIELDS = (
+    "best_step",
+    "best_val_objective",
+    "best_val_answer_perplexity",
+    "gain",
+    "eligible",
+    *KNOWLEDGE_COLUMNS,
+)
 
 
 def _kept(v) -> bool:
     return not isinstance(v, float) or v == v
 
 
-def _trial_source(row: dict, result) -> Source:
-    """A trial's kept checkpoint (its lowest val_objective, as Ray's CheckpointConfig keeps it)."""
-    checkpoint = result.get_best_checkpoint(METRIC, "min")
+def _trial_source(cfg: Config, row: dict, result) -> Source:
+    """A trial's kept checkpoint (by `metric(cfg)`, as Ray's CheckpointConfig keeps it)."""
+    checkpoint = result.get_best_checkpoint(metric(cfg), "min")
+    if checkpoint is None:
+        raise MedqaError(f"Trial {row['trial']} reported no checkpoint; see {result.path}.")
     params = {k: v for k, v in result.config.items()}
     return Source(row["trial"], Path(checkpoint.path), row.get("best_step"), params)
 
@@ -259,7 +291,7 @@ def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
     # the trial's last step and never cuts its final evaluation.
     # A trial with N whole GPUs trains in one process over all of them (the Trainer's torch DataParallel): N
     # micro-batches per step. Several processes per trial (DDP) would need Ray Train; see the README.
-    total_steps = planned_steps(cfg, train_ds, replicas=max(1, int(cfg.tune.gpus_per_trial)))
+    total_steps = search_steps(cfg, train_ds)
     if t.packing and not t.tokens_per_step and not t.tokens_per_batch and cfg.tune.gpus_per_trial:
         log.warning(
             "train.tokens_per_batch=0 sizes each trial's batches from its GPU's free memory, so the step "
@@ -296,7 +328,7 @@ def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
                     callbacks=callbacks,
                     failure_config=rt.FailureConfig(max_failures=cfg.tune.max_failures),
                     checkpoint_config=rt.CheckpointConfig(
-                        num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order="min"
+                        num_to_keep=1, checkpoint_score_attribute=metric(cfg), checkpoint_score_order="min"
                     ),
                     verbose=1,
                 ),
@@ -325,7 +357,8 @@ def _summarize(cfg: Config, grid, experiment: Path) -> TuneResult:
         trial_id = Path(result.path).name
         short = result.metrics.get("trial_id", trial_id) if result.metrics else trial_id
         df = result.metrics_dataframe
-        reported = df is not None and METRIC in getattr(df, "columns", [])
+        kept_by = metric(cfg)
+        reported = df is not None and kept_by in getattr(df, "columns", [])
         row = {
             "trial": short,
             **{
@@ -334,8 +367,8 @@ def _summarize(cfg: Config, grid, experiment: Path) -> TuneResult:
             },
         }
         if reported:
-            # The trial's kept checkpoint: its lowest objective (Ray's CheckpointConfig keeps the same one).
-            best = df.loc[df[METRIC].idxmin()]
+            # The trial's kept checkpoint: as Ray's CheckpointConfig keeps it (by `metric(cfg)`).
+            best = df.loc[df[kept_by].idxmin()]
             curves[short] = df[["step", "val_answer_loss"]].to_dict("list")
             row.update(
                 best_val_objective=float(best[METRIC]),
@@ -373,7 +406,7 @@ def _summarize(cfg: Config, grid, experiment: Path) -> TuneResult:
     choice = choose([_candidate(rows[i]) for i in scored], rule, "trial")
     table["eligible"] = [rule.eligible(_candidate(r)) if i in scored else None for i, r in enumerate(rows)]
     tokenizer = load_tokenizer(cfg)
-    sources = [_trial_source(rows[i], results[i]) for i in scored]
+    sources = [_trial_source(cfg, rows[i], results[i]) for i in scored]
     front = None
     if cfg.tune.frontier_alphas:
         candidates = [*_finetune_source(cfg, tokenizer), *sources]
@@ -391,6 +424,13 @@ def _summarize(cfg: Config, grid, experiment: Path) -> TuneResult:
     if "knowledge_change" in table and "gain" in table:
         plot_tradeoff(table.to_dict("records"), rule.drop_limit, experiment / "tradeoff.png")
     trial = next((r for r in table.to_dict("records") if r["trial"] == source.name), {})  # {}: the plain fine-tune
+    if front:  # the chosen point's own numbers, not its source's as trained
+        trial = {k: v for k, v in trial.items() if k not in POINT_FIELDS}
+        trial.update(
+            best_step=point["step"],
+            best_val_objective=point["objective"],
+            **{k: point[k] for k in POINT_FIELDS if k in point},
+        )
     best = {
         **{k: v for k, v in trial.items() if _kept(v)},
         "trial": source.name,
@@ -409,7 +449,10 @@ def save_best(cfg: Config, experiment: Path, source: Source, best: dict, front, 
     """outputs/best/: the chosen adapter, scaled by best["adapter_scale"], its tokenizer and manifest, and
     trial.json (what was chosen, from which search and front, by which rule)."""
     rule = Rule.of(cfg)
-    best_cfg = config_from_dict(cfg.to_dict(), [f"{k}={json.dumps(v)}" for k, v in (source.params or {}).items()])
+    if source.name == FINETUNE:  # the plain fine-tune's own settings, as its manifest recorded them
+        best_cfg = config_from_dict(read_manifest(source.path)["config"])
+    else:
+        best_cfg = config_from_dict(cfg.to_dict(), [f"{k}={json.dumps(v)}" for k, v in (source.params or {}).items()])
     base_dtype = str(training_base_dtype(cfg, pick_device_dtype(cfg)[0])).replace("torch.", "")
     with atomic_dir(paths(cfg).best) as tmp:
         scale_adapter(source.path, tmp, best["adapter_scale"])
