@@ -49,9 +49,10 @@ def test_abstract_loss_rule_and_both():
     ]
     assert choose(trials, ABSTRACT).index == 1  # 1.0 rose 5% > 2%
     assert choose(trials, BOTH).index == 2  # 1 also lost 4 points of accuracy
-    # weighted on abstract loss: a nat of abstract loss costs a nat of answer loss
+    # weighted on abstract loss: 25 x the relative change (a 2% rise costs 0.5 nats)
     w = Rule("weighted", knowledge_measure="abstract_loss")
-    assert [w.value(t) for t in trials] == pytest.approx([1.1, 1.22, 1.33])
+    assert [w.value(t) for t in trials] == pytest.approx([2.25, 1.45, 1.675])
+    assert choose(trials, w).index == 1
     with pytest.raises(ValueError, match="needs abstract_change"):
         ABSTRACT.value({"answer_loss": 1.0, "knowledge_change": 0.0})
 

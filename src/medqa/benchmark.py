@@ -30,6 +30,7 @@ from medqa.locks import locked
 from medqa.metrics import paired_bootstrap
 from medqa.modeling import load_adapter_model, load_model, load_tokenizer, model_path, scoring_dtype
 from medqa.pubmedqa import DEFAULT_TEST as DEFAULT_PUBMEDQA
+from medqa.pubmedqa import check_no_dev_overlap
 from medqa.pubmedqa import load_items as load_pubmedqa
 from medqa.pubmedqa import subset as pubmedqa_subset
 from medqa.schema import Config
@@ -93,7 +94,9 @@ def write_local_pubmedqa(cfg: Config, folder: Path) -> Path:
     questions in PubMedQA's own field names (QUESTION, CONTEXTS, final_decision), so its doc_to_text applies."""
     import lm_eval.tasks
 
-    items = load_pubmedqa(cfg.evaluate.pubmedqa_file or DEFAULT_PUBMEDQA)
+    source = cfg.evaluate.pubmedqa_file or DEFAULT_PUBMEDQA
+    items = load_pubmedqa(source)
+    check_no_dev_overlap(items, source)  # the dev questions chose the adapter: never a reported figure
     if cfg.evaluate.benchmark_questions:  # the questions evaluate.pubmedqa_questions would pick (a prefix is all "yes")
         items = pubmedqa_subset(items, cfg.evaluate.benchmark_questions, cfg.seed)
     folder.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ ROUGE and BLEU. Writes `outputs/report.json` and `outputs/report.md` (metrics, s
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -148,6 +149,8 @@ def score_model(cfg: Config, data: EvalInputs, name: str, adapter: Path | None, 
     answers = answer_questions(cfg, model, data, name, fallbacks)
     entry = {
         "adapter": str(adapter) if adapter else None,
+        # the adapter's LoRA update as trained times this (`medqa.frontier`; 1 unless the frontier scaled it)
+        "adapter_scale": adapter_scale(adapter),
         "test": metrics,
         "dtype": scoring_dtype(cfg),
         "generation": generation_metrics(cfg, answers, data.references),
@@ -174,6 +177,15 @@ def score_model(cfg: Config, data: EvalInputs, name: str, adapter: Path | None, 
         )
     log.info("evaluate: %s test answer_loss %.4f", name, metrics["answer_loss"])
     return run
+
+
+def adapter_scale(adapter: Path | None) -> float | None:
+    """The scale the frontier saved an adapter at (trial.json's adapter_scale; 1.0 for an adapter as trained, None
+    for the base model)."""
+    if adapter is None:
+        return None
+    trial = Path(adapter) / "trial.json"
+    return float(json.loads(trial.read_text(encoding="utf-8")).get("adapter_scale", 1.0)) if trial.exists() else 1.0
 
 
 def answer_loss(cfg: Config, model, dataset, tokenizer, tokens_per_batch: int) -> tuple[dict, ExampleScores]:
@@ -304,23 +316,25 @@ def _search_lines(report: dict) -> list[str]:
     lines = [
         "## Choosing the adapter",
         "",
-        f"`medqa tune` chose `tuned (best trial)` by tune.objective={sel['objective']}: {sel['rule']} (the same "
-        "rule chose each trial's checkpoint, and ASHA stopped trials on it). Gain: base val answer_loss minus "
-        "the trial's, in nats per answer token (> 0: better than the base). Knowledge: PubMedQA accuracy on the "
-        "dev questions (never the test ones), change against the base model.",
+        f"`medqa tune` chose `tuned (best trial)` by tune.objective={sel['objective']}: {sel['rule']}. Gain: base "
+        "val answer_loss minus the trial's kept checkpoint's, in nats per answer token (> 0: better than the base). "
+        "Knowledge, on the PubMedQA dev questions (never the test ones), against the base model: accuracy change "
+        "and abstract loss change (relative).",
         "",
     ]
     if sel.get("eligible") is False:
         lines += [f"> **{sel.get('message')}**", ""]
     lines += [
-        "| trial | learning rate | val answer_loss | gain | dev accuracy | change | eligible | chosen |",
-        "|---|---|---|---|---|---|---|---|",
+        "| trial | learning rate | LoRA r | val answer_loss | gain | dev accuracy | change | abstract loss change | "
+        "eligible | chosen |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in s["trials"]:
         lines.append(
-            f"| {t.get('trial')} | {_fmt(t.get('learning_rate'), '.2e')} | "
+            f"| {t.get('trial')} | {_fmt(t.get('learning_rate'), '.2e')} | {t.get('lora_r', '-')} | "
             f"{_fmt(t.get('best_val_answer_loss'), '.4f')} | {_fmt(t.get('gain'), '+.4f')} | "
             f"{_fmt(t.get('knowledge_acc'))} | {_fmt(t.get('knowledge_change'), '+.3f')} | "
+            f"{_fmt(t.get('abstract_change'), '+.2%')} | "
             f"{_yes(t.get('eligible'))} | {'**yes**' if t.get('chosen') else ''} |"
         )
     lines.append("")

@@ -18,8 +18,9 @@ by about 4 points from noise alone), pubmedqa, or both. Lower values are better:
   INELIGIBLE + MISS_SCALE x its miss (how far beyond the limits) on top, so every eligible candidate ranks before
   every ineligible one, near misses before far ones, and equal misses by answer_loss. With none eligible the
   choice is the nearest miss (`choose` warns), never the most forgetful.
-- weighted:                     answer_loss + tune.knowledge_weight x abstract_delta (nats: a nat per token is a
-  nat per token) - tune.accuracy_weight x knowledge_change, each term where the measure uses it.
+- weighted:                     answer_loss + tune.knowledge_weight x abstract_change (relative) - tune.accuracy_weight
+  x knowledge_change, each term where the measure uses it. The defaults make each limit cost what fine-tuning gains
+  on the real demo (about 0.5 nats per answer token): 25 x a 2% abstract-loss rise, 10 x a 5-point accuracy drop.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class Rule:
     knowledge_measure: str = "abstract_loss"
     max_knowledge_drop: float = 0.02
     max_abstract_loss_rise: float = 0.02
-    knowledge_weight: float = 1.0
+    knowledge_weight: float = 25.0
     accuracy_weight: float = 10.0
 
     @classmethod
@@ -115,7 +116,7 @@ class Rule:
             return loss
         if self.objective == "weighted":
             if self.uses_abstract:
-                loss += self.knowledge_weight * _need(candidate, "abstract_delta", self)
+                loss += self.knowledge_weight * _need(candidate, "abstract_change", self)
             if self.uses_accuracy:
                 loss -= self.accuracy_weight * _need(candidate, "knowledge_change", self)
             return loss
@@ -135,7 +136,7 @@ class Rule:
         if self.objective == "answer_loss_within_knowledge":
             return f"lowest val answer_loss among adapters whose {limits} against the base model"
         if self.objective == "weighted":
-            terms = ([f"{self.knowledge_weight:g} x abstract loss change (nats)"] if self.uses_abstract else []) + (
+            terms = ([f"{self.knowledge_weight:g} x relative abstract loss change"] if self.uses_abstract else []) + (
                 [f"{self.accuracy_weight:g} x PubMedQA dev accuracy drop"] if self.uses_accuracy else []
             )
             return "lowest val answer_loss + " + " + ".join(terms)
