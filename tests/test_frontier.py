@@ -80,3 +80,44 @@ def test_scaled_adapter_file_is_b_times_alpha(tiny_model_dir, tmp_path, alpha):
     assert before.keys() == after.keys() and any("lora_B" in k for k in before)
     for k in before:
         assert torch.equal(after[k], before[k] * alpha if "lora_B" in k else before[k])
+
+
+def test_plain_fine_tune_on_the_front_is_saved_scaled_with_its_own_config(tmp_path):
+    """The plain fine-tune (outputs/finetune) joins the front when it was trained on this model and data; chosen,
+    it is saved to outputs/best scaled, with its own settings (from its manifest) and the point's numbers."""
+    import json
+
+    from conftest import demo_config, prepare_demo
+
+    from medqa.frontier import run_frontier
+    from medqa.modeling import load_tokenizer
+    from medqa.selection import Rule
+    from medqa.train import train
+    from medqa.tune import FINETUNE, _finetune_source, save_best
+    from medqa.workdir import paths
+
+    run = ["train.max_steps=6", "train.eval_steps=3", "scoring.bootstrap_samples=0", "train.report_to=[]"]
+    prepare_demo(tmp_path, *run)
+    cfg = demo_config(tmp_path, *run, "train.learning_rate=0.02", "tune.frontier_alphas=[0, 0.5, 1]")
+    train(cfg)
+    tokenizer = load_tokenizer(cfg)
+    sources = _finetune_source(cfg, tokenizer)
+    assert [s.name for s in sources] == [FINETUNE]
+    front = run_frontier(cfg, sources, tokenizer)
+    assert [r["alpha"] for r in front.rows] == [0.0, 0.5, 1.0]
+    point = front.rows[front.chosen]
+    best = {"trial": FINETUNE, "adapter_scale": point["alpha"], "best_val_answer_loss": point["val_answer_loss"]}
+    save_best(cfg, tmp_path / "outputs" / "ray_x", sources[0], best, front, front.choice, tokenizer)
+    saved = json.loads((paths(cfg).best / "trial.json").read_text())
+    assert saved["adapter_scale"] == point["alpha"] and saved["trial"] == FINETUNE
+    assert saved["config"]["train"]["learning_rate"] == 0.02 and saved["frontier"]["points"] == 3
+    assert saved["selection"]["objective"] == Rule.of(cfg).objective
+    assert (paths(cfg).frontier / "frontier.csv").exists() and (paths(cfg).best / "adapter_model.safetensors").exists()
+    # a fine-tune of another base model (or data) is not a source
+    from medqa.manifest import MANIFEST
+
+    manifest = paths(cfg).finetune / MANIFEST
+    record = json.loads(manifest.read_text())
+    record["inputs"]["base_model"] = "another model"
+    manifest.write_text(json.dumps(record))
+    assert _finetune_source(cfg, tokenizer) == []
