@@ -31,7 +31,7 @@ from medqa.metrics import evaluate_answer_loss
 from medqa.modeling import load_model, scoring_dtype
 from medqa.plots import plot_frontier
 from medqa.pubmedqa import CHOICES, score_knowledge, summarize
-from medqa.schema import KNOWLEDGE_DEV_SIZE, Config
+from medqa.schema import Config
 from medqa.selection import Rule, choose
 from medqa.workdir import load_split, paths
 
@@ -297,7 +297,6 @@ def final_table(trial: dict):
 
 
 __all__ = [
-    "KNOWLEDGE_DEV_SIZE",
     "TARGET_PERPLEXITY_DROP",
     "Source",
     "choose_point",

@@ -180,7 +180,7 @@ def plot_frontier(rows: list[dict], rule, path: str | Path | None = None):
 
     x = [r["answer_perplexity_change"] for r in rows]
     sources = sorted({r["source"] for r in rows if r["source"] != "base"})
-    colors = dict(zip(sources, plt_colors(len(sources))))
+    colors = dict(zip(sources, _colors(len(sources))))
     for src in sources:
         pts = [r for r in rows if r["source"] == src]
         ax.plot(
@@ -252,7 +252,7 @@ def plot_frontier(rows: list[dict], rule, path: str | Path | None = None):
     return fig
 
 
-def plt_colors(n: int) -> list:
+def _colors(n: int) -> list:
     import matplotlib
 
     cmap = matplotlib.colormaps["tab10"]

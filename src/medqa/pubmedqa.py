@@ -290,21 +290,6 @@ def abstract_loss(scores: PubMedQAScores) -> float:
     return float(scores.text_nll.sum() / max(int(scores.text_tokens.sum()), 1))
 
 
-def knowledge_summary(scores: PubMedQAScores) -> dict:
-    """What a knowledge evaluation records: accuracy, acc_norm, the predicted-answer shares, macro-F1 and the
-    abstract loss (no bootstrap: cheap enough for every evaluation)."""
-    pred = scores.predicted
-    out = {
-        **accuracy(scores),
-        "questions": len(scores.ids),
-        "macro_f1": macro_f1(scores.gold, pred),
-        "predicted_share": {c: float((pred == i).mean()) for i, c in enumerate(CHOICES)},
-    }
-    if scores.text_nll is not None:
-        out.update(abstract_loss=abstract_loss(scores), abstract_tokens=int(scores.text_tokens.sum()))
-    return out
-
-
 def paired_text(base: PubMedQAScores, tuned: PubMedQAScores, samples: int = 1000, seed: int = 0) -> dict:
     """Abstract loss of the tuned model against the base on the same contexts: the change in nats, its relative
     size (tuned / base - 1), a 95% paired-bootstrap interval over questions and the one-sided p that tuning did not

@@ -15,6 +15,8 @@ that reads it. Stages share artifacts through this module only; none imports ano
     outputs/ray_*/ (search, results.csv)  tune.tune                       tune.tune on resume (Tuner.restore)
     outputs/best/ (adapter)               tune.tune                       workdir.candidate_adapters
     outputs/best/trial.json               tune.tune                       workdir.read_search (evaluate's report)
+    outputs/frontier/ (frontier.csv, png) frontier.run_frontier (tune)    frontier.front_table (notebook 4)
+    .cache/knowledge/base-*.json          knowledge.Probe.base            knowledge.Probe.base (every evaluation)
     outputs/tradeoff.png                  evaluate.evaluate               (report.md; notebook 4)
     outputs/benchmarks/ (lm-eval runs)    benchmark.benchmark             workdir.read_benchmarks (evaluate's report)
     outputs/report.{json,md}              evaluate.evaluate               export.push_to_hub (model card)
