@@ -56,6 +56,9 @@ RUN_FIELDS = (
     "computed_tokens",
     "real_tokens_per_s",
     "answer_tokens_per_s",
+    "cpu_seconds",
+    "real_tokens_per_cpu_s",
+    "answer_tokens_per_cpu_s",
     "padding_efficiency",
     "peak_memory_mib",
     "peak_memory_scope",
@@ -201,7 +204,7 @@ def all_logits_loss_sum(hidden, labels, lm_head, chunk_tokens: int = 0):
     return total
 
 
-def train_medqa(cfg, run_dir: Path, timer, memory, counts: Counts, all_logits: bool) -> tuple[Path, dict]:
+def train_medqa(cfg, run_dir: Path, timers: list, memory, counts: Counts, all_logits: bool) -> tuple[Path, dict]:
     """`medqa train` itself (medqa.train.train, as the CLI calls it), the timing callbacks added."""
     import medqa.trainer
     from medqa.train import train
@@ -209,7 +212,7 @@ def train_medqa(cfg, run_dir: Path, timer, memory, counts: Counts, all_logits: b
     if all_logits:
         medqa.trainer.lm_loss_sum = all_logits_loss_sum
     with counting(counts):
-        result = train(cfg, callbacks=[timer, memory], run_dir=run_dir)
+        result = train(cfg, callbacks=[*timers, memory], run_dir=run_dir)
     t = result.metrics.get("training", {})
     settings = {
         "trainer": "medqa.train.train (AnswerLossTrainer)",
@@ -249,7 +252,7 @@ def trl_dataset(cfg, tokenizer):
     return Dataset.from_list(rows), len(records)
 
 
-def train_trl(cfg, run_dir: Path, timer, memory, counts: Counts) -> tuple[Path, dict]:
+def train_trl(cfg, run_dir: Path, timers: list, memory, counts: Counts) -> tuple[Path, dict]:
     """TRL's SFTTrainer with the settings a careful user would pick to match: fp32 (bf16 off), no gradient
     checkpointing, cosine with warmup, completion-only loss on a prompt-completion dataset."""
     import torch
@@ -302,7 +305,7 @@ def train_trl(cfg, run_dir: Path, timer, memory, counts: Counts) -> tuple[Path, 
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[timer, memory],
+        callbacks=[*timers, memory],
     )
     with counting(counts):
         trainer.train()
@@ -343,7 +346,7 @@ def score_adapter(cfg, adapter_dir: Path) -> dict:
 
     tokenizer = load_tokenizer(cfg)
     model = PeftModel.from_pretrained(load_model(cfg), str(adapter_dir))
-    test = load_split(cfg, "test")
+    test = load_split(cfg, "test", limit=False)
     m, _ = evaluate_answer_loss(model, test, tokenizer.pad_token_id, cfg.scoring.batch_size, bootstrap_samples=0)
     return {k: m[k] for k in ("answer_loss", "answer_tokens", "examples")}
 
@@ -354,15 +357,24 @@ def run_side(cfg, side: str, run_dir: Path, threads: int, score: bool) -> dict:
 
     from medqa.trainer import StepTimer
 
+    class CpuStepTimer(StepTimer):
+        """The same step boundaries, in this process's CPU time (all its threads): what the steps cost, whatever
+        share of the cores other jobs left them. With one thread it is the time a core of its own would take."""
+
+        @staticmethod
+        def _now() -> float:
+            return time.process_time()
+
     torch.set_num_threads(threads)
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    timer, memory, counts = StepTimer(), memory_callback(), Counts()
+    timer, cpu, memory, counts = StepTimer(), CpuStepTimer(), memory_callback(), Counts()
     if side == "trl":
-        adapter, settings = train_trl(cfg, run_dir, timer, memory, counts)
+        adapter, settings = train_trl(cfg, run_dir, [timer, cpu], memory, counts)
     else:
-        adapter, settings = train_medqa(cfg, run_dir, timer, memory, counts, all_logits=side == "medqa_all_logits")
-    secs = sum(timer.durations)
+        all_logits = side == "medqa_all_logits"
+        adapter, settings = train_medqa(cfg, run_dir, [timer, cpu], memory, counts, all_logits)
+    secs, cpu_secs = sum(timer.durations), sum(cpu.durations)
     row = {
         "side": side,
         "steps": len(timer.durations),
@@ -373,6 +385,9 @@ def run_side(cfg, side: str, run_dir: Path, threads: int, score: bool) -> dict:
         "computed_tokens": counts.computed,
         "real_tokens_per_s": round(counts.real / secs, 2),
         "answer_tokens_per_s": round(counts.answer / secs, 2),
+        "cpu_seconds": round(cpu_secs, 3),
+        "real_tokens_per_cpu_s": round(counts.real / cpu_secs, 2),
+        "answer_tokens_per_cpu_s": round(counts.answer / cpu_secs, 2),
         "padding_efficiency": round(counts.real / max(counts.computed, 1), 4),
         "peak_memory_mib": round(memory.peak_mib, 1) if memory.peak_mib else None,
         "peak_memory_scope": memory.scope,
@@ -401,6 +416,9 @@ def load_cfg(config: str, workdir: Path, steps: int, overrides: list[str]):
             "train.save_total_limit=1",
             "scoring.knowledge_questions=0",  # no PubMedQA questions during training: neither side answers any
             "tune.objective=answer_loss",  # (the rule that would need them; this bench runs no search)
+            # `medqa train` scores val during training and val and test at its end (outside the timing): 8
+            # examples each keep that short; the common scorer below scores the whole test split, both sides.
+            "scoring.max_examples=8",
             *overrides,
         ],
     )
@@ -442,7 +460,14 @@ def summarise(runs: list[dict]) -> dict:
         if not mine:
             continue
         s = {"runs": len(mine)}
-        for key in ("real_tokens_per_s", "answer_tokens_per_s", "median_step_seconds", "peak_memory_mib"):
+        for key in (
+            "real_tokens_per_s",
+            "answer_tokens_per_s",
+            "real_tokens_per_cpu_s",
+            "answer_tokens_per_cpu_s",
+            "median_step_seconds",
+            "peak_memory_mib",
+        ):
             vals = [r[key] for r in mine if r[key] is not None]
             if vals:
                 s[key] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
@@ -466,7 +491,7 @@ def summarise(runs: list[dict]) -> dict:
                 "median": round(statistics.median(x[key] / y[key] for x, y in pairs), 4),
                 "per_pair": [round(x[key] / y[key], 4) for x, y in pairs],
             }
-            for key in ("real_tokens_per_s", "answer_tokens_per_s")
+            for key in ("real_tokens_per_s", "answer_tokens_per_s", "real_tokens_per_cpu_s", "answer_tokens_per_cpu_s")
         }
     return out
 
@@ -574,6 +599,10 @@ def _f(x, digits=1):
     return "-" if x is None else f"{x:,.{digits}f}"
 
 
+def _ratio_text(r: dict, key: str) -> str:
+    return f"**{r[key]['median']:.2f}x** (pairs {', '.join(f'{x:.2f}' for x in r[key]['per_pair'])})"
+
+
 def markdown_section(res: dict) -> str:
     m, sides, ratios = res["meta"], res["sides"], res["ratios"]
     names = {
@@ -583,22 +612,24 @@ def markdown_section(res: dict) -> str:
     }
     lines = [
         MARK_START,
-        f"### medqa against TRL's SFTTrainer (`make bench-peer`, {m['date'][:10]}, {m['machine']})",
+        f"**{m['date'][:10]}, {m['machine']}**: `{m['command']}`, {res['aligned']['steps']} steps of batch "
+        f"{res['aligned']['batch_size']}, {m['threads']} torch thread(s) per run, torch {m['versions']['torch']}, "
+        f"transformers {m['versions']['transformers']}, TRL {m['versions']['trl']}; load average (1, 5, 15 min) "
+        f"{m['load_average_at_start']} at start, {m['load_average_at_end']} at end. Medians over runs (alternated, "
+        "each a fresh process). Per CPU-second: the same steps timed in the process's CPU time, which other jobs "
+        "on the machine do not stretch.",
         "",
-        f"`{m['command']}`: {res['aligned']['steps']} steps of batch {res['aligned']['batch_size']}, "
-        f"{m['threads']} torch threads, torch {m['versions']['torch']}, transformers {m['versions']['transformers']}, "
-        f"TRL {m['versions']['trl']}; load average {m['load_average_at_start']} at start, "
-        f"{m['load_average_at_end']} at end. Medians over runs (alternated, each a fresh process).",
-        "",
-        "| | runs | s/step | real tokens/s | answer tokens/s | real / computed | peak memory (MiB) "
-        "| test answer loss |",
-        "|---|---|---|---|---|---|---|---|",
+        "| | runs | s/step | real tokens/s | answer tokens/s | real tokens / CPU-s | answer tokens / CPU-s "
+        "| real / computed | peak memory (MiB) | test answer loss |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for side, s in sides.items():
         loss = s.get("test_answer_loss", {}).get("median")
+        cpu = [s.get(k, {}).get("median") for k in ("real_tokens_per_cpu_s", "answer_tokens_per_cpu_s")]
         lines.append(
             f"| {names[side]} | {s['runs']} | {_f(s['median_step_seconds']['median'], 2)} "
             f"| {_f(s['real_tokens_per_s']['median'])} | {_f(s['answer_tokens_per_s']['median'])} "
+            f"| {_f(cpu[0])} | {_f(cpu[1])} "
             f"| {s['padding_efficiency']:.3f} | {_f(s.get('peak_memory_mib', {}).get('median'), 0)} "
             f"| {_f(loss, 4)} |"
         )
@@ -606,14 +637,16 @@ def markdown_section(res: dict) -> str:
     r = ratios.get("medqa_over_trl")
     if r:
         lines.append(
-            f"medqa / TRL, per alternated pair: **{r['real_tokens_per_s']['median']:.2f}x** real tokens/s "
-            f"(pairs {r['real_tokens_per_s']['per_pair']}), {r['answer_tokens_per_s']['median']:.2f}x answer tokens/s."
+            f"medqa / TRL per alternated pair, real tokens/s: {_ratio_text(r, 'real_tokens_per_s')}; per CPU-second: "
+            f"{_ratio_text(r, 'real_tokens_per_cpu_s')}. Answer tokens/s: {r['answer_tokens_per_s']['median']:.2f}x; "
+            f"per CPU-second {r['answer_tokens_per_cpu_s']['median']:.2f}x."
         )
     s = ratios.get("logits_only_saving")
     if s:
         lines.append(
-            f"Logits only at labelled positions: {s['real_tokens_per_s']['median']:.2f}x real tokens/s over the "
-            f"output layer at every position (pairs {s['real_tokens_per_s']['per_pair']})."
+            "Logits only at labelled positions, over the output layer at every position (the same medqa step "
+            f"otherwise): real tokens/s {_ratio_text(s, 'real_tokens_per_s')}; per CPU-second "
+            f"{_ratio_text(s, 'real_tokens_per_cpu_s')}."
         )
     lines += ["", "Aligned: " + "; ".join(f"{k} {v}" for k, v in res["aligned"].items()) + ".", ""]
     lines += ["Not aligned:", ""] + [f"- **{k}**: {v}" for k, v in res["not_aligned"].items()]
@@ -622,14 +655,17 @@ def markdown_section(res: dict) -> str:
 
 
 def readme_line(res: dict) -> str:
-    r = res["ratios"].get("medqa_over_trl", {}).get("real_tokens_per_s", {}).get("median")
     sides = res["sides"]
+    r = res["ratios"].get("medqa_over_trl", {})
     loss = {k: sides[k].get("test_answer_loss", {}).get("median") for k in ("medqa", "trl") if k in sides}
+    rate = {k: sides[k]["real_tokens_per_s"]["median"] for k in ("medqa", "trl")}
     return (
-        f"{MARK_START}\n- Against TRL's `SFTTrainer` on the same model, split, LoRA and schedule (`make bench-peer`, "
-        f"{res['meta']['machine']}): medqa trains **{_f(r, 2)}x** its real tokens/s "
-        f"({_f(sides['medqa']['real_tokens_per_s']['median'])} vs {_f(sides['trl']['real_tokens_per_s']['median'])}), "
-        f"test answer loss {_f(loss.get('medqa'), 3)} vs {_f(loss.get('trl'), 3)} "
+        f"{MARK_START}\n- **Against TRL's `SFTTrainer`** (`make bench-peer`: SmolLM2-135M-Instruct, the same split, "
+        f"LoRA, schedule and steps, {res['meta']['machine']}, {res['meta']['threads']} thread(s) per run): medqa "
+        f"trains {_f(r.get('real_tokens_per_s', {}).get('median'), 2)}x TRL's real tokens/s "
+        f"({_f(rate['medqa'])} vs {_f(rate['trl'])}) and "
+        f"{_f(r.get('real_tokens_per_cpu_s', {}).get('median'), 2)}x per CPU-second, at a test answer loss of "
+        f"{_f(loss.get('medqa'), 3)} vs {_f(loss.get('trl'), 3)} "
         f"([BENCHMARKS.md](BENCHMARKS.md#medqa-against-trls-sfttrainer)).\n{MARK_END}\n"
     )
 
@@ -639,7 +675,7 @@ def write_between_markers(path: Path, section: str) -> None:
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     if MARK_START in text and MARK_END in text:
         head, rest = text.split(MARK_START, 1)
-        text = head + section + rest.split(MARK_END, 1)[1].lstrip("\n")
+        text = head + section.rstrip("\n") + rest.split(MARK_END, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text, encoding="utf-8")
@@ -650,7 +686,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default="configs/smollm2-offline.yaml", help="medqa config both sides train from")
     ap.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
     ap.add_argument("--repeats", type=int, default=2, help="runs per side (alternated)")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads in every run")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch CPU threads in every run; 1 on a machine other jobs keep busy (threads that spin-wait for "
+        "each other there are several times slower)",
+    )
     ap.add_argument("--workdir", default=str(REPO / "outputs" / "bench" / "peer"), help="prepared data and runs")
     ap.add_argument("--override", action="append", default=[], help="a medqa config override (key=value)")
     ap.add_argument(

@@ -62,10 +62,10 @@ def lm_loss_sum(hidden, labels, lm_head, chunk_tokens: int = 0):
     y = labels[:, 1:].reshape(-1)
     if not torch.compiler.is_compiling():
         # The output layer only where a label is scored: prompt and padding positions would give logits that
-        # cross_entropy then ignores. On SmolLM2 (49,152 x 576) that layer, its fp32 softmax and their backward
-        # are ~a fifth of a token's training compute, and ~45% of a real record's tokens are prompt. The sum is
-        # today's up to float summation order (tests/test_logits_only.py: 1e-6). A compiled step keeps every
-        # position: the labelled count changes per batch, and its one static shape must not.
+        # cross_entropy then ignores. On SmolLM2-135M (49,152 x 576) with the real records, 43% of a batch's
+        # real tokens are prompt, and skipping their logits made a CPU step 1.09x faster (`make bench-peer`,
+        # BENCHMARKS.md). The sum is today's up to float summation order (tests/test_logits_only.py: 1e-6). A
+        # compiled step keeps every position: the labelled count changes per batch, and its one shape must not.
         keep = (y != IGNORE_INDEX).nonzero().squeeze(1)
         h, y = h.index_select(0, keep), y.index_select(0, keep)
     if not chunk_tokens or chunk_tokens >= h.shape[0]:
