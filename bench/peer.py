@@ -1,7 +1,7 @@
 """medqa against its peer: the same LoRA fine-tune through `medqa train` and through TRL's `SFTTrainer`, side by side.
 
-    python bench/peer.py                      # `make bench-peer`: SmolLM2-135M-Instruct, 20 steps, ~10 min on 2 cores
-    python bench/peer.py --config configs/demo.yaml --steps 3 --repeats 1 --steps-only   # the CI smoke: seconds
+    python bench/peer.py --threads 1          # `make bench-peer`: SmolLM2-135M-Instruct, 20 steps (~28 min at load 5)
+    python bench/peer.py --config configs/demo.yaml --steps 2 --repeats 1 --threads 1   # tests/test_peer_bench.py
     python bench/peer.py --from-json bench/results/peer-<machine>.json --markdown BENCHMARKS.md --readme README.md
 
 Same model (loaded from the same folder, fp32), same tokenized train split's examples, same LoRA (r, alpha,
