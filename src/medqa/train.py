@@ -348,7 +348,7 @@ def setup_training(cfg: Config, model, train_ds, pad_id: int) -> Setup:
         # layer only at labelled positions (`lm_loss_sum`), not at every prompt and padding token.
         fast = None
         if supports_fast_step(model) and dist.replicas() == 1:
-            fast = FastStep(model, loss_chunk_tokens=t.loss_chunk_tokens, fallbacks=fallbacks)
+            fast = FastStep(model, loss_chunk_tokens=t.loss_chunk_tokens, fallbacks=fallbacks, kl_beta=t.kl_to_base)
         return Setup(
             train_ds, collate, None, fast, sum(train_ds["length"]) / len(train_ds), 1.0, fallbacks, composition
         )
