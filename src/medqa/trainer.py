@@ -52,13 +52,22 @@ def _chunk_loss_sum(hidden, labels, weight, bias):
 
 def lm_loss_sum(hidden, labels, lm_head, chunk_tokens: int = 0):
     """Sum over labelled positions of -log p(labels[:, t+1] | hidden[:, t]) (fp32 cross-entropy), the numerator of
-    the causal-LM loss. With `chunk_tokens`, the logits are made `chunk_tokens` rows at a time and recomputed in
-    backward (activation checkpointing), so at most one chunk's fp32 logits exist at once: for a 32k-token
-    micro-batch and BioGPT's 42,384-token vocabulary that is 0.7 GB per 4k-token chunk instead of 5.6 GB."""
+    the causal-LM loss. The output layer runs at labelled positions only (outside torch.compile). With
+    `chunk_tokens`, the logits are made `chunk_tokens` rows at a time and recomputed in backward (activation
+    checkpointing), so at most one chunk's fp32 logits exist at once: for a 32k-token micro-batch and BioGPT's
+    42,384-token vocabulary that is 0.7 GB per 4k-token chunk instead of 5.6 GB."""
     from torch.utils.checkpoint import checkpoint
 
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
+    if not torch.compiler.is_compiling():
+        # The output layer only where a label is scored: prompt and padding positions would give logits that
+        # cross_entropy then ignores. On SmolLM2-135M (49,152 x 576) with the real records, 43% of a batch's
+        # real tokens are prompt, and skipping their logits made a CPU step 1.09x faster (`make bench-peer`,
+        # BENCHMARKS.md). The sum is today's up to float summation order (tests/test_logits_only.py: 1e-6). A
+        # compiled step keeps every position: the labelled count changes per batch, and its one shape must not.
+        keep = (y != IGNORE_INDEX).nonzero().squeeze(1)
+        h, y = h.index_select(0, keep), y.index_select(0, keep)
     if not chunk_tokens or chunk_tokens >= h.shape[0]:
         return _chunk_loss_sum(h, y, lm_head.weight, lm_head.bias)
     total = h.new_zeros((), dtype=torch.float32)
