@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from medqa.faults import guard
 from medqa.modeling import load_tokenizer
 from medqa.prompts import template_text
 from medqa.ratings import BASE, TUNED, read_feedback, workdir_relative
@@ -75,6 +76,7 @@ class FeedbackResult:
         return "\n".join(lines)
 
 
+@guard("feedback")  # a write the OS refuses: one paragraph (medqa.faults)
 def feedback(cfg: Config, export_preferences: str | Path | None = None) -> FeedbackResult:
     """Summarise outputs/chat/feedback.jsonl into feedback_summary.json; with `export_preferences`, also write the
     decided ratings as prompt/chosen/rejected JSON lines to that file."""
