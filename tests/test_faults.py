@@ -34,8 +34,9 @@ FAST = [
     "evaluate.pubmedqa_questions=2",
     "evaluate.benchmark_questions=2",
 ]
-# What a stage may change even when it fails: locks, caches, and train's checkpoints (a fresh run replaces them).
-VOLATILE = (".locks", ".cache", "finetune_checkpoints")
+# What a stage may change even when it fails: locks, caches, train's checkpoints (a fresh run replaces them) and
+# benchmark's generated task files (outputs/benchmarks/tasks/, its input, written again on every run).
+VOLATILE = (".locks", ".cache", "finetune_checkpoints", "tasks")
 
 
 @pytest.fixture(scope="module")
@@ -119,19 +120,33 @@ FIRST_WRITE = {
 def refuse_first_write(monkeypatch, code: int) -> list:
     """Make the first rename that would put an artifact in place fail with `code`, as a full disk does at that
     moment (the data were written into the temporary sibling; the OS refuses the last of it)."""
-    import medqa.artifacts
-
-    real = os.replace
     calls = []
 
     def replace(src, dst, *a, **kw):
         if not str(dst).endswith(".lock.json") and not calls:
             calls.append(dst)
             raise OSError(code, os.strerror(code), str(src))
-        return real(src, dst, *a, **kw)
+        return os.replace(src, dst, *a, **kw)
 
-    monkeypatch.setattr(medqa.artifacts.os, "replace", replace)
+    patch_artifact_renames(monkeypatch, replace)
     return calls
+
+
+class _OS:
+    """`os` as medqa.artifacts sees it, with another `replace`: the fault lands on medqa's artifact writes only,
+    never on a rename inside datasets, torch or pytest."""
+
+    def __init__(self, replace):
+        self.replace = replace
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+
+def patch_artifact_renames(monkeypatch, replace) -> None:
+    import medqa.artifacts
+
+    monkeypatch.setattr(medqa.artifacts, "os", _OS(replace))
 
 
 @pytest.mark.parametrize(
@@ -191,7 +206,7 @@ DAMAGED = [
     ("train", lambda w: _arrow(w, "train"), truncate, "tokenized/tokenized_train", "medqa prepare"),
     ("baseline", lambda w: _arrow(w, "val"), garbage, "tokenized/tokenized_val", "medqa prepare"),
     ("evaluate", lambda w: w / "data" / "test_data.json", truncate, "data/test_data.json", "medqa prepare"),
-    ("evaluate", lambda w: w / "outputs/baseline/metrics.json", garbage, "outputs/baseline/metrics.json", "baseline"),
+    ("train", lambda w: w / "outputs/baseline/metrics.json", garbage, "outputs/baseline/metrics.json", "baseline"),
     ("export", lambda w: w / "outputs/finetune/adapter_model.safetensors", truncate, "outputs/finetune", "medqa train"),
     ("benchmark", lambda w: w / "outputs/finetune/adapter_model.safetensors", garbage, "outputs/finetune", "train"),
 ]
@@ -234,17 +249,14 @@ def test_damaged_split_is_rebuilt_by_the_command_the_message_names(capsys, work)
 
 def sigterm_at_first_write(monkeypatch) -> None:
     """SIGTERM to this process just before the stage's first artifact would be put in place."""
-    import medqa.artifacts
-
-    real = os.replace
 
     def replace(src, dst, *a, **kw):
         if not str(dst).endswith(".lock.json"):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.5)  # the handler runs at the next bytecode
-        return real(src, dst, *a, **kw)
+        return os.replace(src, dst, *a, **kw)
 
-    monkeypatch.setattr(medqa.artifacts.os, "replace", replace)
+    patch_artifact_renames(monkeypatch, replace)
 
 
 @pytest.mark.parametrize("stage", ["prepare", "baseline", "evaluate", "benchmark", "export"])

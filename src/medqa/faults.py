@@ -197,6 +197,23 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def keep_sigterm_handler() -> Iterator[None]:
+    """Around `ray.init`: keep this process's SIGTERM handler. Ray's driver installs its own, which exits at once
+    (mid-write, and after `ray.shutdown` with a bare exit status); medqa's stops gracefully and shuts Ray down in its
+    own `finally`."""
+    try:
+        previous = signal.getsignal(signal.SIGTERM)
+    except ValueError:
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            with contextlib.suppress(ValueError, TypeError):  # not the main thread
+                signal.signal(signal.SIGTERM, previous)
+
+
 class SearchStop:
     """Around Ray Tune's `fit`: SIGTERM stops the search as Ctrl-C does (Tune's own SIGINT handler, which stops the
     trials and saves the experiment state), instead of Ray's driver handler, which exits mid-write with a native

@@ -27,7 +27,7 @@ from medqa import schema
 from medqa.artifacts import atomic_dir, write_json
 from medqa.config import config_from_dict
 from medqa.errors import Interrupted, MedqaError
-from medqa.faults import SearchStop, damaged
+from medqa.faults import SearchStop, damaged, keep_sigterm_handler
 from medqa.frontier import Source, run_frontier, scale_adapter
 from medqa.locks import locked
 from medqa.manifest import check_resumable, read_manifest, run_record, write_manifest, write_run_record
@@ -269,7 +269,8 @@ def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
             "configs/biogpt.yaml does) to make every trial's step the same.",
             total_steps,
         )
-    started = _init_ray(cfg)
+    with keep_sigterm_handler():  # SIGTERM stays medqa's graceful stop, not Ray's exit (medqa.faults)
+        started = _init_ray(cfg)
     try:
         experiment = _latest_experiment(outputs) if cfg.tune.resume else None
         if cfg.tune.resume and experiment is None:
