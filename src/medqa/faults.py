@@ -47,7 +47,7 @@ _SPELLED = {
     "file too large": errno.EFBIG,
     "input/output error": errno.EIO,
 }
-_OS_ERROR = re.compile(r"os error (\d+)")
+_OS_ERROR = re.compile(r"os error (\d+)|os \{ code: (\d+)")  # Rust: "(os error 28)", "Os { code: 28, ..."
 
 # stage -> (what it writes, which is replaced only when complete; the command that writes it again)
 WRITES = {
@@ -87,8 +87,8 @@ def os_errno(exc: BaseException) -> int | None:
             return exc.errno
         text = str(exc).lower()
         found = _OS_ERROR.search(text)
-        if found and int(found.group(1)) in REASONS:
-            return int(found.group(1))
+        if found and int(found.group(1) or found.group(2)) in REASONS:
+            return int(found.group(1) or found.group(2))
         for spelled, code in _SPELLED.items():
             if spelled in text:
                 return code
