@@ -215,7 +215,7 @@ def keep_sigterm_handler() -> Iterator[None]:
 
 
 class SearchStop:
-    """Around Ray Tune's `fit`: SIGTERM stops the search as Ctrl-C does (Tune's own SIGINT handler, which stops the
+    """Around Ray Tune's `fit`: SIGTERM stops the search as Ctrl-C does (Tune's own stop handler, which stops the
     trials and saves the experiment state), instead of Ray's driver handler, which exits mid-write with a native
     stack dump. `signum` is set when a stop was requested."""
 
@@ -224,10 +224,14 @@ class SearchStop:
         self.previous = None
 
     def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise Terminated  # a second SIGTERM: at once
         self.signum = signum
-        handler = signal.getsignal(signal.SIGINT)
-        if callable(handler) and handler is not signal.default_int_handler:
-            handler(signal.SIGINT, frame)  # Tune's: sets its interrupted event, restores the previous handler
+        # Tune's stop handler, which it installs for SIGUSR1 always (and for SIGINT unless told not to): it sets its
+        # "interrupted" event; the run loop then stops the trials and saves the experiment state one last time.
+        handler = signal.getsignal(signal.SIGUSR1)
+        if callable(handler):
+            handler(signal.SIGUSR1, frame)
         else:
             raise Terminated  # before Tune installed its handler: unwind (Ray is shut down by the caller)
 
