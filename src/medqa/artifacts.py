@@ -28,11 +28,11 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
         _name(exc, target, outer=True)
         raise
     # Two renames: between them only `old` exists; a crash there loses nothing complete.
-    if target.exists():
-        os.replace(target, old)
     try:
+        if target.exists():
+            os.replace(target, old)
         os.replace(tmp, target)
-    except OSError as exc:  # put the previous one back, so readers never find none where one was
+    except BaseException as exc:  # a full disk or SIGTERM here: the previous one back, the new one removed
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not target.exists():
             os.replace(old, target)
