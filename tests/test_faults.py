@@ -338,6 +338,7 @@ def test_sigterm_to_a_training_process_exits_143_and_resumes(work, tmp_path):
     test above only imitates with os.kill from inside the Trainer: the process exits 143 with one line saying how to
     resume, no traceback, and `train.resume=true` finishes the run. Before issue 34: killed at once, exit -15."""
     log = tmp_path / "train.log"
+    shutil.rmtree(work / "outputs" / "finetune_checkpoints")  # the fixture's: wait for this run's own checkpoint
     proc = _cli(work, "train", "train.max_steps=200", log=log)
     try:
         _wait_for("outputs/finetune_checkpoints/checkpoint-6/medqa_complete.json", work, proc, log)
