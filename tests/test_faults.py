@@ -351,6 +351,7 @@ def test_sigterm_to_a_training_process_exits_143_and_resumes(work, tmp_path):
     assert rc == 143, out[-3000:]
     assert "Traceback" not in out and "train.resume=true" in out
     no_leftovers(work)
+    log = tmp_path / "train-resumed.log"
     proc = _cli(work, "train", "train.max_steps=200", "train.resume=true", log=log)
     assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
 
@@ -376,6 +377,7 @@ def test_sigterm_to_a_search_stops_it_through_ray_and_resumes(work, tmp_path):
     for crash in ("Traceback", "Stack trace", "*** SIG", "core dumped"):
         assert crash not in out, out[-3000:]
     assert "tune.resume=true" in out
+    log = tmp_path / "tune-resumed.log"  # the stopped run's log stays for a person to read
     proc = _cli(work, "tune", *steps, "tune.resume=true", log=log)
     assert proc.wait(timeout=1200) == 0, log.read_text()[-3000:]
     assert (work / "outputs" / "best" / "adapter_config.json").exists()
