@@ -23,13 +23,21 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        _name(exc, target, outer=True)
         raise
     # Two renames: between them only `old` exists; a crash there loses nothing complete.
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
+    try:
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+    except BaseException as exc:  # a full disk or SIGTERM here: the previous one back, the new one removed
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not target.exists():
+            os.replace(old, target)
+        _name(exc, target, outer=True)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -38,8 +46,21 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException as exc:  # a full disk mid-write: remove the partial sibling, keep the previous file
+        tmp.unlink(missing_ok=True)
+        _name(exc, path)
+        raise
+
+
+def _name(exc: BaseException, target: Path, outer: bool = False) -> None:
+    """Record on the exception which artifact was being written, for `medqa.faults`' message: the OS names a file
+    inside the temporary folder, the person needs the artifact it stands for (the outermost folder, else the file)."""
+    if outer or getattr(exc, "artifact", None) is None:
+        with contextlib.suppress(AttributeError, TypeError):
+            exc.artifact = target
 
 
 def write_json(path: str | Path, obj: Any) -> None:

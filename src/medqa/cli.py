@@ -23,6 +23,7 @@ from medqa.distributed import is_main
 from medqa.errors import ConfigError, Interrupted, MedqaError
 from medqa.evaluate import evaluate
 from medqa.export import check_push, export, push_to_hub
+from medqa.faults import Terminated, os_errno, sigterm_as_ctrl_c, write_paragraph
 from medqa.feedback import feedback
 from medqa.prepare import make_tiny_model, prepare
 from medqa.records import describe_counts
@@ -257,6 +258,14 @@ def main(argv: list[str] | None = None) -> int:
     args.questions = [o for o in positional if not OVERRIDE.match(o)]
     if args.questions and args.command != "ask":
         parser.error(f"not a key=value override: {args.questions[0]!r}")
+    # SIGTERM (kill, systemd, SLURM, Kubernetes) takes the Ctrl-C path in every stage (medqa.faults).
+    with sigterm_as_ctrl_c():
+        return _run(args, overrides)
+
+
+def _run(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Run the subcommand; a MedqaError, an interruption or a write the OS refused ends in one paragraph, and the
+    exit code says which (2: an error to fix; 130: Ctrl-C; 143: SIGTERM)."""
     try:
         cfg = load_config(args.config, overrides)
         if args.print_config:
@@ -266,13 +275,25 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS[args.command][0](cfg, args)
     except Interrupted as exc:
         print(f"medqa {args.command}: {exc}", file=sys.stderr)
-        return 130
+        return 128 + exc.signum
     except MedqaError as exc:
         print(f"medqa {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(
+            f"medqa {args.command}: stopped by SIGTERM. Nothing half-written was kept: each artifact is renamed into "
+            "place only once complete, so the previous outputs are intact. Run the same command again to finish.",
+            file=sys.stderr,
+        )
+        return 143
     except KeyboardInterrupt:
         print(f"medqa {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a write refused outside a stage's own guard (chat, make-tiny-model)
+        if os_errno(exc) is None:
+            raise
+        print(f"medqa {args.command}: error: {write_paragraph(args.command, exc)}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -14,7 +14,12 @@ class DataError(MedqaError):
 
 
 class Interrupted(MedqaError):
-    """Stopped on request (Ctrl-C, a notebook's stop button) after saving what can be resumed."""
+    """Stopped on request (Ctrl-C, a notebook's stop button, SIGTERM) after saving what can be resumed. `signum`:
+    the signal that asked (the CLI exits with 128 + it: 130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, signum: int = 2):
+        super().__init__(message)
+        self.signum = signum
 
 
 class ModelError(MedqaError):

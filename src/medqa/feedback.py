@@ -24,6 +24,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from medqa.artifacts import write_text_atomic
+from medqa.faults import guard
 from medqa.modeling import load_tokenizer
 from medqa.prompts import template_text
 from medqa.ratings import BASE, TUNED, read_feedback, workdir_relative
@@ -75,6 +77,7 @@ class FeedbackResult:
         return "\n".join(lines)
 
 
+@guard("feedback")  # a write the OS refuses: one paragraph (medqa.faults)
 def feedback(cfg: Config, export_preferences: str | Path | None = None) -> FeedbackResult:
     """Summarise outputs/chat/feedback.jsonl into feedback_summary.json; with `export_preferences`, also write the
     decided ratings as prompt/chosen/rejected JSON lines to that file."""
@@ -93,11 +96,11 @@ def feedback(cfg: Config, export_preferences: str | Path | None = None) -> Feedb
     if export_preferences is not None:
         preferences = Path(export_preferences)
         rows = preference_rows(cfg, ratings)
-        preferences.parent.mkdir(parents=True, exist_ok=True)
-        preferences.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        # atomic, as every artifact: a full disk mid-write leaves the previous file, never half of one
+        write_text_atomic(preferences, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         summary["exported_pairs"] = len(rows)
     out = paths(cfg).chat_feedback_summary
-    out.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_text_atomic(out, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return FeedbackResult(summary, out, preferences)
 
 

@@ -48,6 +48,7 @@ from pathlib import Path
 from medqa import distributed as dist
 from medqa.artifacts import write_json
 from medqa.errors import MedqaError
+from medqa.faults import guard
 from medqa.schema import Config
 from medqa.workdir import paths
 
@@ -181,8 +182,9 @@ def hold(cfg: Config, stage: str) -> Iterator[Path | None]:
 
 
 def locked(stage: str, unless: str | None = None) -> Callable:
-    """Decorate a stage's entry function `fn(cfg, ...)` to run under `hold(cfg, stage)`. `unless`: the name of a
-    boolean parameter that, when true, runs without the lock (train's `trial`: a Ray trial under the search's lock)."""
+    """Decorate a stage's entry function `fn(cfg, ...)` to run under `hold(cfg, stage)` and `faults.guard`. `unless`:
+    the name of a boolean parameter that, when true, runs without the lock (train's `trial`: a Ray trial under the
+    search's lock)."""
 
     def wrap(fn: Callable) -> Callable:
         signature = inspect.signature(fn)
@@ -191,10 +193,13 @@ def locked(stage: str, unless: str | None = None) -> Callable:
         def run(*args, **kwargs):
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
-            if unless and bound.arguments[unless]:
-                return fn(*args, **kwargs)
-            with hold(bound.arguments["cfg"], stage):
-                return fn(*args, **kwargs)
+            cfg = bound.arguments["cfg"]
+            # A write the OS refuses (disk full, read-only...) becomes one paragraph (medqa.faults), in every stage.
+            with guard(stage, cfg.workdir):
+                if unless and bound.arguments[unless]:
+                    return fn(*args, **kwargs)
+                with hold(cfg, stage):
+                    return fn(*args, **kwargs)
 
         return run
 

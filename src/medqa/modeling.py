@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from medqa.artifacts import atomic_dir
 from medqa.errors import ConfigError, ModelError
+from medqa.faults import damaged
 from medqa.lora_targets import lora_parameter_count, resolve_lora_targets
 from medqa.manifest import check_inputs, fingerprint_model
 from medqa.schema import Config
@@ -410,5 +411,6 @@ def load_adapter_model(cfg: Config, adapter_dir: str | Path, expected: dict[str,
         "medqa train --config <your config>",
     )
     base = load_model(cfg)
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    with damaged(adapter_dir, "the stage that wrote it: medqa train (outputs/finetune), medqa tune (outputs/best)"):
+        model = PeftModel.from_pretrained(base, str(adapter_dir))
     return model.to(next(base.parameters()).device).eval()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -477,7 +478,7 @@ def fit(
     extra = [timer, history, MarkComplete()] + list(callbacks or [])
     if cfg.train.early_stopping_patience:
         extra.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
-    stop = GracefulStop()
+    stop = GracefulStop(sigterm=not trial)
     extra.append(stop.callback())
     trainer = AnswerLossTrainer(
         model=model,
@@ -505,8 +506,9 @@ def fit(
                 setup.fast_step.base.set_attn_implementation("sdpa")  # later scoring: padded batches, SDPA
     if stop.requested:
         raise Interrupted(
-            f"stopped at step {trainer.state.global_step} after saving a checkpoint in {work}; run "
-            "again with train.resume=true to continue."
+            f"stopped ({signal.Signals(stop.signum).name}) at step {trainer.state.global_step} after saving a "
+            f"checkpoint in {work}; run again with train.resume=true to continue.",
+            stop.signum,
         )
     return trainer, timer
 

@@ -442,27 +442,37 @@ class History(TrainerCallback):
 
 
 class GracefulStop:
-    """Ctrl-C (SIGINT) or a notebook's stop button: finish the current step, save a checkpoint, then stop.
-    A second Ctrl-C interrupts at once."""
+    """Ctrl-C (SIGINT), SIGTERM (kill, systemd, SLURM preemption, Kubernetes: usually with a grace period) or a
+    notebook's stop button: finish the current step, save a checkpoint, then stop. A second signal interrupts at
+    once. `signum`: the first signal received (the CLI exits with 128 + it). Under torchrun the launcher passes
+    SIGTERM on to every rank, and StopOnRequest makes them all stop at the same step."""
 
-    def __init__(self):
+    def __init__(self, sigterm: bool = True):
         self.requested = False
-        self.previous = None
+        self.signum = signal.SIGINT
+        self.previous = {}
+        # A Ray Tune trial leaves SIGTERM to Ray's worker: Ray stops trials itself, and the search handles SIGTERM.
+        self.signals = (signal.SIGINT, signal.SIGTERM) if sigterm else (signal.SIGINT,)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.previous = {s: signal.signal(s, self._handle) for s in self.signals}
         return self
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        log.warning("Stopping after this step and saving a checkpoint (Ctrl-C again to abort at once).")
+        self.signum = signum
+        log.warning(
+            "%s: stopping after this step and saving a checkpoint (a second signal aborts at once).",
+            signal.Signals(signum).name,
+        )
 
     def callback(self) -> StopOnRequest:
         return StopOnRequest(self)

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ from pathlib import Path
 from medqa import schema
 from medqa.artifacts import atomic_dir, write_json
 from medqa.config import config_from_dict
-from medqa.errors import MedqaError
+from medqa.errors import Interrupted, MedqaError
+from medqa.faults import SearchStop, damaged, keep_sigterm_handler
 from medqa.frontier import Source, run_frontier, scale_adapter
 from medqa.locks import locked
 from medqa.manifest import check_resumable, read_manifest, run_record, write_manifest, write_run_record
@@ -299,7 +301,8 @@ def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
             "configs/biogpt.yaml does) to make every trial's step the same.",
             total_steps,
         )
-    started = _init_ray(cfg)
+    with keep_sigterm_handler():  # SIGTERM stays medqa's graceful stop, not Ray's exit (medqa.faults)
+        started = _init_ray(cfg)
     try:
         experiment = _latest_experiment(outputs) if cfg.tune.resume else None
         if cfg.tune.resume and experiment is None:
@@ -316,7 +319,8 @@ def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
         )
         if cfg.tune.resume and rt.Tuner.can_restore(str(experiment)):
             log.info("tune: restoring %s", experiment)
-            tuner = rt.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
+            with damaged(experiment, "medqa tune tune.resume=false (a new experiment)"):
+                tuner = rt.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
         else:
             tuner = rt.Tuner(
                 trainable,
@@ -333,7 +337,14 @@ def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
                     verbose=1,
                 ),
             )
-        grid = tuner.fit()
+        with SearchStop() as stop:  # SIGTERM: Tune's own graceful stop, as Ctrl-C (medqa.faults)
+            grid = tuner.fit()
+        if stop.signum is not None:
+            raise Interrupted(
+                f"stopped by {signal.Signals(stop.signum).name}: Ray Tune stopped the trials and kept the "
+                f"experiment's state in {experiment}; run again with tune.resume=true to continue it.",
+                stop.signum,
+            )
         write_run_record(experiment, {**record, "finished": True})
     finally:
         if started:

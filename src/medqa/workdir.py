@@ -40,6 +40,7 @@ from pathlib import Path
 
 from medqa import schema
 from medqa.errors import DataError
+from medqa.faults import damaged
 from medqa.manifest import check_inputs, fingerprint_model, fingerprint_source
 from medqa.metrics import EVAL_SPLITS, ExampleScores  # noqa: F401  (EVAL_SPLITS: part of the contract)
 from medqa.modeling import model_path, tokenizer_info
@@ -239,7 +240,8 @@ def load_split(cfg: Config, split: str, tokenizer=None, limit: bool = True):
         raise DataError(f"{path} not found. Run `{PREPARE_AGAIN}` first (same workdir).")
     if tokenizer is not None:
         check_tokenized(cfg, tokenizer)
-    ds = datasets.load_from_disk(str(path))
+    with damaged(path, PREPARE_AGAIN):  # an arrow file cut short: name it, not a pyarrow traceback
+        ds = datasets.load_from_disk(str(path))
     if len(ds) == 0:
         raise DataError(
             f"{path} is empty: the {split} split has no examples. Use more records or change "
@@ -255,20 +257,27 @@ def load_records(cfg: Config, split: str) -> list[dict]:
     path = paths(cfg).records(split)
     if not path.exists():
         raise DataError(f"{path} not found. Run `{PREPARE_AGAIN}` first (same workdir).")
-    return json.loads(path.read_text(encoding="utf-8"))
+    with damaged(path, PREPARE_AGAIN):
+        return json.loads(path.read_text(encoding="utf-8"))
 
 
 def read_metrics(folder: Path) -> dict | None:
     """A stage's metrics.json (baseline, finetune, best), or None when that stage has not run."""
     path = Path(folder) / "metrics.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    if not path.exists():
+        return None
+    with damaged(path, f"the stage that wrote {Path(folder).name}/ (medqa baseline, train or tune)"):
+        return json.loads(path.read_text(encoding="utf-8"))
 
 
 def read_benchmarks(cfg: Config) -> dict | None:
     """`medqa benchmark`'s summary.json (lm-eval scores per model and the paired changes), or None when it has
     not run."""
     path = paths(cfg).benchmarks / "summary.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    if not path.exists():
+        return None
+    with damaged(path, "medqa benchmark"):
+        return json.loads(path.read_text(encoding="utf-8"))
 
 
 def read_search(cfg: Config) -> dict | None:
@@ -278,11 +287,12 @@ def read_search(cfg: Config) -> dict | None:
     trial = paths(cfg).best / "trial.json"
     if not trial.exists():
         return None
-    chosen = json.loads(trial.read_text(encoding="utf-8"))
+    with damaged(trial, "medqa tune"):
+        chosen = json.loads(trial.read_text(encoding="utf-8"))
     results = Path(chosen.get("experiment", "")) / "results.csv"
     if not results.is_file():
         return None
-    with open(results, newline="", encoding="utf-8") as f:
+    with damaged(results, "medqa tune tune.resume=true"), open(results, newline="", encoding="utf-8") as f:
         trials = [{k: _cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
     return {"chosen": chosen, "trials": trials}
 
