@@ -279,7 +279,18 @@ class AnswerLossTrainer(Trainer):
             base_logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
         labels = inputs["labels"]
         count = num_items_in_batch if num_items_in_batch is not None else (labels[:, 1:] != IGNORE_INDEX).sum()
-        return loss + self.kl_beta * kl_to_base_sum(outputs.logits, base_logits, labels) / count
+        kl = self.kl_beta * kl_to_base_sum(outputs.logits, base_logits, labels) / count
+        if (
+            self.args.average_tokens_across_devices
+            and (self.model_accepts_loss_kwargs or self.compute_loss_func)
+            and num_items_in_batch is not None
+        ):
+            # `num_items_in_batch` counts every process's tokens, and transformers scales the CE loss back up by the
+            # processes (Trainer.compute_loss); the KL per token must get the same factor, or beta acts as beta / P.
+            kl = kl * (
+                self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
+            )
+        return loss + kl
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         fs = self.fast_step
