@@ -32,7 +32,7 @@ from medqa.modeling import load_model, scoring_dtype
 from medqa.plots import plot_frontier
 from medqa.pubmedqa import CHOICES, score_knowledge, summarize
 from medqa.schema import Config
-from medqa.selection import Rule, choose
+from medqa.selection import Rule, candidate, choose
 from medqa.workdir import load_split, paths
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def _uses_dora(path: Path) -> bool:
     return bool(json.loads((path / "adapter_config.json").read_text()).get("use_dora"))
 
 
-def score_front(cfg: Config, sources: list[Source], tokenizer, val_ds, probe, base_val: dict | None = None) -> list:
+def score_front(cfg: Config, sources: list[Source], tokenizer, val_ds, probe) -> list:
     """One row per (source, alpha), and the base model as alpha 0: val answer loss and the knowledge fields."""
     from peft import PeftModel
     from peft.helpers import rescale_adapter_scale
@@ -108,7 +108,7 @@ def score_front(cfg: Config, sources: list[Source], tokenizer, val_ds, probe, ba
         return {"val_answer_loss": m["answer_loss"], "val_answer_perplexity": m["answer_perplexity"]}
 
     base = load_model(cfg)
-    rows = [{"source": "base", "step": None, "alpha": 0.0, **(base_val or answer(base))}]
+    rows = [{"source": "base", "step": None, "alpha": 0.0, **answer(base)}]
     if probe is not None:
         base_scores = probe.base(base, tokenizer)
         rows[0].update(compare(base_scores, base_scores))
@@ -152,11 +152,7 @@ def score_front(cfg: Config, sources: list[Source], tokenizer, val_ds, probe, ba
 
 
 def _candidate(row: dict) -> dict:
-    out = {"answer_loss": row["val_answer_loss"]}
-    for k in ("knowledge_change", "abstract_change", "abstract_delta"):
-        if row.get(k) is not None:
-            out[k] = row[k]
-    return out
+    return candidate(row, "val_answer_loss")
 
 
 def choose_point(rows: list[dict], rule: Rule):

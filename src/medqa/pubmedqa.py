@@ -150,6 +150,15 @@ class PubMedQAScores:
         return (self.loglik / self.choice_bytes).argmax(axis=1)
 
 
+def _scores(items: list[dict], loglik: np.ndarray, text_nll=None, text_tokens=None) -> PubMedQAScores:
+    """The scores of `items` from their choices' log-likelihoods: ids, gold indices and lm-eval's divisors."""
+    gold = np.array([CHOICES.index(item["answer"]) for item in items])
+    chars = np.array([len(c) for c in CHOICES], dtype=float)
+    utf8 = np.array([len(c.encode("utf-8")) for c in CHOICES], dtype=float)
+    ids = [str(item.get("id", i)) for i, item in enumerate(items)]
+    return PubMedQAScores(ids, gold, loglik, chars, utf8, text_nll, text_tokens)
+
+
 def score_items(
     model, tokenizer, items: list[dict], batch_size: int = 8, max_length: int | None = None, progress: bool = False
 ) -> PubMedQAScores:
@@ -189,10 +198,7 @@ def score_items(
                 q, c = owners[i]
                 loglik[q, c] = -nll[row]
     model.train(was_training)
-    gold = np.array([CHOICES.index(item["answer"]) for item in items])
-    chars = np.array([len(c) for c in CHOICES], dtype=float)
-    utf8 = np.array([len(c.encode("utf-8")) for c in CHOICES], dtype=float)
-    return PubMedQAScores([str(item.get("id", i)) for i, item in enumerate(items)], gold, loglik, chars, utf8)
+    return _scores(items, loglik)
 
 
 def _knowledge_rows(tokenizer, items: list[dict], max_length: int) -> tuple[list[dict], list[tuple], dict]:
@@ -269,11 +275,7 @@ def score_knowledge(
                     picked = logp[torch.arange(len(targets)), torch.tensor(targets, device=logp.device)]
                     loglik[q, c] = picked.double().sum().item()
     model.train(was_training)
-    gold = np.array([CHOICES.index(item["answer"]) for item in items])
-    chars = np.array([len(c) for c in CHOICES], dtype=float)
-    utf8 = np.array([len(c.encode("utf-8")) for c in CHOICES], dtype=float)
-    ids = [str(item.get("id", i)) for i, item in enumerate(items)]
-    return PubMedQAScores(ids, gold, loglik, chars, utf8, text_nll, text_tokens)
+    return _scores(items, loglik, text_nll, text_tokens)
 
 
 def forwards_saved(tokenizer, items: list[dict], max_length: int = 1024) -> tuple[int, int]:

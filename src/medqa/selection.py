@@ -143,6 +143,18 @@ class Rule:
         return "lowest val answer_loss"
 
 
+# What a candidate may carry about knowledge (see the module docstring).
+KNOWLEDGE_KEYS = ("knowledge_change", "abstract_change", "abstract_delta")
+
+
+def candidate(row: dict, answer_loss_key: str = "answer_loss", prefix: str = "") -> dict:
+    """A logged row as the rule compares it: a Trainer evaluation (prefix "eval_"), a trial's row
+    (answer_loss_key "best_val_answer_loss") or a frontier point ("val_answer_loss"); unmeasured fields left out."""
+    out = {"answer_loss": row.get(prefix + answer_loss_key)}
+    out.update({k: row[prefix + k] for k in KNOWLEDGE_KEYS if row.get(prefix + k) is not None})
+    return out
+
+
 @dataclass
 class Choice:
     index: int  # into the candidates

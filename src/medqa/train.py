@@ -57,7 +57,7 @@ from medqa.modeling import (
 from medqa.packing import PackedCollator, pack_dataset, plan_packs
 from medqa.plots import plot_training
 from medqa.schema import Config, TrainConfig
-from medqa.selection import Rule, choose
+from medqa.selection import Rule, candidate, choose
 from medqa.trainer import (
     FAST_LOSS_MODEL_TYPES,
     AnswerLossTrainer,
@@ -716,17 +716,11 @@ def selection(cfg: Config, history: list[dict], trainer) -> dict:
     step = int(Path(best).name.rsplit("-", 1)[-1])
     row = next((r for r in evals if r["step"] == step), None)
     if rule.uses_knowledge:
-        choice = choose([candidate(r) for r in evals], rule, "checkpoint")
+        choice = choose([candidate(r, prefix="eval_") for r in evals], rule, "checkpoint")
         out.update(eligible=choice.eligible, message=choice.message)
     if row is not None:
         out["checkpoint"] = {"step": step, **{k[len("eval_") :]: v for k, v in row.items() if k.startswith("eval_")}}
     return out
-
-
-def candidate(row: dict, prefix: str = "eval_") -> dict:
-    """A logged evaluation (metrics.jsonl's eval_*, or a trial's val_*) as `medqa.selection` compares it."""
-    keys = ("answer_loss", "knowledge_change", "abstract_change", "abstract_delta")
-    return {k: row[prefix + k] for k in keys if prefix + k in row}
 
 
 def _as_scored(cfg: Config, trainer, work: Path):

@@ -34,7 +34,7 @@ from medqa.manifest import check_resumable, read_manifest, run_record, write_man
 from medqa.modeling import load_tokenizer, pick_device_dtype, scoring_dtype, training_base_dtype
 from medqa.plots import plot_search, plot_tradeoff
 from medqa.schema import Config
-from medqa.selection import Rule, choose
+from medqa.selection import Rule, candidate, choose
 from medqa.train import RUN_SECTIONS, planned_steps, train
 from medqa.trainer import ReportToTune
 from medqa.workdir import adapter_inputs, load_split, paths, read_metrics
@@ -229,8 +229,7 @@ KNOWLEDGE_COLUMNS = (
 
 def _candidate(row: dict) -> dict:
     """A trial's row as `medqa.selection` compares it."""
-    keys = ("knowledge_change", "abstract_change", "abstract_delta")
-    return {"answer_loss": row.get("best_val_answer_loss"), **{k: row[k] for k in keys if k in row}}
+    return candidate(row, "best_val_answer_loss")
 
 
 FINETUNE = "plain fine-tune"  # the plain fine-tune's name among the frontier's sources
