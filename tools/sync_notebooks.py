@@ -8,11 +8,12 @@
                                               # run the notebooks in order (nbclient) on that config and write
                                               # their outputs into the .ipynb files
 
---execute sets CONFIG, OVERRIDES (the KEY=VALUE arguments) and SMOKE (--smoke) at the end of each parameters
-cell, runs from the repository root, and writes the parameters cell back unchanged. Outputs are made small
-before they are written: progress bars and widgets dropped, ANSI colours removed, long logs cut to their head
-and tail, PNGs over MAX_PNG_BYTES re-encoded, and local paths (this checkout, the home, temporary and Python
-folders) replaced by short placeholders. A failing cell stops the run and leaves that notebook's file untouched.
+--execute sets CONFIG, OVERRIDES (the KEY=VALUE arguments), SMOKE (--smoke) and each --param NAME=VALUE the cell
+defines (e.g. --param REUSE_SEARCH=True) at the end of each parameters cell, runs from the repository root, and
+writes the parameters cell back unchanged. Outputs are made small before they are written: progress bars and
+widgets dropped, ANSI colours removed, long logs cut to their head and tail, PNGs over MAX_PNG_BYTES re-encoded,
+and local paths (this checkout, the home, temporary and Python folders) replaced by short placeholders. A failing
+cell stops the run and leaves that notebook's file untouched.
 """
 
 from __future__ import annotations
@@ -140,14 +141,25 @@ def parameters_cell(nb):
     return cell
 
 
-def execute(nb, config: str, overrides: list[str], smoke: bool = False, timeout: int = 7200):
+def execute(
+    nb,
+    config: str,
+    overrides: list[str],
+    smoke: bool = False,
+    timeout: int = 7200,
+    params: dict[str, str] | None = None,
+):
     """Run `nb` top to bottom in a fresh kernel started at the repository root; the parameters cell gets CONFIG,
-    OVERRIDES and SMOKE appended while it runs, and its text back afterwards."""
+    OVERRIDES and SMOKE appended while it runs (and each of `params`, NAME -> Python literal, that the cell
+    defines), and its text back afterwards."""
     from nbclient import NotebookClient
 
-    params = parameters_cell(nb)
-    original = params.source
-    params.source = original + f"\nCONFIG = {config!r}\nOVERRIDES = {list(overrides)!r}\nSMOKE = {smoke!r}\n"
+    cell = parameters_cell(nb)
+    original = cell.source
+    extra = "".join(
+        f"{name} = {value}\n" for name, value in (params or {}).items() if re.search(rf"^{name}\b", original, re.M)
+    )
+    cell.source = original + f"\nCONFIG = {config!r}\nOVERRIDES = {list(overrides)!r}\nSMOKE = {smoke!r}\n{extra}"
     try:
         NotebookClient(
             nb,
@@ -158,7 +170,7 @@ def execute(nb, config: str, overrides: list[str], smoke: bool = False, timeout:
             resources={"metadata": {"path": str(ROOT)}},
         ).execute()
     finally:
-        params.source = original
+        cell.source = original
     return nb
 
 
@@ -278,12 +290,20 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--check", action="store_true", help="only report notebooks out of step with their source")
     mode.add_argument("--execute", metavar="CONFIG", help="run the notebooks on this config, outputs written back")
     ap.add_argument("--smoke", action="store_true", help="with --execute: SMOKE = True (each stage's quick run)")
+    ap.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="with --execute: set this parameter (a Python literal) in the notebooks whose parameters cell has it",
+    )
     ap.add_argument("--only", action="append", metavar="NAME", help="this notebook only (repeatable)")
     ap.add_argument("--dir", type=Path, default=NOTEBOOKS, help="folder of the notebook pairs (default notebooks/)")
     ap.add_argument("--timeout", type=int, default=7200, help="with --execute: seconds allowed per cell")
     args = ap.parse_args(argv)
-    if args.overrides and not args.execute:
-        ap.error("KEY=VALUE overrides go with --execute")
+    if (args.overrides or args.param) and not args.execute:
+        ap.error("KEY=VALUE overrides and --param go with --execute")
+    params = dict(p.split("=", 1) for p in args.param if "=" in p)
 
     stale = []
     for py, ipynb in pairs(args.dir, args.only):
@@ -297,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             # The kernel imports medqa from this checkout, whatever is installed.
             os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
             print(f"executing {_show(ipynb)} on {args.execute} ...", flush=True)
-            nb = clean_outputs(execute(nb, args.execute, args.overrides, smoke=args.smoke, timeout=args.timeout))
+            nb = clean_outputs(execute(nb, args.execute, args.overrides, args.smoke, args.timeout, params))
         print(("wrote " if write(nb, ipynb) else "unchanged ") + _show(ipynb))
     if stale:
         print(

@@ -355,6 +355,38 @@ def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
     return _summarize(cfg, grid, experiment)
 
 
+def load_search(cfg: Config) -> TuneResult:
+    """The search `medqa tune` already ran for this config (e.g. `make real-search`), read back instead of run
+    again: its experiment folder, results.csv, outputs/best/ and trial.json. Refuses, in one paragraph, a search
+    that is missing, unfinished or made with other settings (the same check as tune.resume=true)."""
+    import pandas as pd
+
+    cfg = _with_absolute_paths(cfg)
+    best_dir = paths(cfg).best
+    trial = best_dir / "trial.json"
+    if not trial.is_file():
+        raise MedqaError(
+            f"No search to read: {trial} does not exist. Run the search first (`medqa tune --config <config>`, "
+            "or `make real-search` for configs/smollm2-offline.yaml), or run it here (REUSE_SEARCH = False)."
+        )
+    with damaged(trial, "medqa tune"):
+        best = json.loads(trial.read_text(encoding="utf-8"))
+    experiment = Path(best.get("experiment", ""))
+    results = experiment / "results.csv"
+    if not results.is_file():
+        raise MedqaError(
+            f"{trial} names the experiment {experiment}, whose results.csv is gone. Run `medqa tune` again."
+        )
+    record = run_record(cfg, (*RUN_SECTIONS, "tune"), adapter_inputs(cfg, load_tokenizer(cfg)))
+    stored = check_resumable(experiment, record, "Ray Tune experiment", "medqa tune (a new search)")
+    if not (stored or {}).get("finished"):
+        raise MedqaError(f"The search in {experiment} did not finish: run `medqa tune ... tune.resume=true`.")
+    with damaged(results, "medqa tune"):
+        table = pd.read_csv(results)
+    log.info("tune: read the finished search %s (not run again)", experiment)
+    return TuneResult(experiment, table, best_dir, best)
+
+
 def _summarize(cfg: Config, grid, experiment: Path) -> TuneResult:
     import pandas as pd
 
