@@ -121,3 +121,88 @@ def test_plain_fine_tune_on_the_front_is_saved_scaled_with_its_own_config(tmp_pa
     record["inputs"]["base_model"] = "another model"
     manifest.write_text(json.dumps(record))
     assert _finetune_source(cfg, tokenizer) == []
+
+
+def test_notebook_tables_show_the_front_and_the_dev_verdict(tmp_path, capsys):
+    """Notebook 4's views of the front: only the points on it, the chosen one marked, sorted by gain; and the
+    chosen point beside the base on all dev questions (the base's choice loss recovered from the paired delta)."""
+    import pandas as pd
+
+    from medqa.frontier import final_table, front_table
+
+    rows = [
+        {"source": "base", "alpha": 0.0, "answer_perplexity_change": 0.0, "choice_delta": 0.0, "on_front": True},
+        {"source": "t1", "alpha": 1.0, "answer_perplexity_change": -0.4, "choice_delta": -0.1, "on_front": True},
+        {"source": "t1", "alpha": 0.5, "answer_perplexity_change": -0.2, "choice_delta": 0.2, "on_front": False},
+    ]
+    pd.DataFrame([{**r, "chosen": r["alpha"] == 1.0} for r in rows]).to_csv(tmp_path / "f.csv", index=False)
+    share = {"yes": 0.5, "no": 0.4, "maybe": 0.1}
+    side = {"questions": 500, "acc": 0.5, "macro_f1": 0.4, "predicted_share": share}
+    final = {
+        "tuned": {**side, "acc": 0.46},
+        "base": side,
+        "choice_loss": 0.9,
+        "choice_delta": -0.1,
+        "knowledge_change": -0.04,
+        "abstract_change": 0.01,
+        "abstract_loss": 2.0,
+        "abstract_base_loss": 1.98,
+        "majority_answer": "yes",
+        "majority_baseline_acc": 0.55,
+    }
+    trial = {
+        "trial": "t1",
+        "adapter_scale": 1.0,
+        "frontier": {"csv": str(tmp_path / "f.csv"), "final_dev_pubmedqa": final},
+    }
+    front = front_table(trial)
+    assert list(front["alpha"]) == [1.0, 0.0] and list(front["chosen"]) == [True, False]
+    assert "choice_delta" in front and "on_front" not in front
+    table = final_table(trial)
+    assert table.loc["base", "choice loss"] == pytest.approx(1.0) and table.iloc[1]["accuracy"] == 0.46
+    assert "Always answering 'yes': 0.550" in capsys.readouterr().out
+    assert final_table({"frontier": None}).startswith("Not scored")
+
+
+def _point(source, loss, abstract=0.0, acc=0.0, alpha=1.0):
+    return {
+        "source": source,
+        "alpha": alpha,
+        "val_answer_loss": loss,
+        "abstract_change": abstract,
+        "abstract_delta": abstract,
+        "knowledge_change": acc,  # on the small subset: ignored by the check
+        "on_front": True,
+    }
+
+
+def test_a_rule_on_accuracy_chooses_on_all_dev_questions():
+    """With tune.knowledge_measure pubmedqa or both, the front's points are checked on all the dev questions, best
+    first by the other measures, until one keeps accuracy within the limit; at most `checks` of them, else the
+    nearest miss, said so."""
+    from medqa.frontier import check_on_dev
+
+    on_dev = {"a": -0.05, "b": -0.01, "c": 0.0}
+    rows = [_point("base", 2.0, alpha=0.0), _point("a", 1.0, acc=0.1), _point("b", 1.1), _point("c", 1.2)]
+    scored = []
+
+    def score(row):
+        scored.append(row["source"])
+        return {"questions": 500, "knowledge_change": on_dev[row["source"]]}
+
+    pubmedqa = Rule("answer_loss_within_knowledge", "pubmedqa", max_knowledge_drop=0.02)
+    index, choice, final = check_on_dev(rows, pubmedqa, score, checks=3)
+    assert rows[index]["source"] == "b" and choice.eligible and scored == ["a", "b"]
+    assert final["knowledge_change"] == -0.01 and rows[1]["dev_knowledge_change"] == -0.05
+    assert "500 dev questions" in choice.message
+
+    scored.clear()
+    index, choice, _ = check_on_dev(rows, pubmedqa, score, checks=1)
+    assert rows[index]["source"] == "a" and not choice.eligible and scored == ["a"]
+    assert "1 of the front's 3 points were checked" in choice.message
+
+    scored.clear()
+    rows[2]["abstract_change"] = rows[2]["abstract_delta"] = 0.05  # b forgot on the abstracts: checked last
+    both = Rule("answer_loss_within_knowledge", "both", max_knowledge_drop=0.02, max_abstract_loss_rise=0.02)
+    index, choice, _ = check_on_dev(rows, both, score, checks=3)
+    assert scored == ["a", "c"] and rows[index]["source"] == "c" and choice.eligible

@@ -227,3 +227,23 @@ def test_bad_sources_are_one_clear_error():
         demo_config(Path("/tmp/x"), 'data.sources=[{"name": "a", "source": "a.json", "weight": 0}]')
     with pytest.raises(ConfigError, match="names must be unique"):
         demo_config(Path("/tmp/x"), 'data.sources=[{"name": "a", "source": "a.json"}, {"name": "a", "source": "b"}]')
+
+
+def test_each_source_field_defaults_to_the_data_sections():
+    """What data.sources' help promises: a source without question_field, answer_field, hub_split or max_records
+    takes data.*'s (a smoke run's data.max_records limits every source), its own value wins, weight defaults to 1."""
+    from medqa.config import load_config
+    from medqa.sources import source_specs
+
+    cfg = load_config(
+        None,
+        [
+            "data.max_records=120",
+            "data.question_field=q",
+            _sources('{"name": "a", "source": "a.json"}', '{"name": "b", "source": "b.json", "max_records": 7}'),
+        ],
+    )
+    a, b = source_specs(cfg.data)
+    assert (a.max_records, b.max_records) == (120, 7)
+    assert a.question_field == b.question_field == "q" and a.hub_split == cfg.data.hub_split
+    assert a.weight == b.weight == 1.0

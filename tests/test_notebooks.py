@@ -202,6 +202,30 @@ def test_sync_keeps_outputs_of_unchanged_cells_only():
     assert sync_notebooks.merge(edited, None, "nb").cells[2].id == new.cells[2].id  # ids are reproducible
 
 
+def test_execute_sets_the_parameters_a_notebook_defines(monkeypatch):
+    """--execute appends CONFIG, OVERRIDES, SMOKE and each --param the parameters cell defines (not the others),
+    and writes the cell back unchanged."""
+    import jupytext
+    import nbclient
+
+    seen = []
+
+    class Client:
+        def __init__(self, nb, **kwargs):
+            self.nb = nb
+
+        def execute(self):
+            seen.append(sync_notebooks.parameters_cell(self.nb).source)
+
+    monkeypatch.setattr(nbclient, "NotebookClient", Client)
+    nb = jupytext.reads('# %% tags=["parameters"]\nCONFIG = "x"\nREUSE_SEARCH = False\n', fmt="py:percent")
+    original = sync_notebooks.parameters_cell(nb).source
+    sync_notebooks.execute(nb, "c.yaml", ["a=1"], params={"REUSE_SEARCH": "True", "OTHER": "1"})
+    assert seen[0].endswith("CONFIG = 'c.yaml'\nOVERRIDES = ['a=1']\nSMOKE = False\nREUSE_SEARCH = True\n")
+    assert "OTHER" not in seen[0]
+    assert sync_notebooks.parameters_cell(nb).source == original
+
+
 def test_clean_outputs_drops_noise_and_local_paths(tmp_path):
     import numpy as np
     from PIL import Image

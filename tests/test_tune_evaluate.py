@@ -97,6 +97,25 @@ def test_resuming_a_search_under_changed_settings_refuses(searched):
     assert (result.best_dir / "trial.json").read_text() == best
 
 
+def test_a_finished_search_is_read_back_not_run_again(searched, tmp_path):
+    """load_search (notebook 4's REUSE_SEARCH, after `make real-search`) returns the search tune() wrote, and
+    refuses in one paragraph a search made with other settings or none at all."""
+    from medqa.errors import MedqaError
+    from medqa.manifest import StaleArtifactError
+    from medqa.tune import load_search
+
+    cfg, result = searched
+    read = load_search(cfg)
+    assert read.experiment_dir == result.experiment_dir and read.best_dir == result.best_dir
+    pd.testing.assert_frame_equal(read.results, pd.read_csv(result.experiment_dir / "results.csv"))
+    assert read.best == json.loads((result.best_dir / "trial.json").read_text())
+    with pytest.raises(StaleArtifactError, match="tune.learning_rate"):
+        load_search(demo_config(paths(cfg).root, *QUICK, "tune.learning_rate=[0.001, 0.002]"))
+    with pytest.raises(MedqaError, match="No search to read") as info:
+        load_search(demo_config(tmp_path, *QUICK))
+    assert "make real-search" in str(info.value) and "\n" not in str(info.value)
+
+
 def test_best_adapter_reloads_and_scores_as_reported(searched):
     import datasets
 
@@ -247,3 +266,17 @@ def test_ask_ends_with_disclaimer(searched, tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert rc == 0 and out.count(DISCLAIMER) == 3 and "dry cough" in out and "knee" in out
+
+
+def test_with_a_frontier_the_rule_is_applied_after_the_search(searched):
+    """The trials compete on val answer loss when a frontier runs, so the selection rule's settings may change
+    between the search and reading it (or resuming it): only they."""
+    from medqa.manifest import StaleArtifactError
+    from medqa.tune import load_search
+
+    cfg, result = searched
+    assert cfg.tune.frontier_alphas
+    other_rule = ["tune.objective=answer_loss_within_knowledge", "tune.knowledge_measure=both"]
+    assert load_search(demo_config(paths(cfg).root, *QUICK, *other_rule)).experiment_dir == result.experiment_dir
+    with pytest.raises(StaleArtifactError, match="tune.frontier_alphas"):
+        load_search(demo_config(paths(cfg).root, *QUICK, *other_rule, "tune.frontier_alphas=[]"))

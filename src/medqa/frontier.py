@@ -9,7 +9,8 @@ interpolation is exact and free: W = W0 + alpha * (s * B A), i.e. peft's `rescal
 alpha in tune.frontier_alphas on the val answer loss and on the knowledge dev questions (`medqa.knowledge`: the
 base model's scores cached once per workdir), marks the Pareto front (no other point is at least as good on every
 measure and better on one), lets the rule (`medqa.selection`) choose from the front, scores the chosen point's
-PubMedQA accuracy on all 500 dev questions, and writes outputs/frontier/frontier.csv (one row per point),
+PubMedQA accuracy on all 500 dev questions (with a rule on accuracy the choice itself is made on them:
+`check_on_dev`), and writes outputs/frontier/frontier.csv (one row per point),
 frontier.png and the chosen adapter already scaled (its lora_B matrices times alpha: the saved adapter is the
 in-memory scaled one), so evaluate, benchmark, ask, chat and export load it unchanged.
 """
@@ -155,13 +156,47 @@ def _candidate(row: dict) -> dict:
     return candidate(row, "val_answer_loss")
 
 
-def choose_point(rows: list[dict], rule: Rule):
-    """The rule's choice among the front's points (never the base model, alpha 0, when an adapter is on it)."""
-    front = [i for i, r in enumerate(rows) if r["on_front"] and r["alpha"] > 0] or [
+def _front(rows: list[dict]) -> list[int]:
+    """The adapters on the front (alpha > 0); none there: every adapter point."""
+    return [i for i, r in enumerate(rows) if r["on_front"] and r["alpha"] > 0] or [
         i for i, r in enumerate(rows) if r["alpha"] > 0
     ]
+
+
+def choose_point(rows: list[dict], rule: Rule):
+    """The rule's choice among the front's points (never the base model, alpha 0, when an adapter is on it)."""
+    front = _front(rows)
     choice = choose([_candidate(rows[i]) for i in front], rule, "point of the frontier")
     return front[choice.index], choice
+
+
+def check_on_dev(rows: list[dict], rule: Rule, score, checks: int):
+    """With a rule that uses PubMedQA accuracy: the choice made on all the dev questions, not the noisy subset.
+    The front's points (alpha > 0), best first by the rule's other measures (the abstract loss for `both`, none
+    for `pubmedqa`), are scored by `score(row)` (`final_knowledge` at that point) until one keeps its accuracy
+    within the limit, at most `checks` of them; none such: the nearest miss among those checked, said so. Each
+    checked row gets dev_questions and dev_knowledge_change. Returns (index into rows, Choice, its final dict)."""
+    from dataclasses import replace
+
+    other = replace(rule, knowledge_measure="abstract_loss") if rule.knowledge_measure == "both" else None
+    order = _front(rows)
+    order.sort(key=lambda i: other.value(_candidate(rows[i])) if other else rows[i]["val_answer_loss"])
+    checked = []
+    for i in order[:checks]:
+        final = score(rows[i])
+        rows[i].update(dev_questions=final["questions"], dev_knowledge_change=final["knowledge_change"])
+        on_dev = {**_candidate(rows[i]), "knowledge_change": final["knowledge_change"]}
+        checked.append((i, final, on_dev))
+        if rule.eligible(on_dev):
+            break
+    what = f"point of the frontier (checked on {checked[0][1]['questions']} dev questions)"
+    choice = choose([c[2] for c in checked], rule, what)
+    if not choice.eligible:
+        choice.message += (
+            f" {len(checked)} of the front's {len(order)} points were checked (tune.final_knowledge_checks)."
+        )
+    index, final, _ = checked[choice.index]
+    return index, choice, final
 
 
 def final_knowledge(cfg: Config, model, tokenizer, questions: int) -> dict | None:
@@ -214,13 +249,20 @@ def run_frontier(cfg: Config, sources: list[Source], tokenizer) -> Front:
     val = load_split(cfg, "val")
     probe = knowledge_probe(cfg, tokenizer, scoring_dtype(cfg))
     rows, model = score_front(cfg, sources, tokenizer, val, probe)
-    chosen, choice = choose_point(rows, rule)
+
+    def final_at(point: dict) -> dict | None:
+        model.set_adapter(f"s{[s.name for s in sources].index(point['source'])}")
+        with rescale_adapter_scale(model, point["alpha"]):
+            return final_knowledge(cfg, model, tokenizer, cfg.tune.final_knowledge_questions)
+
+    if rule.uses_accuracy and rule.objective == "answer_loss_within_knowledge" and cfg.tune.final_knowledge_questions:
+        chosen, choice, final = check_on_dev(rows, rule, final_at, cfg.tune.final_knowledge_checks)
+    else:
+        chosen, choice = choose_point(rows, rule)
+        final = final_at(rows[chosen])
     point = rows[chosen]
     for row in rows:
         row["chosen"] = row is point
-    model.set_adapter(f"s{[s.name for s in sources].index(point['source'])}")
-    with rescale_adapter_scale(model, point["alpha"]):
-        final = final_knowledge(cfg, model, tokenizer, cfg.tune.final_knowledge_questions)
     folder = paths(cfg).frontier
     with atomic_dir(folder) as tmp:
         pd.DataFrame(rows).to_csv(tmp / "frontier.csv", index=False)
@@ -254,6 +296,8 @@ def front_table(trial: dict):
             "abstract_change",
             "knowledge_acc",
             "knowledge_change",
+            "dev_knowledge_change",
+            "choice_delta",
             "eligible",
             "chosen",
         )
@@ -264,13 +308,16 @@ def front_table(trial: dict):
 
 def final_table(trial: dict):
     """The chosen point and the base model on all the dev questions: accuracy, macro-F1, answer shares, the
-    majority-answer baseline and the abstract loss."""
+    majority-answer baseline, the choice loss (-log p of the labelled answer among the three) and the abstract
+    loss."""
     import pandas as pd
 
     final = (trial.get("frontier") or {}).get("final_dev_pubmedqa")
     if not final:
         return "Not scored: tune.final_knowledge_questions is 0 (or no frontier ran)."
     rows = {}
+    choice = {"tuned": final.get("choice_loss")}
+    choice["base"] = choice["tuned"] - final["choice_delta"] if choice["tuned"] is not None else None
     for name, key, loss in (
         ("base", "base", "abstract_base_loss"),
         (f"chosen ({trial.get('trial')}, alpha {trial.get('adapter_scale', 1):g})", "tuned", "abstract_loss"),
@@ -281,6 +328,7 @@ def final_table(trial: dict):
             "accuracy": s["acc"],
             "macro-F1": s["macro_f1"],
             **{f"answered {c}": s["predicted_share"][c] for c in ("yes", "no", "maybe")},
+            "choice loss": choice[key],
             "abstract loss": final.get(loss),
         }
     frame = pd.DataFrame(rows).T

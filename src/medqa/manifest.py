@@ -212,9 +212,11 @@ def read_run_record(folder: Path) -> dict | None:
         return None
 
 
-def check_resumable(folder: Path, record: dict, what: str, fresh: str) -> dict | None:
+def check_resumable(folder: Path, record: dict, what: str, fresh: str, ignore: tuple[str, ...] = ()) -> dict | None:
     """Stop unless `folder` holds a run with the same fingerprint as `record`: resuming another run's checkpoints
-    would report its result under this config's name. Returns the stored record (None when there is none)."""
+    would report its result under this config's name. `ignore`: config keys that may differ (settings applied
+    after the run, e.g. a search's selection rule under a frontier). Returns the stored record (None when there is
+    none)."""
     stored = read_run_record(folder)
     if stored is None:
         raise StaleArtifactError(
@@ -228,13 +230,17 @@ def check_resumable(folder: Path, record: dict, what: str, fresh: str) -> dict |
     if _fingerprint(old, stored.get("inputs", {})) == record["fingerprint"]:
         return stored  # the same run, recorded before a section was renamed
     changed = [
-        f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k) and k not in ignore
     ]
     changed += [
         f"input {k} differs"
         for k in sorted(set(stored.get("inputs", {})) | set(record["inputs"]))
         if stored.get("inputs", {}).get(k) != record["inputs"].get(k)
     ]
+    if not changed:
+        return stored  # only settings applied after the run differ
     state = "finished" if stored.get("finished") else "interrupted"
     raise StaleArtifactError(
         f"Cannot resume: {folder} holds an {state} {what} made with other settings ({'; '.join(changed[:8])}"

@@ -158,8 +158,9 @@ class DataConfig(Section):
     sources: list[dict] = _f(
         [],
         "Several sources in one run, instead of data.source: a list of {name, source, "
-        "question_field, answer_field, hub_split, max_records, weight} (each field but name "
-        "and source defaults to data.*'s). Every record keeps its source's name; a question "
+        "question_field, answer_field, hub_split, max_records, weight} (question_field, "
+        "answer_field, hub_split and max_records default to data.*'s, weight to 1). Every "
+        "record keeps its source's name; a question "
         "in two sources is kept from the first listed. weight: how often each train example "
         "of the source appears per epoch (1 = once, 2 = twice, 0.5 = a seeded half). "
         "Empty = data.source alone.",
@@ -668,6 +669,14 @@ class TuneConfig(Section):
         affects="nothing",
         ge=0,
         le=KNOWLEDGE_DEV_SIZE,
+    )
+    final_knowledge_checks: int = _f(
+        3,
+        "With tune.knowledge_measure pubmedqa or both: how many of the front's points, best first by the rule's "
+        "other measures, are scored on the tune.final_knowledge_questions dev questions until one keeps accuracy "
+        "within tune.max_knowledge_drop (the choice is made on them, not on the noisy subset).",
+        affects="nothing",
+        ge=1,
     )
 
     def check(self) -> None:

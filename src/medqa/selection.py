@@ -29,7 +29,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass
 
-from medqa.schema import Config
+from medqa.schema import Config, TuneConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +43,19 @@ MISS_SCALE = 1_000_000.0
 _TOLERANCE = 1e-9
 
 
+_DEFAULT = TuneConfig()  # the defaults live in medqa.schema only
+
+
 @dataclass(frozen=True)
 class Rule:
-    """tune.objective with its parameters."""
+    """tune.objective with its parameters; each default is the config's (`Rule()`: lowest answer loss)."""
 
-    objective: str = "answer_loss"
-    knowledge_measure: str = "abstract_loss"
-    max_knowledge_drop: float = 0.02
-    max_abstract_loss_rise: float = 0.02
-    knowledge_weight: float = 25.0
-    accuracy_weight: float = 10.0
+    objective: str = _DEFAULT.objective
+    knowledge_measure: str = _DEFAULT.knowledge_measure
+    max_knowledge_drop: float = _DEFAULT.max_knowledge_drop
+    max_abstract_loss_rise: float = _DEFAULT.max_abstract_loss_rise
+    knowledge_weight: float = _DEFAULT.knowledge_weight
+    accuracy_weight: float = _DEFAULT.accuracy_weight
 
     @classmethod
     def of(cls, cfg: Config) -> Rule:

@@ -223,7 +223,7 @@ def source_specs(data) -> list[SourceSpec]:
             e.get("question_field", data.question_field),
             e.get("answer_field", data.answer_field),
             e.get("hub_split", data.hub_split),
-            e.get("max_records", 0),
+            e.get("max_records", data.max_records),
             float(e.get("weight", 1.0)),
             f"data.sources[{i}]",
         )

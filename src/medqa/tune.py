@@ -52,6 +52,25 @@ def metric(cfg: Config) -> str:
     return FRONTIER_METRIC if cfg.tune.frontier_alphas else METRIC
 
 
+# The selection rule's settings: with a frontier they choose only after the search (trials compete on val answer
+# loss), so a finished search may be chosen from again under another rule (tune.resume=true, `load_search`).
+RULE_KEYS = tuple(
+    f"tune.{k}"
+    for k in (
+        "objective",
+        "knowledge_measure",
+        "max_knowledge_drop",
+        "max_abstract_loss_rise",
+        "knowledge_weight",
+        "accuracy_weight",
+    )
+)
+
+
+def _applied_after(cfg: Config) -> tuple[str, ...]:
+    return RULE_KEYS if cfg.tune.frontier_alphas else ()
+
+
 FAIL_ENV = "MEDQA_INJECT_TRIAL_FAILURE"  # tests: the first trial attempt of an experiment raises once
 ATTEMPTS = "trial_attempts.log"  # one line per trial start: trial id (a retried trial appears twice)
 FINISHED = "trial_finished.log"  # one line per trial whose training ran to its end
@@ -307,7 +326,13 @@ def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
         if cfg.tune.resume and experiment is None:
             log.warning("tune.resume=true but no restorable experiment under %s; starting a new one.", outputs)
         if experiment is not None:
-            check_resumable(experiment, record, "Ray Tune experiment", "tune.resume=false (a new experiment folder)")
+            check_resumable(
+                experiment,
+                record,
+                "Ray Tune experiment",
+                "tune.resume=false (a new experiment folder)",
+                _applied_after(cfg),
+            )
         if experiment is None:
             experiment = outputs / f"ray_{time.strftime('%Y%m%d-%H%M%S')}"
             experiment.mkdir(parents=True)
@@ -378,7 +403,9 @@ def load_search(cfg: Config) -> TuneResult:
             f"{trial} names the experiment {experiment}, whose results.csv is gone. Run `medqa tune` again."
         )
     record = run_record(cfg, (*RUN_SECTIONS, "tune"), adapter_inputs(cfg, load_tokenizer(cfg)))
-    stored = check_resumable(experiment, record, "Ray Tune experiment", "medqa tune (a new search)")
+    stored = check_resumable(
+        experiment, record, "Ray Tune experiment", "medqa tune (a new search)", _applied_after(cfg)
+    )
     if not (stored or {}).get("finished"):
         raise MedqaError(f"The search in {experiment} did not finish: run `medqa tune ... tune.resume=true`.")
     with damaged(results, "medqa tune"):
