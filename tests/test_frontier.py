@@ -177,13 +177,15 @@ def _point(source, loss, abstract=0.0, acc=0.0, alpha=1.0):
 
 
 def test_a_rule_on_accuracy_chooses_on_all_dev_questions():
-    """With tune.knowledge_measure pubmedqa or both, the front's points are checked on all the dev questions, best
-    first by the other measures, until one keeps accuracy within the limit; at most `checks` of them, else the
-    nearest miss, said so."""
+    """With tune.knowledge_measure pubmedqa or both, the front's points (within the other limits) are searched by
+    bisection over their val answer loss on all the dev questions, for the lowest-loss one that keeps accuracy;
+    at most `checks` scorings, else the nearest miss among them, said so. The subset's accuracy plays no part."""
     from medqa.frontier import check_on_dev
 
-    on_dev = {"a": -0.05, "b": -0.01, "c": 0.0}
-    rows = [_point("base", 2.0, alpha=0.0), _point("a", 1.0, acc=0.1), _point("b", 1.1), _point("c", 1.2)]
+    on_dev = {"a": -0.08, "b": -0.05, "c": -0.03, "d": -0.01, "e": 0.0}
+    rows = [_point("base", 2.0, alpha=0.0)] + [
+        _point(name, 1.0 + k / 10, acc=0.1 if name == "a" else -0.2) for k, name in enumerate(on_dev)
+    ]
     scored = []
 
     def score(row):
@@ -192,17 +194,17 @@ def test_a_rule_on_accuracy_chooses_on_all_dev_questions():
 
     pubmedqa = Rule("answer_loss_within_knowledge", "pubmedqa", max_knowledge_drop=0.02)
     index, choice, final = check_on_dev(rows, pubmedqa, score, checks=3)
-    assert rows[index]["source"] == "b" and choice.eligible and scored == ["a", "b"]
-    assert final["knowledge_change"] == -0.01 and rows[1]["dev_knowledge_change"] == -0.05
+    assert rows[index]["source"] == "d" and choice.eligible and scored == ["c", "d"]
+    assert final["knowledge_change"] == -0.01 and rows[3]["dev_knowledge_change"] == -0.03
     assert "500 dev questions" in choice.message
 
     scored.clear()
     index, choice, _ = check_on_dev(rows, pubmedqa, score, checks=1)
-    assert rows[index]["source"] == "a" and not choice.eligible and scored == ["a"]
-    assert "1 of the front's 3 points were checked" in choice.message
+    assert rows[index]["source"] == "c" and not choice.eligible and scored == ["c"]
+    assert "1 of the front's 5 points were checked" in choice.message
 
     scored.clear()
-    rows[2]["abstract_change"] = rows[2]["abstract_delta"] = 0.05  # b forgot on the abstracts: checked last
+    rows[4]["abstract_change"] = rows[4]["abstract_delta"] = 0.05  # d forgot on the abstracts: not a candidate
     both = Rule("answer_loss_within_knowledge", "both", max_knowledge_drop=0.02, max_abstract_loss_rise=0.02)
     index, choice, _ = check_on_dev(rows, both, score, checks=3)
-    assert scored == ["a", "c"] and rows[index]["source"] == "c" and choice.eligible
+    assert scored == ["b", "c", "e"] and rows[index]["source"] == "e" and choice.eligible

@@ -280,3 +280,33 @@ def test_with_a_frontier_the_rule_is_applied_after_the_search(searched):
     assert load_search(demo_config(paths(cfg).root, *QUICK, *other_rule)).experiment_dir == result.experiment_dir
     with pytest.raises(StaleArtifactError, match="tune.frontier_alphas"):
         load_search(demo_config(paths(cfg).root, *QUICK, *other_rule, "tune.frontier_alphas=[]"))
+
+
+def test_a_finished_search_is_chosen_from_again_under_another_rule(searched, tmp_path):
+    """tune.resume=true on a finished frontier search with a rule on accuracy: no trial runs again, and the frontier
+    chooses on the dev questions (`check_on_dev`), at most tune.final_knowledge_checks points scored there."""
+    import shutil
+
+    from medqa.tune import ATTEMPTS, tune
+
+    cfg, result = searched
+    root = tmp_path / "again"
+    shutil.copytree(paths(cfg).root, root)
+    attempts = (root / "outputs" / result.experiment_dir.name / ATTEMPTS).read_text()
+    rule = [
+        "tune.resume=true",
+        "tune.objective=answer_loss_within_knowledge",
+        "tune.knowledge_measure=both",
+        "tune.final_knowledge_checks=2",
+    ]
+    again = tune(demo_config(root, *QUICK, *rule))
+    assert again.experiment_dir.parent == root / "outputs"
+    assert (again.experiment_dir / ATTEMPTS).read_text() == attempts  # restored, not re-run
+    trial = json.loads((again.best_dir / "trial.json").read_text())
+    assert trial["selection"]["knowledge_measure"] == "both" and "dev questions" in trial["selection"]["message"]
+    front = pd.read_csv(root / "outputs" / "frontier" / "frontier.csv")
+    checked = front["dev_knowledge_change"].notna()
+    assert 1 <= checked.sum() <= 2 and checked[front["chosen"]].all()
+    assert trial["frontier"]["final_dev_pubmedqa"]["knowledge_change"] == pytest.approx(
+        front.loc[front["chosen"], "dev_knowledge_change"].item()
+    )

@@ -172,23 +172,30 @@ def choose_point(rows: list[dict], rule: Rule):
 
 def check_on_dev(rows: list[dict], rule: Rule, score, checks: int):
     """With a rule that uses PubMedQA accuracy: the choice made on all the dev questions, not the noisy subset.
-    The front's points (alpha > 0), best first by the rule's other measures (the abstract loss for `both`, none
-    for `pubmedqa`), are scored by `score(row)` (`final_knowledge` at that point) until one keeps its accuracy
-    within the limit, at most `checks` of them; none such: the nearest miss among those checked, said so. Each
-    checked row gets dev_questions and dev_knowledge_change. Returns (index into rows, Choice, its final dict)."""
+    The front's points (alpha > 0) within the rule's other limits (the abstract loss for `both`; all of them for
+    `pubmedqa`), ordered by val answer loss, are searched by bisection for the lowest-loss point that keeps its
+    accuracy within the limit on the dev questions `score(row)` scores (`final_knowledge` at that point): along the
+    front more gain goes with more forgetting, so `checks` scorings cover 2**checks points, and a choice is always
+    one that was checked. None passing: the nearest miss among those checked, said so. Each checked row gets
+    dev_questions and dev_knowledge_change. Returns (index into rows, Choice, its final dict)."""
     from dataclasses import replace
 
     other = replace(rule, knowledge_measure="abstract_loss") if rule.knowledge_measure == "both" else None
-    order = _front(rows)
-    order.sort(key=lambda i: other.value(_candidate(rows[i])) if other else rows[i]["val_answer_loss"])
-    checked = []
-    for i in order[:checks]:
-        final = score(rows[i])
-        rows[i].update(dev_questions=final["questions"], dev_knowledge_change=final["knowledge_change"])
-        on_dev = {**_candidate(rows[i]), "knowledge_change": final["knowledge_change"]}
-        checked.append((i, final, on_dev))
+    front = _front(rows)
+    order = [i for i in front if other is None or other.eligible(_candidate(rows[i]))] or front
+    order.sort(key=lambda i: rows[i]["val_answer_loss"])
+    checked, lo, hi = [], 0, len(order) - 1
+    while lo <= hi and len(checked) < checks:
+        mid = (lo + hi) // 2
+        row = rows[order[mid]]
+        final = score(row)
+        row.update(dev_questions=final["questions"], dev_knowledge_change=final["knowledge_change"])
+        on_dev = {**_candidate(row), "knowledge_change": final["knowledge_change"]}
+        checked.append((order[mid], final, on_dev))
         if rule.eligible(on_dev):
-            break
+            hi = mid - 1  # a lower-loss point may keep it too
+        else:
+            lo = mid + 1
     what = f"point of the frontier (checked on {checked[0][1]['questions']} dev questions)"
     choice = choose([c[2] for c in checked], rule, what)
     if not choice.eligible:
