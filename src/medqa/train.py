@@ -97,12 +97,6 @@ class TrainResult:
         return metrics_table({"fine-tuned": self.metrics})
 
 
-def last_complete_checkpoint(work: Path, processes: int = 1) -> Path | None:
-    """The newest checkpoint that every process finished writing and that loads (`medqa.checkpoints`): a run killed
-    while saving leaves a partial folder, which Trainer's own `resume_from_checkpoint=True` would pick."""
-    return resumable_checkpoint(work, processes).checkpoint
-
-
 def check_process_count(cfg: Config, stored: dict | None) -> None:
     """A resume must run as many processes as the run it continues, unless train.tokens_per_step fixes the
     optimizer step: otherwise the global batch (examples per step, hence the learning-rate schedule's meaning)
