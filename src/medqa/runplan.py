@@ -88,26 +88,12 @@ def row_tokens(cfg: Config) -> int:
 
 def setup_training(cfg: Config, model, train_ds, pad_id: int) -> Setup:
     """Pack (or not) the tokenized train split and decide the batch shape and the training step."""
-    t = cfg.train
     fallbacks = Fallbacks()
     train_ds, composition = epoch_composition(cfg, train_ds)  # data.sources' weights (the split itself otherwise)
-    if not t.packing:
-        collate = partial(pad_batch, pad_id=pad_id)
-        # The eager fast step on padded batches too: the same loss as the model's own forward, with the output
-        # layer only at labelled positions (`lm_loss_sum`), not at every prompt and padding token.
-        fast = None
-        if supports_fast_step(model) and dist.replicas() == 1:
-            fast = FastStep(model, loss_chunk_tokens=t.loss_chunk_tokens, fallbacks=fallbacks, kl_beta=t.kl_to_base)
-        return Setup(
-            train_ds, collate, None, fast, sum(train_ds["length"]) / len(train_ds), 1.0, fallbacks, composition
-        )
+    if not cfg.train.packing:
+        return _unpacked(cfg, model, train_ds, pad_id, fallbacks, composition)
     # ~data.max_length / mean length examples per row; the block mask keeps them from seeing each other.
-    window = getattr(model.config, "max_position_embeddings", None)
-    if window and row_tokens(cfg) > window:  # a row's padding takes positions 0.. up to its width
-        raise ConfigError(
-            f"train.pack_row_tokens={row_tokens(cfg)} is wider than the model's {window} positions. "
-            f"Use at most {window} (or 0 for rows of data.max_length)."
-        )
+    _check_row_width(cfg, model.config)
     train_ds = pack_dataset(train_ds, row_tokens(cfg))
     examples_per_row = sum(train_ds["num_examples"]) / len(train_ds)
     device = next(model.parameters()).device
@@ -120,6 +106,46 @@ def setup_training(cfg: Config, model, train_ds, pad_id: int) -> Setup:
         dist.replicas(),
         fallbacks,
     )
+    fast, attention = _packed_step(cfg, model, plan, fallbacks)
+    collate = _packed_collator(cfg, pad_id, plan, block_mask=fast is None)
+    msg = (
+        f"packing: {len(train_ds):,} rows of up to {row_tokens(cfg)} tokens ({examples_per_row:.2f} examples "
+        f"per row); {plan.describe()}{f' in each of {dist.replicas()} replicas' if dist.replicas() > 1 else ''}; "
+        f"step: {'compiled' if fast and fast.compiled else 'eager'}, "
+        f"attention {attention}"
+    )
+    log.info(msg)
+    print(msg)
+    return Setup(
+        train_ds, collate, plan, fast, sum(train_ds["length"]) / len(train_ds), examples_per_row, fallbacks, composition
+    )
+
+
+def _unpacked(cfg: Config, model, train_ds, pad_id: int, fallbacks: Fallbacks, composition: dict) -> Setup:
+    """Examples padded to the longest of their batch, train.batch_size x train.grad_accum per optimizer step."""
+    t = cfg.train
+    collate = partial(pad_batch, pad_id=pad_id)
+    # The eager fast step on padded batches too: the same loss as the model's own forward, with the output
+    # layer only at labelled positions (`lm_loss_sum`), not at every prompt and padding token.
+    fast = None
+    if supports_fast_step(model) and dist.replicas() == 1:
+        fast = FastStep(model, loss_chunk_tokens=t.loss_chunk_tokens, fallbacks=fallbacks, kl_beta=t.kl_to_base)
+    return Setup(train_ds, collate, None, fast, sum(train_ds["length"]) / len(train_ds), 1.0, fallbacks, composition)
+
+
+def _check_row_width(cfg: Config, model_config) -> None:
+    """A packed row must fit the model's positions: a row's padding takes positions 0.. up to its width."""
+    window = getattr(model_config, "max_position_embeddings", None)
+    if window and row_tokens(cfg) > window:
+        raise ConfigError(
+            f"train.pack_row_tokens={row_tokens(cfg)} is wider than the model's {window} positions. "
+            f"Use at most {window} (or 0 for rows of data.max_length)."
+        )
+
+
+def _packed_step(cfg: Config, model, plan: BatchPlan, fallbacks: Fallbacks) -> tuple[FastStep | None, str]:
+    """How a packed micro-batch trains: (the fast step, None for the model's own forward; the attention)."""
+    t = cfg.train
     attention = _attention(cfg)
     fast = None
     # Several replicas (processes, or GPUs in one process) train through the DDP/FSDP/DataParallel wrapper's
@@ -149,27 +175,21 @@ def setup_training(cfg: Config, model, train_ds, pad_id: int) -> Setup:
             ", ".join(sorted(FAST_LOSS_MODEL_TYPES)),
             getattr(model.config, "model_type", "?"),
         )
-    # Every batch: plan.rows_per_batch rows x data.max_length tokens (one shape for the compiled step). The fast
-    # step builds the attention mask on the device; only the model's own forward needs it from the collator.
-    # One process over several GPUs (torch DataParallel) collates one batch for all of them, then splits it.
+    return fast, attention
+
+
+def _packed_collator(cfg: Config, pad_id: int, plan: BatchPlan, block_mask: bool) -> PackedCollator:
+    """Every batch: plan.rows_per_batch rows x data.max_length tokens (one shape for the compiled step). The fast
+    step builds the attention mask on the device; only the model's own forward (`block_mask`) needs it from the
+    collator. One process over several GPUs (torch DataParallel) collates one batch for all of them, then splits
+    it."""
     per_collate = plan.rows_per_batch * (dist.replicas() if dist.world_size() == 1 else 1)
-    collate = PackedCollator(
+    return PackedCollator(
         pad_id,
-        block_mask=fast is None,
+        block_mask=block_mask,
         mask_dtype=compute_dtype(cfg),
         pad_to_multiple_of=row_tokens(cfg),
         rows=per_collate,
-    )
-    msg = (
-        f"packing: {len(train_ds):,} rows of up to {row_tokens(cfg)} tokens ({examples_per_row:.2f} examples "
-        f"per row); {plan.describe()}{f' in each of {dist.replicas()} replicas' if dist.replicas() > 1 else ''}; "
-        f"step: {'compiled' if fast and fast.compiled else 'eager'}, "
-        f"attention {attention}"
-    )
-    log.info(msg)
-    print(msg)
-    return Setup(
-        train_ds, collate, plan, fast, sum(train_ds["length"]) / len(train_ds), examples_per_row, fallbacks, composition
     )
 
 
