@@ -24,7 +24,7 @@ from medqa.metrics import pad_batch
 from medqa.mixing import epoch_composition
 from medqa.modeling import compute_dtype
 from medqa.packing import PackedCollator, pack_dataset, plan_packs
-from medqa.schema import Config
+from medqa.schema import Config, TrainConfig
 from medqa.trainer import FAST_LOSS_MODEL_TYPES, FastStep, supports_fast_step
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,12 @@ class Setup:
                 else {}
             ),
         }
+
+    def steps(self, t: TrainConfig) -> int:
+        """The optimizer steps the Trainer will run on these rows (`planned_steps` counts the same before setup)."""
+        if self.plan is None:
+            return _steps(t, len(self.train_ds), t.batch_size, t.grad_accum, dist.replicas())
+        return _steps(t, len(self.train_ds), self.plan.rows_per_batch, self.plan.grad_accum, dist.replicas())
 
 
 def job_plan(plan: BatchPlan, replicas: int | None = None) -> dict:
@@ -269,20 +275,22 @@ def _use_flex(model) -> None:
 
 def planned_steps(cfg: Config, train_ds, model_config=None, replicas: int = 0) -> int:
     """The optimizer steps `medqa train` will run on this tokenized train split (as the Trainer counts them), for
-    ASHA's max_t and the disk check. With packing and an auto micro-batch on CUDA without train.tokens_per_step,
-    the count depends on the card; it is then computed for this process's card. `replicas`: copies of the model
-    that each take a micro-batch per step (0 = `medqa.distributed.replicas()`; a Tune trial with N GPUs: N)."""
+    ASHA's max_t (`Setup.steps` counts the same once the rows are set up). With packing and an auto micro-batch on
+    CUDA without train.tokens_per_step, the count depends on the card; it is then computed for this process's card.
+    `replicas`: copies of the model that each take a micro-batch per step (0 = `medqa.distributed.replicas()`; a
+    Tune trial with N GPUs: N)."""
     t = cfg.train
     replicas = replicas or dist.replicas()
     train_ds, _ = epoch_composition(cfg, train_ds)  # data.sources' weights change the epoch's size
-
-    def per_replica(items: int, per_batch: int) -> int:
-        # micro-batches of one replica: accelerate deals the ceil(items / per_batch) batches out in turn
-        batches = -(-items // per_batch)
-        return -(-batches // replicas)
-
     if not t.packing:
-        return optimizer_steps(per_replica(len(train_ds), t.batch_size), t.grad_accum, t.epochs, t.max_steps)
+        return _steps(t, len(train_ds), t.batch_size, t.grad_accum, replicas)
     rows = len(plan_packs(list(train_ds["length"]), row_tokens(cfg)))
     plan = _plan(cfg, model_config, cuda_free_bytes, replicas)  # falls back as setup_training does, silently
-    return optimizer_steps(per_replica(rows, plan.rows_per_batch), plan.grad_accum, t.epochs, t.max_steps)
+    return _steps(t, rows, plan.rows_per_batch, plan.grad_accum, replicas)
+
+
+def _steps(t: TrainConfig, items: int, per_batch: int, grad_accum: int, replicas: int) -> int:
+    """Optimizer steps over `items` rows (examples, or packed rows) in micro-batches of `per_batch`: accelerate deals
+    the ceil(items / per_batch) micro-batches out to the replicas in turn, each replica accumulating `grad_accum`."""
+    batches = -(-items // per_batch)
+    return optimizer_steps(-(-batches // replicas), grad_accum, t.epochs, t.max_steps)

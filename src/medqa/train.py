@@ -97,7 +97,7 @@ def train(
     where = Workdir.of(cfg, run_dir)
     record, checkpoint = open_run(cfg, where.checkpoints, tokenizer)
     setup = setup_training(cfg, model, train_ds, tokenizer.pad_token_id)
-    check_disk(cfg, where.checkpoints, count_parameters(model)[0], cfg.train.max_steps or len(setup.train_ds))
+    check_disk(cfg, where.checkpoints, count_parameters(model)[0], setup.steps(cfg.train))
     trainer, timer = fit(cfg, model, tokenizer, setup, evals["val"], where.checkpoints, callbacks, trial, checkpoint)
     history, timing = close_run(where.checkpoints, record, setup, timer)
     if trial:
