@@ -1,7 +1,9 @@
-"""The record of a training run, kept beside its checkpoints (`outputs/finetune_checkpoints/`): what determines the
-run (its config sections, inputs and process count, `medqa.manifest.run_record`), written when it opens and marked
-finished when it closes, so a resume continues the same run or is refused. Also what must hold before training
-starts: the same process count on resume, and disk space for the checkpoints.
+"""The record of a training run, kept beside its checkpoints (`outputs/finetune_checkpoints/`, or a trial's folder):
+what determines the run (the config's `RUN_SECTIONS` and the checkpoint rule's `SELECTION` fields, its inputs and
+process count; `medqa.manifest.run_record`), written by `open_run` and marked finished by `close_run` (which reads
+back the run's history and timing), so a resume continues the same run or is refused. Also what must hold before
+training starts: the same process count on resume (`check_process_count`) and disk space for the checkpoints
+(`check_disk`). `medqa tune` records its search on the same `RUN_SECTIONS`.
 """
 
 from __future__ import annotations
