@@ -6,9 +6,10 @@ Reads `tokenized/tokenized_{train,val,test}`. Checkpoints go to `outputs/finetun
 logging step and per evaluation), `metrics.json` (val and test, as the baseline's), `per_example.jsonl`,
 `loss_curves.png` and `tensorboard/`.
 
-`train` names its steps: setup (`open_run`: the run record and the checkpoint to resume, `medqa.runrecord`;
-`setup_training`: pack, plan the batch shape, build the step, `medqa.runplan`), fit (`fit`: the Trainer;
-`close_run`), score (`score_splits`, `run_metrics`) and write (`write_run`).
+`train` names its steps: setup (`open_run`: the run record and the checkpoint to resume; `setup_training`: pack,
+plan the batch shape, build the step; `check_disk`), fit (`fit`: the Trainer and its settings; `close_run`), score
+(`score_splits`, `run_metrics`) and write (`write_run`). The plan is `medqa.runplan`'s, the run record (`open_run`,
+`check_disk`, `close_run`) `medqa.runrecord`'s; this module holds the stage.
 
 On CUDA the frozen base is held in the compute dtype and LoRA in fp32. A speed-up that fails here (compile, CUDA
 graphs, FlexAttention, fused AdamW, the memory-sized token budget) gives way to the plain path with one warning,
