@@ -161,7 +161,8 @@ def test_resume_with_another_process_count_is_refused(prepared, tmp_path):
     """Checkpoints written by 2 processes, resumed by 1: the global batch would halve, so it is refused (unless
     train.tokens_per_step fixes the step)."""
     from medqa.errors import ConfigError
-    from medqa.train import check_process_count, train
+    from medqa.runrecord import check_process_count
+    from medqa.train import train
 
     workdir = copy_workdir(prepared, tmp_path / "count")
     cfg = demo_config(workdir, *QUICK, "train.max_steps=12", "train.batch_size=4")
@@ -226,7 +227,7 @@ def test_one_process_over_several_gpus_keeps_the_packing_mask(prepared, monkeypa
     import torch
 
     from medqa.modeling import build_lora_model, load_tokenizer
-    from medqa.train import setup_training
+    from medqa.runplan import setup_training
     from medqa.workdir import load_split
 
     cfg = demo_config(prepared, *QUICK, "train.packing=true", "train.tokens_per_step=2048")
@@ -257,7 +258,7 @@ def test_every_rank_stops_when_one_is_asked(monkeypatch):
 def test_a_run_recorded_before_the_section_rename_still_resumes(tmp_path):
     """Runs started when `scoring` was called `eval` (run.json keys eval.*) resume; a real change still refuses."""
     from medqa.manifest import StaleArtifactError, check_resumable, run_record, write_run_record
-    from medqa.train import RUN_SECTIONS
+    from medqa.runrecord import RUN_SECTIONS
 
     cfg = demo_config(tmp_path)
     record = run_record(cfg, RUN_SECTIONS, {"source": "x"})

@@ -99,7 +99,8 @@ def test_length_budget_batches_respect_tokens():
 
 def test_packed_epoch_has_one_shape_and_respects_the_budget(prepared, tmp_path):
     from medqa.modeling import build_lora_model, load_tokenizer
-    from medqa.train import _training_args, setup_training
+    from medqa.runplan import setup_training
+    from medqa.train import _training_args
     from medqa.trainer import AnswerLossTrainer
     from medqa.workdir import load_split
 
@@ -137,7 +138,8 @@ def test_wider_packed_rows_fill_better_and_train_every_answer_token_once(prepare
     from medqa.errors import ConfigError
     from medqa.modeling import build_lora_model, load_tokenizer
     from medqa.packing import pack_stats
-    from medqa.train import planned_steps, setup_training, train
+    from medqa.runplan import planned_steps, setup_training
+    from medqa.train import train
     from medqa.workdir import load_split
 
     narrow = demo_config(prepared, *PACKED)
@@ -175,7 +177,8 @@ def test_wider_packed_rows_fill_better_and_train_every_answer_token_once(prepare
 
 
 def test_planned_steps_equal_the_trainers(prepared, tmp_path):
-    from medqa.train import planned_steps, train
+    from medqa.runplan import planned_steps
+    from medqa.train import train
     from medqa.workdir import load_split
 
     for extra in (
@@ -319,7 +322,7 @@ def test_flex_document_mask_matches_the_block_mask(prepared):
 
 def test_flex_needs_cuda():
     from medqa.errors import ConfigError
-    from medqa.train import _attention
+    from medqa.runplan import _attention
 
     cfg = load_config(REPO / "configs" / "demo.yaml", ["train.attention=flex"])
     with pytest.raises(ConfigError, match="CUDA"):
@@ -338,11 +341,11 @@ def test_gpu_config_defaults_are_the_fast_path():
     # auto means: compiled and budgeted by memory on CUDA
     from unittest import mock
 
-    from medqa import train as train_mod
+    from medqa import runplan
 
     with mock.patch("torch.cuda.is_available", return_value=True):
-        assert train_mod._use_compile(cfg)
-    assert not train_mod._use_compile(cfg)  # and not on this CPU machine
+        assert runplan._use_compile(cfg)
+    assert not runplan._use_compile(cfg)  # and not on this CPU machine
 
 
 def test_compile_true_without_packing_is_refused():
@@ -396,7 +399,7 @@ def test_fast_step_trains_like_the_models_own_forward_in_the_trainer(prepared, t
 
     from medqa.modeling import build_lora_model, load_tokenizer
     from medqa.packing import PackedCollator
-    from medqa.train import setup_training
+    from medqa.runplan import setup_training
     from medqa.trainer import AnswerLossTrainer
     from medqa.workdir import load_split
 

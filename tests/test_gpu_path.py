@@ -46,7 +46,8 @@ def test_compiled_step_is_one_graph_over_an_epoch_with_accumulation_and_a_partia
     from torch._dynamo.utils import counters
 
     from medqa.modeling import build_lora_model, load_tokenizer
-    from medqa.train import fit, setup_training
+    from medqa.runplan import setup_training
+    from medqa.train import fit
     from medqa.workdir import load_split
 
     cfg = demo_config(
@@ -188,7 +189,7 @@ def test_tf32_is_allowed_on_ampere_and_newer_only(monkeypatch):
 def test_cuda_graphs_with_gradient_accumulation_are_refused(prepared):
     from medqa.errors import ConfigError
     from medqa.modeling import build_lora_model, load_tokenizer
-    from medqa.train import setup_training
+    from medqa.runplan import setup_training
     from medqa.workdir import load_split
 
     cfg = demo_config(prepared, *PACKED)
@@ -299,12 +300,13 @@ def test_an_error_of_the_plain_path_is_raised_not_hidden(prepared, tmp_path, mon
 
 def test_flex_attention_failing_falls_back_to_sdpa(prepared, tmp_path, monkeypatch, caplog):
     """FlexAttention chosen (as on a GPU); on CPU its backward does not exist, a real first-step failure."""
-    from medqa import train as train_mod
+    from medqa import runplan
+    from medqa.train import train
 
-    monkeypatch.setattr(train_mod, "_attention", lambda cfg: "flex")
+    monkeypatch.setattr(runplan, "_attention", lambda cfg: "flex")
     cfg = demo_config(copy_workdir(prepared, tmp_path / "w"), *PACKED, *QUICK, "train.attention=flex")
     with caplog.at_level(logging.WARNING):
-        result = train_mod.train(cfg)
+        result = train(cfg)
     training = _metrics(result)["training"]
     assert [r["optimisation"] for r in training["fallbacks"]] == ["flex_attention"]
     assert "backward" in training["fallbacks"][0]["reason"] and training["attention"] == "sdpa"
@@ -336,9 +338,10 @@ def test_fused_adamw_unavailable_falls_back_to_plain_adamw(prepared, tmp_path, m
 
 
 def test_token_budget_failing_falls_back_to_the_plain_batch(prepared, tmp_path, monkeypatch, caplog):
-    from medqa import train as train_mod
+    from medqa import runplan
+    from medqa.train import train
 
-    real, calls = train_mod.plan_batches, []
+    real, calls = runplan.plan_batches, []
 
     def flaky(*args, **kwargs):  # sizing from the card's memory fails once (a driver that cannot report it)
         calls.append(args)
@@ -346,10 +349,10 @@ def test_token_budget_failing_falls_back_to_the_plain_batch(prepared, tmp_path, 
             raise RuntimeError("injected: cudaMemGetInfo failed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "plan_batches", flaky)
+    monkeypatch.setattr(runplan, "plan_batches", flaky)
     cfg = demo_config(copy_workdir(prepared, tmp_path / "w"), "train.packing=true", "train.batch_size=3", *QUICK)
     with caplog.at_level(logging.WARNING):
-        result = train_mod.train(cfg)
+        result = train(cfg)
     training = _metrics(result)["training"]
     assert [r["optimisation"] for r in training["fallbacks"]] == ["token_budget"]
     assert training["batch_plan"]["rows_per_batch"] == 3 and "train.batch_size=3" in training["fallbacks"][0]["instead"]

@@ -144,7 +144,7 @@ def test_unpacked_training_uses_the_fast_step(lora_llama, tmp_path):
     from datasets import Dataset
 
     from medqa.config import load_config
-    from medqa.train import setup_training
+    from medqa.runplan import setup_training
 
     cfg = load_config(None, [f"workdir={tmp_path}", "train.packing=false"])
     setup = setup_training(cfg, lora_llama, Dataset.from_list(_rows()), pad_id=0)

@@ -123,7 +123,8 @@ def test_train_and_evaluate_report_each_source_as_scoring_it_alone(mixed):
     from medqa.baseline import baseline
     from medqa.metrics import evaluate_answer_loss
     from medqa.modeling import load_model, load_tokenizer
-    from medqa.train import planned_steps, train
+    from medqa.runplan import planned_steps
+    from medqa.train import train
     from medqa.workdir import load_records, load_split
 
     cfg, _, _ = mixed

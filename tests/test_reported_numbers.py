@@ -221,7 +221,7 @@ def test_run_fingerprint_covers_what_picks_the_checkpoint_and_ignores_paths():
     from medqa.manifest import determining_config
 
     base = load_config(REPO / "configs" / "demo.yaml")
-    from medqa.train import RUN_SECTIONS as sections
+    from medqa.runrecord import RUN_SECTIONS as sections
 
     def same(*overrides):
         return determining_config(

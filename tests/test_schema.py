@@ -145,7 +145,7 @@ def test_what_determines_a_training_run_is_what_train_py_names():
     """train.py's RUN_SECTIONS and SELECTION (what a training run's fingerprint holds) agree with the declarations:
     a section holds a field that affects the prepared data or training, a `tune` field is in SELECTION, exactly when
     it is declared so."""
-    from medqa.train import RUN_SECTIONS, SELECTION
+    from medqa.runrecord import RUN_SECTIONS, SELECTION
 
     determining = schema.keys(("prepare", "train"), path=False)
     assert set(SELECTION) == {k for k in determining if k.startswith("tune.")}

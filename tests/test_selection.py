@@ -256,7 +256,7 @@ def test_asha_lets_the_longest_searched_trial_finish(prepared):
     """tune.max_steps searched: ASHA's max_t is the longest choice's step count (a whole epoch for 0), not the base
     config's train.max_steps; with a frontier, trials compete on val answer loss and keep their lowest-loss
     checkpoint (the frontier scales them back and applies the rule)."""
-    from medqa.train import planned_steps
+    from medqa.runplan import planned_steps
     from medqa.tune import FRONTIER_METRIC, METRIC, metric, search_steps, tune_config
     from medqa.workdir import load_split
 

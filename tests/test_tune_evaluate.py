@@ -49,7 +49,7 @@ def test_search_writes_results_and_best(searched):
     assert table["learning_rate"].between(*cfg.tune.learning_rate).all()
     assert set(table["status"]) <= {"completed", "stopped early"}
     # ASHA's max_t is the Trainer's own step count, so no trial is cut before its last steps by rounding.
-    from medqa.train import planned_steps
+    from medqa.runplan import planned_steps
     from medqa.workdir import load_split
 
     assert (table["max_steps"] == planned_steps(cfg, load_split(cfg, "train"))).all()

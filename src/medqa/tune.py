@@ -33,9 +33,11 @@ from medqa.locks import locked
 from medqa.manifest import check_resumable, read_manifest, run_record, write_manifest, write_run_record
 from medqa.modeling import load_tokenizer, pick_device_dtype, scoring_dtype, training_base_dtype
 from medqa.plots import plot_search, plot_tradeoff
+from medqa.runplan import planned_steps
+from medqa.runrecord import RUN_SECTIONS
 from medqa.schema import Config
 from medqa.selection import Rule, candidate, choose
-from medqa.train import RUN_SECTIONS, planned_steps, train
+from medqa.train import train
 from medqa.trainer import ReportToTune
 from medqa.workdir import adapter_inputs, load_split, paths, read_metrics
 

@@ -1,5 +1,6 @@
 """The artifact contract: where every artifact lives under `workdir`, the one function that writes it and the one
-that reads it. Stages share artifacts through this module only; none imports another.
+that reads it. Stages share artifacts through this module only; none imports another, except tune, whose trials
+run `train.train`.
 
     artifact                              written by                      read by
     data/{split}_data.json                prepare.prepare                 workdir.load_records
