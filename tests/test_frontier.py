@@ -93,7 +93,7 @@ def test_plain_fine_tune_on_the_front_is_saved_scaled_with_its_own_config(tmp_pa
     from medqa.modeling import load_tokenizer
     from medqa.selection import Rule
     from medqa.train import train
-    from medqa.tune import FINETUNE, _finetune_source, save_best
+    from medqa.tunechoice import FINETUNE, _finetune_source, save_best
     from medqa.workdir import paths
 
     run = ["train.max_steps=6", "train.eval_steps=3", "scoring.bootstrap_samples=0", "train.report_to=[]"]

@@ -7,8 +7,9 @@ each trial keeps only its best adapter (Ray checkpoint, num_to_keep=1). Writes `
 `search.png`, `curves.png` and, with knowledge scores, `tradeoff.png` there. Then the frontier (`medqa.frontier`,
 tune.frontier_alphas) scores every kept adapter (each trial's, and the plain fine-tune's when it exists) scaled
 back by each alpha, and the rule chooses from its Pareto front; the chosen adapter, already scaled, goes to
-`outputs/best/` with trial.json (without a frontier: the best trial as trained). `tune.resume=true` restores the
-latest interrupted experiment with `Tuner.restore`.
+`outputs/best/` with trial.json (without a frontier: the best trial as trained): `medqa.tunechoice`.
+`tune.resume=true` restores the latest interrupted experiment with `Tuner.restore`; `load_search` reads a finished
+one back.
 """
 
 from __future__ import annotations
@@ -20,39 +21,24 @@ import shutil
 import signal
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from medqa import schema
-from medqa.artifacts import atomic_dir, write_json
 from medqa.config import config_from_dict
 from medqa.errors import Interrupted, MedqaError
 from medqa.faults import SearchStop, damaged, keep_sigterm_handler
-from medqa.frontier import Source, run_frontier, scale_adapter
 from medqa.locks import locked
-from medqa.manifest import check_resumable, read_manifest, run_record, write_manifest, write_run_record
-from medqa.modeling import load_tokenizer, pick_device_dtype, scoring_dtype, training_base_dtype
-from medqa.plots import plot_search, plot_tradeoff
+from medqa.manifest import check_resumable, run_record, write_run_record
+from medqa.modeling import load_tokenizer
 from medqa.runplan import planned_steps
 from medqa.runrecord import RUN_SECTIONS
 from medqa.schema import Config
-from medqa.selection import Rule, candidate, choose
 from medqa.train import train
 from medqa.trainer import ReportToTune
-from medqa.workdir import adapter_inputs, load_split, paths, read_metrics
+from medqa.tunechoice import ATTEMPTS, FRONTIER_METRIC, METRIC, TuneResult, metric, summarize  # noqa: F401
+from medqa.workdir import adapter_inputs, load_split, paths
 
 log = logging.getLogger(__name__)
-
-METRIC = "val_objective"  # what ASHA prunes on, Ray keeps checkpoints by and the best trial is chosen by
-# ... with a frontier (tune.frontier_alphas): the search overshoots, so trials compete on their gain alone and each
-# keeps its lowest val answer loss; the frontier then scales them back and the rule chooses with knowledge.
-FRONTIER_METRIC = "val_answer_loss"
-
-
-def metric(cfg: Config) -> str:
-    """What ASHA prunes on and Ray keeps each trial's checkpoint by."""
-    return FRONTIER_METRIC if cfg.tune.frontier_alphas else METRIC
-
 
 # The selection rule's settings: with a frontier they choose only after the search (trials compete on val answer
 # loss), so a finished search may be chosen from again under another rule (tune.resume=true, `load_search`).
@@ -74,21 +60,12 @@ def _applied_after(cfg: Config) -> tuple[str, ...]:
 
 
 FAIL_ENV = "MEDQA_INJECT_TRIAL_FAILURE"  # tests: the first trial attempt of an experiment raises once
-ATTEMPTS = "trial_attempts.log"  # one line per trial start: trial id (a retried trial appears twice)
 FINISHED = "trial_finished.log"  # one line per trial whose training ran to its end
 
 _TEMP_DIRS: list[Path] = []
 
 # Search-space entries, as `medqa.schema` declares them: field of `tune` -> (the config key it searches, sampler).
 SEARCHED = schema.searched()
-
-
-@dataclass
-class TuneResult:
-    experiment_dir: Path
-    results: object  # pandas DataFrame, one row per trial
-    best_dir: Path
-    best: dict
 
 
 def search_space(cfg: Config) -> dict:
@@ -236,59 +213,6 @@ def tune_config(cfg: Config, total_steps: int):
     )
 
 
-# What a trial's row keeps of its kept checkpoint's knowledge evaluation (val_* in its reports).
-KNOWLEDGE_COLUMNS = (
-    "knowledge_acc",
-    "knowledge_base_acc",
-    "knowledge_change",
-    "abstract_loss",
-    "abstract_base_loss",
-    "abstract_delta",
-    "abstract_change",
-)
-
-
-def _candidate(row: dict) -> dict:
-    """A trial's row as `medqa.selection` compares it."""
-    return candidate(row, "best_val_answer_loss")
-
-
-FINETUNE = "plain fine-tune"  # the plain fine-tune's name among the frontier's sources
-# A trial row's fields that the frontier's chosen point has its own value for (trial.json takes the point's).
-POINT_FIELDS = (
-    "best_step",
-    "best_val_objective",
-    "best_val_answer_perplexity",
-    "gain",
-    "eligible",
-    *KNOWLEDGE_COLUMNS,
-)
-
-
-def _kept(v) -> bool:
-    return not isinstance(v, float) or v == v
-
-
-def _trial_source(cfg: Config, row: dict, result) -> Source:
-    """A trial's kept checkpoint (by `metric(cfg)`, as Ray's CheckpointConfig keeps it)."""
-    checkpoint = result.get_best_checkpoint(metric(cfg), "min")
-    if checkpoint is None:
-        raise MedqaError(f"Trial {row['trial']} reported no checkpoint; see {result.path}.")
-    params = {k: v for k, v in result.config.items()}
-    return Source(row["trial"], Path(checkpoint.path), row.get("best_step"), params)
-
-
-def _finetune_source(cfg: Config, tokenizer) -> list[Source]:
-    """The plain fine-tune (outputs/finetune), when it was trained on this base model and data: the frontier
-    compares it beside the trials."""
-    folder = paths(cfg).finetune
-    manifest = read_manifest(folder) if (folder / "adapter_config.json").exists() else None
-    if manifest is None or manifest.get("inputs") != adapter_inputs(cfg, tokenizer):
-        return []
-    metrics = read_metrics(folder) or {}
-    return [Source(FINETUNE, folder, (metrics.get("selection", {}).get("checkpoint") or {}).get("step"))]
-
-
 def _latest_experiment(outputs: Path) -> Path | None:
     from ray import tune
 
@@ -379,7 +303,7 @@ def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
             ray.shutdown()
             while _TEMP_DIRS:
                 shutil.rmtree(_TEMP_DIRS.pop(), ignore_errors=True)
-    return _summarize(cfg, grid, experiment)
+    return summarize(cfg, grid, experiment)
 
 
 def load_search(cfg: Config) -> TuneResult:
@@ -414,145 +338,3 @@ def load_search(cfg: Config) -> TuneResult:
         table = pd.read_csv(results)
     log.info("tune: read the finished search %s (not run again)", experiment)
     return TuneResult(experiment, table, best_dir, best)
-
-
-def _summarize(cfg: Config, grid, experiment: Path) -> TuneResult:
-    import pandas as pd
-
-    attempts_file = experiment / ATTEMPTS
-    attempts = attempts_file.read_text().split() if attempts_file.exists() else []
-    baseline = read_metrics(paths(cfg).baseline)
-    base_val = baseline["val"]["answer_loss"] if baseline else None
-    rows, curves, results = [], {}, []
-    for result in grid:
-        trial_id = Path(result.path).name
-        short = result.metrics.get("trial_id", trial_id) if result.metrics else trial_id
-        df = result.metrics_dataframe
-        kept_by = metric(cfg)
-        reported = df is not None and kept_by in getattr(df, "columns", [])
-        row = {
-            "trial": short,
-            **{
-                k.split(".", 1)[1] if k.startswith("train.") else k.replace(".", "_"): v
-                for k, v in result.config.items()
-            },
-        }
-        if reported:
-            # The trial's kept checkpoint: as Ray's CheckpointConfig keeps it (by `metric(cfg)`).
-            best = df.loc[df[kept_by].idxmin()]
-            curves[short] = df[["step", "val_answer_loss"]].to_dict("list")
-            row.update(
-                best_val_objective=float(best[METRIC]),
-                best_val_answer_loss=float(best["val_answer_loss"]),
-                best_val_answer_perplexity=float(best["val_answer_perplexity"]),
-                best_step=int(best["step"]),
-                steps=int(df["step"].max()),
-                max_steps=int(df["max_steps"].max()),
-            )
-            if base_val is not None:
-                row["gain"] = base_val - row["best_val_answer_loss"]  # nats per answer token, > 0: better than base
-            for key in KNOWLEDGE_COLUMNS:
-                if f"val_{key}" in df:
-                    row[key] = float(best[f"val_{key}"])
-        status = (
-            "error"
-            if result.error
-            else ("completed" if reported and row["steps"] >= row["max_steps"] else "stopped early")
-        )
-        row.update(status=status, attempts=attempts.count(short), path=result.path)
-        rows.append(row)
-        results.append(result)
-    table = pd.DataFrame(rows)
-    if "best_val_answer_loss" not in table or table["best_val_answer_loss"].isna().all():
-        table.to_csv(experiment / "results.csv", index=False)
-        errors = "; ".join(str(r.error)[:200] for r in grid if r.error)
-        raise MedqaError(
-            f"No trial of {experiment} reported a val answer_loss (errors: {errors or 'none'}). See "
-            f"{experiment / 'results.csv'} and the trial folders there."
-        )
-    # The best trial as trained, by the rule that chose each trial's checkpoint (`medqa.selection`); then, with a
-    # frontier, the rule's choice among every kept adapter at every scale (`medqa.frontier`).
-    rule = Rule.of(cfg)
-    scored = [i for i, r in enumerate(rows) if "best_val_answer_loss" in r]
-    choice = choose([_candidate(rows[i]) for i in scored], rule, "trial")
-    table["eligible"] = [rule.eligible(_candidate(r)) if i in scored else None for i, r in enumerate(rows)]
-    tokenizer = load_tokenizer(cfg)
-    sources = [_trial_source(cfg, rows[i], results[i]) for i in scored]
-    front = None
-    if cfg.tune.frontier_alphas:
-        candidates = [*_finetune_source(cfg, tokenizer), *sources]
-        front = run_frontier(cfg, candidates, tokenizer)
-        point = front.rows[front.chosen]
-        source = next(s for s in candidates if s.name == point["source"])
-        choice, alpha, val_loss = front.choice, point["alpha"], point["val_answer_loss"]
-    else:
-        source, alpha = sources[choice.index], 1.0
-        val_loss = rows[scored[choice.index]]["best_val_answer_loss"]
-    table["chosen"] = table["trial"] == source.name
-    table = table.sort_values(["chosen", "best_val_objective"], ascending=[False, True], na_position="last")
-    table.to_csv(experiment / "results.csv", index=False)
-    plot_search(table, curves, experiment)
-    if "knowledge_change" in table and "gain" in table:
-        plot_tradeoff(table.to_dict("records"), rule.drop_limit, experiment / "tradeoff.png")
-    trial = next((r for r in table.to_dict("records") if r["trial"] == source.name), {})  # {}: the plain fine-tune
-    if front:  # the chosen point's own numbers, not its source's as trained
-        trial = {k: v for k, v in trial.items() if k not in POINT_FIELDS}
-        trial.update(
-            best_step=point["step"],
-            best_val_objective=point["objective"],
-            **{k: point[k] for k in POINT_FIELDS if k in point},
-        )
-    best = {
-        **{k: v for k, v in trial.items() if _kept(v)},
-        "trial": source.name,
-        "source": "the plain fine-tune (outputs/finetune)" if source.name == FINETUNE else "search trial",
-        # the val answer loss of the adapter saved in outputs/best: the frontier's score of the chosen point (in
-        # the scoring dtype), or the trial's in-training evaluation without a frontier
-        "best_val_answer_loss": val_loss,
-        # the adapter's LoRA update as trained, times adapter_scale (`medqa.frontier`)
-        "adapter_scale": alpha,
-    }
-    save_best(cfg, experiment, source, best, front, choice, tokenizer)
-    return TuneResult(experiment, table, paths(cfg).best, best)
-
-
-def save_best(cfg: Config, experiment: Path, source: Source, best: dict, front, choice, tokenizer) -> None:
-    """outputs/best/: the chosen adapter, scaled by best["adapter_scale"], its tokenizer and manifest, and
-    trial.json (what was chosen, from which search and front, by which rule)."""
-    rule = Rule.of(cfg)
-    if source.name == FINETUNE:  # the plain fine-tune's own settings, as its manifest recorded them
-        best_cfg = config_from_dict(read_manifest(source.path)["config"])
-    else:
-        best_cfg = config_from_dict(cfg.to_dict(), [f"{k}={json.dumps(v)}" for k, v in (source.params or {}).items()])
-    base_dtype = str(training_base_dtype(cfg, pick_device_dtype(cfg)[0])).replace("torch.", "")
-    with atomic_dir(paths(cfg).best) as tmp:
-        scale_adapter(source.path, tmp, best["adapter_scale"])
-        tokenizer.save_pretrained(tmp)
-        write_manifest(tmp, "tune", cfg, adapter_inputs(cfg, tokenizer))
-        write_json(
-            tmp / "trial.json",
-            {
-                "experiment": str(experiment),
-                **best,
-                "frontier": front.summary() if front else None,
-                "config": best_cfg.to_dict(),
-                # the search compares trials by their in-training evaluations, on the training weights (the
-                # frozen base in `training_base_dtype`, LoRA in fp32); `medqa evaluate` re-scores this adapter in
-                # model.dtype beside the base model
-                "dtype": "nf4 base, float32 adapter" if cfg.train.qlora else f"{base_dtype} base, float32 adapter",
-                "scored_by_evaluate_in": scoring_dtype(cfg),
-                "selection": {
-                    **rule.to_dict(),
-                    "rule": rule.describe(),
-                    "eligible": choice.eligible,
-                    "message": choice.message,
-                },
-            },
-        )
-    log.info(
-        "tune: chose %s at adapter scale %.2f (%s) -> %s",
-        source.name,
-        best["adapter_scale"],
-        choice.message,
-        paths(cfg).best,
-    )
