@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -153,9 +154,9 @@ def _replace_together(texts: dict[Path, str]) -> None:
             temps[path].write_text(text, encoding="utf-8")
         for path in texts:
             if path.exists():
-                os.link(path, olds[path])  # the previous version, kept until every file is in place
+                shutil.copyfile(path, olds[path])  # the previous version, kept until every file is in place
+            os.replace(temps[path], path)  # atomic: on failure `path` is still the previous version
             replaced.append(path)
-            os.replace(temps[path], path)
     except BaseException as exc:
         for path in replaced:
             if olds[path].exists():
