@@ -189,7 +189,7 @@ def test_bertscore_on_with_a_local_encoder(tmp_path):
 
 def test_bertscore_off_offline_with_its_message(trained, tmp_path, monkeypatch):
     from medqa.errors import ConfigError
-    from medqa.evaluate import render_markdown
+    from medqa.report_markdown import render_markdown
     from medqa.textmetrics import BERTSCORE_OFF, bertscore
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -47,6 +47,7 @@ def test_evaluate_compares_each_fine_tuned_model_with_the_base_on_what_was_measu
     (the same numbers as calling it directly), and a vs_base for the external set only when it was scored."""
     from medqa.evaluate import ModelScores, compare_to_base
     from medqa.metrics import ExampleScores, paired_bootstrap
+    from medqa.scoring import Scoring
 
     cfg = demo_config(tmp_path, "scoring.bootstrap_samples=200")
     rng = np.random.default_rng(0)
@@ -59,7 +60,7 @@ def test_evaluate_compares_each_fine_tuned_model_with_the_base_on_what_was_measu
     base = ModelScores("base", {"external": {}}, [], scores(3.0), external=scores(3.0))
     tuned = ModelScores("fine-tuned", {"external": {}}, [], scores(2.0), external=scores(3.5))
     best = ModelScores("tuned (best trial)", {}, [], scores(3.0))
-    compare_to_base(cfg, [base, tuned, best])
+    compare_to_base(Scoring.of(cfg, ["test"]), [base, tuned, best])
     assert "vs_base" not in base.entry and "vs_base" not in base.entry["external"]
     assert tuned.entry["vs_base"] == paired_bootstrap(
         base.test.answer_nll, tuned.test.answer_nll, tokens, 200, cfg.seed

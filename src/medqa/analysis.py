@@ -8,6 +8,7 @@ import re
 import pandas as pd
 
 from medqa.prompts import IGNORE_INDEX
+from medqa.report import by_source_frame, knowledge_frame  # noqa: F401  (notebook 4 imports them from here)
 from medqa.schema import Config
 from medqa.sources import read_records
 from medqa.workdir import SPLITS, load_records, load_split, paths, read_metrics
@@ -167,71 +168,3 @@ def per_source_table(report: dict) -> pd.DataFrame:
     table = pd.DataFrame(rows).T.fillna(0).astype(int)
     table.loc["total"] = table.sum()
     return table
-
-
-def by_source_frame(report: dict) -> pd.DataFrame | None:
-    """evaluate's test answer perplexity per source and model (report.json's `by_source`), with the paired change
-    in answer loss against the base model within each source; None when the run had one source."""
-    rows = []
-    for name, m in report["models"].items():
-        for source, t in (m["test"].get("by_source") or {}).items():
-            vs = (m.get("vs_base_by_source") or {}).get(source, {})
-            rows.append(
-                {
-                    "model": name,
-                    "source": source,
-                    "examples": t["examples"],
-                    "answer_perplexity": t["answer_perplexity"],
-                    "95% CI": t["answer_perplexity_ci95"],
-                    "Δ answer_loss vs base": vs.get("loss_delta"),
-                    "p": vs.get("p_value"),
-                }
-            )
-    return pd.DataFrame(rows).set_index(["source", "model"]).sort_index() if rows else None
-
-
-def knowledge_frame(report: dict) -> pd.DataFrame | None:
-    """PubMedQA test accuracy and the abstract loss per model beside its HealthCareMagic test answer perplexity:
-    medqa's scorer (`pubmedqa`: accuracy with its interval, the predicted-answer shares beside the majority-answer
-    baseline, macro-F1, the abstract loss and their paired changes) and lm-eval's accuracy (report.json's
-    `benchmarks`) when `medqa benchmark` ran; None when neither did."""
-    bench = (report.get("benchmarks") or {}).get("models") or {}
-    rows = {}
-    for name, m in report["models"].items():
-        row = {"test answer perplexity": m["test"]["answer_perplexity"]}
-        row["Δ answer_loss vs base"] = (m.get("vs_base") or {}).get("loss_delta")
-        if "pubmedqa" in m:
-            p = m["pubmedqa"]
-            vs = p.get("vs_base") or {}
-            share = p.get("predicted_share") or {}
-            row.update(
-                {
-                    "PubMedQA acc": p["acc"],
-                    "acc 95% CI": p.get("acc_ci95"),
-                    "Δ acc vs base": vs.get("acc_delta"),
-                    "Δ acc 95% CI": vs.get("acc_delta_ci95"),
-                    "p (lost)": vs.get("p_value_lost"),
-                    "macro-F1": p.get("macro_f1"),
-                    "answered yes/no/maybe": " / ".join(f"{share.get(c, 0):.0%}" for c in ("yes", "no", "maybe")),
-                    "majority baseline": p.get("majority_baseline_acc"),
-                    "questions": p.get("questions"),
-                    "abstract loss": p.get("abstract_loss"),
-                    "Δ abstract loss": vs.get("abstract_change"),
-                    "Δ abstract 95% CI": vs.get("abstract_change_ci95"),
-                }
-            )
-        b = bench.get(name) or {}
-        for task, metrics in (b.get("tasks") or {}).items():
-            if "acc" in metrics:
-                vs = ((b.get("vs_base") or {}).get(task) or {}).get("acc") or {}
-                row.update(
-                    {
-                        f"lm-eval {task} acc": metrics["acc"]["value"],
-                        "lm-eval Δ acc": vs.get("delta"),
-                        "lm-eval questions": (b.get("questions") or {}).get(task),
-                    }
-                )
-                break
-        if len(row) > 2:
-            rows[name] = row
-    return pd.DataFrame(rows).T if rows else None

@@ -17,8 +17,7 @@ from medqa.batching import eval_tokens_per_batch
 from medqa.errors import DataError
 from medqa.locks import locked
 from medqa.manifest import fingerprint_model, write_manifest
-from medqa.metrics import EVAL_SPLITS, evaluate_answer_loss, metrics_table, sanity_check
-from medqa.mixing import by_source
+from medqa.metrics import EVAL_SPLITS, metrics_table, sanity_check
 from medqa.modeling import (
     count_parameters,
     is_tiny_model,
@@ -29,7 +28,8 @@ from medqa.modeling import (
     tokenizer_info,
 )
 from medqa.schema import Config
-from medqa.workdir import check_tokenized, load_split, paths, per_example_rows, write_per_example
+from medqa.scoring import Scoring, split_results
+from medqa.workdir import check_tokenized, load_split, paths, write_per_example
 
 log = logging.getLogger(__name__)
 
@@ -47,40 +47,57 @@ class BaselineResult:
 def baseline(cfg: Config) -> BaselineResult:
     """Score the untuned model on val and test with the shared answer-loss function."""
     start = time.perf_counter()
-    tokenizer = load_tokenizer(cfg)
-    check_tokenized(cfg, tokenizer)  # once for the folder: every split comes from the same prepare run
-    splits = {s: load_split(cfg, s) for s in EVAL_SPLITS}
-    model = load_model(cfg)
-    trainable, total = count_parameters(model)
+    tokenizer, splits = load_eval_splits(cfg)
+    model = load_base_model(cfg, tokenizer)
+    results, rows = score_base(cfg, model, tokenizer, splits)
+    metrics = baseline_metrics(cfg, model, tokenizer, results, start)
+    # A randomly initialised model (the demo's tiny one) is expected to be worse than uniform before training.
+    sanity_check(metrics, len(tokenizer), "baseline", quiet=is_tiny_model(cfg))
+    out_dir = write_baseline(cfg, metrics, rows)
     log.info(
-        "baseline: model %s, %d parameters, %s on %s",
-        model_path(cfg),
-        total,
-        next(model.parameters()).dtype,
-        next(model.parameters()).device,
+        "baseline: test answer_loss %.4f (perplexity %.2f) in %.0fs",
+        results["test"]["answer_loss"],
+        results["test"]["answer_perplexity"],
+        metrics["seconds"],
     )
+    return BaselineResult(metrics, out_dir)
+
+
+def load_eval_splits(cfg: Config) -> tuple[object, dict]:
+    """The tokenizer and the tokenized val and test splits, checked once against the prepared data's manifest (every
+    split comes from the same prepare run)."""
+    tokenizer = load_tokenizer(cfg)
+    check_tokenized(cfg, tokenizer)
+    return tokenizer, {s: load_split(cfg, s) for s in EVAL_SPLITS}
+
+
+def load_base_model(cfg: Config, tokenizer):
+    """The untuned model as every stage scores it; refused when its embedding cannot hold the tokenizer's tokens."""
+    model = load_model(cfg)
+    _, total = count_parameters(model)
+    weights = next(model.parameters())
+    log.info("baseline: model %s, %d parameters, %s on %s", model_path(cfg), total, weights.dtype, weights.device)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise DataError(
             f"The tokenizer has {len(tokenizer)} tokens but the model's embedding only "
             f"{model.get_input_embeddings().num_embeddings}; they do not belong together. Set "
             "model.tokenizer to the model's own tokenizer and re-run `medqa prepare`."
         )
-    results, rows = {}, []
-    for split, ds in splits.items():
-        results[split], scores = evaluate_answer_loss(
-            model,
-            ds,
-            tokenizer.pad_token_id,
-            cfg.scoring.batch_size,
-            cfg.scoring.bootstrap_samples,
-            cfg.seed,
-            progress=True,
-            tokens_per_batch=eval_tokens_per_batch(cfg.scoring.tokens_per_batch, model),
-        )
-        rows += per_example_rows(split, scores)
-        if cfg.data.sources:
-            results.setdefault("by_source", {})[split] = by_source(cfg, split, scores)
-    metrics = {
+    return model
+
+
+def score_base(cfg: Config, model, tokenizer, splits: dict) -> tuple[dict, list[dict]]:
+    """Each split's answer loss (per source too with data.sources) and its per-example rows: the scoring step of
+    train and evaluate (`medqa.scoring`)."""
+    scoring = Scoring.of(cfg, splits)
+    budget = eval_tokens_per_batch(cfg.scoring.tokens_per_batch, model)
+    return split_results({s: scoring.score(model, ds, tokenizer.pad_token_id, budget, s) for s, ds in splits.items()})
+
+
+def baseline_metrics(cfg: Config, model, tokenizer, results: dict, start: float) -> dict:
+    """metrics.json: the scores, then the model, its tokenizer, size, dtype and device, the time and the config."""
+    _, total = count_parameters(model)
+    return {
         **results,
         "model": model_path(cfg),
         "tokenizer": tokenizer_info(tokenizer),
@@ -90,8 +107,10 @@ def baseline(cfg: Config) -> BaselineResult:
         "seconds": round(time.perf_counter() - start, 2),
         "config": cfg.to_dict(),
     }
-    # A randomly initialised model (the demo's tiny one) is expected to be worse than uniform before training.
-    sanity_check(metrics, len(tokenizer), "baseline", quiet=is_tiny_model(cfg))
+
+
+def write_baseline(cfg: Config, metrics: dict, rows: list[dict]) -> Path:
+    """outputs/baseline/: metrics.json, per_example.jsonl and the manifest, replaced together."""
     out_dir = paths(cfg).baseline
     with atomic_dir(out_dir) as tmp:
         write_json(tmp / "metrics.json", metrics)
@@ -105,11 +124,4 @@ def baseline(cfg: Config) -> BaselineResult:
                 "tokenizer": metrics["tokenizer"]["vocab_sha256"],
             },
         )
-    result = BaselineResult(metrics, out_dir)
-    log.info(
-        "baseline: test answer_loss %.4f (perplexity %.2f) in %.0fs",
-        results["test"]["answer_loss"],
-        results["test"]["answer_perplexity"],
-        metrics["seconds"],
-    )
-    return result
+    return out_dir

@@ -33,6 +33,7 @@ from medqa.pubmedqa import DEFAULT_TEST as DEFAULT_PUBMEDQA
 from medqa.pubmedqa import check_no_dev_overlap
 from medqa.pubmedqa import load_items as load_pubmedqa
 from medqa.pubmedqa import subset as pubmedqa_subset
+from medqa.report_markdown import benchmark_rows
 from medqa.schema import Config
 from medqa.workdir import adapter_inputs, candidate_adapters, paths
 
@@ -52,7 +53,7 @@ class BenchmarkResult:
     out_dir: Path
 
     def table(self) -> str:
-        return "\n".join(knowledge_rows(self.summary))
+        return "\n".join(benchmark_rows(self.summary))
 
 
 @locked("benchmark")
@@ -80,7 +81,8 @@ def benchmark(cfg: Config) -> BenchmarkResult:
         log.info("benchmark: %s done in %.1f s", name, seconds[name])
         del model
     summary = summarize(cfg, runs, seconds, {n: str(a) if a else None for n, a in candidate_adapters(cfg).items()})
-    summary["table"] = knowledge_rows(summary)  # markdown rows; `medqa evaluate` puts them in report.md
+    # the table as markdown rows, kept in summary.json for its readers; report.md renders it from `models` itself
+    summary["table"] = benchmark_rows(summary)
     summary["seconds"] = round(time.perf_counter() - start, 2)
     write_json(out / "summary.json", summary)
     return BenchmarkResult(summary, out)
@@ -320,28 +322,3 @@ def summarize(cfg: Config, runs: dict, seconds: dict, adapters: dict) -> dict:
         "bootstrap_samples": cfg.scoring.bootstrap_samples,
         "models": models,
     }
-
-
-def _fmt(x, spec: str) -> str:
-    return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
-
-
-def knowledge_rows(summary: dict) -> list[str]:
-    """The knowledge-kept table as markdown rows: task, metric, then per model score ± stderr and Δ vs base."""
-    lines = [
-        "| task | metric | model | questions | score ± stderr | Δ vs base (95% CI) | p (lost) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, m in summary["models"].items():
-        for task, metrics in m["tasks"].items():
-            for metric, s in metrics.items():
-                vs = m.get("vs_base", {}).get(task, {}).get(metric, {})
-                ci = vs.get("delta_ci95")
-                err = f" ± {s['stderr']:.3f}" if s.get("stderr") is not None else ""
-                n = m["questions"].get(task, "-")
-                lines.append(
-                    f"| {task} | {metric} | {name} | {n} | {s['value']:.3f}{err} | "
-                    f"{_fmt(vs.get('delta'), '+.3f')}{f' ({ci[0]:+.3f} to {ci[1]:+.3f})' if ci else ''} | "
-                    f"{_fmt(vs.get('p_lost'), '.3f')} |"
-                )
-    return lines

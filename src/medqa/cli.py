@@ -27,6 +27,7 @@ from medqa.faults import Terminated, os_errno, sigterm_as_ctrl_c, write_paragrap
 from medqa.feedback import feedback
 from medqa.prepare import make_tiny_model, prepare
 from medqa.records import describe_counts
+from medqa.report_markdown import render_summary
 from medqa.schema import Config
 from medqa.train import train
 from medqa.tune import tune
@@ -71,7 +72,7 @@ def _tune(cfg: Config, args: argparse.Namespace) -> None:
 
 def _evaluate(cfg: Config, args: argparse.Namespace) -> None:
     result = evaluate(cfg)
-    print(result.report_md.read_text().split("## Samples")[0])
+    print(render_summary(result.report) + "\n")  # report.md up to its samples
     print(f"wrote {result.report_md} and report.json")
 
 

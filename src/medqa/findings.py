@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+from medqa.report import lm_eval_accuracy
+
 __all__ = ["prepare_findings", "baseline_findings", "train_findings", "final_findings", "search_space_table"]
 
 
@@ -184,15 +186,12 @@ def _knowledge_kept(report: dict, name: str) -> str:
                 f" (95% CI {ci[0]:+.2%} to {ci[1]:+.2%})" if ci else ""
             )
         return text
-    for task, per_metric in (bench.get("vs_base") or {}).items():
-        acc = per_metric.get("acc")
-        if acc:
-            base = report["benchmarks"]["models"]["base"]["tasks"][task]["acc"]["value"]
-            return (
-                f"; {task} accuracy {base:.3f} -> {bench['tasks'][task]['acc']['value']:.3f} "
-                f"({acc['delta']:+.3f}, p of a loss {acc['p_lost']:.3f}, "
-                f"{bench['questions'][task]} questions, lm-eval)"
-            )
+    acc = lm_eval_accuracy(report, name)
+    if acc and acc["delta"] is not None:
+        return (
+            f"; {acc['task']} accuracy {acc['base_value']:.3f} -> {acc['value']:.3f} "
+            f"({acc['delta']:+.3f}, p of a loss {acc['p_lost']:.3f}, {acc['questions']} questions, lm-eval)"
+        )
     if "vs_base" in pub:
         return f"; PubMedQA accuracy {pub['acc']:.3f} ({pub['vs_base']['acc_delta']:+.3f} vs base)"
     return ""

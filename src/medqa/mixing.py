@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -84,29 +85,40 @@ def subset(scores: ExampleScores, keep: list[bool]) -> ExampleScores:
     )
 
 
-def by_source(cfg: Config, split: str, scores: ExampleScores) -> dict[str, dict]:
-    """The split's metrics (`metrics.summarize`, the one definition) over each source's examples alone."""
-    of = sources_of(cfg, split)
+def source_names(cfg: Config) -> tuple[str, ...]:
+    """data.sources' names in order; () with data.source alone (no per-source figures)."""
+    return tuple(spec.name for spec in source_specs(cfg.data)) if cfg.data.sources else ()
+
+
+def source_metrics(
+    of: Mapping[str, str], names: Sequence[str], scores: ExampleScores, samples: int, seed: int
+) -> dict[str, dict]:
+    """The split's metrics (`metrics.summarize`, the one definition) over each source's examples alone; `of`: the
+    split's example id -> source name (`sources_of`)."""
     out = {}
-    for spec in source_specs(cfg.data) if of else []:
-        part = subset(scores, [of.get(i) == spec.name for i in scores.ids])
+    for name in names if of else []:
+        part = subset(scores, [of.get(i) == name for i in scores.ids])
         if part.answer_tokens.sum():
-            out[spec.name] = summarize(part, cfg.scoring.bootstrap_samples, cfg.seed)
+            out[name] = summarize(part, samples, seed)
     return out
 
 
-def paired_by_source(cfg: Config, split: str, base: ExampleScores, tuned: ExampleScores) -> dict[str, dict]:
+def paired_source_metrics(
+    of: Mapping[str, str], names: Sequence[str], base: ExampleScores, tuned: ExampleScores, samples: int, seed: int
+) -> dict[str, dict]:
     """The paired bootstrap of tuned vs base answer loss within each source's examples."""
-    of = sources_of(cfg, split)
     out = {}
-    for spec in source_specs(cfg.data) if of else []:
-        keep = np.asarray([of.get(i) == spec.name for i in base.ids], dtype=bool)
+    for name in names if of else []:
+        keep = np.asarray([of.get(i) == name for i in base.ids], dtype=bool)
         if base.answer_tokens[keep].sum():
-            out[spec.name] = paired_bootstrap(
-                base.answer_nll[keep],
-                tuned.answer_nll[keep],
-                base.answer_tokens[keep],
-                cfg.scoring.bootstrap_samples,
-                cfg.seed,
+            out[name] = paired_bootstrap(
+                base.answer_nll[keep], tuned.answer_nll[keep], base.answer_tokens[keep], samples, seed
             )
     return out
+
+
+def by_source(cfg: Config, split: str, scores: ExampleScores) -> dict[str, dict]:
+    """`source_metrics` on a split whose sources are read here (train.score_splits' call, until it scores through
+    `medqa.scoring.Scoring`, which reads them once per stage)."""
+    of = sources_of(cfg, split)
+    return source_metrics(of, source_names(cfg), scores, cfg.scoring.bootstrap_samples, cfg.seed)
