@@ -115,10 +115,3 @@ def paired_source_metrics(
                 base.answer_nll[keep], tuned.answer_nll[keep], base.answer_tokens[keep], samples, seed
             )
     return out
-
-
-def by_source(cfg: Config, split: str, scores: ExampleScores) -> dict[str, dict]:
-    """`source_metrics` on a split whose sources are read here (train.score_splits' call, until it scores through
-    `medqa.scoring.Scoring`, which reads them once per stage)."""
-    of = sources_of(cfg, split)
-    return source_metrics(of, source_names(cfg), scores, cfg.scoring.bootstrap_samples, cfg.seed)

@@ -36,8 +36,7 @@ from medqa.fallbacks import Fallbacks
 from medqa.knowledge import knowledge_probe
 from medqa.locks import locked
 from medqa.manifest import write_manifest
-from medqa.metrics import EVAL_SPLITS, metrics_table, sanity_check, summarize
-from medqa.mixing import by_source
+from medqa.metrics import EVAL_SPLITS, metrics_table, sanity_check
 from medqa.modeling import (
     build_lora_model,
     count_parameters,
@@ -52,6 +51,7 @@ from medqa.plots import plot_training
 from medqa.runplan import Setup, setup_training
 from medqa.runrecord import check_disk, close_run, open_run
 from medqa.schema import Config, TrainConfig
+from medqa.scoring import Scoring, split_results
 from medqa.selection import Rule, candidate, choose
 from medqa.trainer import AnswerLossTrainer, GracefulStop, History, StepTimer
 from medqa.workdir import (
@@ -60,7 +60,6 @@ from medqa.workdir import (
     adapter_inputs,
     load_split,
     paths,
-    per_example_rows,
     read_metrics,
     write_per_example,
 )
@@ -282,16 +281,14 @@ def score_splits(cfg: Config, trainer, work: Path, evals: dict, tokenizer) -> tu
     fine-tuned numbers never mix precisions (training held the base in the compute dtype and LoRA in fp32, under
     autocast)."""
     scored = _as_scored(cfg, trainer, work)
-    results, rows = {}, []
+    scoring = Scoring.of(cfg, evals)
     eval_tokens = eval_tokens_per_batch(cfg.scoring.tokens_per_batch, scored)
+    out = {}
     for split, ds in evals.items():
         # Several processes: each scores a shard, every process gets all the scores (one process: all of them).
         scores = dist.gather_scores(scored, ds, tokenizer.pad_token_id, cfg.scoring.batch_size, True, eval_tokens)
-        results[split] = summarize(scores, cfg.scoring.bootstrap_samples, cfg.seed)
-        rows += per_example_rows(split, scores)
-        if cfg.data.sources:
-            results.setdefault("by_source", {})[split] = by_source(cfg, split, scores)
-    return results, rows
+        out[split] = scoring.summarize(scores, split)
+    return split_results(out)
 
 
 def _as_scored(cfg: Config, trainer, work: Path):
