@@ -5,8 +5,9 @@ a non-zero exit code (2: an error to fix; 143: SIGTERM), no traceback on stderr,
 command that rebuilds it), the workdir's earlier artifacts byte-identical, and a plain re-run afterwards that
 succeeds. The table in README.md's "Reliability" section is this file's parametrisation.
 
-The process-level cases (a real SIGTERM sent to `medqa train` and `medqa tune` in a subprocess) are in the slow set
-at the end."""
+The process-level cases (a real SIGTERM sent to `medqa train` and `medqa tune` in a subprocess; a really full disk, a
+small tmpfs, under `medqa export` and `medqa feedback`) are in the slow set at the end. `medqa tune`'s writes and its
+experiment's damage are in test_faults_search.py."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -522,3 +524,59 @@ def test_sigterm_to_a_search_stops_it_through_ray_and_resumes(work, tmp_path):
     proc = _cli(work, "tune", *steps, "tune.resume=true", log=log)
     assert proc.wait(timeout=1200) == 0, log.read_text()[-3000:]
     assert (work / "outputs" / "best" / "adapter_config.json").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A 128 MiB tmpfs at tmp_path/disk, unmounted afterwards. Mounting needs root (CAP_SYS_ADMIN): skipped
+    without."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=128m", "tmpfs", str(disk)]
+    if shutil.which("mount") is None or subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root): the really-full-disk cases are not checked")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """Write a filler file until `leave` bytes are free on `disk` (tmpfs allocates what is written)."""
+    stat = os.statvfs(disk)
+    todo = stat.f_bavail * stat.f_frsize - leave
+    filler = disk / "filler"
+    chunk = b"\0" * (1 << 20)
+    with open(filler, "wb") as fh:
+        while todo > 0:
+            todo -= fh.write(chunk[: min(len(chunk), todo)])
+    return filler
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "fixture, stage, artifact, leave",
+    [("done", "export", "outputs/merged", 64 << 10), ("rated", "feedback", PREFERENCES, 0)],
+    ids=["export", "feedback"],
+)
+def test_a_really_full_disk_is_one_paragraph_and_a_rerun_after_freeing_space_succeeds(
+    request, small_disk, tmp_path, fixture, stage, artifact, leave
+):
+    """The disk really full (a small tmpfs filled up; `leave` bytes free so that export's lock record still fits and
+    its merged model does not), in a `medqa` process of its own. What no patched test checks: the OS's own ENOSPC as
+    the writing library raises it (safetensors and torch wrap it in their own error), and the temporary files removed
+    on a disk with no room left. Exit 2, one paragraph naming the artifact, no traceback, the earlier artifacts
+    byte-identical; once space is freed, the same command succeeds."""
+    work = small_disk / "w"
+    shutil.copytree(request.getfixturevalue(fixture), work, symlinks=True)
+    before = snapshot(work)
+    filler = fill(small_disk, leave)
+    extra = ("--export-preferences", str(work / PREFERENCES)) if stage == "feedback" else ()
+    log = tmp_path / f"{stage}.log"
+    rc = _cli(work, stage, *extra, log=log).wait(timeout=900)
+    out = log.read_text()
+    assert_failed_well(rc, out, work / artifact)
+    assert "ENOSPC" in out
+    assert_kept(before, work)
+    no_leftovers(work)
+    filler.unlink()  # "free space on that disk", as the paragraph says
+    log = tmp_path / f"{stage}-again.log"
+    assert _cli(work, stage, *extra, log=log).wait(timeout=900) == 0, log.read_text()[-3000:]
