@@ -5,8 +5,9 @@ a non-zero exit code (2: an error to fix; 143: SIGTERM), no traceback on stderr,
 command that rebuilds it), the workdir's earlier artifacts byte-identical, and a plain re-run afterwards that
 succeeds. The table in README.md's "Reliability" section is this file's parametrisation.
 
-The process-level cases (a real SIGTERM sent to `medqa train` and `medqa tune` in a subprocess) are in the slow set
-at the end."""
+The process-level cases (a real SIGTERM sent to `medqa train` and `medqa tune` in a subprocess; a really full disk, a
+small tmpfs, under `medqa export` and `medqa feedback`) are in the slow set at the end. `medqa tune`'s writes and its
+experiment's damage are in test_faults_search.py."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -310,6 +312,147 @@ def test_sigterm_during_training_saves_a_checkpoint_and_says_how_to_resume(capsy
     assert rc == 0, err[-3000:]
 
 
+# ------------------------------------------------------------------------------------------ feedback and ratings
+
+PREFERENCES = "outputs/chat/dpo.jsonl"  # where the tests export the preference pairs (inside the workdir: kept too)
+
+
+@pytest.fixture(scope="module")
+def rated(tmp_path_factory) -> Path:
+    """A workdir with the tiny model, three ratings written by the chat page's writer, and their summary and
+    preference pairs from one `medqa feedback`: what a refused write must keep."""
+    from test_feedback import _rate
+
+    from medqa.feedback import feedback
+    from medqa.prepare import make_tiny_model
+
+    work = tmp_path_factory.mktemp("rated")
+    cfg = demo_config(work)
+    make_tiny_model(cfg)
+    for n, (first, side, rating) in enumerate([("fine-tuned", "A", "better"), ("base", "A", "better")]):
+        _rate(cfg, n, first, side, rating)
+    feedback(cfg, work / PREFERENCES)
+    return work
+
+
+@pytest.fixture
+def rated_work(rated, tmp_path) -> Path:
+    shutil.copytree(rated, tmp_path / "w", symlinks=True)
+    return tmp_path / "w"
+
+
+def run_feedback(capsys, work: Path) -> tuple[int, str]:
+    return run(capsys, work, "feedback", "--export-preferences", str(work / PREFERENCES))
+
+
+def refuse_rename_of(monkeypatch, code: int, name: str) -> list:
+    """The rename that puts the file called `name` in place fails with `code`."""
+    calls = []
+
+    def replace(src, dst, *a, **kw):
+        if Path(dst).name == name:
+            calls.append(dst)
+            raise OSError(code, os.strerror(code), str(src))
+        return os.replace(src, dst, *a, **kw)
+
+    patch_artifact_renames(monkeypatch, replace)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "code, name",
+    [(errno.ENOSPC, "dpo.jsonl"), (errno.EIO, "feedback_summary.json")],
+    ids=["ENOSPC-preferences", "EIO-summary"],
+)
+def test_feedback_write_refused_keeps_the_ratings_and_the_previous_summary(capsys, monkeypatch, rated_work, code, name):
+    """`medqa feedback` when the OS refuses its preference file (its first write) or its summary: one paragraph
+    naming the file, feedback.jsonl and the previous summary and pairs byte-identical, nothing half-written."""
+    work = rated_work
+    before = snapshot(work)
+    calls = refuse_rename_of(monkeypatch, code, name)
+    rc, err = run_feedback(capsys, work)
+    assert calls, f"feedback did not write {name}"
+    assert_failed_well(rc, err, next(work.rglob(name)))
+    assert errno.errorcode[code] in err and "medqa feedback" in err
+    assert_kept(before, work)
+    no_leftovers(work)
+    monkeypatch.undo()
+    rc, err = run_feedback(capsys, work)
+    assert rc == 0, err[-3000:]
+
+
+def test_sigterm_during_feedback_keeps_the_ratings_and_the_previous_summary(capsys, monkeypatch, rated_work):
+    """SIGTERM as `medqa feedback` puts its first file in place: exit 143, one paragraph, nothing changed."""
+    before = snapshot(rated_work)
+    sigterm_at_first_write(monkeypatch)
+    rc, err = run_feedback(capsys, rated_work)
+    assert_failed_well(rc, err, "SIGTERM", expect_rc=143)
+    assert "intact" in err
+    assert_kept(before, rated_work)
+    no_leftovers(rated_work)
+    monkeypatch.undo()
+    rc, err = run_feedback(capsys, rated_work)
+    assert rc == 0, err[-3000:]
+
+
+class _HalfWrite:
+    """A file whose write puts half of its bytes on disk, then fails as a disk that filled up midway does."""
+
+    def __init__(self, fh):
+        self._fh = fh
+
+    def write(self, data):
+        self._fh.write(data[: len(data) // 2])
+        self._fh.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._fh.close()
+
+
+def test_a_rating_cut_off_by_a_full_disk_leaves_no_partial_line(monkeypatch, rated_work):
+    """The chat page's append (`record_feedback`) failing midway: the error is raised and feedback.jsonl is back to
+    its earlier ratings, so the next rating is a whole line. Before: the half line stayed, and the next rating was
+    appended onto it, so both were lost (one damaged line)."""
+    from test_feedback import _rate
+
+    import medqa.ratings
+    from medqa.ratings import read_feedback
+
+    cfg = demo_config(rated_work)
+    path = rated_work / "outputs/chat/feedback.jsonl"
+    before = path.read_bytes()
+    monkeypatch.setattr(medqa.ratings, "open", lambda *a, **kw: _HalfWrite(open(*a, **kw)), raising=False)
+    with pytest.raises(OSError):
+        _rate(cfg, 2, "base", "B", "worse")
+    assert path.read_bytes() == before
+    monkeypatch.undo()
+    _rate(cfg, 3, "base", "B", "worse")
+    ratings, problems = read_feedback(path)
+    assert (len(ratings), problems) == (3, [])
+
+
+def test_a_rating_after_a_line_cut_by_a_kill_starts_its_own_line(rated_work):
+    """A line cut short where no handler could mend it (kill -9, power loss mid-append): the next rating starts a
+    line of its own, so only the cut line is reported and skipped. Before: the rating was glued onto it and lost."""
+    from test_feedback import _rate
+
+    from medqa.ratings import read_feedback
+
+    path = rated_work / "outputs/chat/feedback.jsonl"
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write('{"question": "cut off wh')
+    _rate(demo_config(rated_work), 2, "base", "B", "worse")
+    ratings, problems = read_feedback(path)
+    assert len(ratings) == 3 and [number for number, _ in problems] == [3]
+
+
 # ------------------------------------------------------------------------------------------ real signals (slow)
 
 
@@ -381,3 +524,59 @@ def test_sigterm_to_a_search_stops_it_through_ray_and_resumes(work, tmp_path):
     proc = _cli(work, "tune", *steps, "tune.resume=true", log=log)
     assert proc.wait(timeout=1200) == 0, log.read_text()[-3000:]
     assert (work / "outputs" / "best" / "adapter_config.json").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A 128 MiB tmpfs at tmp_path/disk, unmounted afterwards. Mounting needs root (CAP_SYS_ADMIN): skipped
+    without."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=128m", "tmpfs", str(disk)]
+    if shutil.which("mount") is None or subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root): the really-full-disk cases are not checked")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """Write a filler file until `leave` bytes are free on `disk` (tmpfs allocates what is written)."""
+    stat = os.statvfs(disk)
+    todo = stat.f_bavail * stat.f_frsize - leave
+    filler = disk / "filler"
+    chunk = b"\0" * (1 << 20)
+    with open(filler, "wb") as fh:
+        while todo > 0:
+            todo -= fh.write(chunk[: min(len(chunk), todo)])
+    return filler
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "fixture, stage, artifact, leave",
+    [("done", "export", "outputs/merged", 64 << 10), ("rated", "feedback", PREFERENCES, 0)],
+    ids=["export", "feedback"],
+)
+def test_a_really_full_disk_is_one_paragraph_and_a_rerun_after_freeing_space_succeeds(
+    request, small_disk, tmp_path, fixture, stage, artifact, leave
+):
+    """The disk really full (a small tmpfs filled up; `leave` bytes free so that export's lock record still fits and
+    its merged model does not), in a `medqa` process of its own. What no patched test checks: the OS's own ENOSPC as
+    the writing library raises it (safetensors and torch wrap it in their own error), and the temporary files removed
+    on a disk with no room left. Exit 2, one paragraph naming the artifact, no traceback, the earlier artifacts
+    byte-identical; once space is freed, the same command succeeds."""
+    work = small_disk / "w"
+    shutil.copytree(request.getfixturevalue(fixture), work, symlinks=True)
+    before = snapshot(work)
+    filler = fill(small_disk, leave)
+    extra = ("--export-preferences", str(work / PREFERENCES)) if stage == "feedback" else ()
+    log = tmp_path / f"{stage}.log"
+    rc = _cli(work, stage, *extra, log=log).wait(timeout=900)
+    out = log.read_text()
+    assert_failed_well(rc, out, work / artifact)
+    assert "ENOSPC" in out
+    assert_kept(before, work)
+    no_leftovers(work)
+    filler.unlink()  # "free space on that disk", as the paragraph says
+    log = tmp_path / f"{stage}-again.log"
+    assert _cli(work, stage, *extra, log=log).wait(timeout=900) == 0, log.read_text()[-3000:]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import pickle
 import re
 import signal
 from collections.abc import Iterator
@@ -139,19 +140,21 @@ def guard(stage: str, workdir: str | Path | None = None) -> Iterator[None]:
 
 
 def _is_damage(exc: BaseException) -> bool:
-    """A parse or read error (not a bug in medqa): JSON, UTF-8, pyarrow, safetensors, pickle-free torch, OS."""
+    """A parse or read error (not a bug in medqa): JSON, UTF-8, pyarrow, safetensors, pickle-free torch, pickle (Ray
+    Tune's own state files), OS."""
     if isinstance(exc, MedqaError):
         return False
-    if isinstance(exc, OSError | ValueError | EOFError | UnicodeError):  # JSONDecodeError, ArrowInvalid: ValueErrors
+    # JSONDecodeError, ArrowInvalid: ValueErrors; a pickle cut short: EOFError or UnpicklingError
+    if isinstance(exc, OSError | ValueError | EOFError | UnicodeError | pickle.UnpicklingError):
         return True
     module = type(exc).__module__ or ""
     return module.startswith(("pyarrow", "safetensors")) or type(exc).__name__ in ("SafetensorError", "HeaderTooLarge")
 
 
 @contextlib.contextmanager
-def damaged(path: str | Path, rebuild: str) -> Iterator[None]:
-    """Around reading an artifact medqa wrote: a parse or read error becomes `DamagedArtifact`, naming `path` and
-    the command that rebuilds it."""
+def damaged(path: str | Path, rebuild: str, writer: str = "medqa") -> Iterator[None]:
+    """Around reading an artifact medqa wrote (or, `writer`, a library on its behalf: Ray Tune's experiment state):
+    a parse or read error becomes `DamagedArtifact`, naming `path` and the command that rebuilds it."""
     try:
         yield
     except Exception as exc:
@@ -159,7 +162,7 @@ def damaged(path: str | Path, rebuild: str) -> Iterator[None]:
             raise
         detail = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise DamagedArtifact(
-            f"{path} is damaged and cannot be read ({type(exc).__name__}: {detail}). medqa wrote it, so it was most "
+            f"{path} is damaged and cannot be read ({type(exc).__name__}: {detail}). {writer} wrote it, so it was most "
             "likely cut short by a full disk, a killed copy or a crash. Nothing was changed; rebuild it with "
             f"`{rebuild}` (same config and workdir), then run this again."
         ) from None

@@ -11,6 +11,7 @@ relative to the workdir, training step and fingerprint; never an absolute path).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -101,16 +102,29 @@ class Rating:
 
 def record_feedback(cfg: Config, entry: dict) -> Path:
     """Append one rating to outputs/chat/feedback.jsonl (one JSON object a line), holding its file lock so
-    concurrent writers (two tabs, two servers on one workdir) never interleave a line."""
+    concurrent writers (two tabs, two servers on one workdir) never interleave a line. A write the OS refuses
+    midway (disk full, I/O error) cuts the file back to its earlier ratings before the error goes on: a partial line
+    left there would swallow the next rating, appended onto it."""
     from filelock import FileLock
 
     path, lock = paths(cfg).chat_feedback, paths(cfg).chat_feedback_lock
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **entry}, ensure_ascii=False) + "\n"
-    with FileLock(lock, timeout=30), open(path, "a", encoding="utf-8") as fh:
-        fh.write(line)
-        fh.flush()
-        os.fsync(fh.fileno())
+    data = line.encode("utf-8")
+    # unbuffered: every byte is in the file or the error is raised here, none left in a buffer that closing flushes
+    with FileLock(lock, timeout=30), open(path, "a+b", buffering=0) as fh:
+        start = fh.seek(0, os.SEEK_END)
+        if start and os.pread(fh.fileno(), 1, start - 1) != b"\n":
+            data = b"\n" + data  # a line cut by a kill -9 stays one damaged line (reported, skipped), not two
+        try:
+            written = 0
+            while written < len(data):
+                written += fh.write(data[written:])
+            os.fsync(fh.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                fh.truncate(start)
+            raise
     return path
 
 

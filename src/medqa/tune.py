@@ -220,6 +220,41 @@ def _latest_experiment(outputs: Path) -> Path | None:
     return next((p for p in reversed(runs) if tune.Tuner.can_restore(str(p))), None)
 
 
+RESTART = "medqa tune tune.resume=false"  # a new experiment folder; the damaged one stays for a person to read
+
+
+def _restorable(outputs: Path, record: dict, applied_after: tuple[str, ...] = ()) -> Path | None:
+    """tune.resume=true: the latest experiment Ray can restore, checked before Ray starts: made by this same search
+    (its run record) and readable (what `Tuner.restore` and `fit` read first). None when there is none."""
+    experiment = _latest_experiment(outputs)
+    if experiment is None:
+        log.warning("tune.resume=true but no restorable experiment under %s; starting a new one.", outputs)
+        return None
+    check_resumable(
+        experiment, record, "Ray Tune experiment", "tune.resume=false (a new experiment folder)", applied_after
+    )
+    _check_readable(experiment)
+    return experiment
+
+
+def _check_readable(experiment: Path) -> None:
+    """Read the files Ray's restore reads (the Tuner's state, the newest experiment and search-algorithm states), so
+    a damaged one (cut short by a full disk or a kill mid-write) is named in one paragraph (`medqa.faults.damaged`)
+    instead of failing inside Ray's controller with its traceback."""
+    import ray.cloudpickle as pickle
+
+    # file -> how Ray reads it (the search algorithm's state is a cloudpickle, despite its .json name)
+    for pattern, load in (
+        ("tuner.pkl", pickle.loads),
+        ("experiment_state-*.json", lambda data: json.loads(data.decode("utf-8"))),
+        ("basic-variant-state-*.json", pickle.loads),
+    ):
+        newest = max(experiment.glob(pattern), default=None)  # the one Ray reads: the newest by its timestamp
+        if newest is not None:
+            with damaged(newest, RESTART, writer="Ray Tune"):
+                load(newest.read_bytes())
+
+
 @locked("tune")
 def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
     """Search, write results.csv and plots, copy the best adapter to outputs/best/."""
@@ -245,20 +280,11 @@ def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
             "configs/biogpt.yaml does) to make every trial's step the same.",
             total_steps,
         )
+    # refused here, before Ray starts
+    experiment = _restorable(outputs, record, _applied_after(cfg)) if cfg.tune.resume else None
     with keep_sigterm_handler():  # SIGTERM stays medqa's graceful stop, not Ray's exit (medqa.faults)
         started = _init_ray(cfg)
     try:
-        experiment = _latest_experiment(outputs) if cfg.tune.resume else None
-        if cfg.tune.resume and experiment is None:
-            log.warning("tune.resume=true but no restorable experiment under %s; starting a new one.", outputs)
-        if experiment is not None:
-            check_resumable(
-                experiment,
-                record,
-                "Ray Tune experiment",
-                "tune.resume=false (a new experiment folder)",
-                _applied_after(cfg),
-            )
         if experiment is None:
             experiment = outputs / f"ray_{time.strftime('%Y%m%d-%H%M%S')}"
             experiment.mkdir(parents=True)
@@ -269,7 +295,7 @@ def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
         )
         if cfg.tune.resume and rt.Tuner.can_restore(str(experiment)):
             log.info("tune: restoring %s", experiment)
-            with damaged(experiment, "medqa tune tune.resume=false (a new experiment)"):
+            with damaged(experiment, RESTART, writer="Ray Tune"):
                 tuner = rt.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
         else:
             tuner = rt.Tuner(
@@ -334,7 +360,16 @@ def load_search(cfg: Config) -> TuneResult:
     )
     if not (stored or {}).get("finished"):
         raise MedqaError(f"The search in {experiment} did not finish: run `medqa tune ... tune.resume=true`.")
-    with damaged(results, "medqa tune"):
+    with damaged(results, "medqa tune tune.resume=true (it writes results.csv again)"):
         table = pd.read_csv(results)
+        _check_whole(table, experiment)
     log.info("tune: read the finished search %s (not run again)", experiment)
     return TuneResult(experiment, table, best_dir, best)
+
+
+def _check_whole(table, experiment: Path) -> None:
+    """results.csv as `_summarize` writes it whole: a row per trial folder, each ending in its `chosen` flag (a file
+    cut short by a full disk parses, but with rows missing or its last row cut)."""
+    trials = len(list(experiment.glob("*/params.json")))
+    if len(table) != trials or "chosen" not in table or not table["chosen"].isin([True, False]).all():
+        raise ValueError(f"cut short: {len(table)} row(s) for {trials} trial(s), or a row without its end")

@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from medqa.artifacts import atomic_dir, write_json
+from medqa.artifacts import atomic_dir, write_json, write_text_atomic
 from medqa.config import config_from_dict
 from medqa.errors import MedqaError
 from medqa.frontier import Source, run_frontier, scale_adapter
@@ -102,7 +102,7 @@ def summarize(cfg: Config, grid, experiment: Path) -> TuneResult:
     rows, curves, results = _trial_rows(cfg, grid, experiment)
     table = pd.DataFrame(rows)
     if "best_val_answer_loss" not in table or table["best_val_answer_loss"].isna().all():
-        table.to_csv(experiment / "results.csv", index=False)
+        write_text_atomic(experiment / "results.csv", table.to_csv(index=False))
         errors = "; ".join(str(r.error)[:200] for r in grid if r.error)
         raise MedqaError(
             f"No trial of {experiment} reported a val answer_loss (errors: {errors or 'none'}). See "
@@ -113,7 +113,7 @@ def summarize(cfg: Config, grid, experiment: Path) -> TuneResult:
     table["eligible"] = pick.eligible
     table["chosen"] = table["trial"] == pick.source.name
     table = table.sort_values(["chosen", "best_val_objective"], ascending=[False, True], na_position="last")
-    table.to_csv(experiment / "results.csv", index=False)
+    write_text_atomic(experiment / "results.csv", table.to_csv(index=False))
     plot_search(table, curves, experiment)
     if "knowledge_change" in table and "gain" in table:
         plot_tradeoff(table.to_dict("records"), Rule.of(cfg).drop_limit, experiment / "tradeoff.png")
