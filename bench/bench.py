@@ -8,9 +8,9 @@ $MEDQA_SHARED) with a tiny BioGPT (2 layers, hidden 64) built on the real BioGPT
 in assets/), in a temporary workdir:
 
   a. padding efficiency of training batches (real tokens / tokens computed) at 8 examples per batch:
-     original (every example padded to 512), grouped by length (Trainer's sampler, padded to the batch's
-     longest: train.packing false, the CPU configs), packed (medqa.packing, rows of up to 512 tokens:
-     train.packing true, configs/biogpt.yaml);
+     padded_512 (every example padded to 512, the original project's way), grouped by length (Trainer's
+     sampler, padded to the batch's longest: train.packing false, the CPU configs), packed (medqa.packing,
+     rows of up to 512 tokens: train.packing true, configs/biogpt.yaml); bench/hand_loop.py builds them;
   b. one training epoch over a subset, LoRA + AdamW, the same step code for every strategy: examples/s and
      answer tokens/s, the strategies interleaved in each repeat, speedups as paired ratios;
   c. evaluation tokens/s: medqa.metrics.score_examples (length-batched) vs one example at a time vs pad-to-512;
@@ -49,7 +49,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=FutureWarning)  # peft calls a deprecated transformers property
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+sys.path[:0] = [str(REPO / "src"), str(REPO / "bench")]  # medqa, and hand_loop beside this file (also when imported)
+import hand_loop  # noqa: E402
+from hand_loop import MAX_LENGTH, STRATEGIES  # noqa: E402
+
 SHARED = Path(os.environ.get("MEDQA_SHARED", REPO.parent / "shared"))
 # The 500 real records and BioGPT's tokenizer ship with the repository; the 5,452 synthetic GenMedGPT records are
 # added from ../shared when it is there (our machines and CI), for scale.
@@ -58,7 +61,6 @@ DATA_FILES = [
     SHARED / "data" / "genmedgpt5k_SYNTHETIC_chatdoctor5k.json",
 ]
 TOKENIZER = REPO / "assets" / "biogpt-tokenizer"
-MAX_LENGTH = 512  # data.max_length: what the original padded every example to, and our packing budget
 BATCH = 8  # examples per training batch (train.batch_size)
 MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
@@ -158,76 +160,14 @@ def load_base_model(model_dir: Path):
     return AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="sdpa")
 
 
-def lora_model(base):
-    """A fresh LoRA copy (all linear layers, r=8), as `medqa train` builds it."""
-    from peft import LoraConfig, get_peft_model
-
-    from medqa.lora_targets import resolve_lora_targets
-
-    model = copy.deepcopy(base)
-    targets = resolve_lora_targets(model, "all-linear")
-    return get_peft_model(
-        model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=targets, task_type="CAUSAL_LM")
-    ).train()
-
-
 # ------------------------------------------------------------------------------------------ batching strategies
-
-
-def answer_tokens(row: dict) -> int:
-    from medqa.prompts import IGNORE_INDEX
-
-    return sum(label != IGNORE_INDEX for label in row["labels"][1:])
-
-
-def packed_rows_per_batch(lengths: list[int]) -> int:
-    """Packed rows per batch that hold about BATCH examples, so every strategy sees the same examples per
-    optimizer step (~2 rows of 512 tokens at a mean of 110 tokens)."""
-    return max(1, round(BATCH * statistics.mean(lengths) / MAX_LENGTH))
-
-
-def make_batches(rows: list[dict], strategy: str, seed: int, rows_per_batch: int) -> list[list[dict]]:
-    """The rows of each batch, in training order. original: random order, BATCH per batch (padded to 512 by
-    the collator); grouped: Trainer's length-grouped sampler; packed: packed rows in random order."""
-    import torch
-    from transformers.trainer_pt_utils import get_length_grouped_indices
-
-    from medqa.packing import pack_examples
-
-    rng = random.Random(seed)
-    if strategy == "packed":
-        packed = pack_examples(rows, MAX_LENGTH)
-        rng.shuffle(packed)
-        return [packed[i : i + rows_per_batch] for i in range(0, len(packed), rows_per_batch)]
-    if strategy == "grouped":
-        order = get_length_grouped_indices(
-            [len(r["input_ids"]) for r in rows], BATCH, generator=torch.Generator().manual_seed(seed)
-        )
-    else:
-        order = list(range(len(rows)))
-        rng.shuffle(order)
-    return [[rows[i] for i in order[k : k + BATCH]] for k in range(0, len(order), BATCH)]
-
-
-def collate(batch: list[dict], strategy: str, pad_id: int) -> dict:
-    from medqa.metrics import pad_batch
-    from medqa.packing import PackedCollator
-
-    if strategy == "packed":
-        return PackedCollator(pad_id)(batch)
-    if strategy == "original":  # a dummy row of 512 tokens makes pad_batch pad every row to 512
-        from medqa.prompts import IGNORE_INDEX
-
-        dummy = {"input_ids": [pad_id] * MAX_LENGTH, "labels": [IGNORE_INDEX] * MAX_LENGTH}
-        return {k: v[:-1] for k, v in pad_batch(batch + [dummy], pad_id).items()}
-    return pad_batch(batch, pad_id)
 
 
 def efficiency(batches: list[list[dict]], strategy: str) -> float:
     from medqa.packing import padding_efficiency
 
     lengths = [[len(r["input_ids"]) for r in b] for b in batches]
-    return padding_efficiency(lengths, pad_to=MAX_LENGTH if strategy == "original" else None)
+    return padding_efficiency(lengths, pad_to=MAX_LENGTH if strategy == "padded_512" else None)
 
 
 # ------------------------------------------------------------------------------------------ a. padding
@@ -283,19 +223,20 @@ def packing_lower_bound(lengths: list[int], row_tokens: int) -> float | None:
 
 
 def bench_padding(train_rows: list[dict], repeats: int) -> dict:
-    rows_per_batch = packed_rows_per_batch([len(r["input_ids"]) for r in train_rows])
+    rows_per_batch = hand_loop.packed_rows_per_batch([len(r["input_ids"]) for r in train_rows], BATCH)
     out = {}
-    for strategy in ("original", "grouped", "packed"):
+    for strategy in STRATEGIES:
         values = [
-            efficiency(make_batches(train_rows, strategy, seed, rows_per_batch), strategy) for seed in range(repeats)
+            efficiency(hand_loop.make_batches(train_rows, strategy, BATCH, rows_per_batch, seed), strategy)
+            for seed in range(repeats)
         ]
         out[strategy] = stats(values)
     return {
         "ours": out["packed"]["median"],
-        "original": out["original"]["median"],
+        "padded_512": out["padded_512"]["median"],
         "grouped": out["grouped"],
         "packed": out["packed"],
-        "original_stats": out["original"],
+        "padded_512_stats": out["padded_512"],
         "examples": len(train_rows),
         "batch_size": BATCH,
         "packed_rows_per_batch": rows_per_batch,
@@ -316,7 +257,7 @@ def bench_packing_real(work: Path, model_dir: Path) -> dict:
     workdir = work / "real-only"
     prepare(prepare_cfg(workdir, DATA_FILES[0], model_dir))
     lengths = [len(x) for x in datasets.load_from_disk(str(workdir / "tokenized" / "tokenized_train"))["input_ids"]]
-    per_batch = packed_rows_per_batch(lengths)
+    per_batch = hand_loop.packed_rows_per_batch(lengths, BATCH)
     rows = {w: pack_stats(lengths, w, max(1, round(per_batch * MAX_LENGTH / w))) for w in (MAX_LENGTH, 2 * MAX_LENGTH)}
     bound = packing_lower_bound(lengths, MAX_LENGTH)
     return {
@@ -335,34 +276,28 @@ def bench_packing_real(work: Path, model_dir: Path) -> dict:
 # ------------------------------------------------------------------------------------------ b. training
 
 
-def train_epoch(model, batches: list[list[dict]], strategy: str, pad_id: int) -> float:
-    """One epoch, the same step for every strategy: forward with the model's own loss, backward, AdamW."""
-    import torch
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=2e-4)
-    start = time.perf_counter()
-    for rows in batches:
-        loss = model(**collate(rows, strategy, pad_id)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
+def timed_epoch(base, batches: list[list[dict]], strategy: str, pad_id: int) -> float:
+    """Seconds of one epoch of a fresh LoRA copy of `base`, every batch collated inside the timing, the gradient
+    clipped to 1.0 (train.max_grad_norm)."""
+    model, optimizer, _ = hand_loop.add_lora(copy.deepcopy(base))
+    return hand_loop.train_epoch(
+        model, optimizer, (hand_loop.collate(rows, strategy, pad_id) for rows in batches), max_grad_norm=1.0
+    )
 
 
 def bench_train(base, train_rows: list[dict], n: int, repeats: int, pad_id: int) -> dict:
     subset = random.Random(1).sample(train_rows, min(n, len(train_rows)))
-    n_answer = sum(answer_tokens(r) for r in subset)
-    rows_per_batch = packed_rows_per_batch([len(r["input_ids"]) for r in train_rows])
-    strategies = ["original", "grouped", "packed"]
-    train_epoch(lora_model(base), make_batches(subset[:2], "grouped", 0, 1), "grouped", pad_id)  # warm-up
-    seconds: dict[str, list[float]] = {s: [] for s in strategies}
-    eff: dict[str, list[float]] = {s: [] for s in strategies}
+    n_answer = sum(hand_loop.answer_tokens(r) for r in subset)
+    rows_per_batch = hand_loop.packed_rows_per_batch([len(r["input_ids"]) for r in train_rows], BATCH)
+    timed_epoch(
+        base, hand_loop.make_batches(subset[:2], "grouped", BATCH, rows_per_batch=1, seed=0), "grouped", pad_id
+    )  # warm-up
+    seconds: dict[str, list[float]] = {s: [] for s in STRATEGIES}
+    eff: dict[str, list[float]] = {s: [] for s in STRATEGIES}
     for rep in range(repeats):
-        for strategy in strategies[rep % 3 :] + strategies[: rep % 3]:  # rotate, so no strategy always goes first
-            batches = make_batches(subset, strategy, seed=100 + rep, rows_per_batch=rows_per_batch)
-            secs = train_epoch(lora_model(base), batches, strategy, pad_id)
+        for strategy in STRATEGIES[rep % 3 :] + STRATEGIES[: rep % 3]:  # rotate, so no strategy always goes first
+            batches = hand_loop.make_batches(subset, strategy, BATCH, rows_per_batch=rows_per_batch, seed=100 + rep)
+            secs = timed_epoch(base, batches, strategy, pad_id)
             seconds[strategy].append(secs)
             eff[strategy].append(efficiency(batches, strategy))
             log(f"train {strategy:8s} repeat {rep}: {len(subset) / secs:6.2f} examples/s")
@@ -373,9 +308,9 @@ def bench_train(base, train_rows: list[dict], n: int, repeats: int, pad_id: int)
             "seconds": stats(seconds[s]),
             "padding_efficiency": stats(eff[s]),
         }
-        for s in strategies
+        for s in STRATEGIES
     }
-    ratio = {s: stats([o / t for o, t in zip(seconds["original"], seconds[s])]) for s in ("grouped", "packed")}
+    ratio = {s: stats([o / t for o, t in zip(seconds["padded_512"], seconds[s])]) for s in ("grouped", "packed")}
     return {
         "speedup": ratio,
         "strategies": out,
@@ -399,7 +334,7 @@ def score_padded_512(model, rows: list[dict], pad_id: int, batch_size: int = BAT
     total = 0.0
     with torch.inference_mode():
         for k in range(0, len(rows), batch_size):
-            batch = collate(rows[k : k + batch_size], "original", pad_id)
+            batch = hand_loop.collate(rows[k : k + batch_size], "padded_512", pad_id)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             total += token_nll(logits, batch["labels"]).double().sum().item()
             token_nll(logits, batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)).double().sum()
@@ -503,7 +438,7 @@ def bench_scaling(
 ) -> dict:
     """Time per unit at 1x, 2x, 4x of a base size: prepare (s per 1,000 records) and one packed training epoch
     (s per example and per 1,000 tokens; per token is the steadier unit, as example lengths vary)."""
-    rows_per_batch = packed_rows_per_batch([len(r["input_ids"]) for r in train_rows])
+    rows_per_batch = hand_loop.packed_rows_per_batch([len(r["input_ids"]) for r in train_rows], BATCH)
     out: dict = {}
     for factor in (1, 2, 4):
         n_rec, n_ex = sizes["scale_records"] * factor, sizes["scale_examples"] * factor
@@ -514,8 +449,8 @@ def bench_scaling(
             shutil.rmtree(workdir)
             prep.append(secs / read * 1000)
             subset = random.Random(rep).sample(train_rows, min(n_ex, len(train_rows)))
-            batches = make_batches(subset, "packed", seed=rep, rows_per_batch=rows_per_batch)
-            secs = train_epoch(lora_model(base), batches, "packed", pad_id)
+            batches = hand_loop.make_batches(subset, "packed", BATCH, rows_per_batch=rows_per_batch, seed=rep)
+            secs = timed_epoch(base, batches, "packed", pad_id)
             per_example.append(secs / len(subset))
             per_ktok.append(secs / sum(len(r["input_ids"]) for r in subset) * 1000)
         row = out[f"{factor}x"] = {
@@ -568,10 +503,10 @@ def markdown_section(res: dict) -> str:
         f"Training: {tr['examples']} train examples, one epoch, {tr['model']}; batches of {BATCH} examples "
         f"(packed: {tr['packed_rows_per_batch']} rows of up to {MAX_LENGTH} tokens per batch).",
         "",
-        "| | original (pad to 512) | ours: grouped by length | ours: packed | packed / original |",
+        "| | padded_512 (the original project's) | ours: grouped by length | ours: packed | packed / padded_512 |",
         "|---|---|---|---|---|",
-        f"| padding efficiency, train split ({pad['examples']:,} examples) | {pad['original']:.3f} | "
-        f"{fmt(pad['grouped'], 3)} | {fmt(pad['packed'], 3)} | {pad['ours'] / pad['original']:.2f}x |",
+        f"| padding efficiency, train split ({pad['examples']:,} examples) | {pad['padded_512']:.3f} | "
+        f"{fmt(pad['grouped'], 3)} | {fmt(pad['packed'], 3)} | {pad['ours'] / pad['padded_512']:.2f}x |",
         *(
             []
             if "real_500" not in pad
@@ -583,12 +518,12 @@ def markdown_section(res: dict) -> str:
                 f"{pad['real_500']['ours']:.3f} | |"
             ]
         ),
-        f"| training examples/s | {fmt(st['original']['examples_per_s'], 2)} | "
+        f"| training examples/s | {fmt(st['padded_512']['examples_per_s'], 2)} | "
         f"{fmt(st['grouped']['examples_per_s'], 2)} | "
         f"{fmt(st['packed']['examples_per_s'], 2)} | {fmt(tr['speedup']['packed'], 2)}x |",
-        f"| training answer tokens/s | {fmt(st['original']['answer_tokens_per_s'], 0)} | "
+        f"| training answer tokens/s | {fmt(st['padded_512']['answer_tokens_per_s'], 0)} | "
         f"{fmt(st['grouped']['answer_tokens_per_s'], 0)} | {fmt(st['packed']['answer_tokens_per_s'], 0)} | |",
-        f"| training speedup over original | 1.00 | {fmt(tr['speedup']['grouped'], 2)}x | "
+        f"| training speedup over padded_512 | 1.00 | {fmt(tr['speedup']['grouped'], 2)}x | "
         f"{fmt(tr['speedup']['packed'], 2)}x | |",
         "",
         f"Evaluation ({ev['examples']} val examples, {ev['tokens']:,} tokens; same answer NLL from all three, "
@@ -655,6 +590,20 @@ def write_markdown(path: Path, res: dict) -> None:
     path.write_text(text, encoding="utf-8")
 
 
+def renamed(res: dict) -> dict:
+    """The JSON of a run made before pad-to-512 was named `padded_512` (it was `original` in bench.py and
+    `padded_512` in gpu.py), read under today's name, so `make bench-docs` still documents such a run."""
+    pad, strategies = res["padding_efficiency"], res["train"]["strategies"]
+    for part, old, new in (
+        (pad, "original", "padded_512"),
+        (pad, "original_stats", "padded_512_stats"),
+        (strategies, "original", "padded_512"),
+    ):
+        if old in part:
+            part[new] = part.pop(old)
+    return res
+
+
 def docs_from_json(results: Path, markdown: str | None) -> int:
     """The results section of `markdown` rewritten from an earlier run's JSON, so documenting a run never needs
     measuring again (and measuring never changes a tracked file)."""
@@ -664,7 +613,7 @@ def docs_from_json(results: Path, markdown: str | None) -> int:
     if not results.is_file():
         print(f"bench: {results} not found; run `make bench` first (it writes it), then `make bench-docs`.")
         return 1
-    write_markdown(Path(markdown), json.loads(results.read_text(encoding="utf-8")))
+    write_markdown(Path(markdown), renamed(json.loads(results.read_text(encoding="utf-8"))))
     log(f"wrote the results of {results} into {markdown}")
     return 0
 
@@ -759,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
             f"(lower bound {real['lower_bound_rows_of_max_length']} rows), rows of {2 * MAX_LENGTH} {real['ours']:.3f}"
         )
         log(
-            f"padding efficiency: original {padding['original']:.3f}, grouped {padding['grouped']['median']:.3f}, "
+            f"padding efficiency: padded_512 {padding['padded_512']:.3f}, grouped {padding['grouped']['median']:.3f}, "
             f"packed {padding['packed']['median']:.3f}"
         )
         train = bench_train(base, train_rows, sizes["train_examples"], repeats, pad_id)

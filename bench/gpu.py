@@ -53,9 +53,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 warnings.filterwarnings("ignore", category=FutureWarning)
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+sys.path[:0] = [str(REPO / "src"), str(REPO / "bench")]  # medqa, and hand_loop beside this file (also when imported)
+import hand_loop  # noqa: E402
+from hand_loop import MAX_LENGTH, STRATEGIES  # noqa: E402
 
-MAX_LENGTH = 512
 PAD, EOS = 1, 2  # BioGPT's ids
 VOCAB = 42384  # BioGPT's tokenizer; the tiny model keeps it, so real token ids and the real tokenizer work
 BIOGPT = dict(
@@ -189,91 +190,23 @@ def matmul_params(model) -> int:
     return sum(p.numel() for name, p in model.named_parameters() if "embed_positions" not in name)
 
 
-def sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 # ------------------------------------------------------------------------------------------ training
 
 
 def batches(rows: list[dict], strategy: str, batch_size: int, mask_dtype, seed: int = 0) -> list[dict]:
     """Collated batches of one epoch for a strategy (built before timing: on a GPU the collation of the next
     batch overlaps with compute in a DataLoader worker)."""
-    import random
-
-    import torch
-    from transformers.trainer_pt_utils import get_length_grouped_indices
-
-    from medqa.metrics import pad_batch
-    from medqa.packing import PackedCollator, pack_examples
-
-    rng = random.Random(seed)
-    if strategy == "packed":
-        packed = pack_examples(rows, MAX_LENGTH)
-        rng.shuffle(packed)
-        mean = statistics.mean(len(r["input_ids"]) for r in rows)
-        per_batch = max(1, round(batch_size * mean / MAX_LENGTH))  # about batch_size examples per batch
-        collate = PackedCollator(PAD, mask_dtype=mask_dtype)  # the attention's compute dtype
-        return [collate(packed[i : i + per_batch]) for i in range(0, len(packed), per_batch)]
-    if strategy == "grouped":
-        order = get_length_grouped_indices(
-            [len(r["input_ids"]) for r in rows], batch_size, generator=torch.Generator().manual_seed(seed)
-        )
-    else:
-        order = list(range(len(rows)))
-        rng.shuffle(order)
-    dummy = {"input_ids": [PAD] * MAX_LENGTH, "labels": [-100] * MAX_LENGTH}  # forces width 512, then dropped
-    out = []
-    for k in range(0, len(order), batch_size):
-        group = [rows[i] for i in order[k : k + batch_size]]
-        if strategy == "padded_512":
-            out.append({key: v[:-1] for key, v in pad_batch(group + [dummy], PAD).items()})
-        else:
-            out.append(pad_batch(group, PAD))
-    return out
-
-
-def add_lora(model, r: int = 8, alpha: int = 16):
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from medqa.lora_targets import resolve_lora_targets
-
-    targets = resolve_lora_targets(model, "all-linear")
-    model = get_peft_model(
-        model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.05, target_modules=targets, task_type="CAUSAL_LM")
-    )
-    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    return model.train(), optimizer, n_lora
-
-
-def train_steps(model, optimizer, epoch: list[dict], device) -> float:
-    """Seconds for one pass over `epoch`: forward (bf16 autocast on CUDA), backward, AdamW step."""
-    import torch
-
-    sync(device)
-    start = time.perf_counter()
-    for batch in epoch:
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    sync(device)
-    return time.perf_counter() - start
+    per_batch = hand_loop.packed_rows_per_batch([len(r["input_ids"]) for r in rows], batch_size)
+    groups = hand_loop.make_batches(rows, strategy, batch_size, rows_per_batch=per_batch, seed=seed)
+    return [hand_loop.collate(group, strategy, PAD, mask_dtype) for group in groups]
 
 
 def bench_train(model, rows: list[dict], args, device, n_params: int, peak: float | None) -> dict:
     import torch
 
-    model, optimizer, n_lora = add_lora(model)
+    model, optimizer, n_lora = hand_loop.add_lora(model)
     real = sum(len(r["input_ids"]) for r in rows)
-    answer = sum(sum(label != -100 for label in r["labels"][1:]) for r in rows)
+    answer = sum(hand_loop.answer_tokens(r) for r in rows)
     out: dict = {
         "examples": len(rows),
         "real_tokens": real,
@@ -281,10 +214,10 @@ def bench_train(model, rows: list[dict], args, device, n_params: int, peak: floa
         "lora_parameters": n_lora,
         "batch_size": args.batch_size,
     }
-    for strategy in ("padded_512", "grouped", "packed"):
+    for strategy in STRATEGIES:
         epoch = batches(rows, strategy, args.batch_size, torch.bfloat16 if device.type == "cuda" else torch.float32)
-        train_steps(model, optimizer, epoch[: args.warmup], device)  # CUDA/cuBLAS warm-up, allocator growth
-        secs = [train_steps(model, optimizer, epoch, device) for _ in range(args.repeats)]
+        hand_loop.train_epoch(model, optimizer, epoch[: args.warmup], device)  # CUDA/cuBLAS warm-up, allocator growth
+        secs = [hand_loop.train_epoch(model, optimizer, epoch, device) for _ in range(args.repeats)]
         t = statistics.median(secs)
         computed = sum(b["input_ids"].numel() for b in epoch)
         flops_6n, flops_lora = 6 * n_params * real, (4 * n_params + 6 * n_lora) * real
@@ -535,10 +468,10 @@ def bench_eval(model, rows: list[dict], args, device, n_params: int, peak: float
     score_examples(model, ds.select(range(min(len(rows), 2 * args.batch_size))), PAD, args.batch_size)  # warm-up
     secs = []
     for _ in range(args.repeats):
-        sync(device)
+        hand_loop.sync(device)
         start = time.perf_counter()
         score_examples(model, ds, PAD, batch_size=args.batch_size)
-        sync(device)
+        hand_loop.sync(device)
         secs.append(time.perf_counter() - start)
     t = statistics.median(secs)
     real = sum(len(r["input_ids"]) for r in rows)
@@ -555,10 +488,10 @@ def bench_eval(model, rows: list[dict], args, device, n_params: int, peak: float
     budget = eval_tokens_per_batch(0, model) or 2048
     secs = []
     for _ in range(args.repeats):
-        sync(device)
+        hand_loop.sync(device)
         start = time.perf_counter()
         score_examples(model, ds, PAD, batch_size=args.batch_size, tokens_per_batch=budget)
-        sync(device)
+        hand_loop.sync(device)
         secs.append(time.perf_counter() - start)
     t = statistics.median(secs)
     res["token_budget"] = {
@@ -605,10 +538,10 @@ def bench_generate(model, rows: list[dict], args, device, on_progress=None) -> d
                 warm = time.perf_counter() - warm
                 secs = []
                 for _ in range(args.repeats):
-                    sync(device)
+                    hand_loop.sync(device)
                     start = time.perf_counter()
                     model.generate(input_ids=ids, attention_mask=mask, **kw)
-                    sync(device)
+                    hand_loop.sync(device)
                     secs.append(time.perf_counter() - start)
         except Exception as exc:  # noqa: BLE001 - recorded; the other settings still run
             out[key] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
@@ -713,7 +646,7 @@ def table(res: dict) -> str:
             "| hand loop (LoRA) | tokens/s | answer tokens/s | padding efficiency | MFU 6N | MFU LoRA | speedup |",
             "|---|---|---|---|---|---|---|",
         ]
-        for s in ("padded_512", "grouped", "packed"):
+        for s in STRATEGIES:
             r = tr[s]
             lines.append(
                 f"| {s} | {r['tokens_per_s']:,.0f} | {r['answer_tokens_per_s']:,.0f} | "

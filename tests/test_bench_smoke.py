@@ -109,13 +109,13 @@ def _fake_bench_results() -> dict:
             "seconds": 60.0,
             "machine": {"cores": 2, "cpu": "cpu", "torch": "t", "torch_threads": 1, "transformers": "v"},
         },
-        "padding_efficiency": {"examples": 10, "original": 0.2, "grouped": s, "packed": s, "ours": 0.99},
+        "padding_efficiency": {"examples": 10, "padded_512": 0.2, "grouped": s, "packed": s, "ours": 0.99},
         "train": {
             "examples": 8,
             "model": "tiny",
             "packed_rows_per_batch": 2,
             "strategies": {
-                k: {"examples_per_s": s, "answer_tokens_per_s": s} for k in ("original", "grouped", "packed")
+                k: {"examples_per_s": s, "answer_tokens_per_s": s} for k in ("padded_512", "grouped", "packed")
             },
             "speedup": {"packed": s, "grouped": s},
         },
@@ -171,6 +171,57 @@ def test_bench_docs_writes_only_the_results_section(tmp_path):
         return head, rest.split("<!-- bench:end -->")[1]
 
     assert outside(after) == outside(before)
+
+    # a run's JSON from before pad-to-512 had one name (bench.py's `original`) documents the same section
+    old = _fake_bench_results()
+    old["padding_efficiency"]["original"] = old["padding_efficiency"].pop("padded_512")
+    old["train"]["strategies"]["original"] = old["train"]["strategies"].pop("padded_512")
+    results.write_text(json.dumps(old))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert md.read_text() == after
+
+
+def test_hand_loop_batches_each_example_once_and_trains_only_lora(tmp_path):
+    """bench/hand_loop.py, the loop bench.py and gpu.py both time: every strategy's epoch holds every answer token
+    once (padding carries no label), padded_512 rows are 512 wide and grouped ones as wide as their longest; one
+    epoch changes the LoRA weights and leaves the base's as they were."""
+    import random
+
+    import torch
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu
+    import hand_loop
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(12):
+        n = rng.randint(20, 200)
+        prompt = rng.randint(5, n - 5)
+        ids = [rng.randrange(3, 1000) for _ in range(n)]
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    answer = sum(hand_loop.answer_tokens(r) for r in rows)
+    per_batch = hand_loop.packed_rows_per_batch([len(r["input_ids"]) for r in rows], 4)
+    epochs = {}
+    for strategy in hand_loop.STRATEGIES:
+        groups = hand_loop.make_batches(rows, strategy, 4, rows_per_batch=per_batch, seed=0)
+        epochs[strategy] = [hand_loop.collate(g, strategy, gpu.PAD) for g in groups]
+        assert sum(int((b["labels"][:, 1:] != -100).sum()) for b in epochs[strategy]) == answer, strategy
+        if strategy != "packed":
+            widths = [max(len(r["input_ids"]) for r in g) for g in groups]
+            assert [b["input_ids"].shape[1] for b in epochs[strategy]] == (
+                [512] * len(groups) if strategy == "padded_512" else widths
+            )
+    base = gpu.build_model(gpu.TINY, torch.device("cpu"), torch.float32)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model, optimizer, n_lora = hand_loop.add_lora(base)
+    assert n_lora == sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert hand_loop.train_epoch(model, optimizer, epochs["packed"], max_grad_norm=1.0) > 0
+    assert all(not torch.equal(p, lora[n]) for n, p in model.named_parameters() if n in lora and "lora_B" in n)
+    merged = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in model.state_dict().items()}
+    assert all(torch.equal(merged[k], v) for k, v in before.items())
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="no make")

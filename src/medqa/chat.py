@@ -150,6 +150,40 @@ def example_questions(cfg: Config) -> dict[str, str]:
     return {r["question"]: r["answer"] for r in records[:N_EXAMPLES]}
 
 
+@dataclass
+class Page:
+    """The page's components that the handlers read and update, by name: a handler returns {component: new value}
+    (gradio's dict of updates), never a tuple in the order of an outputs list."""
+
+    boxes: dict  # position ("A", "B") -> the gr.Chatbot of that column
+    buttons: dict  # gr.Button -> (position, rating): one per side and rating, len(POSITIONS) x len(RATINGS)
+    names: object  # who was A and who was B, shown once a blind answer is rated
+    status: object
+    reference: object  # the doctor's answer to an example question
+    question: object
+    send: object
+    new: object
+    comment: object
+    controls: list  # the generation settings, in the order of SETTINGS
+    state: object  # each model's conversation so far: {side name: [(question, answer), ...]}
+    turn: object  # the last answered turn, what a rating records (None before the first answer)
+
+    @property
+    def outputs(self) -> list:
+        """Every component a handler may update."""
+        return [*self.boxes.values(), self.status, self.reference, self.names, self.state, self.turn, *self.buttons]
+
+    def rating_buttons(self, interactive: bool) -> dict:
+        """Every rating button on or off."""
+        return {b: _update(interactive=interactive) for b in self.buttons}
+
+    def columns(self, order: list[str], past: dict, question: str, answers: dict[str, str]) -> dict:
+        """Each column's conversation: the model shown at that position, its earlier turns and this answer."""
+        return {
+            box: _messages(past[name]) + _turn(question, answers[name]) for box, name in zip(self.boxes.values(), order)
+        }
+
+
 def chat(cfg: Config, adapter: str | Path | None = None, sides: list[Side] | None = None, show_names: bool = False):
     """The page (a gr.Blocks): question box, both answers side by side, settings, examples, ratings.
 
@@ -160,129 +194,178 @@ def chat(cfg: Config, adapter: str | Path | None = None, sides: list[Side] | Non
     sides = sides or load_sides(cfg, adapter)
     examples = example_questions(cfg)
     turns = multi_turn(sides[0].tokenizer, cfg.prompt)
-    draws = itertools.count()
-    identities = {s.name: s.identity for s in sides}
+    with gr.Blocks(title="medqa chat", analytics_enabled=False) as blocks:
+        page = _layout(gr, cfg, sides, examples, _mode(turns, show_names), show_names)
+        handlers = Handlers(cfg, sides, examples, page, show_names, turns)
+        gr.on(
+            [page.send.click, page.question.submit],
+            handlers.ask,
+            [page.question, page.state, *page.controls],
+            page.outputs,
+            concurrency_limit=1,
+        )
+        for button, (position, rating) in page.buttons.items():
+            button.click(
+                lambda t, c, p=position, r=rating: handlers.rate(p, r, t, c), [page.turn, page.comment], page.outputs
+            )
+        page.new.click(
+            handlers.new, None, [page.state, page.turn, *page.boxes.values(), page.status, page.reference, page.names]
+        )
+    return blocks
 
-    def ask(text, history, *values):
+
+def _layout(gr, cfg: Config, sides: list[Side], examples: dict[str, str], mode: str, show_names: bool) -> Page:
+    """The page's components, top to bottom, inside the caller's gr.Blocks."""
+    gr.Markdown(f"# medqa chat: base and fine-tuned side by side\n{NOTICE}", elem_id="notice")
+    gr.Markdown(
+        f"**Data licence:** {DATA_LICENCE} Examples below are from the test split of `{cfg.data.source}`.",
+        elem_id="licence",
+    )
+    gr.Markdown(mode, elem_id="mode")
+    state = gr.State({s.name: [] for s in sides})
+    turn = gr.State(None)
+    boxes, buttons = {}, {}
+    with gr.Row():
+        for position, s in zip(POSITIONS, sides):
+            boxes[position] = _column(gr, position, s, show_names, buttons)
+    names = gr.Markdown("", elem_id="names")
+    question = gr.Textbox(
+        label="Your question",
+        lines=3,
+        elem_id="question",
+        placeholder="Describe the problem as you would to a doctor on a forum.",
+    )
+    with gr.Row():
+        send = gr.Button("Ask both", variant="primary", elem_id="ask")
+        new = gr.Button("New conversation", elem_id="new")
+    status = gr.Markdown("", elem_id="status")
+    reference = gr.Markdown("", elem_id="reference")
+    comment = gr.Textbox(label="Comment on your rating (optional)", lines=1, elem_id="comment")
+    gr.Examples([[q] for q in examples], inputs=[question], label="Questions from the test split")
+    with gr.Accordion("Generation settings (the config's, as `medqa ask` uses them)", open=False):
+        controls = _settings(gr, cfg)
+    return Page(boxes, buttons, names, status, reference, question, send, new, comment, controls, state, turn)
+
+
+def _column(gr, position: str, side: Side, show_names: bool, buttons: dict):
+    """One side's column: its answers (returned) and a row of rating buttons (added to `buttons`)."""
+    slug = _slug(side.name) if show_names else position.lower()
+    with gr.Column():
+        box = gr.Chatbot(
+            label=f"{side.name}: {side.identity['label']}" if show_names else position,
+            elem_id=f"answer-{slug}",
+            height=360,
+            render_markdown=False,
+            feedback_options=None,
+            buttons=["copy"],
+        )
+        with gr.Row():
+            for rating, text in RATINGS.items():
+                button = gr.Button(text, size="sm", interactive=False, elem_id=f"rate-{slug}-{_slug(rating)}")
+                buttons[button] = (position, rating)
+    return box
+
+
+@dataclass
+class Handlers:
+    """What the page does when asked, rated or cleared; each returns (or yields) {component: new value}."""
+
+    cfg: Config
+    sides: list[Side]
+    examples: dict[str, str]  # question -> the doctor's answer
+    page: Page
+    show_names: bool
+    turns: bool  # multi-turn: each model sees its earlier turns
+    draws: Iterator[int] = dataclasses.field(default_factory=itertools.count)  # the question's number on this server
+
+    def ask(self, text: str, history: dict, *values) -> Iterator[dict]:
+        """Both answers streamed into the columns, then the turn a rating records and the rating buttons on."""
+        cfg, sides, page = self.cfg, self.sides, self.page
         try:
             question = check_question(text)
             run_cfg = with_settings(cfg, **dict(zip(SETTINGS, values)))
         except (ValueError, ConfigError) as exc:
-            yield {status: f"⚠️ {exc}"}
+            yield {page.status: f"⚠️ {exc}"}
             return
-        draw = next(draws)
-        order = [s.name for s in sides] if show_names else draw_order(cfg.seed, draw, tuple(s.name for s in sides))
-        past = history if turns else {s.name: [] for s in sides}
+        draw = next(self.draws)
+        names = tuple(s.name for s in sides)
+        order = list(names) if self.show_names else draw_order(cfg.seed, draw, names)
+        past = history if self.turns else {s.name: [] for s in sides}
         start = time.monotonic()
         answers = {s.name: "" for s in sides}
-        shown = _columns(boxes, order, past, question, answers)
-        labels = {} if show_names else {box: gr.update(value=shown[box], label=p) for p, box in boxes.items()}
-        idle = {b: gr.update(interactive=False) for b in buttons}
-        yield {**shown, **labels, **idle, status: "Answering…", reference: "", names: ""}
+        shown = page.columns(order, past, question, answers)
+        labels = {} if self.show_names else {b: _update(value=shown[b], label=p) for p, b in page.boxes.items()}
+        yield {
+            **shown,
+            **labels,
+            **page.rating_buttons(False),
+            page.status: "Answering…",
+            page.reference: "",
+            page.names: "",
+        }
         try:
             for answers in stream_both(sides, run_cfg, question, past):
-                yield _columns(boxes, order, past, question, answers)
+                yield page.columns(order, past, question, answers)
         except Exception as exc:  # noqa: BLE001 - said in the page; the server goes on serving
             log.exception("generation failed")
-            yield {status: f"⚠️ Generation failed: {exc}", reference: ""}
+            yield {page.status: f"⚠️ Generation failed: {exc}", page.reference: ""}
             return
-        answer = examples.get(question)
-        changed = [k for k, v in dataclasses.asdict(run_cfg.generate).items() if getattr(cfg.generate, k) != v]
+        answer = self.examples.get(question)
         yield {
-            **_columns(boxes, order, past, question, {k: v or "(no answer)" for k, v in answers.items()}),
-            status: f"Both answered in {time.monotonic() - start:.1f} s. Rate an answer below it.",
-            reference: f"**The doctor's answer** (test split):\n\n{answer}" if answer else "",
-            state: {s.name: past[s.name] + [(question, answers[s.name])] for s in sides},
-            turn: {
-                "question": question,
-                "history": {s.name: past[s.name] for s in sides},
-                "answers": answers,
-                "settings": dataclasses.asdict(run_cfg.generate),
-                "settings_changed": changed,
-                "reference": answer,
-                "blind": not show_names,
-                "order": dict(zip(POSITIONS, order)),
-                "order_seed": cfg.seed,
-                "order_draw": draw,
-            },
-            **{b: gr.update(interactive=True) for b in buttons},
+            **page.columns(order, past, question, {k: v or "(no answer)" for k, v in answers.items()}),
+            page.status: f"Both answered in {time.monotonic() - start:.1f} s. Rate an answer below it.",
+            page.reference: f"**The doctor's answer** (test split):\n\n{answer}" if answer else "",
+            page.state: {s.name: past[s.name] + [(question, answers[s.name])] for s in sides},
+            page.turn: self._record(question, past, answers, run_cfg, answer, order, draw),
+            **page.rating_buttons(True),
         }
 
-    def rate(side, rating, shown, comment):
+    def _record(self, question, past, answers, run_cfg: Config, answer, order, draw) -> dict:
+        """The answered turn as a rating records it (`medqa.ratings.Rating`)."""
+        settings = dataclasses.asdict(run_cfg.generate)
+        return {
+            "question": question,
+            "history": {s.name: past[s.name] for s in self.sides},
+            "answers": answers,
+            "settings": settings,
+            "settings_changed": [k for k, v in settings.items() if getattr(self.cfg.generate, k) != v],
+            "reference": answer,
+            "blind": not self.show_names,
+            "order": dict(zip(POSITIONS, order)),
+            "order_seed": self.cfg.seed,
+            "order_draw": draw,
+        }
+
+    def rate(self, side: str, rating: str, shown: dict | None, comment: str) -> dict:
+        """The rating of the answer at `side` appended to feedback.jsonl; on a blind page, the names shown."""
+        page, identities = self.page, {s.name: s.identity for s in self.sides}
         if not shown:
-            return {status: "⚠️ Ask a question first; then rate an answer."}
+            return {page.status: "⚠️ Ask a question first; then rate an answer."}
         entry = Rating(shown, side, rating, comment).entry(identities)
-        path = record_feedback(cfg, entry)
-        said = f"Saved your rating of {side} ({entry['rated']}: {rating}) to {workdir_relative(cfg, path)}. Thank you."
-        if show_names:
-            return {status: said}
+        path = record_feedback(self.cfg, entry)
+        saved = workdir_relative(self.cfg, path)
+        said = f"Saved your rating of {side} ({entry['rated']}: {rating}) to {saved}. Thank you."
+        if self.show_names:
+            return {page.status: said}
         order = shown["order"]
         return {
-            status: said,
-            names: " · ".join(f"**{p}** was {order[p]}: {identities[order[p]]['label']}" for p in POSITIONS),
-            **{box: gr.update(label=f"{p}: {order[p]} ({identities[order[p]]['label']})") for p, box in boxes.items()},
-            **{b: gr.update(interactive=False) for b in buttons},  # one blind rating per question
+            page.status: said,
+            page.names: " · ".join(f"**{p}** was {order[p]}: {identities[order[p]]['label']}" for p in POSITIONS),
+            **{b: _update(label=f"{p}: {order[p]} ({identities[order[p]]['label']})") for p, b in page.boxes.items()},
+            **page.rating_buttons(False),  # one blind rating per question
         }
 
-    with gr.Blocks(title="medqa chat", analytics_enabled=False) as page:
-        gr.Markdown(f"# medqa chat: base and fine-tuned side by side\n{NOTICE}", elem_id="notice")
-        gr.Markdown(
-            f"**Data licence:** {DATA_LICENCE} Examples below are from the test split of `{cfg.data.source}`.",
-            elem_id="licence",
-        )
-        gr.Markdown(_mode(turns, show_names), elem_id="mode")
-        state = gr.State({s.name: [] for s in sides})
-        turn = gr.State(None)
-        boxes, buttons = {}, {}
-        with gr.Row():
-            for position, s in zip(POSITIONS, sides):
-                slug = _slug(s.name) if show_names else position.lower()
-                with gr.Column():
-                    boxes[position] = gr.Chatbot(
-                        label=f"{s.name}: {s.identity['label']}" if show_names else position,
-                        elem_id=f"answer-{slug}",
-                        height=360,
-                        render_markdown=False,
-                        feedback_options=None,
-                        buttons=["copy"],
-                    )
-                    with gr.Row():
-                        for rating, text in RATINGS.items():
-                            button = gr.Button(
-                                text, size="sm", interactive=False, elem_id=f"rate-{slug}-{_slug(rating)}"
-                            )
-                            buttons[button] = (position, rating)
-        names = gr.Markdown("", elem_id="names")
-        question = gr.Textbox(
-            label="Your question",
-            lines=3,
-            elem_id="question",
-            placeholder="Describe the problem as you would to a doctor on a forum.",
-        )
-        with gr.Row():
-            send = gr.Button("Ask both", variant="primary", elem_id="ask")
-            new = gr.Button("New conversation", elem_id="new")
-        status = gr.Markdown("", elem_id="status")
-        reference = gr.Markdown("", elem_id="reference")
-        comment = gr.Textbox(label="Comment on your rating (optional)", lines=1, elem_id="comment")
-        gr.Examples([[q] for q in examples], inputs=[question], label="Questions from the test split")
-        with gr.Accordion("Generation settings (the config's, as `medqa ask` uses them)", open=False):
-            controls = _settings(gr, cfg)
-        outputs = [*boxes.values(), status, reference, names, state, turn, *buttons]
-        gr.on([send.click, question.submit], ask, [question, state, *controls], outputs, concurrency_limit=1)
-        for button, (position, rating) in buttons.items():
-            button.click(lambda t, c, p=position, r=rating: rate(p, r, t, c), [turn, comment], outputs)
-        new.click(
-            lambda: ({s.name: [] for s in sides}, None, *[[] for _ in sides], "", "", ""),
-            None,
-            [state, turn, *boxes.values(), status, reference, names],
-        )
-    return page
-
-
-def _columns(boxes: dict, order: list[str], past: dict, question: str, answers: dict[str, str]) -> dict:
-    """Each column's conversation: the model shown at that position, its earlier turns and this answer."""
-    return {box: _messages(past[name]) + _turn(question, answers[name]) for box, name in zip(boxes.values(), order)}
+    def new(self) -> dict:
+        """A new conversation: no earlier turns, nothing to rate, empty columns and messages."""
+        page = self.page
+        return {
+            page.state: {s.name: [] for s in self.sides},
+            page.turn: None,
+            **{box: [] for box in page.boxes.values()},
+            page.status: "",
+            page.reference: "",
+            page.names: "",
+        }
 
 
 def _mode(turns: bool, show_names: bool) -> str:
@@ -365,6 +448,11 @@ def _gradio():
             "medqa chat needs Gradio, the `chat` extra: pip install -e '.[chat]' (make setup installs it)."
         ) from None
     return gradio
+
+
+def _update(**props) -> dict:
+    """gr.update(**props): new properties of a component (gradio is imported by the time a handler runs)."""
+    return _gradio().update(**props)
 
 
 def _turn(question: str, answer: str) -> list[dict]:
