@@ -86,7 +86,7 @@ def test_the_contract_names_a_writer_and_readers_for_each_artifact():
 
 
 def test_each_stage_reads_as_its_steps():
-    """A stage's entry function names its steps (STYLE.md: torchtune's recipe); the steps hold the work. tune is not
+    """A stage's entry function names its steps (the shape of a torchtune recipe); the steps hold the work. tune is not
     there yet."""
     import importlib
     import inspect
