@@ -122,7 +122,7 @@ def test_a_failure_while_writing_report_md_leaves_the_previous_pair(tmp_path, mo
         return real_replace(src, dst)
 
     with monkeypatch.context() as m:
-        m.setattr(rp.os, "replace", fail_on_md)
+        m.setattr(os, "replace", fail_on_md)
         with pytest.raises(OSError, match="interrupted"):
             rp.write_report(json_path, md_path, _small_report("new"), 1)
     assert (json_path.read_bytes(), md_path.read_bytes()) == before  # report.json, already replaced, put back

@@ -65,3 +65,36 @@ def _name(exc: BaseException, target: Path, outer: bool = False) -> None:
 
 def write_json(path: str | Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+
+
+def replace_together(texts: dict[Path, str]) -> None:
+    """Write each file through a temporary sibling, then rename them all into place; on any error the files already
+    replaced get their previous version back (or are removed when there was none)."""
+    tag = f"tmp-{os.getpid()}"
+    temps = {path: path.parent / f".{path.name}.{tag}" for path in texts}
+    olds = {path: path.parent / f".{path.name}.old-{os.getpid()}" for path in texts}
+    replaced: list[Path] = []
+    for old in olds.values():  # left by a crash of this process id
+        old.unlink(missing_ok=True)
+    try:
+        for path, text in texts.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temps[path].write_text(text, encoding="utf-8")
+        for path in texts:
+            if path.exists():
+                shutil.copyfile(path, olds[path])  # the previous version, kept until every file is in place
+            os.replace(temps[path], path)  # atomic: on failure `path` is still the previous version
+            replaced.append(path)
+    except BaseException as exc:
+        for path in replaced:
+            if olds[path].exists():
+                os.replace(olds[path], path)
+            else:
+                path.unlink(missing_ok=True)
+        for temp in temps.values():
+            temp.unlink(missing_ok=True)
+        _name(exc, next(iter(texts)))
+        raise
+    finally:
+        for old in olds.values():
+            old.unlink(missing_ok=True)

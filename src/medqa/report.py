@@ -13,15 +13,13 @@ The search's trial rows (`TrialRow`, report.json's `search.trials`) hold every p
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any, TypedDict
 
 import pandas as pd
 
 from medqa import schema
-from medqa.artifacts import _name
+from medqa.artifacts import replace_together
 from medqa.report_markdown import render_markdown
 
 # ------------------------------------------------------------------------------------------------- shape
@@ -131,48 +129,12 @@ def write_report(report_json: Path, report_md: Path, report: Report, n_samples: 
         Path(report_json): json.dumps(report, indent=2, ensure_ascii=False) + "\n",
         Path(report_md): render_markdown(report, n_samples),
     }
-    _replace_together(texts)
+    replace_together(texts)
 
 
 def read_report(path: Path) -> Report:
     """report.json as `write_report` wrote it."""
     return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
-def _replace_together(texts: dict[Path, str]) -> None:
-    """Write each file through a temporary sibling, then rename them all into place; on any error the files already
-    replaced get their previous version back (or are removed when there was none)."""
-    tag = f"tmp-{os.getpid()}"
-    temps = {path: path.parent / f".{path.name}.{tag}" for path in texts}
-    olds = {path: path.parent / f".{path.name}.old-{os.getpid()}" for path in texts}
-    replaced: list[Path] = []
-    for old in olds.values():  # left by a crash of this process id
-        old.unlink(missing_ok=True)
-    try:
-        for path, text in texts.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temps[path].write_text(text, encoding="utf-8")
-        for path in texts:
-            if path.exists():
-                shutil.copyfile(path, olds[path])  # the previous version, kept until every file is in place
-            os.replace(temps[path], path)  # atomic: on failure `path` is still the previous version
-            replaced.append(path)
-    except BaseException as exc:
-        for path in replaced:
-            if olds[path].exists():
-                os.replace(olds[path], path)
-            else:
-                path.unlink(missing_ok=True)
-        for temp in temps.values():
-            temp.unlink(missing_ok=True)
-        _name(exc, next(iter(texts)))
-        raise
-    finally:
-        for old in olds.values():
-            old.unlink(missing_ok=True)
-
-
-# ------------------------------------------------------------------------------------------------- frames
 
 
 def final_comparison_frame(report: Report) -> pd.DataFrame:

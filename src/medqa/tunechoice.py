@@ -113,12 +113,13 @@ def summarize(cfg: Config, grid, experiment: Path) -> TuneResult:
     table["eligible"] = pick.eligible
     table["chosen"] = table["trial"] == pick.source.name
     table = table.sort_values(["chosen", "best_val_objective"], ascending=[False, True], na_position="last")
+    best = _best_record(table, pick)
+    # outputs/best first: a write refused there leaves the search's previous results.csv and plots as they were
+    save_best(cfg, experiment, pick.source, best, pick.front, pick.choice, tokenizer)
     write_text_atomic(experiment / "results.csv", table.to_csv(index=False))
     plot_search(table, curves, experiment)
     if "knowledge_change" in table and "gain" in table:
         plot_tradeoff(table.to_dict("records"), Rule.of(cfg).drop_limit, experiment / "tradeoff.png")
-    best = _best_record(table, pick)
-    save_best(cfg, experiment, pick.source, best, pick.front, pick.choice, tokenizer)
     return TuneResult(experiment, table, paths(cfg).best, best)
 
 
