@@ -4,13 +4,15 @@
 # %% [markdown]
 # # 4. Ray Tune search and the final test evaluation
 #
-# Ray Tune searches the learning rate and weight decay (and, when the config says so, LoRA rank, alpha, dropout
-# and targets); every trial runs notebook 3's `train()`, and one rule (`tune.objective`) picks each trial's
-# checkpoint, prunes trials through ASHA and chooses the best one: the lowest val `answer_loss`, optionally only
-# among adapters that kept their PubMedQA dev accuracy within `tune.max_knowledge_drop` of the base model. The
-# base, fine-tuned and best-trial models are then compared on the held-out test split (bootstrap intervals,
-# paired p-values, ROUGE and BLEU, PubMedQA through lm-evaluation-harness), per source when the data mixes
-# several, and the page at the end lets you ask them your own questions. Command line: `medqa tune`, `medqa
+# Ray Tune searches the learning rate and weight decay (and, when the config says so, LoRA rank, alpha, dropout,
+# targets and steps); every trial runs notebook 3's `train()`, and one rule (`tune.objective`) picks each trial's
+# checkpoint, prunes trials through ASHA and chooses: the lowest val `answer_loss`, optionally only among adapters
+# that kept their knowledge (the abstract loss on PubMedQA dev abstracts, or PubMedQA dev accuracy) within a limit
+# of the base model's. Then the frontier scales every kept adapter back after training (alpha x its LoRA update:
+# 0 is the base model, 1 the adapter as trained) and the rule chooses from the whole trade-off front. The base,
+# fine-tuned and chosen models are then compared on the held-out test split (bootstrap intervals, paired
+# p-values, ROUGE and BLEU, PubMedQA and the abstract loss), per source when the data mixes several, and the page
+# at the end lets you ask them your own questions. Command line: `medqa tune`, `medqa
 # benchmark`, then `medqa evaluate`, each with `--config configs/demo.yaml`.
 #
 # Needs `tokenized/` (notebook 1). On a cluster, set `RAY_ADDRESS` (or `tune.address`).
@@ -44,7 +46,8 @@ if "google.colab" in sys.modules:
 CONFIG = "configs/demo.yaml"  # configs/biogpt.yaml for the real model and the full dataset
 OVERRIDES: list[str] = []  # e.g. ["data.source=path/to/HealthCareMagic-100k.json", "workdir=outputs/run2"]
 SMOKE = False  # True: a quick run on a few records
-SEARCH = ["tune.num_samples=2"]  # a short search: each trial is a training run; [] = the config's tune section
+SEARCH: list[str] = []  # [] = the config's tune section; e.g. ["tune.num_samples=2"] for a shorter search
+REUSE_SEARCH = False  # True: read the search `medqa tune` already ran on this config instead of running it
 
 # %%
 import pandas as pd
@@ -71,9 +74,9 @@ pd.DataFrame(search_space_table(search_space(cfg))).set_index("parameter")
 # ## The search
 
 # %%
-from medqa.tune import tune
+from medqa.tune import load_search, tune
 
-search = tune(cfg)
+search = load_search(cfg) if REUSE_SEARCH else tune(cfg)
 
 # %% [markdown]
 # ## Trials, best first
@@ -102,12 +105,39 @@ display(Image(search.experiment_dir / "search.png"), Image(search.experiment_dir
 import json
 
 best = json.loads((search.best_dir / "trial.json").read_text())
-print(best["selection"]["message"])
 tradeoff = search.experiment_dir / "tradeoff.png"
 display(Image(tradeoff)) if tradeoff.exists() else print("No knowledge scores: set scoring.knowledge_questions.")
-pd.Series({k: v for k, v in best.items() if k not in ("config", "selection", "path", "experiment")}).to_frame(
-    "best trial"
-)
+
+# %% [markdown]
+# ## The trade-off front: every kept adapter, scaled back after training
+#
+# Each line is one kept adapter (the plain fine-tune of notebook 3 and each trial's checkpoint) at every scale
+# alpha of its LoRA update (0 is the base model, 1 the adapter as trained; exact for LoRA): val answer perplexity
+# change against the base model (left is better) and the knowledge measure's change on the PubMedQA dev questions
+# (down is better). The dashed line is the Pareto front (no point is better on both), the green box the target,
+# the star the point the rule chose; it is saved already scaled to `outputs/best/`, so every later stage uses it
+# as is.
+
+# %%
+from medqa.frontier import front_table
+
+print(best["selection"]["message"])
+if best.get("frontier"):
+    display(Image(search.best_dir.parent / "frontier" / "frontier.png"))
+    front = front_table(best)
+else:
+    front = "No frontier: tune.frontier_alphas is empty (the best trial as trained)."
+front  # noqa: B018 (the cell's value is its output)
+
+# %% [markdown]
+# The chosen point on all the PubMedQA dev questions (the in-training evaluations and the front answered a
+# subset), beside the base model, the majority-answer baseline and the answer shares: at this size accuracy sits
+# near the always-"yes" share, so read it beside them.
+
+# %%
+from medqa.frontier import final_table
+
+final_table(best)
 
 # %% [markdown]
 # ## Standard benchmarks through lm-evaluation-harness
