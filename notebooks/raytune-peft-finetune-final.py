@@ -148,50 +148,27 @@ final_table(best)
 
 # %%
 from medqa.benchmark import benchmark
+from medqa.report import benchmark_frame
 
 bench = benchmark(cfg) if cfg.evaluate.benchmarks else None
-pd.DataFrame(
-    [
-        {
-            "task": t,
-            "metric": k,
-            "model": name,
-            "score": s["value"],
-            "stderr": s["stderr"],
-            "Δ vs base": m.get("vs_base", {}).get(t, {}).get(k, {}).get("delta"),
-            "p (lost)": m.get("vs_base", {}).get(t, {}).get(k, {}).get("p_lost"),
-        }
-        for name, m in bench.summary["models"].items()
-        for t, metrics in m["tasks"].items()
-        for k, s in metrics.items()
-    ]
-) if bench else "No benchmarks: set evaluate.benchmarks, e.g. [pubmedqa_local]."
+benchmark_frame(bench.summary) if bench else "No benchmarks: set evaluate.benchmarks, e.g. [pubmedqa_local]."
 
 # %% [markdown]
 # ## Final comparison on the test split
 
 # %%
 from medqa.evaluate import evaluate
+from medqa.report import final_comparison_frame
 
 final = evaluate(cfg)
-rows = {
-    name: {
-        "answer_loss": m["test"]["answer_loss"],
-        "answer_perplexity": m["test"]["answer_perplexity"],
-        "95% CI": m["test"]["answer_perplexity_ci95"],
-        "p vs base": m.get("vs_base", {}).get("p_value"),
-        **{k: m["generation"][k] for k in ("rouge1", "rouge2", "rougeL", "bleu", "repetitive_share")},
-    }
-    for name, m in final.report["models"].items()
-}
-pd.DataFrame(rows).T  # noqa: B018 (the cell's value is its output)
+final_comparison_frame(final.report)
 
 # %% [markdown]
 # Per source, when the data mixes several (`data.sources`): each source's test examples scored alone, with the
 # paired change against the base model within that source.
 
 # %%
-from medqa.analysis import by_source_frame
+from medqa.report import by_source_frame
 
 per_source = by_source_frame(final.report)
 per_source if per_source is not None else print("One source: the table above is its figure.")
@@ -204,7 +181,7 @@ per_source if per_source is not None else print("One source: the table above is 
 # loss but loses PubMedQA accuracy has traded knowledge for style.
 
 # %%
-from medqa.analysis import knowledge_frame
+from medqa.report import knowledge_frame
 
 kept = knowledge_frame(final.report)
 kept if kept is not None else print("No PubMedQA score: set evaluate.benchmarks or evaluate.pubmedqa_questions.")

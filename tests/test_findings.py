@@ -126,7 +126,7 @@ def test_search_space_table_reads_ray_domains():
 
 
 def test_knowledge_frame_reads_lm_eval_or_medqa_and_is_none_without_either():
-    from medqa.analysis import knowledge_frame
+    from medqa.report import knowledge_frame
 
     report = _report(3.30)
     frame = knowledge_frame(report)

@@ -171,7 +171,7 @@ def test_evaluate_reports_per_source_with_the_paired_change(mixed, tmp_path):
     md = Path(cfg.workdir, "outputs", "report.md").read_text()
     assert "## Per source (test split)" in md and "| fine-tuned | clinic |" in md
     # notebook 4's table: the report's per-source figures, the base model without a paired change
-    from medqa.analysis import by_source_frame
+    from medqa.report import by_source_frame
 
     frame = by_source_frame(report)
     row = frame.loc[("clinic", "fine-tuned")]

@@ -158,23 +158,34 @@ def test_search_rows_hold_every_searched_parameter_and_no_plot_is_drawn(tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
-def test_final_comparison_frame_is_notebook_4s_table():
-    """The table notebook 4 builds inline in its cell "Final comparison on the test split", from the report alone."""
-    import pandas as pd
-
+def test_notebook_4s_frames_show_the_report_and_the_benchmark_summary():
+    """Notebook 4's final comparison and lm-eval tables: one row per model (per task, metric and model), each cell
+    the report's value at its key path, the base model's comparison cells empty."""
     report = _small_report()
     report["models"]["fine-tuned"] = {**report["models"]["base"], "vs_base": {"p_value": 0.01}}
-    inline = {
-        name: {
-            "answer_loss": m["test"]["answer_loss"],
-            "answer_perplexity": m["test"]["answer_perplexity"],
-            "95% CI": m["test"]["answer_perplexity_ci95"],
-            "p vs base": m.get("vs_base", {}).get("p_value"),
-            **{k: m["generation"][k] for k in ("rouge1", "rouge2", "rougeL", "bleu", "repetitive_share")},
+    final = rp.final_comparison_frame(report)
+    assert list(final.index) == ["base", "fine-tuned"]
+    assert final.loc["fine-tuned", "answer_perplexity"] == 7.39 and final.loc["fine-tuned", "p vs base"] == 0.01
+    assert final.loc["base", "95% CI"] == [7.0, 7.8] and final.loc["base", "p vs base"] is None
+    assert list(final.columns[-5:]) == ["rouge1", "rouge2", "rougeL", "bleu", "repetitive_share"]
+
+    acc = {"acc": {"value": 0.5, "stderr": 0.05}}
+    summary = {
+        "models": {
+            "base": {"tasks": {"pubmedqa_local": acc}},
+            "tuned": {
+                "tasks": {"pubmedqa_local": {"acc": {"value": 0.4, "stderr": 0.04}}},
+                "vs_base": {"pubmedqa_local": {"acc": {"delta": -0.1, "p_lost": 0.02}}},
+            },
         }
-        for name, m in report["models"].items()
     }
-    pd.testing.assert_frame_equal(rp.final_comparison_frame(report), pd.DataFrame(inline).T)
+    bench = rp.benchmark_frame(summary).astype(object).where(lambda f: f.notna(), None)
+    assert bench.to_dict("records") == [
+        {"task": "pubmedqa_local", "metric": "acc", "model": "base", "score": 0.5, "stderr": 0.05,
+         "Δ vs base": None, "p (lost)": None},
+        {"task": "pubmedqa_local", "metric": "acc", "model": "tuned", "score": 0.4, "stderr": 0.04,
+         "Δ vs base": -0.1, "p (lost)": 0.02},
+    ]  # fmt: skip
 
 
 # report.json's key paths on that run (no search, benchmark, external set or sources: their sections are None).

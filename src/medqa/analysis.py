@@ -8,7 +8,6 @@ import re
 import pandas as pd
 
 from medqa.prompts import IGNORE_INDEX
-from medqa.report import by_source_frame, knowledge_frame  # noqa: F401  (notebook 4 imports them from here)
 from medqa.schema import Config
 from medqa.sources import read_records
 from medqa.workdir import SPLITS, load_records, load_split, paths, read_metrics

@@ -2,7 +2,8 @@
 
 `medqa evaluate` builds a `Report` and hands it to `write_report`, which renders report.md from it
 (`medqa.report_markdown`, every section a view of the report alone) and replaces both files together. Everything else
-reads: notebook 4's frames (`final_comparison_frame`, `by_source_frame`, `knowledge_frame`), the findings
+reads: notebook 4's frames (`final_comparison_frame`, `by_source_frame`, `knowledge_frame`, and
+`benchmark_frame` of `medqa benchmark`'s summary, report.json's `benchmarks`), the findings
 (`lm_eval_accuracy`), the markdown sections and the lm-eval table (`report_markdown.benchmark_rows`, also what
 `medqa benchmark` prints). Nothing here scores a model or draws a plot.
 
@@ -216,6 +217,29 @@ def _pubmedqa_cells(p: dict) -> dict[str, Any]:
         "Δ abstract loss": vs.get("abstract_change"),
         "Δ abstract 95% CI": vs.get("abstract_change_ci95"),
     }
+
+
+def benchmark_frame(summary: dict) -> pd.DataFrame:
+    """`medqa benchmark`'s summary (report.json's `benchmarks`) as notebook 4 shows it: one row per task, metric
+    and model with its score, stderr and, against the base model, the change and the one-sided p that it was
+    lost."""
+    rows = []
+    for name, m in summary["models"].items():
+        for task, metrics in m["tasks"].items():
+            for metric, score in metrics.items():
+                vs = ((m.get("vs_base") or {}).get(task) or {}).get(metric) or {}
+                rows.append(
+                    {
+                        "task": task,
+                        "metric": metric,
+                        "model": name,
+                        "score": score["value"],
+                        "stderr": score["stderr"],
+                        "Δ vs base": vs.get("delta"),
+                        "p (lost)": vs.get("p_lost"),
+                    }
+                )
+    return pd.DataFrame(rows)
 
 
 def lm_eval_accuracy(report: Report, name: str) -> dict | None:
