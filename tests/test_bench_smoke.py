@@ -14,7 +14,9 @@ import pytest
 from conftest import REPO
 
 
+@pytest.mark.slow
 def test_gpu_bench_runs_tiny_on_cpu(tmp_path):
+    """Slow (bench/gpu.py end to end in a subprocess): the only run of the GPU benchmark's own script."""
     out = tmp_path / "gpu.json"
     proc = subprocess.run(
         [
@@ -76,7 +78,8 @@ def test_gpu_check_script_parses_and_states_its_limits():
 @pytest.mark.slow
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     """Every step of the GPU check, in order, on CPU with the tiny model: each ends with status 0, and the
-    headline's JSON and the CLI run's metrics.jsonl come back under $OUT. Minutes on 2 shared cores."""
+    headline's JSON and the CLI run's metrics.jsonl come back under $OUT. Slow (minutes on 2 shared cores): the only
+    run of bench/gpu_check.sh itself."""
     out = tmp_path / "out"
     env = {
         **os.environ,

@@ -175,8 +175,12 @@ def test_resume_with_another_process_count_is_refused(prepared, tmp_path):
     check_process_count(fixed, {"processes": 2})  # a fixed optimizer step: any count may continue it
 
 
+@pytest.mark.slow
 def test_killed_two_process_run_resumes(prepared, one_process, tmp_path):
-    """torchrun and both ranks are killed (SIGKILL, as a lost machine) after the first checkpoint; the same
+    """Slow (torchrun killed and started again): the only test of resuming a run of two processes; the fast set
+    resumes one process (tests/test_crash_resume_and_stale_inputs.py) and runs two (test_two_processes_...).
+
+    torchrun and both ranks are killed (SIGKILL, as a lost machine) after the first checkpoint; the same
     command with train.resume=true continues from the newest complete checkpoint to the uninterrupted result."""
     workdir = copy_workdir(prepared, tmp_path / "cut")
     log = tmp_path / "torchrun.log"
@@ -397,8 +401,11 @@ def ray_head(tmp_path_factory):
         assert not _session_processes(head.pid), "Ray head processes left running"
 
 
+@pytest.mark.slow
 def test_tune_joins_a_ray_cluster_and_restores_there(prepared, ray_head, tmp_path):
-    """`medqa tune` joins the head by tune.address and runs its trials there; it is killed once the first trial has
+    """Slow (a Ray head started and a search killed on it): the only test of a search on a running cluster.
+
+    `medqa tune` joins the head by tune.address and runs its trials there; it is killed once the first trial has
     finished; the same search with tune.resume=true joins by RAY_ADDRESS, `Tuner.restore`s the experiment against
     the cluster and runs only the unfinished trial. Results land in workdir/outputs/ray_* as without a cluster."""
     from test_tune_evaluate import _ray_state

@@ -268,8 +268,12 @@ def test_chunked_loss_equals_whole(prepared):
         )
 
 
+@pytest.mark.slow
 def test_compiled_and_eager_training_losses_agree(prepared, tmp_path):
-    """torch.compile (inductor, on CPU here) trains to the same losses as eager, step by step."""
+    """torch.compile (inductor, on CPU here) trains to the same losses as eager, step by step.
+
+    Slow (inductor compiles the step on CPU): the only test of a compiled run's losses; the fast set checks the
+    compiled step's graph (tests/test_gpu_path.py)."""
     from medqa.train import train
 
     histories = {}

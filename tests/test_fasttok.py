@@ -77,7 +77,10 @@ def test_identical_ids_on_every_shipped_real_record(tokenizers):
     _same(*tokenizers, texts)
 
 
+@pytest.mark.slow
 def test_identical_ids_on_every_synthetic_record(tokenizers, synthetic_5k):
+    """Slow (5,452 records through both tokenizers): the only check on the whole synthetic set; the fast set
+    compares the shipped sample and adversarial text."""
     _same(*tokenizers, _texts(synthetic_5k))
 
 

@@ -479,7 +479,8 @@ def _wait_for(pattern: str, root: Path, proc: subprocess.Popen, log: Path, timeo
 def test_sigterm_to_a_training_process_exits_143_and_resumes(work, tmp_path):
     """A real SIGTERM to `medqa train` in its own process (as kill, systemd or SLURM send it), which the in-process
     test above only imitates with os.kill from inside the Trainer: the process exits 143 with one line saying how to
-    resume, no traceback, and `train.resume=true` finishes the run. Before issue 34: killed at once, exit -15."""
+    resume, no traceback, and `train.resume=true` finishes the run. Before issue 34: killed at once, exit -15.
+    Slow: a real process and a real signal."""
     log = tmp_path / "train.log"
     shutil.rmtree(work / "outputs" / "finetune_checkpoints")  # the fixture's: wait for this run's own checkpoint
     proc = _cli(work, "train", "train.max_steps=200", log=log)
@@ -504,7 +505,7 @@ def test_sigterm_to_a_search_stops_it_through_ray_and_resumes(work, tmp_path):
     """A real SIGTERM to `medqa tune` while its trials run: Ray Tune stops the trials and keeps the experiment
     state (Tune's own Ctrl-C path), the process exits 143 naming `tune.resume=true`, with no Python traceback and
     no native stack dump; then `tune.resume=true` finishes the search. Before issue 34: Ray's driver SIGTERM handler
-    ended it with a native stack dump (exit 134). Needs Ray and about two minutes of 2 CPU cores."""
+    ended it with a native stack dump (exit 134). Slow: needs Ray and about two minutes of 2 CPU cores."""
     log = tmp_path / "tune.log"
     steps = ["train.max_steps=60", "tune.num_samples=2", "tune.max_concurrent=1"]
     proc = _cli(work, "tune", *steps, log=log)
@@ -561,7 +562,7 @@ def test_a_really_full_disk_is_one_paragraph_and_a_rerun_after_freeing_space_suc
     request, small_disk, tmp_path, fixture, stage, artifact, leave
 ):
     """The disk really full (a small tmpfs filled up; `leave` bytes free so that export's lock record still fits and
-    its merged model does not), in a `medqa` process of its own. What no patched test checks: the OS's own ENOSPC as
+    its merged model does not), in a `medqa` process of its own. Slow; what no patched test checks: the OS's own ENOSPC as
     the writing library raises it (safetensors and torch wrap it in their own error), and the temporary files removed
     on a disk with no room left. Exit 2, one paragraph naming the artifact, no traceback, the earlier artifacts
     byte-identical; once space is freed, the same command succeeds."""

@@ -407,8 +407,11 @@ def test_finetuning_notebook_runs(tmp_path):
     assert images >= 1
 
 
+@pytest.mark.slow
 @pytest.mark.notebook
 def test_raytune_final_notebook_runs(tmp_path):
+    """Slow (a search inside a kernel): the only run of notebook 4 top to bottom (smoke mode); its functions are
+    tested fast on their own (tests/test_tune_evaluate.py, test_frontier.py, test_report.py)."""
     from conftest import demo_config
 
     from medqa.prepare import prepare

@@ -45,7 +45,9 @@ def smoke(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_both_sides_train_and_the_json_has_every_field(smoke):
+    """Slow (bench/peer.py trains both sides in a subprocess): the only run of the peer benchmark."""
     assert [r["side"] for r in smoke["runs"]] == ["medqa", "trl", "medqa_all_logits"]
     for run in smoke["runs"]:
         assert set(peer.RUN_FIELDS) <= set(run), run["side"]
@@ -73,7 +75,10 @@ def test_both_sides_train_and_the_json_has_every_field(smoke):
     assert smoke["aligned"]["steps"] == 2 and smoke["aligned"]["lora"]["r"] == 8
 
 
+@pytest.mark.slow
 def test_documents_are_written_between_the_markers_only(smoke, tmp_path):
+    """Slow (needs the peer benchmark's JSON): the only test of peer.py's --from-json writing BENCHMARKS.md and
+    README.md."""
     results = tmp_path / "peer.json"
     results.write_text(json.dumps(smoke))
     bench, readme = tmp_path / "BENCHMARKS.md", tmp_path / "README.md"

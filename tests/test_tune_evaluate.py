@@ -129,7 +129,10 @@ def test_best_adapter_reloads_and_scores_as_reported(searched):
     assert m["answer_loss"] == pytest.approx(result.best["best_val_answer_loss"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_crashing_trial_is_retried_and_reported(prepared, tmp_path, monkeypatch):
+    """Slow (a search with a trial that crashes): the only test that Ray retries a crashing trial
+    (tune.max_failures) and that the report counts its attempts."""
     from medqa.tune import FAIL_ENV, tune
 
     monkeypatch.setenv(FAIL_ENV, "1")
@@ -152,10 +155,15 @@ def _ray_state(workdir) -> str:
     return text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
 def test_interrupted_search_resumes_without_rerunning(prepared, tmp_path, sig):
     """`medqa tune` is stopped with Ctrl-C (SIGINT) or killed (SIGKILL) once its first trial has finished;
-    tune.resume=true then restores the experiment, runs only the unfinished trial, and ends with both."""
+    tune.resume=true then restores the experiment, runs only the unfinished trial, and ends with both.
+
+    Slow (a real search stopped mid-way, twice): the only test that a search stopped by a signal restores and runs
+    just its unfinished trial; the fast set restores a finished search
+    (test_a_finished_search_is_chosen_from_again_under_another_rule)."""
     import os
     import signal
     import subprocess
