@@ -86,6 +86,36 @@ def prepare_demo(workdir: Path, *overrides: str) -> Path:
     return workdir
 
 
+# The shared trained adapter's settings: a few steps, no knowledge scoring; later stages may add their own.
+TRAINED = [
+    "train.max_steps=4",
+    "train.eval_steps=2",
+    "train.logging_steps=2",
+    "scoring.bootstrap_samples=20",
+    "scoring.knowledge_questions=0",
+    "train.report_to=[]",
+]
+
+
+@pytest.fixture(scope="session")
+def trained_demo(tmp_path_factory) -> Path:
+    """One workdir where prepare, baseline and a short training (TRAINED) have run, shared by the modules that
+    need an adapter but not a training of their own: take a copy (`copy_trained`) before writing into it."""
+    from medqa.train import train
+
+    work = prepare_demo(tmp_path_factory.mktemp("trained"), *TRAINED)
+    train(demo_config(work, *TRAINED))
+    return work
+
+
+def copy_trained(src: Path, dst: Path) -> Path:
+    """A copy of a whole workdir (`trained_demo`'s), its model links kept as links."""
+    import shutil
+
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
 def copy_workdir(src: Path, dst: Path) -> Path:
     """A new workdir with `src`'s prepared data, tiny model and baseline, and none of its later runs."""
     import shutil

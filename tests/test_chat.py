@@ -20,19 +20,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SAMPLE, demo_config
+from conftest import REPO, SAMPLE, copy_trained, demo_config
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 # generation kept short for time; the page starts with the config's settings, so `medqa ask` uses the same ones
 CHAT = ["generate.max_new_tokens=24"]
-QUICK = [
-    "train.max_steps=4",
-    "train.eval_steps=1000",
-    "train.logging_steps=2",
-    "scoring.bootstrap_samples=0",
-    "scoring.max_examples=8",
-    "train.report_to=[]",
-]
 FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -47,15 +39,9 @@ FLAGS = [
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
+def workdir(trained_demo, tmp_path_factory) -> Path:
     """Prepared data and a briefly trained adapter (outputs/finetune) on the tiny demo model."""
-    from medqa.prepare import prepare
-    from medqa.train import train
-
-    work = tmp_path_factory.mktemp("chat")
-    prepare(demo_config(work))
-    train(demo_config(work, *QUICK))
-    return work
+    return copy_trained(trained_demo, tmp_path_factory.mktemp("chat") / "w")
 
 
 def _free_port() -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import REAL_500, demo_config, prepare_demo
+from conftest import REAL_500, copy_trained, demo_config
 
 from medqa.errors import DataError
 
@@ -21,12 +21,8 @@ QUICK = [
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    from medqa.train import train
-
-    workdir = prepare_demo(tmp_path_factory.mktemp("external"), *QUICK)
-    train(demo_config(workdir, *QUICK))
-    return workdir
+def trained(trained_demo, tmp_path_factory):
+    return copy_trained(trained_demo, tmp_path_factory.mktemp("external") / "w")
 
 
 def _icliniq(tmp_path, workdir, extra: list | None = None, name: str = "iCliniq.json") -> tuple:

