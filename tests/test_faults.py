@@ -163,6 +163,32 @@ def patch_artifact_renames(monkeypatch, replace) -> None:
     monkeypatch.setattr(medqa.artifacts, "os", _OS(replace))
 
 
+def test_a_previous_artifact_that_cannot_be_moved_back_is_named_where_it_is(monkeypatch, tmp_path):
+    """The rename that puts the new artifact in place fails, and so does the one that would move the previous one
+    back (the disk went read-only between them): the previous artifact is whole under its temporary name, and the
+    paragraph says where and what to rename, instead of claiming it is in place."""
+    from medqa.artifacts import atomic_dir
+    from medqa.faults import write_paragraph
+
+    target = tmp_path / "finetune"
+    target.mkdir()
+    (target / "adapter.bin").write_text("previous")
+
+    def replace(src, dst, *a, **kw):
+        if Path(dst) == target:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(src))
+        return os.replace(src, dst, *a, **kw)
+
+    patch_artifact_renames(monkeypatch, replace)
+    with pytest.raises(OSError) as caught, atomic_dir(target) as tmp:
+        (tmp / "adapter.bin").write_text("new")
+    kept = caught.value.kept_at
+    assert not target.exists() and (kept / "adapter.bin").read_text() == "previous"
+    said = write_paragraph("train", caught.value)
+    assert f"it is {kept}; rename it to {target}" in said and "if any, is intact" not in said
+    assert not list(tmp_path.glob(".finetune.tmp-*"))
+
+
 @pytest.mark.parametrize(
     "stage, code",
     [(s, errno.ENOSPC) for s in FIRST_WRITE] + [(s, errno.EIO) for s in ("prepare", "baseline", "export")],
@@ -436,6 +462,35 @@ def test_a_rating_cut_off_by_a_full_disk_leaves_no_partial_line(monkeypatch, rat
     _rate(cfg, 3, "base", "B", "worse")
     ratings, problems = read_feedback(path)
     assert (len(ratings), problems) == (3, [])
+
+
+def test_the_chat_page_says_a_rating_was_not_saved_and_stays_up(monkeypatch, rated_work):
+    """The chat page's rating handler when the OS refuses the append (disk full): the page's status says the rating
+    was not saved, names feedback.jsonl, says the earlier ratings are intact and what to do; nothing is raised into
+    gradio (before: the raw OSError, shown as a bare "Error"). The next rating, once the disk has room, is saved."""
+    import types
+
+    import medqa.chat
+    from medqa.chat import Handlers, Side
+
+    cfg = demo_config(rated_work)
+    path = rated_work / "outputs/chat/feedback.jsonl"
+    before = path.read_bytes()
+    sides = [Side(n, None, None, {"label": n}) for n in ("base", "fine-tuned")]
+    handlers = Handlers(cfg, sides, {}, types.SimpleNamespace(status="status"), True, False)
+    shown = {"question": "q", "answers": {"base": "a", "fine-tuned": "b"}, "order": {"A": "base", "B": "fine-tuned"}}
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(medqa.chat, "record_feedback", full)
+    said = handlers.rate("A", "better", shown, "")["status"]
+    assert "not saved" in said and "outputs/chat/feedback.jsonl" in said and "No space left on device" in said
+    assert "intact" in said and "Free some space" in said
+    assert path.read_bytes() == before
+    monkeypatch.undo()
+    assert handlers.rate("A", "better", shown, "")["status"].startswith("Saved your rating of A")
+    assert len(path.read_bytes().splitlines()) == len(before.splitlines()) + 1
 
 
 def test_a_rating_after_a_line_cut_by_a_kill_starts_its_own_line(rated_work):

@@ -35,7 +35,11 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     except BaseException as exc:  # a full disk or SIGTERM here: the previous one back, the new one removed
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not target.exists():
-            os.replace(old, target)
+            try:
+                os.replace(old, target)
+            except OSError:  # the OS refuses this rename too: the previous one is whole, under its temporary name
+                with contextlib.suppress(AttributeError, TypeError):
+                    exc.kept_at = old
         _name(exc, target, outer=True)
         raise
     shutil.rmtree(old, ignore_errors=True)

@@ -342,7 +342,15 @@ class Handlers:
         if not shown:
             return {page.status: "⚠️ Ask a question first; then rate an answer."}
         entry = Rating(shown, side, rating, comment).entry(identities)
-        path = record_feedback(self.cfg, entry)
+        try:
+            path = record_feedback(self.cfg, entry)
+        except OSError as exc:  # disk full, read-only, I/O error: the page stays up and says so
+            where = workdir_relative(self.cfg, paths(self.cfg).chat_feedback)
+            return {
+                page.status: f"⚠️ Your rating was not saved: writing {where} failed ({exc.strerror or exc}). The "
+                "ratings saved before are intact. Free some space or fix the folder's permissions (or serve the page "
+                "with workdir= elsewhere), then rate again."
+            }
         saved = workdir_relative(self.cfg, path)
         said = f"Saved your rating of {side} ({entry['rated']}: {rating}) to {saved}. Thank you."
         if self.show_names:

@@ -117,10 +117,17 @@ def write_paragraph(stage: str, exc: BaseException, workdir: str | Path | None =
     where = target or workdir or "."
     at = f" (at {filename})" if filename and artifact and filename != artifact else ""
     kept, again = WRITES.get(stage, ("its previous outputs", f"medqa {stage}"))
+    kept_at = getattr(exc, "kept_at", None)
+    intact = (
+        f"the previous version is intact but could not be moved back: it is {kept_at}; rename it to {target} "
+        "before anything else"
+        if kept_at
+        else "the previous version, if any, is intact"
+    )
     return (
         f"`medqa {stage}` stopped: {what} ([Errno {code}] {errno.errorcode.get(code, '')}) while writing "
         f"{target or 'its outputs'}{at}. Nothing half-written is left where a later stage would read it: "
-        f"{kept} is replaced only once complete, so the previous version, if any, is intact. To go on: "
+        f"{kept} is replaced only once complete, so {intact}. To go on: "
         f"{fix.format(where=where)}, or set `workdir=` to a folder on another disk, then run `{again} --config "
         "<your config>` again."
     )
