@@ -12,7 +12,6 @@ test split (`also_in_test`): they are kept, as they come from another source, bu
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from collections import Counter
@@ -32,7 +31,7 @@ from medqa.records import (
     write_rejects,
 )
 from medqa.schema import Config
-from medqa.sources import read_records
+from medqa.sources import read_records, source_spec
 from medqa.workdir import load_records, paths
 
 log = logging.getLogger(__name__)
@@ -61,11 +60,13 @@ def load_external(cfg: Config, tokenizer) -> tuple[object, dict]:
             f"{e.external_test} holds no records. Point evaluate.external_test at a file of question/answer records."
         )
     # The same checks and cleaning as prepare, with this file's field names.
-    as_data = dataclasses.replace(
-        cfg,
-        data=dataclasses.replace(
-            cfg.data, question_field=e.external_question_field, answer_field=e.external_answer_field
-        ),
+    spec = source_spec(
+        cfg.data,
+        e.external_name,
+        e.external_test,
+        question_field=e.external_question_field,
+        answer_field=e.external_answer_field,
+        key="evaluate.external_test",
     )
     # Questions the fine-tuned model trained on, or that chose its checkpoint (val), are not a test of anything.
     in_train: set[str] = set()
@@ -73,7 +74,7 @@ def load_external(cfg: Config, tokenizer) -> tuple[object, dict]:
         in_train |= {normalize_key(r["question"]) for r in load_records(cfg, split)}
     cands, rejected = [], []
     for index, rec in enumerate(records):
-        q, reason_or_a = check_record(rec, as_data)
+        q, reason_or_a = check_record(rec, spec)
         if q is None:
             rejected.append({"index": index, "reason": reason_or_a, "record": rec})
         elif normalize_key(q) in in_train:
@@ -83,7 +84,7 @@ def load_external(cfg: Config, tokenizer) -> tuple[object, dict]:
     rows, kept_cands = [], []
     for cand in tqdm(cands, desc="tokenize external", disable=len(cands) < 1000, leave=False):
         enc = encode_example(tokenizer, cfg.prompt, cand.question, cand.answer, cfg.data.max_length)
-        reject = length_reject(cand, enc.question_tokens, enc.answer_tokens, cfg, records)
+        reject = length_reject(cand, enc.question_tokens, enc.answer_tokens, cfg.data, records)
         if reject:
             rejected.append(reject)
         else:

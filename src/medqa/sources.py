@@ -199,7 +199,8 @@ def read_records(source: str, split: str = "train") -> list[Any]:
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """One source of records and how to read it (`data.sources`, or `data.source` alone as an unnamed one)."""
+    """One source of records, how to read it and what each of its records must hold: what `medqa.records` reads.
+    From a `data.sources` entry, `data.source` alone (an unnamed one) or `evaluate.external_test`."""
 
     name: str  # "" for the one-source shorthand `data.source`
     source: str
@@ -207,8 +208,10 @@ class SourceSpec:
     answer_field: str
     hub_split: str
     max_records: int
+    min_question_chars: int  # data.*'s for every source
+    min_answer_chars: int
     weight: float = 1.0
-    key: str = "data"  # the config key that names it, for messages: data, or data.sources[i]
+    key: str = "data"  # the config key that names it, for messages: data, data.sources[i] or evaluate.external_test
 
 
 def source_specs(data) -> list[SourceSpec]:
@@ -244,7 +247,7 @@ def source_spec(
     weight: float | None = None,
     key: str = "data",
 ) -> SourceSpec:
-    """One source read as `data` (a `DataConfig`) says, but for what is given (not None)."""
+    """One source read and checked as `data` (a `DataConfig`) says, but for what is given (not None)."""
 
     def given(value, default):
         return default if value is None else value
@@ -256,6 +259,8 @@ def source_spec(
         given(answer_field, data.answer_field),
         given(hub_split, data.hub_split),
         given(max_records, data.max_records),
+        data.min_question_chars,
+        data.min_answer_chars,
         float(given(weight, 1.0)),
         key,
     )
