@@ -126,6 +126,26 @@ def test_rejected_counts_read_as_text():
     assert describe_counts({}) == "none"
 
 
+def test_the_external_file_is_checked_with_its_own_fields_and_prepares_limits(tmp_path):
+    """The external file is a source like prepare's (`SourceSpec`): evaluate's field names, data's limits."""
+    from medqa.external import external_spec
+    from medqa.records import check_record
+
+    cfg = demo_config(
+        tmp_path,
+        "evaluate.external_test=iCliniq.json",
+        "evaluate.external_answer_field=answer_icliniq",
+        "data.min_answer_chars=10",
+    )
+    spec = external_spec(cfg)
+    assert (spec.source, spec.question_field, spec.answer_field) == ("iCliniq.json", "input", "answer_icliniq")
+    assert (spec.min_question_chars, spec.min_answer_chars) == (cfg.data.min_question_chars, 10)
+    q = "My child has had a fever for three days, what should I do?"
+    assert check_record({"input": q, "answer_icliniq": "See a doctor today."}, spec) == (q, "See a doctor today.")
+    assert check_record({"input": q, "output": "See a doctor today."}, spec) == (None, "missing_answer")
+    assert check_record({"input": q, "answer_icliniq": "Rest."}, spec) == (None, "answer_too_short")
+
+
 def test_external_file_bad_inputs(trained, tmp_path):
     from medqa.external import load_external
     from medqa.modeling import load_tokenizer

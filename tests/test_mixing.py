@@ -148,11 +148,9 @@ def test_train_and_evaluate_report_each_source_as_scoring_it_alone(mixed):
     assert run.metrics["training"]["epoch_examples"] > len(load_split(cfg, "train"))
     assert np.isfinite(run.metrics["by_source"]["test"]["clinic"]["answer_perplexity"])
     # planned_steps (ASHA's max_t, the disk check) counts the weighted epoch too
-    unweighted = json.loads(json.dumps(cfg.data.sources))
-    for e in unweighted:
-        e["weight"] = 1
     from dataclasses import replace
 
+    unweighted = [replace(e, weight=1) for e in cfg.data.sources]
     plain = replace(cfg, data=replace(cfg.data, sources=unweighted), train=replace(cfg.train, max_steps=0))
     assert planned_steps(replace(cfg, train=replace(cfg.train, max_steps=0)), load_split(cfg, "train")) > planned_steps(
         plain, load_split(cfg, "train")
@@ -228,6 +226,31 @@ def test_bad_sources_are_one_clear_error():
         demo_config(Path("/tmp/x"), 'data.sources=[{"name": "a", "source": "a.json", "weight": 0}]')
     with pytest.raises(ConfigError, match="names must be unique"):
         demo_config(Path("/tmp/x"), 'data.sources=[{"name": "a", "source": "a.json"}, {"name": "a", "source": "b"}]')
+
+
+def test_a_source_entry_is_typed_and_written_back_as_given():
+    """data.sources entries load as `SourceConfig` (unknown keys and wrong types named by their index) and are
+    written back as given (`Config.to_dict`): the run fingerprint of a mix is what it was with untyped entries."""
+    from medqa.config import config_from_dict, load_config
+    from medqa.errors import ConfigError
+    from medqa.schema import SourceConfig
+
+    given = [
+        {"name": "a", "source": "a.json", "weight": 2},
+        {"name": "b", "source": "b.json", "question_field": "q", "max_records": 0, "weight": 0.5},
+    ]
+    cfg = load_config(None, ["data.sources=" + json.dumps(given)])
+    assert all(isinstance(e, SourceConfig) for e in cfg.data.sources)
+    assert cfg.data.sources[1].answer_field is None  # left out: data.answer_field's
+    assert json.dumps(cfg.to_dict()["data"]["sources"], sort_keys=True) == json.dumps(given, sort_keys=True)
+    assert config_from_dict(cfg.to_dict()).data.sources == cfg.data.sources
+    typo = r"Unknown config key `data.sources\[1\].wieght`. Did you mean `data.sources\[1\].weight`\?"
+    with pytest.raises(ConfigError, match=typo):
+        load_config(None, ['data.sources=[{"name": "a", "source": "a"}, {"name": "b", "source": "b", "wieght": 2}]'])
+    with pytest.raises(ConfigError, match=r"`data.sources\[0\].max_records` must be of type int"):
+        load_config(None, ['data.sources=[{"name": "a", "source": "a.json", "max_records": "all"}]'])
+    with pytest.raises(ConfigError, match=r"data.sources\[0\] must be a mapping with a `name` and a `source`"):
+        load_config(None, ["data.sources=[a.json]"])
 
 
 def test_each_source_field_defaults_to_the_data_sections():

@@ -277,5 +277,5 @@ def test_tune_makes_each_mixed_source_absolute(tmp_path, monkeypatch):
     sources = '[{"name": "a", "source": "a.json", "weight": 2}, {"name": "hub", "source": "org/not-a-local-path"}]'
     cfg = load_config(REPO / "configs" / "demo.yaml", [f"data.sources={sources}", "workdir=w"])
     out = _with_absolute_paths(cfg).data.sources
-    assert out[0] == {**cfg.data.sources[0], "source": str(tmp_path / "a.json")}
+    assert out[0] == dataclasses.replace(cfg.data.sources[0], source=str(tmp_path / "a.json"))
     assert out[1] == cfg.data.sources[1]

@@ -69,21 +69,26 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotated type `tp`; accept ints for floats. Raise ConfigError otherwise."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arg in typing.get_args(tp):
-            if arg is type(None) and value is None:
-                return None
+        args = [arg for arg in typing.get_args(tp) if arg is not type(None)]
+        if value is None and len(args) < len(typing.get_args(tp)):
+            return None  # an optional field left unset (data.sources[i].question_field: data's)
+        if len(args) == 1:
+            return _coerce(value, args[0], key)
+        for arg in args:
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"`{key}` has the wrong type: got {value!r}; expected {tp}.")
+            except ConfigError:
+                pass
+        expected = " or ".join(_type_name(arg) for arg in args)
+        raise ConfigError(f"`{key}` has the wrong type: got {value!r}; expected {expected}.")
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise ConfigError(f"`{key}` must be a list, got {value!r}.")
         (item_tp,) = typing.get_args(tp) or (Any,)
+        if dataclasses.is_dataclass(item_tp):  # a list of entries (data.sources): each is named by its index
+            return [_entry(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
         return [_coerce(v, item_tp, key) for v in value]
     if origin is dict:
         if not isinstance(value, dict):
@@ -105,9 +110,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         raise ConfigError(
             f"`{key}` must be of type {_type_name(tp)}, got {value!r} ({type(value).__name__}). "
-            f"Fix the value in the YAML file or the `{key}=...` override."
+            f"Fix the value in the YAML file or the `{key.split('[')[0]}=...` override."
         )
     return value
+
+
+def _entry(value: Any, tp: type, key: str) -> Any:
+    """One entry of a list of dataclasses (`key`: data.sources[i]): a mapping of its fields, each checked as a
+    field is (unknown keys and wrong types refused, naming data.sources[i].<key>)."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key} must be {tp.shape()}; got {value!r}.")
+    entry = tp()
+    _apply(entry, value, f"{key}.")
+    return entry
 
 
 def _apply(obj: Any, values: dict[str, Any], prefix: str = "") -> None:

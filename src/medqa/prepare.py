@@ -10,7 +10,6 @@ Reads `data.source`; writes under `workdir`:
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import hashlib
 import json
 import logging
@@ -36,6 +35,7 @@ from medqa.records import (
     clean_records,
     dedupe,
     length_reject,
+    split_of,
     tiny_training_texts,
     write_rejects,
 )
@@ -153,7 +153,7 @@ def make_tiny_model(cfg: Config, cands: list[Candidate] | None = None) -> Path:
     if cands is None:
         records, cands, _, _ = read_sources(cfg, source_specs(cfg.data))
         cands = dedupe(cands, records)[0]
-    texts = tiny_training_texts(cands, cfg)
+    texts = tiny_training_texts(cands, cfg.prompt.template)
     log.info("Building the tiny demo model from %d training records.", len(texts))
     return build_tiny_model(texts, cfg.model.tiny, model_path(cfg), seed=cfg.seed)
 
@@ -200,7 +200,7 @@ def keep_rows(cfg: Config, records: list[Any], cands: list[Candidate], rejected:
     valid: list[Candidate] = []
     row_of: dict[int, int] = {}
     for row, cand in enumerate(cands):
-        reject = length_reject(cand, q_tokens[row], a_tokens[row], cfg, records)
+        reject = length_reject(cand, q_tokens[row], a_tokens[row], cfg.data, records)
         if reject:
             rejected.append(reject)
         else:
@@ -313,8 +313,7 @@ def read_sources(cfg: Config, specs: list[SourceSpec]) -> tuple[list[Any], list[
                 "answer": (spec.answer_field, f"{spec.key}.answer_field"),
             },
         )
-        fields = dataclasses.replace(cfg.data, question_field=spec.question_field, answer_field=spec.answer_field)
-        kept, dropped = clean_records(recs, dataclasses.replace(cfg, data=fields))
+        kept, dropped = clean_records(recs, spec)
         if not kept:
             reasons = Counter(r["reason"] for r in dropped).most_common(3)
             raise DataError(
@@ -326,6 +325,7 @@ def read_sources(cfg: Config, specs: list[SourceSpec]) -> tuple[list[Any], list[
         for cand in kept:
             cand.index += offset
             cand.source = spec.name
+            cand.split = split_of(cand.key, cfg.data)
         for r in dropped:
             r["index"] += offset
         starts.append(offset)

@@ -1,6 +1,9 @@
 """Record-level cleaning shared by `prepare` and the external test file: check and clean each record, assign
 its split from its question, deduplicate, filter by token length, and write the rejects with their reasons.
 Nothing is dropped silently: every record read ends up kept or in a rejects list.
+
+Each function takes what it reads: a source's field names and character limits (`SourceSpec`, one per source of a
+mix, or the external test file's), the split settings and token limits (`DataConfig`, the same for every source).
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from tqdm.auto import tqdm
 
 from medqa.cleaning import clean_text, is_greeting_only, normalize_key
 from medqa.errors import DataError
-from medqa.schema import Config
-from medqa.sources import MalformedLine
+from medqa.schema import DataConfig
+from medqa.sources import MalformedLine, SourceSpec
 
 
 @dataclass
@@ -30,15 +33,15 @@ class Candidate:
     source: str = ""  # data.sources' name ("" with data.source alone)
 
 
-def check_record(rec: Any, cfg: Config) -> tuple[str, str] | tuple[None, str]:
-    """Return (question, answer) cleaned, or (None, reason)."""
-    d = cfg.data
+def check_record(rec: Any, spec: SourceSpec) -> tuple[str, str] | tuple[None, str]:
+    """Return (question, answer) cleaned, or (None, reason): the record read with its source's field names and
+    checked against its character limits."""
     if isinstance(rec, MalformedLine):
         return None, "malformed_json"
     if not isinstance(rec, dict):
         return None, "not_an_object"
     fields = {}
-    for role, name in (("question", d.question_field), ("answer", d.answer_field)):
+    for role, name in (("question", spec.question_field), ("answer", spec.answer_field)):
         value = rec.get(name)
         if value is None:
             return None, f"missing_{role}"
@@ -50,21 +53,21 @@ def check_record(rec: Any, cfg: Config) -> tuple[str, str] | tuple[None, str]:
         return None, "empty_question"
     if not a:
         return None, "empty_answer"
-    if len(q) < d.min_question_chars or is_greeting_only(q):
+    if len(q) < spec.min_question_chars or is_greeting_only(q):
         return None, "question_too_short"
-    if len(a) < d.min_answer_chars:
+    if len(a) < spec.min_answer_chars:
         return None, "answer_too_short"
     return q, a
 
 
-def split_of(key: str, cfg: Config) -> str:
-    """Deterministic split from a hash of the normalised question: the same question always lands in the same
-    split, so no question is in two splits, and adding records never moves existing ones."""
-    digest = hashlib.sha256(f"{cfg.data.seed}\x00{key}".encode()).digest()
+def split_of(key: str, data: DataConfig) -> str:
+    """Deterministic split from a hash of the normalised question (data.seed, data.*_fraction): the same question
+    always lands in the same split, so no question is in two splits, and adding records never moves existing ones."""
+    digest = hashlib.sha256(f"{data.seed}\x00{key}".encode()).digest()
     u = int.from_bytes(digest[:8], "big") / 2**64
-    if u < cfg.data.train_fraction:
+    if u < data.train_fraction:
         return "train"
-    return "val" if u < cfg.data.train_fraction + cfg.data.val_fraction else "test"
+    return "val" if u < data.train_fraction + data.val_fraction else "test"
 
 
 def check_fields_present(records: list[Any], source: str, fields: dict[str, tuple[str, str]]) -> None:
@@ -87,12 +90,12 @@ def check_fields_present(records: list[Any], source: str, fields: dict[str, tupl
 
 
 def length_reject(
-    cand: Candidate, question_tokens: int, answer_tokens: int, cfg: Config, records: list[Any]
+    cand: Candidate, question_tokens: int, answer_tokens: int, data: DataConfig, records: list[Any]
 ) -> dict | None:
     """The reject entry for a candidate over data.max_question_tokens or data.max_answer_tokens, else None."""
-    if question_tokens > cfg.data.max_question_tokens:
+    if question_tokens > data.max_question_tokens:
         reason, tokens = "question_too_long", question_tokens
-    elif answer_tokens > cfg.data.max_answer_tokens:
+    elif answer_tokens > data.max_answer_tokens:
         reason, tokens = "answer_too_long", answer_tokens
     else:
         return None
@@ -118,19 +121,18 @@ def write_rejects(path: Path, rejected: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
 
 
-def clean_records(records: list[Any], cfg: Config) -> tuple[list[Candidate], list[dict]]:
-    """Validate and clean every record (character-level checks); duplicates are kept here, so that a later
-    length filter can never drop the only valid copy of a question."""
+def clean_records(records: list[Any], spec: SourceSpec) -> tuple[list[Candidate], list[dict]]:
+    """Validate and clean every record of one source (character-level checks, `check_record`); duplicates are kept
+    here, so that a later length filter can never drop the only valid copy of a question. The candidates have no
+    split yet: `split_of` gives prepare's, the external test file's are all test."""
     kept: list[Candidate] = []
     rejected: list[dict] = []
     for index, rec in enumerate(tqdm(records, desc="clean", disable=len(records) < 5000, leave=False)):
-        q, reason_or_a = check_record(rec, cfg)
+        q, reason_or_a = check_record(rec, spec)
         if q is None:
             rejected.append({"index": index, "reason": reason_or_a, "record": rec})
             continue
-        cand = Candidate(index, q, reason_or_a, normalize_key(q))
-        cand.split = split_of(cand.key, cfg)
-        kept.append(cand)
+        kept.append(Candidate(index, q, reason_or_a, normalize_key(q)))
     return kept, rejected
 
 
@@ -159,13 +161,7 @@ def dedupe(cands: list[Candidate], records: list[Any]) -> tuple[list[Candidate],
     return kept, rejected
 
 
-def clean_and_dedupe(records: list[Any], cfg: Config) -> tuple[list[Candidate], list[dict]]:
-    """`clean_records` then `dedupe` (no token-length filter: for the tiny model's vocabulary and the tests)."""
-    cands, rejected = clean_records(records, cfg)
-    kept, duplicates = dedupe(cands, records)
-    return kept, sorted(rejected + duplicates, key=lambda r: r["index"])
-
-
-def tiny_training_texts(cands: list[Candidate], cfg: Config) -> list[str]:
-    """What the tiny model's vocabulary is learned from: the train split as the model will see it."""
-    return [cfg.prompt.template.replace("{question}", c.question) + " " + c.answer for c in cands if c.split == "train"]
+def tiny_training_texts(cands: list[Candidate], template: str) -> list[str]:
+    """What the tiny model's vocabulary is learned from: the train split as the model will see it (`template`:
+    prompt.template)."""
+    return [template.replace("{question}", c.question) + " " + c.answer for c in cands if c.split == "train"]

@@ -112,7 +112,51 @@ def _rule(bounds: dict[str, float]) -> str:
     return " and ".join(f"{_BOUNDS[op]} {bound}" for op, bound in bounds.items())
 
 
-SOURCE_KEYS = {"name", "source", "question_field", "answer_field", "hub_split", "max_records", "weight"}
+@dataclass
+class SourceConfig:
+    """One entry of `data.sources`, as the YAML file writes it: a field left out (None) takes data.*'s
+    (`medqa.sources.source_specs` resolves them). An entry of a list, not a section: its checks take the key that
+    names it (data.sources[i]), and its fields' declarations describe it only (`FIELDS` holds data.sources whole)."""
+
+    name: str = _f("", "The source's name, carried by each of its records (required).", affects="prepare")
+    source: str = _f(
+        "", "Where its records are, in any form data.source takes (required).", affects="prepare", path=True
+    )
+    question_field: str | None = _f(
+        None, "Its field holding the question (default data.question_field).", affects="prepare"
+    )
+    answer_field: str | None = _f(None, "Its field holding the answer (default data.answer_field).", affects="prepare")
+    hub_split: str | None = _f(None, "Its split to read (default data.hub_split).", affects="prepare")
+    max_records: int | None = _f(
+        None, "Read at most this many of its records (default data.max_records).", affects="prepare"
+    )
+    # int or float as written (1 stays 1): the run fingerprint hashes the entry as written (`to_dict`).
+    weight: int | float | None = _f(
+        None, "How often each of its train examples appears per epoch (default 1).", affects="train"
+    )
+
+    @classmethod
+    def shape(cls) -> str:
+        """What an entry must be, for the messages that refuse one."""
+        optional = sorted(f.name for f in dataclasses.fields(cls) if f.name not in ("name", "source"))
+        return f"a mapping with a `name` and a `source` (and optionally {', '.join(optional)})"
+
+    def check(self, where: str) -> None:
+        """Refuse an entry without a name and a source, or with a weight or max_records out of range (`where`: the
+        key naming it, data.sources[i])."""
+        if not all(isinstance(v, str) and v.strip() for v in (self.name, self.source)):
+            raise ConfigError(f"{where} must be {self.shape()}; got {self.to_dict()!r}.")
+        weight, limit = self.weight, self.max_records
+        if weight is not None and (not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0):
+            raise ConfigError(
+                f"{where}.weight must be a number > 0 (1 = each train example once per epoch); got {weight!r}."
+            )
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+            raise ConfigError(f"{where}.max_records must be an integer >= 0 (0 = all); got {limit!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The entry as written, only the fields it sets: run fingerprints hash it (`manifest.determining_config`)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 @dataclass
@@ -155,7 +199,7 @@ class DataConfig(Section):
         ge=16,
     )
     max_records: int = _f(0, "Read at most this many records (0 = all); for smoke runs.", affects="prepare", ge=0)
-    sources: list[dict] = _f(
+    sources: list[SourceConfig] = _f(
         [],
         "Several sources in one run, instead of data.source: a list of {name, source, "
         "question_field, answer_field, hub_split, max_records, weight} (question_field, "
@@ -181,27 +225,9 @@ class DataConfig(Section):
                 f"data.train_fraction + data.val_fraction + data.test_fraction must sum to 1; got {fracs} "
                 f"(sum {sum(fracs):.4f}). Fix the fractions, e.g. 0.8/0.1/0.1."
             )
-        names = []
         for i, entry in enumerate(self.sources):
-            where = f"data.sources[{i}]"
-            unknown = sorted(set(entry) - SOURCE_KEYS) if isinstance(entry, dict) else []
-            if (
-                not isinstance(entry, dict)
-                or unknown
-                or not all(isinstance(entry.get(k), str) and entry[k].strip() for k in ("name", "source"))
-            ):
-                raise ConfigError(
-                    f"{where} must be a mapping with a `name` and a `source` (and optionally "
-                    f"{', '.join(sorted(SOURCE_KEYS - {'name', 'source'}))}); got {entry!r}."
-                )
-            weight, limit = entry.get("weight", 1.0), entry.get("max_records", 0)
-            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
-                raise ConfigError(
-                    f"{where}.weight must be a number > 0 (1 = each train example once per epoch); got {weight!r}."
-                )
-            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
-                raise ConfigError(f"{where}.max_records must be an integer >= 0 (0 = all); got {limit!r}.")
-            names.append(entry["name"])
+            entry.check(f"data.sources[{i}]")
+        names = [entry.name for entry in self.sources]
         if len(set(names)) != len(names):
             raise ConfigError(f"data.sources: names must be unique, got {names}.")
 
@@ -807,7 +833,9 @@ class Config(Section):
         return os.path.expanduser(path.replace("${workdir}", str(self.workdir)))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["data"]["sources"] = [entry.to_dict() for entry in self.data.sources]  # as written (SourceConfig.to_dict)
+        return out
 
 
 # ------------------------------------------------------------------------ what the declarations give the code

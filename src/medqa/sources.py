@@ -199,7 +199,8 @@ def read_records(source: str, split: str = "train") -> list[Any]:
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """One source of records and how to read it (`data.sources`, or `data.source` alone as an unnamed one)."""
+    """One source of records, how to read it and what each of its records must hold: what `medqa.records` reads.
+    From a `data.sources` entry, `data.source` alone (an unnamed one) or `evaluate.external_test`."""
 
     name: str  # "" for the one-source shorthand `data.source`
     source: str
@@ -207,25 +208,59 @@ class SourceSpec:
     answer_field: str
     hub_split: str
     max_records: int
+    min_question_chars: int  # data.*'s for every source
+    min_answer_chars: int
     weight: float = 1.0
-    key: str = "data"  # the config key that names it, for messages: data, or data.sources[i]
+    key: str = "data"  # the config key that names it, for messages: data, data.sources[i] or evaluate.external_test
 
 
 def source_specs(data) -> list[SourceSpec]:
-    """The sources a `DataConfig` names: `data.sources` in order, each field defaulting to data.*'s; or
+    """The sources a `DataConfig` names: `data.sources` in order, each field it leaves out taken from data.*; or
     `data.source` alone."""
     if not data.sources:
-        return [SourceSpec("", data.source, data.question_field, data.answer_field, data.hub_split, data.max_records)]
+        return [source_spec(data, "", data.source)]
     return [
-        SourceSpec(
-            e["name"],
-            e["source"],
-            e.get("question_field", data.question_field),
-            e.get("answer_field", data.answer_field),
-            e.get("hub_split", data.hub_split),
-            e.get("max_records", data.max_records),
-            float(e.get("weight", 1.0)),
-            f"data.sources[{i}]",
+        source_spec(
+            data,
+            e.name,
+            e.source,
+            question_field=e.question_field,
+            answer_field=e.answer_field,
+            hub_split=e.hub_split,
+            max_records=e.max_records,
+            weight=e.weight,
+            key=f"data.sources[{i}]",
         )
         for i, e in enumerate(data.sources)
     ]
+
+
+def source_spec(
+    data,
+    name: str,
+    source: str,
+    *,
+    question_field: str | None = None,
+    answer_field: str | None = None,
+    hub_split: str | None = None,
+    max_records: int | None = None,
+    weight: float | None = None,
+    key: str = "data",
+) -> SourceSpec:
+    """One source read and checked as `data` (a `DataConfig`) says, but for what is given (not None)."""
+
+    def given(value, default):
+        return default if value is None else value
+
+    return SourceSpec(
+        name,
+        source,
+        given(question_field, data.question_field),
+        given(answer_field, data.answer_field),
+        given(hub_split, data.hub_split),
+        given(max_records, data.max_records),
+        data.min_question_chars,
+        data.min_answer_chars,
+        float(given(weight, 1.0)),
+        key,
+    )
