@@ -82,6 +82,63 @@ def test_report_json_key_paths_are_pinned_and_report_md_is_its_view(evaluated):
     assert got == PINNED, f"added: {sorted(got - PINNED)}; gone: {sorted(PINNED - got)}"
 
 
+GOLDEN = Path(__file__).parent / "golden"  # this run's files as written before the house moves (commit 37619d1)
+
+
+def _content(text: str, roots: dict[str, str]):
+    """A JSON artifact's content: local paths as placeholders, and without times and the config's echo (a new
+    setting with its default changes the echo, not what was measured)."""
+    for root, name in roots.items():
+        text = text.replace(root, name)
+
+    def strip(v):
+        if isinstance(v, dict):
+            return {k: strip(x) for k, x in v.items() if "seconds" not in k and k != "config"}
+        return [strip(x) for x in v] if isinstance(v, list) else v
+
+    return strip(json.loads(text))
+
+
+def _assert_same(found, expected, where: str = "") -> None:
+    if isinstance(expected, dict):
+        assert isinstance(found, dict) and sorted(found) == sorted(expected), f"{where}: keys differ"
+        for k in expected:
+            _assert_same(found[k], expected[k], f"{where}.{k}")
+    elif isinstance(expected, list):
+        assert isinstance(found, list) and len(found) == len(expected), f"{where}: lengths differ"
+        for i, (f, e) in enumerate(zip(found, expected)):
+            _assert_same(f, e, f"{where}[{i}]")
+    elif isinstance(expected, float):
+        assert found == pytest.approx(expected, rel=1e-4, abs=1e-6), f"{where}: {found} != {expected}"
+    else:
+        assert found == expected, f"{where}: {found!r} != {expected!r}"
+
+
+def test_report_and_metrics_hold_what_they_held_before_the_moves(evaluated, trained_demo):
+    """report.json and the baseline's and fine-tune's metrics.json of one demo run (the shared adapter, then
+    evaluate) hold the same keys and values as the same run wrote before the house moves (train.py split, report.py,
+    one scoring step: tests/golden/, from commit 37619d1), minus times, local paths and the config's echo. A change
+    meant to alter their content writes new golden files with MEDQA_WRITE_GOLDEN=1."""
+    from conftest import REPO
+
+    cfg, _ = evaluated
+    work = Path(cfg.workdir)
+    roots = {str(work): "<workdir>", str(trained_demo): "<workdir>", str(REPO): "<repo>"}
+    files = {
+        "report.json": work / "outputs" / "report.json",
+        "finetune_metrics.json": work / "outputs" / "finetune" / "metrics.json",
+        "baseline_metrics.json": work / "outputs" / "baseline" / "metrics.json",
+    }
+    for name, path in files.items():
+        text = path.read_text(encoding="utf-8")
+        if os.environ.get("MEDQA_WRITE_GOLDEN") == "1":
+            for root, placeholder in roots.items():
+                text = text.replace(root, placeholder)
+            (GOLDEN / name).write_text(text, encoding="utf-8")
+        expected = _content((GOLDEN / name).read_text(encoding="utf-8"), {})
+        _assert_same(_content(text, roots), expected, name)
+
+
 def test_cli_prints_the_report_up_to_its_samples(evaluated, capsys):
     from medqa.cli import _evaluate
 
