@@ -78,6 +78,28 @@ def test_data_from_another_source_is_refused_unless_forced(prepared, tmp_path, c
     assert "force=true" in caplog.text
 
 
+def test_a_source_is_read_once_per_stage_and_again_once_changed(prepared, tmp_path, monkeypatch):
+    """evaluate checks tokenized/ and the adapter against the same source: its content is hashed once, not per
+    check; a source rewritten since is hashed again (its fingerprint follows the new content)."""
+    from medqa import manifest
+    from medqa.modeling import load_tokenizer
+    from medqa.workdir import adapter_inputs, check_tokenized
+
+    source = tmp_path / "source.json"
+    source.write_text(SAMPLE.read_text())
+    cfg = demo_config(prepared, f"data.source={source}")
+    reads = []
+    monkeypatch.setattr(manifest, "_sha_file", lambda path, h: (reads.append(path), h.update(path.read_bytes())))
+    manifest._hash_files.cache_clear()
+    tokenizer = load_tokenizer(cfg)
+    with pytest.raises(StaleArtifactError):  # prepared from the shipped sample: another file name
+        check_tokenized(cfg, tokenizer)
+    first = adapter_inputs(cfg, tokenizer)["source"]
+    assert reads.count(source) == 1
+    source.write_text(SAMPLE.read_text() + "\n")
+    assert adapter_inputs(cfg, tokenizer)["source"] != first and reads.count(source) == 2
+
+
 def test_adapter_trained_on_another_base_model_is_refused(prepared, tmp_path):
     from medqa.modeling import load_adapter_model
     from medqa.tiny import build_tiny_model

@@ -8,6 +8,7 @@ the command that rebuilds the artifact. `force=true` proceeds anyway, with a war
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -37,15 +38,23 @@ def _sha_file(path: Path, h) -> None:
 
 
 def fingerprint_source(source: str) -> str:
-    """sha256 of a data file (or of a folder's files); a Hub id stands for itself."""
+    """sha256 of a data file (or of a folder's files); a Hub id stands for itself. Each file's content is read once
+    per process while it keeps its size and modification time (a stage checks the prepared data and an adapter
+    against the same source: one read, not one per check)."""
     path = Path(source).expanduser()
     if not path.exists():
         return f"hub:{source}"
-    h = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        h.update(f.name.encode())
-        _sha_file(f, h)
+    stats = tuple((str(f.resolve()), f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _hash_files(stats)
+
+
+@functools.lru_cache(maxsize=64)
+def _hash_files(stats: tuple[tuple[str, str, int, int], ...]) -> str:
+    h = hashlib.sha256()
+    for path, name, _, _ in stats:
+        h.update(name.encode())
+        _sha_file(Path(path), h)
     return h.hexdigest()
 
 
