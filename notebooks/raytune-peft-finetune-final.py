@@ -106,7 +106,12 @@ import json
 
 best = json.loads((search.best_dir / "trial.json").read_text())
 tradeoff = search.experiment_dir / "tradeoff.png"
-display(Image(tradeoff)) if tradeoff.exists() else print("No knowledge scores: set scoring.knowledge_questions.")
+if tradeoff.exists():
+    display(Image(tradeoff))
+elif best.get("frontier"):
+    print("With a frontier the trials' trade-off is drawn below, every kept adapter at every scale.")
+else:
+    print("No knowledge scores: set scoring.knowledge_questions.")
 
 # %% [markdown]
 # ## The trade-off front: every kept adapter, scaled back after training

@@ -150,3 +150,11 @@ def test_an_unquoted_no_is_the_choice_no(tmp_path):
     assert load_config(REPO / "configs" / "demo.yaml", ["train.mixed_precision=no"]).train.mixed_precision == "no"
     with pytest.raises(ConfigError, match="prompt.template"):
         load_config(REPO / "configs" / "demo.yaml", ["prompt.template=no"])
+
+
+def test_the_real_config_gives_the_pubmedqa_verdict_on_all_500_test_questions():
+    """The committed real-model run's verdict (README, notebook 4): medqa's scorer on all 500 PubMedQA test
+    questions and lm-eval's own task beside it."""
+    cfg = load_config(REPO / "configs" / "smollm2-offline.yaml")
+    assert cfg.evaluate.pubmedqa_questions == 500
+    assert cfg.evaluate.benchmarks == ["pubmedqa_local"] and cfg.evaluate.benchmark_questions > 0
