@@ -41,8 +41,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+sys.path[:0] = [str(REPO / "src"), str(REPO / "bench")]  # medqa, and marked_section beside this file
 os.environ.setdefault("HF_HOME", str(REPO / ".cache" / "huggingface"))
+from marked_section import write_marked_section  # noqa: E402
 
 SIDES = ("medqa", "trl", "medqa_all_logits")
 MARK_START, MARK_END = "<!-- peer:start -->", "<!-- peer:end -->"
@@ -671,14 +672,8 @@ def readme_line(res: dict) -> str:
 
 
 def write_between_markers(path: Path, section: str) -> None:
-    """Replace the text between the markers (or append the section when the file has none)."""
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        text = head + section.rstrip("\n") + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text, encoding="utf-8")
+    """Replace the text between the peer markers (or append the section when the file has none)."""
+    write_marked_section(path, section, MARK_START, MARK_END, intro="")
 
 
 def main(argv: list[str] | None = None) -> int:
