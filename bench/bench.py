@@ -52,6 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "src"), str(REPO / "bench")]  # medqa, and hand_loop beside this file (also when imported)
 import hand_loop  # noqa: E402
 from hand_loop import MAX_LENGTH, STRATEGIES  # noqa: E402
+from marked_section import write_marked_section  # noqa: E402
 
 SHARED = Path(os.environ.get("MEDQA_SHARED", REPO.parent / "shared"))
 # The 500 real records and BioGPT's tokenizer ship with the repository; the 5,452 synthetic GenMedGPT records are
@@ -579,15 +580,10 @@ section, which each `make bench-docs` replaces.
 
 
 def write_markdown(path: Path, res: dict) -> None:
-    text = path.read_text(encoding="utf-8") if path.exists() else INTRO
+    """The results section of `res` between the bench markers of `path` (a new file starts with `INTRO`)."""
     section = markdown_section(res)
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        text = head + section + rest.split(MARK_END, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    write_marked_section(path, section, MARK_START, MARK_END, intro=INTRO)
 
 
 def renamed(res: dict) -> dict:

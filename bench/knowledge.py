@@ -26,7 +26,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+sys.path[:0] = [str(REPO / "src"), str(REPO / "bench")]  # medqa, and marked_section beside this file
+from marked_section import write_marked_section  # noqa: E402
+
 MARK_START, MARK_END = "<!-- knowledge-bench:start -->", "<!-- knowledge-bench:end -->"
 
 
@@ -125,14 +127,8 @@ def markdown(res: dict) -> str:
 
 
 def write_markdown(path: Path, text: str) -> None:
-    doc = path.read_text(encoding="utf-8")
-    block = f"{MARK_START}\n{text}{MARK_END}"
-    if MARK_START in doc:
-        start, end = doc.index(MARK_START), doc.index(MARK_END) + len(MARK_END)
-        doc = doc[:start] + block + doc[end:]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(doc, encoding="utf-8")
+    """`text` between the knowledge-bench markers of `path` (an existing file)."""
+    write_marked_section(path, f"{MARK_START}\n{text}{MARK_END}\n", MARK_START, MARK_END)
 
 
 def main() -> None:

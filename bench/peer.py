@@ -13,7 +13,7 @@ scoring are outside it. Tokens are counted from the batches the trainers actuall
 scored by one function, `medqa.metrics.evaluate_answer_loss`, on medqa's tokenized test split.
 
 A third arm, `medqa_all_logits`, is medqa with the output layer computed at every position (what
-`medqa.trainer.lm_loss_sum` did before it kept only labelled positions): the difference is that change's saving.
+`medqa.faststep.lm_loss_sum` did before it kept only labelled positions): the difference is that change's saving.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+sys.path[:0] = [str(REPO / "src"), str(REPO / "bench")]  # medqa, and marked_section beside this file
 os.environ.setdefault("HF_HOME", str(REPO / ".cache" / "huggingface"))
+from marked_section import write_marked_section  # noqa: E402
 
 SIDES = ("medqa", "trl", "medqa_all_logits")
 MARK_START, MARK_END = "<!-- peer:start -->", "<!-- peer:end -->"
@@ -184,12 +185,12 @@ def memory_callback():
 
 
 def all_logits_loss_sum(hidden, labels, lm_head, chunk_tokens: int = 0):
-    """`medqa.trainer.lm_loss_sum` as it was before it kept only labelled positions: the output layer at every
+    """`medqa.faststep.lm_loss_sum` as it was before it kept only labelled positions: the output layer at every
     position, the ignored ones dropped by cross_entropy (the `medqa_all_logits` arm)."""
     import torch
     from torch.utils.checkpoint import checkpoint
 
-    from medqa.trainer import _chunk_loss_sum
+    from medqa.faststep import _chunk_loss_sum
 
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
@@ -206,11 +207,11 @@ def all_logits_loss_sum(hidden, labels, lm_head, chunk_tokens: int = 0):
 
 def train_medqa(cfg, run_dir: Path, timers: list, memory, counts: Counts, all_logits: bool) -> tuple[Path, dict]:
     """`medqa train` itself (medqa.train.train, as the CLI calls it), the timing callbacks added."""
-    import medqa.trainer
+    import medqa.faststep
     from medqa.train import train
 
     if all_logits:
-        medqa.trainer.lm_loss_sum = all_logits_loss_sum
+        medqa.faststep.lm_loss_sum = all_logits_loss_sum
     with counting(counts):
         result = train(cfg, callbacks=[*timers, memory], run_dir=run_dir)
     t = result.metrics.get("training", {})
@@ -671,14 +672,8 @@ def readme_line(res: dict) -> str:
 
 
 def write_between_markers(path: Path, section: str) -> None:
-    """Replace the text between the markers (or append the section when the file has none)."""
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        text = head + section.rstrip("\n") + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text, encoding="utf-8")
+    """Replace the text between the peer markers (or append the section when the file has none)."""
+    write_marked_section(path, section, MARK_START, MARK_END, intro="")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -218,9 +218,9 @@ def _packed_batch(cfg, n=6):
 def test_fast_step_loss_and_gradients_equal_the_unpacked_models(prepared):
     """The packed fast step (chunked loss) gives the same loss and LoRA gradients as the model's own forward on
     each example alone, summed over answer tokens: packing and chunking change no number."""
+    from medqa.faststep import FastStep
     from medqa.metrics import pad_batch
     from medqa.modeling import build_lora_model
-    from medqa.trainer import FastStep
 
     cfg = demo_config(prepared, *PACKED)
     model = build_lora_model(cfg).eval()  # no dropout (gradients still flow): both passes see the same network
@@ -251,8 +251,8 @@ def test_fast_step_loss_and_gradients_equal_the_unpacked_models(prepared):
 
 
 def test_chunked_loss_equals_whole(prepared):
+    from medqa.faststep import lm_loss_sum
     from medqa.modeling import build_lora_model
-    from medqa.trainer import lm_loss_sum
 
     cfg = demo_config(prepared, *PACKED)
     model = build_lora_model(cfg)
@@ -304,8 +304,8 @@ def test_compiled_and_eager_training_losses_agree(prepared, tmp_path):
 def test_flex_document_mask_matches_the_block_mask(prepared):
     """FlexAttention with the document BlockMask (inference: torch has no flex backward on CPU) gives the logits
     of SDPA with the dense block-diagonal mask."""
+    from medqa.faststep import document_block_mask
     from medqa.modeling import load_model
-    from medqa.trainer import document_block_mask
 
     cfg = demo_config(prepared)
     _, batch = _packed_batch(cfg)

@@ -113,7 +113,7 @@ def test_lora_stays_fp32_on_a_half_precision_base_and_trains(prepared, monkeypat
     only the LoRA matrices are fp32. A step under autocast with a GradScaler (fp16 training's) unscales fp32
     gradients, updates LoRA and leaves the base as it was."""
     from medqa import modeling
-    from medqa.trainer import FastStep
+    from medqa.faststep import FastStep
 
     monkeypatch.setattr(modeling, "training_base_dtype", lambda cfg, device: half)
     cfg = demo_config(prepared, *PACKED)
@@ -268,8 +268,8 @@ def test_compile_failing_at_the_first_step_falls_back_to_eager(prepared, tmp_pat
 
 def test_compile_refused_up_front_falls_back_to_eager(prepared, monkeypatch):
     from medqa.fallbacks import Fallbacks
+    from medqa.faststep import FastStep
     from medqa.modeling import build_lora_model
-    from medqa.trainer import FastStep
 
     def refuse(fn, **kwargs):
         raise RuntimeError("injected: Dynamo is not supported on this Python")
@@ -284,14 +284,14 @@ def test_compile_refused_up_front_falls_back_to_eager(prepared, monkeypatch):
 
 def test_an_error_of_the_plain_path_is_raised_not_hidden(prepared, tmp_path, monkeypatch, caplog):
     """Only the optimised path falls back: when the eager retry fails too, its own error stops the run."""
-    from medqa import trainer as trainer_mod
+    from medqa import faststep
     from medqa.train import train
 
     def broken_loss(*args, **kwargs):
         raise ValueError("injected: a real bug in the loss")
 
     monkeypatch.setattr(torch, "compile", _broken_compile)
-    monkeypatch.setattr(trainer_mod, "lm_loss_sum", broken_loss)
+    monkeypatch.setattr(faststep, "lm_loss_sum", broken_loss)
     cfg = demo_config(copy_workdir(prepared, tmp_path / "w"), *PACKED, *QUICK, "train.compile=true")
     with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match="a real bug in the loss"):
         train(cfg)

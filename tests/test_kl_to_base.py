@@ -51,7 +51,7 @@ def _reference_kl(model, rows) -> float:
 
 @pytest.mark.parametrize("perturb", [False, True])
 def test_fast_step_adds_beta_times_the_kl(prepared, perturb):
-    from medqa.trainer import FastStep
+    from medqa.faststep import FastStep
 
     cfg = demo_config(prepared, *PACKED)
     model = _model(cfg, perturb)

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import medqa.trainer
+import medqa.faststep
+from medqa.faststep import FastStep, lm_loss_sum
 from medqa.metrics import pad_batch
 from medqa.packing import PackedCollator, pack_examples
 from medqa.prompts import IGNORE_INDEX
-from medqa.trainer import FastStep, lm_loss_sum
 
 VOCAB = 512
 
@@ -75,13 +75,13 @@ def test_lm_loss_sum_equals_every_position_and_computes_only_labelled_rows(monke
     lm_head = torch.nn.Linear(16, VOCAB, bias=True)
     hidden = torch.randn(*batch["input_ids"].shape, 16, requires_grad=True)
     seen = []
-    original = medqa.trainer._chunk_loss_sum
+    original = medqa.faststep._chunk_loss_sum
 
     def counting(h, y, weight, bias):
         seen.append(h.shape[0])
         return original(h, y, weight, bias)
 
-    monkeypatch.setattr(medqa.trainer, "_chunk_loss_sum", counting)
+    monkeypatch.setattr(medqa.faststep, "_chunk_loss_sum", counting)
     new = lm_loss_sum(hidden, batch["labels"], lm_head, chunk)
     rows = list(seen)  # the forward's calls (a chunked loss recomputes each chunk again in backward)
     new.backward()

@@ -168,6 +168,8 @@ def _fields_help() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `medqa` parser: one subcommand per entry of `COMMANDS`, each with the common options, its own options
+    (`STAGE_OPTIONS`) and the key=value overrides, in that order (the order `--help` lists them in)."""
     parser = argparse.ArgumentParser(
         prog="medqa",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -183,59 +185,87 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=_fields_help(),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        p.add_argument("--config", help="YAML config file, e.g. configs/demo.yaml (default: built-in defaults)")
-        p.add_argument(
-            "--print-config", action="store_true", help="print the resolved config (every field, as YAML) and exit"
-        )
-        p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-        if name == "export":
-            p.add_argument(
-                "--push-to-hub", metavar="REPO_ID", help="upload to this Hub repository (e.g. user/medqa-biogpt)"
-            )
-            p.add_argument(
-                "--merged", action="store_true", help="with --push-to-hub: upload the merged model, not the adapter"
-            )
-        if name == "chat":
-            p.add_argument(
-                "--adapter",
-                help="LoRA adapter folder to compare with the base model (default: "
-                "outputs/finetune, else outputs/best)",
-            )
-            p.add_argument(
-                "--host",
-                default="127.0.0.1",
-                help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)",
-            )
-            p.add_argument("--port", type=int, help="port (default: 7860, or the next free one)")
-            p.add_argument(
-                "--share",
-                action="store_true",
-                help="also make a public gradio.live link (off; questions and answers then leave this machine)",
-            )
-            p.add_argument(
-                "--show-names",
-                action="store_true",
-                help="label the answers base / fine-tuned (default: blind, as A and B in an order drawn per "
-                "question, the names shown after the rating)",
-            )
-        if name == "feedback":
-            p.add_argument(
-                "--export-preferences",
-                metavar="FILE",
-                help="also write the decided ratings as JSON lines {prompt, chosen, rejected} (TRL's DPOTrainer "
-                "format; ties and both bad skipped)",
-            )
-        if name == "ask":
-            p.add_argument("--adapter", help="LoRA adapter folder, e.g. outputs/finetune or outputs/best")
-            p.add_argument("--file", help="text file with one question per line")
-        p.add_argument(
-            "overrides",
-            nargs="*",
-            metavar="key=value",
-            help="dotted config overrides"
-            + (" and the questions (any argument that is not key=value)" if name == "ask" else ""),
-        )
+        _add_common_options(p)
+        if name in STAGE_OPTIONS:
+            STAGE_OPTIONS[name](p)
+        _add_overrides(p, name)
     return parser
+
+
+def _add_common_options(p: argparse.ArgumentParser) -> None:
+    """--config, --print-config and --verbose: every subcommand takes them."""
+    p.add_argument("--config", help="YAML config file, e.g. configs/demo.yaml (default: built-in defaults)")
+    p.add_argument(
+        "--print-config", action="store_true", help="print the resolved config (every field, as YAML) and exit"
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _add_export_options(p: argparse.ArgumentParser) -> None:
+    """`medqa export`: where on the Hub to upload, and whether the merged model or the adapter."""
+    p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload to this Hub repository (e.g. user/medqa-biogpt)")
+    p.add_argument("--merged", action="store_true", help="with --push-to-hub: upload the merged model, not the adapter")
+
+
+def _add_chat_options(p: argparse.ArgumentParser) -> None:
+    """`medqa chat`: the adapter to compare with the base model, where the app listens, and blind or named answers."""
+    p.add_argument(
+        "--adapter",
+        help="LoRA adapter folder to compare with the base model (default: outputs/finetune, else outputs/best)",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)",
+    )
+    p.add_argument("--port", type=int, help="port (default: 7860, or the next free one)")
+    p.add_argument(
+        "--share",
+        action="store_true",
+        help="also make a public gradio.live link (off; questions and answers then leave this machine)",
+    )
+    p.add_argument(
+        "--show-names",
+        action="store_true",
+        help="label the answers base / fine-tuned (default: blind, as A and B in an order drawn per "
+        "question, the names shown after the rating)",
+    )
+
+
+def _add_feedback_options(p: argparse.ArgumentParser) -> None:
+    """`medqa feedback`: optionally also write the ratings as preference pairs."""
+    p.add_argument(
+        "--export-preferences",
+        metavar="FILE",
+        help="also write the decided ratings as JSON lines {prompt, chosen, rejected} (TRL's DPOTrainer "
+        "format; ties and both bad skipped)",
+    )
+
+
+def _add_ask_options(p: argparse.ArgumentParser) -> None:
+    """`medqa ask`: the adapter to answer with, and a file of questions."""
+    p.add_argument("--adapter", help="LoRA adapter folder, e.g. outputs/finetune or outputs/best")
+    p.add_argument("--file", help="text file with one question per line")
+
+
+# The subcommands with options of their own, beside the common ones
+STAGE_OPTIONS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
+    "export": _add_export_options,
+    "chat": _add_chat_options,
+    "feedback": _add_feedback_options,
+    "ask": _add_ask_options,
+}
+
+
+def _add_overrides(p: argparse.ArgumentParser, name: str) -> None:
+    """The trailing key=value config overrides (for `ask`, also the questions)."""
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted config overrides"
+        + (" and the questions (any argument that is not key=value)" if name == "ask" else ""),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,7 +101,7 @@ def score_examples(
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             # One pass over the vocabulary for every real token; answer positions are a subset of them (their
             # label is the input token itself), so the answer NLL is a masked sum of the same numbers.
-            # So scoring keeps the output layer at every position, unlike training (`medqa.trainer.lm_loss_sum`,
+            # So scoring keeps the output layer at every position, unlike training (`medqa.faststep.lm_loss_sum`,
             # labelled positions only): sequence_loss needs every real token's logits, and skipping the prompt's
             # would drop that reported metric.
             scored = batch["labels"] != IGNORE_INDEX

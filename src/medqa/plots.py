@@ -171,6 +171,23 @@ def plot_frontier(rows: list[dict], rule, path: str | Path | None = None):
     use_abstract = rule.knowledge_measure in ("abstract_loss", "both") and any(
         _finite(r.get("abstract_change")) for r in rows
     )
+    y = _knowledge_axis(use_abstract)
+    limit = rule.max_abstract_loss_rise if use_abstract else rule.max_knowledge_drop
+    # drawn in this order, which is also the legend's
+    _plot_frontier_points(ax, rows, y)
+    _plot_pareto_front(ax, rows, y)
+    _plot_target_box(ax, rows, limit)
+    _plot_chosen_point(ax, rows, y)
+    _label_frontier(ax, rows, y, limit, use_abstract)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def _knowledge_axis(use_abstract: bool):
+    """A row's y value: its abstract loss change, or its PubMedQA dev accuracy drop (the change, negated, so that
+    down is better on both); 0 where it was not measured."""
     key = "abstract_change" if use_abstract else "knowledge_change"
     sign = 1.0 if use_abstract else -1.0
 
@@ -178,7 +195,11 @@ def plot_frontier(rows: list[dict], rule, path: str | Path | None = None):
         v = r.get(key)
         return sign * v if _finite(v) else 0.0
 
-    x = [r["answer_perplexity_change"] for r in rows]
+    return y
+
+
+def _plot_frontier_points(ax, rows: list[dict], y) -> None:
+    """One line per adapter through its scales, each point labelled with its alpha, and the base model at (0, 0)."""
     sources = sorted({r["source"] for r in rows if r["source"] != "base"})
     colors = dict(zip(sources, _colors(len(sources))))
     for src in sources:
@@ -202,6 +223,10 @@ def plot_frontier(rows: list[dict], rule, path: str | Path | None = None):
                 textcoords="offset points",
             )
     ax.scatter([0], [0], marker="s", color="black", zorder=3, label="base model")
+
+
+def _plot_pareto_front(ax, rows: list[dict], y) -> None:
+    """The points on the Pareto front, joined from left to right (nothing to join with fewer than two)."""
     front = sorted([r for r in rows if r.get("on_front")], key=lambda r: r["answer_perplexity_change"])
     if len(front) > 1:
         ax.plot(
@@ -213,7 +238,11 @@ def plot_frontier(rows: list[dict], rule, path: str | Path | None = None):
             zorder=1,
             label="Pareto front",
         )
-    limit = rule.max_abstract_loss_rise if use_abstract else rule.max_knowledge_drop
+
+
+def _plot_target_box(ax, rows: list[dict], limit: float) -> None:
+    """The target: perplexity at least 40% below the base model's, knowledge within the rule's `limit`."""
+    x = [r["answer_perplexity_change"] for r in rows]
     ax.axvline(-0.40, color="tab:green", linestyle=":", lw=1)
     ax.axhline(limit, color="tab:green", linestyle=":", lw=1)
     ax.fill_between(
@@ -224,6 +253,10 @@ def plot_frontier(rows: list[dict], rule, path: str | Path | None = None):
         alpha=0.08,
         label="target (perplexity -40%, knowledge within limit)",
     )
+
+
+def _plot_chosen_point(ax, rows: list[dict], y) -> None:
+    """The chosen (adapter, scale) as a star, when there is one."""
     chosen = [r for r in rows if r.get("chosen")]
     if chosen:
         c = chosen[0]
@@ -237,6 +270,11 @@ def plot_frontier(rows: list[dict], rule, path: str | Path | None = None):
             zorder=4,
             label=f"chosen ({c['source']}, alpha {c['alpha']:g})",
         )
+
+
+def _label_frontier(ax, rows: list[dict], y, limit: float, use_abstract: bool) -> None:
+    """Axis ranges (every point, the base model and the target's edges in view), percent ticks, labels, legend."""
+    x = [r["answer_perplexity_change"] for r in rows]
     ys = [y(r) for r in rows]
     ax.set_ylim(min(min(ys), 0) - 0.01, max(max(ys), limit) + 0.01)
     ax.set_xlim(min(min(x), -0.40) - 0.05, max(max(x), 0) + 0.05)
@@ -246,10 +284,6 @@ def plot_frontier(rows: list[dict], rule, path: str | Path | None = None):
     ax.set_ylabel("abstract loss change (PubMedQA dev abstracts)" if use_abstract else "PubMedQA dev accuracy drop")
     ax.set_title("the trade-off front: every kept adapter at every scale")
     ax.legend(fontsize=6, loc="best")
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=110)
-    return fig
 
 
 def _colors(n: int) -> list:

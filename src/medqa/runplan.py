@@ -5,7 +5,7 @@ building it (ASHA's max_t in `medqa tune`).
 
 Batches: unpacked, train.batch_size x train.grad_accum examples per optimizer step (e.g. 8 x 4 = 32 examples x ~225
 tokens = ~7,200 tokens on HealthCareMagic with BioGPT's tokenizer); packed (the GPU default), a token budget of rows
-of data.max_length tokens, one static shape, compiled on CUDA (`medqa.batching`, `medqa.trainer`). A speed-up that
+of data.max_length tokens, one static shape, compiled on CUDA (`medqa.batching`, `medqa.faststep`). A speed-up that
 fails here (compile, CUDA graphs, FlexAttention, the memory-sized token budget) gives way to the plain path with one
 warning, recorded in `Setup.fallbacks` (metrics.json `training.fallbacks`, `medqa.fallbacks`).
 """
@@ -20,12 +20,12 @@ from medqa import distributed as dist
 from medqa.batching import BatchPlan, cuda_free_bytes, optimizer_steps, plan_batches
 from medqa.errors import ConfigError, MedqaError
 from medqa.fallbacks import Fallbacks
+from medqa.faststep import FAST_LOSS_MODEL_TYPES, FastStep, supports_fast_step
 from medqa.metrics import pad_batch
 from medqa.mixing import epoch_composition
 from medqa.modeling import compute_dtype
 from medqa.packing import PackedCollator, pack_dataset, plan_packs
 from medqa.schema import Config, TrainConfig
-from medqa.trainer import FAST_LOSS_MODEL_TYPES, FastStep, supports_fast_step
 
 log = logging.getLogger(__name__)
 

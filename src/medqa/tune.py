@@ -258,8 +258,6 @@ def _check_readable(experiment: Path) -> None:
 @locked("tune")
 def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
     """Search, write results.csv and plots, copy the best adapter to outputs/best/."""
-    from ray import tune as rt
-
     cfg = _with_absolute_paths(cfg)  # Ray runs each trial in its own folder
     outputs = paths(cfg).outputs
     tokenizer = load_tokenizer(cfg)
@@ -267,6 +265,25 @@ def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
     # What determines the search (its space, ASHA, the training settings, the data and base model): a resume
     # must continue the same search, never relabel another one's results.
     record = run_record(cfg, (*RUN_SECTIONS, "tune"), adapter_inputs(cfg, tokenizer))
+    total_steps = _trial_steps(cfg, train_ds)
+    # refused here, before Ray starts
+    experiment = _restorable(outputs, record, _applied_after(cfg)) if cfg.tune.resume else None
+    with keep_sigterm_handler():  # SIGTERM stays medqa's graceful stop, not Ray's exit (medqa.faults)
+        started = _init_ray(cfg)
+    try:
+        if experiment is None:
+            experiment = _new_experiment(outputs, record)
+        tuner = _tuner(cfg, experiment, total_steps, callbacks)
+        grid = _fit(tuner, experiment)
+        write_run_record(experiment, {**record, "finished": True})
+    finally:
+        if started:
+            _stop_ray()
+    return summarize(cfg, grid, experiment)
+
+
+def _trial_steps(cfg: Config, train_ds) -> int:
+    """`search_steps`, warning when the trials may plan other step counts than ASHA does."""
     t = cfg.train
     # The Trainer's own count of optimizer steps (packed rows and token budgets included), so ASHA's last rung is
     # the trial's last step and never cuts its final evaluation.
@@ -280,56 +297,66 @@ def tune(cfg: Config, callbacks: list | None = None) -> TuneResult:
             "configs/biogpt.yaml does) to make every trial's step the same.",
             total_steps,
         )
-    # refused here, before Ray starts
-    experiment = _restorable(outputs, record, _applied_after(cfg)) if cfg.tune.resume else None
-    with keep_sigterm_handler():  # SIGTERM stays medqa's graceful stop, not Ray's exit (medqa.faults)
-        started = _init_ray(cfg)
-    try:
-        if experiment is None:
-            experiment = outputs / f"ray_{time.strftime('%Y%m%d-%H%M%S')}"
-            experiment.mkdir(parents=True)
-            write_run_record(experiment, record)
-        trainable = rt.with_resources(
-            rt.with_parameters(run_trial, base=cfg.to_dict(), experiment_dir=str(experiment)),
-            {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial},
-        )
-        if cfg.tune.resume and rt.Tuner.can_restore(str(experiment)):
-            log.info("tune: restoring %s", experiment)
-            with damaged(experiment, RESTART, writer="Ray Tune"):
-                tuner = rt.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
-        else:
-            tuner = rt.Tuner(
-                trainable,
-                param_space=search_space(cfg),
-                tune_config=tune_config(cfg, total_steps),
-                run_config=rt.RunConfig(
-                    name=experiment.name,
-                    storage_path=str(outputs),
-                    callbacks=callbacks,
-                    failure_config=rt.FailureConfig(max_failures=cfg.tune.max_failures),
-                    checkpoint_config=rt.CheckpointConfig(
-                        num_to_keep=1, checkpoint_score_attribute=metric(cfg), checkpoint_score_order="min"
-                    ),
-                    verbose=1,
-                ),
-            )
-        with SearchStop() as stop:  # SIGTERM: Tune's own graceful stop, as Ctrl-C (medqa.faults)
-            grid = tuner.fit()
-        if stop.signum is not None:
-            raise Interrupted(
-                f"stopped by {signal.Signals(stop.signum).name}: Ray Tune stopped the trials and kept the "
-                f"experiment's state in {experiment}; run again with tune.resume=true to continue it.",
-                stop.signum,
-            )
-        write_run_record(experiment, {**record, "finished": True})
-    finally:
-        if started:
-            import ray
+    return total_steps
 
-            ray.shutdown()
-            while _TEMP_DIRS:
-                shutil.rmtree(_TEMP_DIRS.pop(), ignore_errors=True)
-    return summarize(cfg, grid, experiment)
+
+def _new_experiment(outputs: Path, record: dict) -> Path:
+    """A new experiment folder, outputs/ray_<timestamp>/, holding the search's run record."""
+    experiment = outputs / f"ray_{time.strftime('%Y%m%d-%H%M%S')}"
+    experiment.mkdir(parents=True)
+    write_run_record(experiment, record)
+    return experiment
+
+
+def _tuner(cfg: Config, experiment: Path, total_steps: int, callbacks: list | None):
+    """The Ray Tuner of `experiment`: restored with tune.resume=true when Ray can, else a new search."""
+    from ray import tune as rt
+
+    trainable = rt.with_resources(
+        rt.with_parameters(run_trial, base=cfg.to_dict(), experiment_dir=str(experiment)),
+        {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial},
+    )
+    if cfg.tune.resume and rt.Tuner.can_restore(str(experiment)):
+        log.info("tune: restoring %s", experiment)
+        with damaged(experiment, RESTART, writer="Ray Tune"):
+            return rt.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
+    return rt.Tuner(
+        trainable,
+        param_space=search_space(cfg),
+        tune_config=tune_config(cfg, total_steps),
+        run_config=rt.RunConfig(
+            name=experiment.name,
+            storage_path=str(paths(cfg).outputs),
+            callbacks=callbacks,
+            failure_config=rt.FailureConfig(max_failures=cfg.tune.max_failures),
+            checkpoint_config=rt.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute=metric(cfg), checkpoint_score_order="min"
+            ),
+            verbose=1,
+        ),
+    )
+
+
+def _fit(tuner, experiment: Path):
+    """Run the search; a SIGTERM or Ctrl-C stops it the way Tune does (its state kept) and raises `Interrupted`."""
+    with SearchStop() as stop:  # SIGTERM: Tune's own graceful stop, as Ctrl-C (medqa.faults)
+        grid = tuner.fit()
+    if stop.signum is not None:
+        raise Interrupted(
+            f"stopped by {signal.Signals(stop.signum).name}: Ray Tune stopped the trials and kept the "
+            f"experiment's state in {experiment}; run again with tune.resume=true to continue it.",
+            stop.signum,
+        )
+    return grid
+
+
+def _stop_ray() -> None:
+    """Disconnect from Ray (a local Ray stops, a cluster keeps running) and remove the temp dirs `_init_ray` made."""
+    import ray
+
+    ray.shutdown()
+    while _TEMP_DIRS:
+        shutil.rmtree(_TEMP_DIRS.pop(), ignore_errors=True)
 
 
 def load_search(cfg: Config) -> TuneResult:
