@@ -165,7 +165,6 @@ def score_items(
     """Log-likelihood of each choice for each question (see the module docstring). `progress`: a progress bar
     over the batches, as test scoring shows."""
     import torch
-    from tqdm.auto import tqdm
 
     max_length = max_length or getattr(model.config, "max_position_embeddings", 1024)
     rows, owners = [], []
@@ -179,26 +178,39 @@ def score_items(
             rows.append({"input_ids": ids, "labels": labels})
             owners.append((q, c))
     loglik = np.zeros((len(items), len(CHOICES)))
+    # The last column is never an input that predicts a label (right padding: a pad, or a row's final token), so
+    # the model runs on all but it; token_nll drops the last logit column, so a copy of the final one stands in for
+    # it (never read).
+    for idx, batch, logits in _forwards(model, tokenizer, rows, batch_size, progress, drop_last=True):
+        logits = torch.cat([logits, logits[:, -1:]], dim=1)
+        nll = token_nll(logits, batch["labels"]).double().sum(dim=1).cpu().numpy()
+        for row, i in enumerate(idx):
+            q, c = owners[i]
+            loglik[q, c] = -nll[row]
+    return _scores(items, loglik)
+
+
+def _forwards(model, tokenizer, rows: list[dict], batch_size: int, progress: bool, drop_last: bool = False):
+    """(row indices, padded batch, logits) for `rows` in batches of about `batch_size` rows of the longest's
+    length, the model in eval mode without gradients (its mode restored afterwards); `drop_last`: the last column
+    is not given to the model."""
+    import torch
+    from tqdm.auto import tqdm
+
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     was_training = model.training
     model.eval()
-    with torch.inference_mode():
+    try:
         batches = length_budget_batches([len(r["input_ids"]) for r in rows], batch_size)
         for idx in tqdm(batches, desc="pubmedqa", disable=not progress, leave=False):
             batch = {k: v.to(device) for k, v in pad_batch([rows[i] for i in idx], pad).items()}
-            # The last column is never an input that predicts a label (right padding: a pad, or a row's final
-            # token), so the model runs on all but it; token_nll drops the last logit column, so a copy of the
-            # final one stands in for it (never read).
-            inputs = {k: batch[k][:, :-1] for k in ("input_ids", "attention_mask")}
-            logits = model(**inputs).logits
-            logits = torch.cat([logits, logits[:, -1:]], dim=1)
-            nll = token_nll(logits, batch["labels"]).double().sum(dim=1).cpu().numpy()
-            for row, i in enumerate(idx):
-                q, c = owners[i]
-                loglik[q, c] = -nll[row]
-    model.train(was_training)
-    return _scores(items, loglik)
+            end = -1 if drop_last else None
+            with torch.inference_mode():
+                logits = model(input_ids=batch["input_ids"][:, :end], attention_mask=batch["attention_mask"][:, :end])
+                yield idx, batch, logits.logits
+    finally:
+        model.train(was_training)
 
 
 def _knowledge_rows(tokenizer, items: list[dict], max_length: int) -> tuple[list[dict], list[tuple], dict]:
@@ -247,7 +259,6 @@ def score_knowledge(
 
     tests/test_knowledge.py checks the log-likelihoods equal `score_items`' and the text NLL the model's own loss."""
     import torch
-    from tqdm.auto import tqdm
 
     max_length = max_length or getattr(model.config, "max_position_embeddings", 1024)
     rows, reads, mains = _knowledge_rows(tokenizer, items, max_length)
@@ -256,25 +267,16 @@ def score_knowledge(
         by_row.setdefault(read[0], []).append(read)
     loglik = np.zeros((len(items), len(CHOICES)))
     text_nll, text_tokens = np.zeros(len(items)), np.zeros(len(items), dtype=np.int64)
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        batches = length_budget_batches([len(r["input_ids"]) for r in rows], batch_size)
-        for idx in tqdm(batches, desc="pubmedqa", disable=not progress, leave=False):
-            batch = {k: v.to(device) for k, v in pad_batch([rows[i] for i in idx], pad).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            nll = token_nll(logits, batch["labels"]).double()
-            counted = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1)
-            for r, i in enumerate(idx):
-                if i in mains:
-                    text_nll[mains[i]], text_tokens[mains[i]] = nll[r].sum().item(), int(counted[r])
-                for _, q, c, positions, targets in by_row.get(i, []):
-                    logp = logits[r, positions].float().log_softmax(-1)
-                    picked = logp[torch.arange(len(targets)), torch.tensor(targets, device=logp.device)]
-                    loglik[q, c] = picked.double().sum().item()
-    model.train(was_training)
+    for idx, batch, logits in _forwards(model, tokenizer, rows, batch_size, progress):
+        nll = token_nll(logits, batch["labels"]).double()
+        counted = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1)
+        for r, i in enumerate(idx):
+            if i in mains:
+                text_nll[mains[i]], text_tokens[mains[i]] = nll[r].sum().item(), int(counted[r])
+            for _, q, c, positions, targets in by_row.get(i, []):
+                logp = logits[r, positions].float().log_softmax(-1)
+                picked = logp[torch.arange(len(targets)), torch.tensor(targets, device=logp.device)]
+                loglik[q, c] = picked.double().sum().item()
     return _scores(items, loglik, text_nll, text_tokens)
 
 
