@@ -98,6 +98,13 @@ def test_a_source_is_read_once_per_stage_and_again_once_changed(prepared, tmp_pa
     assert reads.count(source) == 1
     source.write_text(SAMPLE.read_text() + "\n")
     assert adapter_inputs(cfg, tokenizer)["source"] != first and reads.count(source) == 2
+    # rewritten with the same size and its old modification time set back (as cp -p does): read again
+    changed, stat = SAMPLE.read_text().replace("a", "b", 1) + "\n", source.stat()
+    source.write_text(changed)
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert source.stat().st_size == stat.st_size
+    adapter_inputs(cfg, tokenizer)
+    assert reads.count(source) == 3
 
 
 def test_adapter_trained_on_another_base_model_is_refused(prepared, tmp_path):

@@ -38,21 +38,26 @@ def _sha_file(path: Path, h) -> None:
 
 
 def fingerprint_source(source: str) -> str:
-    """sha256 of a data file (or of a folder's files); a Hub id stands for itself. Each file's content is read once
-    per process while it keeps its size and modification time (a stage checks the prepared data and an adapter
-    against the same source: one read, not one per check)."""
+    """sha256 of a data file (or of a folder's files); a Hub id stands for itself. A source is read once per process
+    while none of its files changes (`_identity`; a stage checks the prepared data and an adapter against the same
+    source: one read, not one per check)."""
     path = Path(source).expanduser()
     if not path.exists():
         return f"hub:{source}"
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    stats = tuple((str(f.resolve()), f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-    return _hash_files(stats)
+    return _hash_files(tuple((str(f.resolve()), f.name, _identity(f.stat())) for f in files))
+
+
+def _identity(st) -> tuple[int, ...]:
+    """What changes whenever a file's content may have: its inode (a replace by rename), size, and modification and
+    change times (ctime cannot be set back, as `cp -p` or `os.utime` set mtime back)."""
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 @functools.lru_cache(maxsize=64)
-def _hash_files(stats: tuple[tuple[str, str, int, int], ...]) -> str:
+def _hash_files(files: tuple[tuple[str, str, tuple[int, ...]], ...]) -> str:
     h = hashlib.sha256()
-    for path, name, _, _ in stats:
+    for path, name, _ in files:
         h.update(name.encode())
         _sha_file(Path(path), h)
     return h.hexdigest()
