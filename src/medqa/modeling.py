@@ -112,17 +112,27 @@ def ensure_converted(cfg: Config) -> None:
         tokenizer.save_pretrained(tmp)
 
 
+def _local_or_hub(cfg: Config, name: str, configured: str, missing: str) -> str:
+    """`name`, a folder or a Hub id, once a GGUF checkpoint the config names is converted; a name that looks local
+    (a path, or configured with ${workdir}) but is not there is refused with `missing` instead of being sent to the
+    Hub."""
+    ensure_converted(cfg)
+    if not Path(name).exists() and (name.startswith((".", "/", "~")) or "${" in configured):
+        raise ModelError(missing.format(name=name))
+    return name
+
+
 def load_tokenizer(cfg: Config, path: str | None = None):
     """AutoTokenizer for the configured model, with `model_max_length` set and a pad token that is not EOS."""
     from transformers import AutoTokenizer
 
-    ensure_converted(cfg)
-    name = path or tokenizer_path(cfg)
-    if not Path(name).exists() and (name.startswith((".", "/", "~")) or "${" in cfg.model.tokenizer_path):
-        raise ModelError(
-            f"Tokenizer folder {name} not found. Build it (`medqa make-tiny-model --config ...` for "
-            "the demo) or set model.tokenizer / model.name_or_path to an existing folder or Hub id."
-        )
+    name = _local_or_hub(
+        cfg,
+        path or tokenizer_path(cfg),
+        cfg.model.tokenizer_path,
+        "Tokenizer folder {name} not found. Build it (`medqa make-tiny-model --config ...` for the demo) or set "
+        "model.tokenizer / model.name_or_path to an existing folder or Hub id.",
+    )
     token = os.environ.get("HF_TOKEN")  # read from the environment, never from a config file
     try:
         tok = AutoTokenizer.from_pretrained(
@@ -227,14 +237,14 @@ def load_model(cfg: Config, path: str | None = None, for_training: bool = False)
     `training_base_dtype` (the compute dtype on CUDA, fp32 elsewhere) and `build_lora_model` keeps LoRA in fp32."""
     from transformers import AutoModelForCausalLM
 
-    ensure_converted(cfg)
-    name = path or model_path(cfg)
-    if not Path(name).exists() and (name.startswith((".", "/", "~")) or "${" in cfg.model.name_or_path):
-        raise ModelError(
-            f"Model folder {name} not found. Run `medqa prepare --config configs/demo.yaml` (it builds "
-            "the tiny demo model) or `medqa make-tiny-model`, or set model.name_or_path to an existing "
-            "folder or a Hub id such as microsoft/biogpt."
-        )
+    name = _local_or_hub(
+        cfg,
+        path or model_path(cfg),
+        cfg.model.name_or_path,
+        "Model folder {name} not found. Run `medqa prepare --config configs/demo.yaml` (it builds the tiny demo "
+        "model) or `medqa make-tiny-model`, or set model.name_or_path to an existing folder or a Hub id such as "
+        "microsoft/biogpt.",
+    )
     device, dtype = pick_device_dtype(cfg)
     if device.type == "cuda":
         allow_tf32()
