@@ -131,19 +131,25 @@ def is_artifact(dst) -> bool:
     return not str(dst).endswith(".lock.json") and f"{os.sep}.cache{os.sep}" not in str(dst)
 
 
-def refuse_first_write(monkeypatch, code: int) -> list:
-    """Make the first rename that would put an artifact in place fail with `code`, as a full disk does at that
-    moment (the data were written into the temporary sibling; the OS refuses the last of it)."""
+def refuse_renames(monkeypatch, code: int, matches, once: bool = False) -> list:
+    """Make the renames that put an artifact `matches(path)` accepts in place fail with `code` (only the first one
+    with `once`); the refused targets are returned, in order."""
     calls = []
 
     def replace(src, dst, *a, **kw):
-        if is_artifact(dst) and not calls:
+        if matches(Path(dst)) and not (once and calls):
             calls.append(dst)
             raise OSError(code, os.strerror(code), str(src))
         return os.replace(src, dst, *a, **kw)
 
     patch_artifact_renames(monkeypatch, replace)
     return calls
+
+
+def refuse_first_write(monkeypatch, code: int) -> list:
+    """Make the first rename that would put an artifact in place fail with `code`, as a full disk does at that
+    moment (the data were written into the temporary sibling; the OS refuses the last of it)."""
+    return refuse_renames(monkeypatch, code, is_artifact, once=True)
 
 
 class _OS:
@@ -174,12 +180,7 @@ def test_a_previous_artifact_that_cannot_be_moved_back_is_named_where_it_is(monk
     target.mkdir()
     (target / "adapter.bin").write_text("previous")
 
-    def replace(src, dst, *a, **kw):
-        if Path(dst) == target:
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(src))
-        return os.replace(src, dst, *a, **kw)
-
-    patch_artifact_renames(monkeypatch, replace)
+    refuse_renames(monkeypatch, errno.EROFS, lambda dst: dst == target)  # the new one in place, and the old one back
     with pytest.raises(OSError) as caught, atomic_dir(target) as tmp:
         (tmp / "adapter.bin").write_text("new")
     kept = caught.value.kept_at
@@ -373,16 +374,7 @@ def run_feedback(capsys, work: Path) -> tuple[int, str]:
 
 def refuse_rename_of(monkeypatch, code: int, name: str) -> list:
     """The rename that puts the file called `name` in place fails with `code`."""
-    calls = []
-
-    def replace(src, dst, *a, **kw):
-        if Path(dst).name == name:
-            calls.append(dst)
-            raise OSError(code, os.strerror(code), str(src))
-        return os.replace(src, dst, *a, **kw)
-
-    patch_artifact_renames(monkeypatch, replace)
-    return calls
+    return refuse_renames(monkeypatch, code, lambda dst: dst.name == name)
 
 
 @pytest.mark.parametrize(

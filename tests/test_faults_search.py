@@ -22,7 +22,7 @@ from test_faults import (
     assert_kept,
     garbage,
     no_leftovers,
-    patch_artifact_renames,
+    refuse_renames,
     run,
     truncate,
 )
@@ -73,16 +73,7 @@ def snapshot(work: Path) -> dict[str, bytes]:
 
 def refuse_rename(monkeypatch, code: int, target: Path) -> list:
     """The first rename that puts `target` in place fails with `code` (putting the previous one back succeeds)."""
-    calls = []
-
-    def replace(src, dst, *a, **kw):
-        if Path(dst) == target and not calls:
-            calls.append(dst)
-            raise OSError(code, os.strerror(code), str(src))
-        return os.replace(src, dst, *a, **kw)
-
-    patch_artifact_renames(monkeypatch, replace)
-    return calls
+    return refuse_renames(monkeypatch, code, lambda dst: dst == target, once=True)
 
 
 @pytest.mark.parametrize(
